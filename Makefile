@@ -1,0 +1,39 @@
+# Every target installs what it needs: a fresh clone runs `make test` or `make serve` and nothing else.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test lint conformance serve redis clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints/cpu.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints/cpu.txt torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints/cpu.txt -e '.[dev]'
+	@touch $(STAMP)
+
+redis:
+	@bash scripts/ensure-redis.sh
+
+test: install redis
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check supir_core tests bench
+	$(VENV)/bin/ruff format --check supir_core tests bench
+	$(VENV)/bin/mypy supir_core
+
+conformance: install
+	$(VENV)/bin/supir conformance ../shared/conformance/A --out out/conformance-A.safetensors --check
+
+serve: install redis
+	@echo "The HTTP service (api/ + worker/) is not built yet: it arrives with issue 4." >&2
+	@echo "Until then use the CLI: $(VENV)/bin/supir --help" >&2
+	@exit 1
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,243 @@
+"""Run conformance fixture cases (shared/conformance/FORMAT.md) through the production code and compare.
+
+A fixture folder is a complete tiny SUPIR install: the model is built from its checkpoint files by
+`load_supir`, exactly as from the real files. Sizes and settings come from its `config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .checkpoints import ModelOptions, load_supir
+from .colorfix import adain_color_fix, wavelet_color_fix
+from .denoiser import Conditioning, Denoiser
+from .errors import WeightsError
+from .models.supir import SupirModel
+from .models.text import size_embedding
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class Fixture:
+    root: Path
+    config: dict[str, Any]
+    inputs: Tensors
+    expected: Tensors | None
+
+    @classmethod
+    def open(cls, root: str | Path) -> Fixture:
+        root = Path(root)
+        config_path = root / "config.json"
+        if not config_path.is_file():
+            raise WeightsError(f"{root}: not a conformance fixture folder (no config.json)")
+        expected = root / "expected.safetensors"
+        return cls(
+            root,
+            json.loads(config_path.read_text()),
+            load_file(root / "inputs.safetensors"),
+            load_file(expected) if expected.is_file() else None,
+        )
+
+    def case_inputs(self, name: str) -> Tensors:
+        prefix = name + "."
+        return {k[len(prefix) :]: v for k, v in self.inputs.items() if k.startswith(prefix)}
+
+    def model_options(self) -> ModelOptions:
+        model = self.config["model"]
+        text = model["text_encoders"]
+        clip_l, clip_g = text["clip_l"], text["clip_g"]
+        hf = clip_l["hf_text_config"]
+        return ModelOptions(
+            unet_head_width=model["network_config"]["params"]["num_head_channels"],
+            clip_l_head_width=hf["hidden_size"] // hf["num_attention_heads"],
+            clip_g_head_width=clip_g["width"] // clip_g["heads"],
+            clip_l_layer=clip_l.get("layer_idx"),
+            scale_factor=model["scale_factor"],
+        )
+
+    def supir_file(self) -> Path:
+        for name in ("supir.ckpt", "supir.safetensors"):
+            if (self.root / name).is_file():
+                return self.root / name
+        raise WeightsError(f"{self.root}: no supir.ckpt or supir.safetensors")
+
+    def load_model(self, supir_file: Path | None = None) -> SupirModel:
+        return load_supir(self.root / "sdxl.safetensors", supir_file or self.supir_file(), options=self.model_options())
+
+
+# --------------------------------------------------------------------------------------------
+# One function per case kind: (model, case, inputs) → outputs named as in the case's `expected`
+
+CaseFn = Callable[[SupirModel, dict[str, Any], Tensors], Tensors]
+
+
+def _denoise_encode(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
+    return {"latent": model.vae.encode_lq(x["image"])}
+
+
+def _encode_sample(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
+    return {"latent": model.vae.encode(x["image"], noise=x["posterior_noise"])}
+
+
+def _decode(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
+    return {"image": model.vae.decode(x["latent"])}
+
+
+def _denoiser(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
+    scale = case["params"]["control_scale"]
+    cond = Conditioning(x["context"], x["vector"], x["control"])
+    out = Denoiser(model.eps).run(x["x"], x["sigma"], cond, scale)
+    c_in = (1.0 / (out.sigma_quantized**2 + 1).sqrt())[:, None, None, None]
+    features = model.adaptor(x["x"] * c_in, out.timestep, x["context"], x["vector"], x["control"])
+    result = {
+        "denoised": out.denoised,
+        "eps": out.eps,
+        "timestep": out.timestep,
+        "sigma_quantized": out.sigma_quantized,
+    }
+    result.update({f"control_{i}": f for i, f in enumerate(features)})
+    return result
+
+
+def _colorfix_wavelet(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
+    return {"image": wavelet_color_fix(x["content"], x["style"])}
+
+
+def _colorfix_adain(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
+    return {"image": adain_color_fix(x["content"], x["style"])}
+
+
+def _size_embedding(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
+    dim = case["params"]["outdim"]
+    parts = [size_embedding(x[k], dim) for k in ("original_size", "crop_coords_top_left", "target_size")]
+    return {"vector_tail": torch.cat(parts, dim=-1)}
+
+
+def _text_conditioning(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
+    prompts = case["params"]["prompts"]
+    dim = model.text.size_embed_dim
+    sizes = torch.cat(
+        [size_embedding(x[k], dim) for k in ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")],
+        dim=-1,
+    )
+    result: Tensors = {}
+    for tag, field in (("c", "positive"), ("uc", "negative")):
+        ids_l, ids_g = model.text.tokenize([p[field] for p in prompts])
+        crossattn, pooled = model.text.encode_tokens(ids_l, ids_g)
+        result.update(
+            {
+                f"{tag}_tokens_clip_l": ids_l,
+                f"{tag}_tokens_clip_g": ids_g,
+                f"{tag}_crossattn": crossattn,
+                f"{tag}_pooled": pooled,
+                f"{tag}_vector": torch.cat([pooled, sizes], dim=-1),
+            }
+        )
+    return result
+
+
+CASES: dict[str, CaseFn] = {
+    "vae_denoise_encode": _denoise_encode,
+    "vae_encode_sample": _encode_sample,
+    "vae_decode": _decode,
+    "denoiser": _denoiser,
+    "colorfix_wavelet": _colorfix_wavelet,
+    "colorfix_adain": _colorfix_adain,
+    "size_embedding": _size_embedding,
+    "text_conditioning": _text_conditioning,
+}
+
+
+@dataclass
+class Result:
+    outputs: Tensors  # "<case>.<tensor>"
+    ran: list[str]
+    skipped: list[tuple[str, str]]  # (case, kind)
+
+
+def run_fixture(fixture: Fixture, model: SupirModel, only: list[str] | None = None) -> Result:
+    outputs: Tensors = {}
+    ran, skipped = [], []
+    with torch.no_grad():
+        for case in fixture.config["cases"]:
+            if only and case["name"] not in only:
+                continue
+            fn = CASES.get(case["kind"])
+            if fn is None:
+                skipped.append((case["name"], case["kind"]))
+                continue
+            for key, value in fn(model, case, fixture.case_inputs(case["name"])).items():
+                outputs[f"{case['name']}.{key}"] = value.detach().cpu().contiguous()
+            ran.append(case["name"])
+    return Result(outputs, ran, skipped)
+
+
+def save_outputs(result: Result, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(result.outputs, str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Comparison
+
+
+@dataclass
+class Row:
+    case: str
+    output: str
+    error: float  # rel-L2, or mismatching elements for integer tensors
+    tolerance: float
+    exact: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.error == 0 if self.exact else self.error <= self.tolerance
+
+
+MULTI_STEP_KINDS = {"sampler", "sampler_tiled", "pipeline", "pipeline_text"}
+
+
+def rel_l2(got: torch.Tensor, want: torch.Tensor) -> float:
+    want64, got64 = want.double(), got.double()
+    return float((got64 - want64).norm() / max(float(want64.norm()), 1e-12))
+
+
+def compare(fixture: Fixture, result: Result) -> list[Row]:
+    """One row per expected tensor of every case that ran; a missing or misshapen output fails."""
+    if fixture.expected is None:
+        raise WeightsError(f"{fixture.root}: no expected.safetensors to check against")
+    tolerance = fixture.config["tolerance"]
+    rows = []
+    for case in fixture.config["cases"]:
+        if case["name"] not in result.ran:
+            continue
+        tol = tolerance["sampler_and_pipeline"] if case["kind"] in MULTI_STEP_KINDS else tolerance["single_pass"]
+        for name in case["expected"]:
+            key = f"{case['name']}.{name}"
+            want, got = fixture.expected[key], result.outputs.get(key)
+            exact = not want.is_floating_point()
+            if got is None or got.shape != want.shape:
+                error = float("inf")
+            elif exact:
+                error = float((got != want).sum())
+            else:
+                error = rel_l2(got, want)
+            rows.append(Row(case["name"], name, error, tol, exact))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = [f"{'case':<24} {'output':<20} {'rel-L2 error':>13} {'tolerance':>10}  pass"]
+    for r in rows:
+        err = f"{int(r.error)} diff" if r.exact and r.error != float("inf") else f"{r.error:.3e}"
+        tol = "exact" if r.exact else f"{r.tolerance:.0e}"
+        lines.append(f"{r.case:<24} {r.output:<20} {err:>13} {tol:>10}  {'yes' if r.passed else 'NO'}")
+    return "\n".join(lines)

@@ -1,0 +1,33 @@
+"""The one exception tree of supir-serve.
+
+    SupirError                 base; `code` is a stable machine-readable string
+     ├── InvalidInput          the caller's image or parameters are wrong (never retried)
+     ├── WeightsError          checkpoint files missing, unreadable or of the wrong kind
+     └── InferenceError        the model failed while running on valid input
+
+This module imports nothing heavy: the API process (which never imports torch) uses it too.
+"""
+
+from __future__ import annotations
+
+
+class SupirError(Exception):
+    """Base of every error supir-serve raises on purpose."""
+
+    code = "supir_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(SupirError):
+    code = "invalid_input"
+
+
+class WeightsError(SupirError):
+    code = "weights_error"
+
+
+class InferenceError(SupirError):
+    code = "inference_error"

@@ -1,0 +1,1 @@
+"""SUPIR's networks, built from diffusers / transformers building blocks."""
