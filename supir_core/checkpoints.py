@@ -92,17 +92,30 @@ def _sniff(path: Path) -> str:
     return "unknown"
 
 
+def _brief(exc: Exception) -> str:
+    """First sentence of a library's error, for a one-line message."""
+    return str(exc).strip().split(". ")[0].split("\n")[0][:160]
+
+
 def _open_safetensors(path: Path) -> TensorSource:
     size = path.stat().st_size
     with path.open("rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
-    if 8 + header_len > size:
-        raise _fail(path, "file is truncated (its safetensors header runs past the end of the file)")
+        header = f.read(header_len) if 8 + header_len <= size else b""
+    try:
+        entries = json.loads(header)
+        data_end = (
+            8 + header_len + max((v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__"), default=0)
+        )
+    except (ValueError, KeyError, TypeError):
+        raise _fail(path, "file is truncated or corrupt (its safetensors header cannot be read)") from None
+    if data_end > size:
+        raise _fail(path, f"file is truncated: {size:,} bytes of the {data_end:,} its header describes")
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")
         shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
     except Exception as exc:  # safetensors raises its own error types for every kind of damage
-        raise _fail(path, f"not a readable safetensors file ({exc})") from exc
+        raise _fail(path, f"not a readable safetensors file ({_brief(exc)})") from exc
     return TensorSource(str(path), shapes, handle.get_tensor)
 
 
@@ -110,7 +123,9 @@ def _open_torch(path: Path, mmap: bool) -> TensorSource:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:
-        raise _fail(path, f"file is truncated or corrupt, or not a weights-only torch checkpoint ({exc})") from exc
+        raise _fail(
+            path, f"file is truncated or corrupt, or not a weights-only torch checkpoint ({_brief(exc)})"
+        ) from exc
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):

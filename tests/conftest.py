@@ -1,0 +1,31 @@
+"""Shared test fixtures. Tests run offline on the CPU; the conformance fixtures live in ../shared/."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SUPIR_SHARED", REPO.parent / "shared"))
+FIXTURE_A = SHARED / "conformance" / "A"
+MANIFEST = SHARED / "conformance" / "manifest_full.json"
+
+
+@pytest.fixture(scope="session")
+def fixture_a() -> Path:
+    if not (FIXTURE_A / "config.json").is_file():
+        pytest.fail(f"conformance fixture set A not found at {FIXTURE_A} (set SUPIR_SHARED)")
+    return FIXTURE_A
+
+
+@pytest.fixture(scope="session")
+def tiny_model(fixture_a: Path):
+    """The SUPIR model of fixture set A, loaded once through the production loader."""
+    from supir_core.conformance import Fixture
+
+    return Fixture.open(fixture_a).load_model()
