@@ -83,14 +83,15 @@ class UNetSpec:
         return applied[::-1]
 
 
-def _embedding(net: nn.Module, timesteps: torch.Tensor, vector: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+# `net` is diffusers' UNet2DConditionModel or the Adaptor: both carry the same submodules.
+def _embedding(net: Any, timesteps: torch.Tensor, vector: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """emb = time_embedding(sinusoid(t)) + add_embedding(y): the ADM vector y is given whole, not rebuilt."""
     t_emb = net.time_proj(timesteps).to(dtype)
     return net.time_embedding(t_emb) + net.add_embedding(vector.to(dtype))
 
 
 def _encode(
-    net: nn.Module,
+    net: Any,
     h: torch.Tensor,
     emb: torch.Tensor,
     context: torch.Tensor,
