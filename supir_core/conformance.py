@@ -16,11 +16,22 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .checkpoints import ModelOptions, load_supir
-from .colorfix import adain_color_fix, wavelet_color_fix
+from .colorfix import adain_color_fix, color_fix, wavelet_color_fix
 from .denoiser import Conditioning, Denoiser
 from .errors import WeightsError
 from .models.supir import SupirModel
 from .models.text import size_embedding
+from .sampling import (
+    RESTORE_CFG_S_TMIN,
+    RestoreSettings,
+    linear_cfg,
+    noise_from,
+    restore_edm,
+    restore_edm_tiled,
+    tiled_cfg,
+)
+from .schedules import sampling_sigmas
+from .tiling import gaussian_weights, tile_windows
 
 Tensors = dict[str, torch.Tensor]
 
@@ -144,7 +155,138 @@ def _text_conditioning(model: SupirModel, case: dict[str, Any], x: Tensors) -> T
     return result
 
 
+def _settings(params: dict[str, Any]) -> RestoreSettings:
+    return RestoreSettings(
+        s_churn=params["s_churn"],
+        s_noise=params["s_noise"],
+        restore_cfg=params.get("restore_cfg", params.get("restoration_scale", -1.0)),
+        restore_cfg_s_tmin=params.get("restore_cfg_s_tmin", RESTORE_CFG_S_TMIN),
+        control_scale=params["control_scale"],
+        control_scale_start=params["control_scale_start"],
+        use_linear_control_scale=params["use_linear_control_scale"],
+    )
+
+
+def _cfg_start(params: dict[str, Any]) -> float:
+    return params["cfg_scale_start"] if params.get("use_linear_CFG", True) else params["cfg_scale"]
+
+
+def _sample(
+    model: SupirModel,
+    params: dict[str, Any],
+    x: Tensors,
+    cond: Conditioning,
+    uncond: Conditioning,
+    x_center: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
+    """Run the (tiled, if params say so) sampler from the case's recorded noise; returns (latent, sigmas, steps)."""
+    denoiser = Denoiser(model.eps)
+    sigmas = sampling_sigmas(params["num_steps"], denoiser.train_sigmas)
+    steps: list[dict[str, Any]] = []
+    common = {
+        "settings": _settings(params),
+        "sigma_max": denoiser.sigma_max,
+        "x_center": x_center,
+        "churn_noise": noise_from(x["churn_noise"]) if "churn_noise" in x else None,
+        "callback": steps.append,
+    }
+    if "tile_size" in params or params.get("tiled"):
+        guided = tiled_cfg(denoiser, cond, uncond, _cfg_start(params), params["cfg_scale"])
+        tile, stride = params.get("tile_size", 128), params.get("tile_stride", 64)
+        latent = restore_edm_tiled(guided, x["noise"], sigmas, tile=tile, stride=stride, **common)
+    else:
+        guided = linear_cfg(denoiser, cond, uncond, _cfg_start(params), params["cfg_scale"])
+        latent = restore_edm(guided, x["noise"], sigmas, **common)
+    return latent, sigmas, steps
+
+
+def _sampler(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
+    cond = Conditioning(x["c_crossattn"], x["c_vector"], x["control"])
+    uncond = Conditioning(x["uc_crossattn"], x["uc_vector"], x["control"])
+    latent, sigmas, steps = _sample(model, case["params"], x, cond, uncond, x["x_center"])
+    batch = latent.shape[0]
+    return {
+        "latent": latent,
+        "sigmas": sigmas,
+        "trajectory": torch.stack([s["x"] for s in steps]),
+        "step_sigma_hat": torch.tensor([[s["sigma_hat"]] * batch for s in steps]),
+        "step_control_scale": torch.tensor([s["control_scale"] for s in steps]),
+        "step_denoised_cfg": torch.stack([s["denoised_cfg"] for s in steps]),
+    }
+
+
+def _sampler_tiled(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
+    params = case["params"]
+    cond = Conditioning(x["c_crossattn"], x["c_vector"], x["control"])
+    uncond = Conditioning(x["uc_crossattn"], x["uc_vector"], x["control"])
+    latent, sigmas, steps = _sample(model, params, x, cond, uncond, x["x_center"])
+    start = x["noise"] * (1 + sigmas[0] ** 2).sqrt()
+    tile, stride = params["tile_size"], params["tile_stride"]
+    weights = gaussian_weights(tile).to(torch.float32).expand(*latent.shape[:2], tile, tile)
+    return {
+        "latent": latent,
+        "sigmas": sigmas,
+        "trajectory_in": torch.stack([start] + [s["x"] for s in steps[:-1]]),
+        "tile_weights": weights,
+        "tile_coords": torch.tensor(tile_windows(*latent.shape[-2:], tile, stride)),
+    }
+
+
+def _pipeline(model: SupirModel, case: dict[str, Any], x: Tensors, cond: Conditioning, uncond: Conditioning) -> Tensors:
+    """Stages of the official batchify_sample with the recorded noise (FORMAT §4.3)."""
+    params = case["params"]
+    lq_latent = model.vae.encode_lq(x["image"])
+    x_stage1 = model.vae.decode(lq_latent)
+    x_center = model.vae.encode(x_stage1, noise=x["posterior_noise"])
+    cond.control = uncond.control = lq_latent
+    sampled, _, _ = _sample(model, params, x, cond, uncond, x_center)
+    decoded = model.vae.decode(sampled)
+    method = params["color_fix_type"].lower()
+    image = color_fix(decoded, x_stage1, "none" if method == "none" else method)
+    return {
+        "lq_latent": lq_latent,
+        "x_stage1": x_stage1,
+        "x_center": x_center,
+        "sampled_latent": sampled,
+        "decoded": decoded,
+        "image": image,
+    }
+
+
+def _pipeline_given_conditioning(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
+    cond = Conditioning(x["c_crossattn"], x["c_vector"], torch.empty(0))
+    uncond = Conditioning(x["uc_crossattn"], x["uc_vector"], torch.empty(0))
+    return _pipeline(model, case, x, cond, uncond)
+
+
+def _pipeline_text(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
+    params = case["params"]
+    c = model.text([params["caption"] + params["p_p"]])
+    uc = model.text([params["n_p"]])
+    result = _pipeline(
+        model,
+        case,
+        x,
+        Conditioning(c.crossattn, c.vector, torch.empty(0)),
+        Conditioning(uc.crossattn, uc.vector, torch.empty(0)),
+    )
+    for tag, t in (("c", c), ("uc", uc)):
+        result.update(
+            {
+                f"{tag}_tokens_clip_l": t.tokens_clip_l,
+                f"{tag}_tokens_clip_g": t.tokens_clip_g,
+                f"{tag}_crossattn": t.crossattn,
+                f"{tag}_vector": t.vector,
+            }
+        )
+    return result
+
+
 CASES: dict[str, CaseFn] = {
+    "sampler": _sampler,
+    "sampler_tiled": _sampler_tiled,
+    "pipeline": _pipeline_given_conditioning,
+    "pipeline_text": _pipeline_text,
     "vae_denoise_encode": _denoise_encode,
     "vae_encode_sample": _encode_sample,
     "vae_decode": _decode,
