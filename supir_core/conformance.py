@@ -183,7 +183,7 @@ def _sample(
     denoiser = Denoiser(model.eps)
     sigmas = sampling_sigmas(params["num_steps"], denoiser.train_sigmas)
     steps: list[dict[str, Any]] = []
-    common = {
+    common: dict[str, Any] = {
         "settings": _settings(params),
         "sigma_max": denoiser.sigma_max,
         "x_center": x_center,
@@ -191,9 +191,9 @@ def _sample(
         "callback": steps.append,
     }
     if "tile_size" in params or params.get("tiled"):
-        guided = tiled_cfg(denoiser, cond, uncond, _cfg_start(params), params["cfg_scale"])
+        per_tile = tiled_cfg(denoiser, cond, uncond, _cfg_start(params), params["cfg_scale"])
         tile, stride = params.get("tile_size", 128), params.get("tile_stride", 64)
-        latent = restore_edm_tiled(guided, x["noise"], sigmas, tile=tile, stride=stride, **common)
+        latent = restore_edm_tiled(per_tile, x["noise"], sigmas, tile=tile, stride=stride, **common)
     else:
         guided = linear_cfg(denoiser, cond, uncond, _cfg_start(params), params["cfg_scale"])
         latent = restore_edm(guided, x["noise"], sigmas, **common)
@@ -228,7 +228,7 @@ def _sampler_tiled(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tenso
         "sigmas": sigmas,
         "trajectory_in": torch.stack([start] + [s["x"] for s in steps[:-1]]),
         "tile_weights": weights,
-        "tile_coords": torch.tensor(tile_windows(*latent.shape[-2:], tile, stride)),
+        "tile_coords": torch.tensor(tile_windows(latent.shape[-2], latent.shape[-1], tile, stride)),
     }
 
 
