@@ -40,3 +40,17 @@ def sampling_sigmas(num_steps: int, train_sigmas: torch.Tensor | None = None) ->
         train_sigmas = legacy_ddpm_sigmas()
     steps = torch.from_numpy(sampling_timesteps(num_steps, len(train_sigmas)).copy())
     return torch.cat([train_sigmas[steps], train_sigmas.new_zeros(1)])
+
+
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. (2022) eq. 5: σ_i = (σ_max^{1/ρ} + i/(N−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, then 0."""
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    inv_max, inv_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    sigmas = (inv_max + ramp * (inv_min - inv_max)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(torch.float32)
+
+
+def dpmpp_sigmas(num_steps: int, train_sigmas: torch.Tensor | None = None) -> torch.Tensor:
+    """SUPIR's DPM++ grid: Karras sigmas between the ends of the legacy N-step grid (spec §3.9)."""
+    legacy = sampling_sigmas(num_steps, train_sigmas)
+    return karras_sigmas(num_steps, float(legacy[-2]), float(legacy[0]))

@@ -9,7 +9,10 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import Encoder
 from torch import nn
 
+from ..tiling import tiled_map
+
 SDXL_SCALE_FACTOR = 0.13025
+TILE_OVERLAP_DIV = 4  # tiles overlap by a quarter of their side, as diffusers tiles its VAE
 
 
 @dataclass(frozen=True)
@@ -60,25 +63,35 @@ class SupirVAE(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.autoencoder.quant_conv.weight.dtype
 
-    def _posterior(self, encoder: nn.Module, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        moments = self.autoencoder.quant_conv(encoder(image.to(self.dtype)))
-        mean, logvar = moments.chunk(2, dim=1)
+    def _moments(self, encoder: nn.Module, image: torch.Tensor, tile: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        def moments(x: torch.Tensor) -> torch.Tensor:
+            return self.autoencoder.quant_conv(encoder(x.to(self.dtype))).float()
+
+        both = moments(image) if tile is None else tiled_map(moments, image, tile, tile // TILE_OVERLAP_DIV, 1 / 8)
+        mean, logvar = both.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def encode_lq(self, image: torch.Tensor) -> torch.Tensor:
-        """Control latent of a low-quality image: s · posterior mean of the degradation-robust encoder."""
-        mean, _ = self._posterior(self.robust_encoder, image)
-        return self.scale_factor * mean.float()
+    def encode_lq(self, image: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """Control latent of a low-quality image: s · posterior mean of the degradation-robust encoder.
 
-    def encode(self, image: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        tile (image pixels) bounds memory for large images by encoding overlapping tiles.
+        """
+        mean, _ = self._moments(self.robust_encoder, image, tile)
+        return self.scale_factor * mean
+
+    def encode(self, image: torch.Tensor, noise: torch.Tensor | None = None, tile: int | None = None) -> torch.Tensor:
         """s · (mean + std · noise) with the plain SDXL encoder; noise None gives the posterior mean."""
-        mean, logvar = self._posterior(self.autoencoder.encoder, image)
+        mean, logvar = self._moments(self.autoencoder.encoder, image, tile)
         if noise is None:
-            return self.scale_factor * mean.float()
-        std = torch.exp(0.5 * logvar)
-        return self.scale_factor * (mean + std * noise.to(mean)).float()
+            return self.scale_factor * mean
+        return self.scale_factor * (mean + torch.exp(0.5 * logvar) * noise.to(mean))
 
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Image in about [−1, 1] (not clamped) from a scaled latent."""
-        z = self.autoencoder.post_quant_conv((latent / self.scale_factor).to(self.dtype))
-        return self.autoencoder.decoder(z).float()
+    def decode(self, latent: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """Image in about [−1, 1] (not clamped) from a scaled latent; tile in image pixels, as for encoding."""
+
+        def decode(z: torch.Tensor) -> torch.Tensor:
+            return self.autoencoder.decoder(self.autoencoder.post_quant_conv((z / self.scale_factor).to(self.dtype))).float()
+
+        if tile is None:
+            return decode(latent)
+        return tiled_map(decode, latent, tile // 8, tile // 8 // TILE_OVERLAP_DIV, 8)

@@ -1,0 +1,109 @@
+"""Restoration parameters, presets and their validation: one place for the CLI, the API and the worker.
+
+Torch-free, so the API process can validate a request before it queues it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import InvalidInput
+
+# The official default prompts (options/SUPIR_v0.yaml p_p / n_p, test.py --a_prompt / --n_prompt).
+QUALITY_PROMPT = (
+    "Cinematic, High Contrast, highly detailed, taken using a Canon EOS R camera, hyper detailed photo - "
+    "realistic maximum detail, 32k, Color Grading, ultra HD, extreme meticulous detailing, skin pore detailing, "
+    "hyper sharpness, perfect without deformations."
+)
+NEGATIVE_PROMPT = (
+    "painting, oil painting, illustration, drawing, art, sketch, oil painting, cartoon, CG Style, 3D render, "
+    "unreal engine, blurring, dirty, messy, worst quality, low quality, frames, watermark, signature, "
+    "jpeg artifacts, deformed, lowres, over-smooth"
+)
+MAX_SEED = 2**31 - 1
+
+Preset = Literal["quality", "fidelity", "lightning"]
+
+# Named settings from the official README ("empirical" presets) and its Lightning config (spec §3.9, §6.3).
+PRESETS: dict[str, dict[str, Any]] = {
+    "quality": {"cfg_scale": 6.0, "cfg_scale_start": 3.0, "s_noise": 1.02},
+    "fidelity": {"cfg_scale": 4.0, "cfg_scale_start": 1.0, "s_noise": 1.01},
+    "lightning": {"sampler": "dpmpp_2m", "steps": 8, "cfg_scale": 2.0, "cfg_scale_start": 2.0},
+}
+
+
+class RestoreParams(BaseModel):
+    """Everything a restoration run can be told. Defaults are the official test.py's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # sizes (spec §4.1)
+    upscale: float = Field(1.0, ge=1.0, le=8.0, description="output size = upscale × input size")
+    min_size: int = Field(1024, ge=64, le=4096, description="short side the image is processed at, at least")
+    # sampler (spec §3)
+    sampler: Literal["edm", "dpmpp_2m"] = "edm"
+    steps: int = Field(50, ge=1, le=200)
+    cfg_scale: float = Field(4.0, ge=0.0, le=20.0, description="text guidance at the end of sampling (s_cfg)")
+    cfg_scale_start: float = Field(1.0, ge=0.0, le=20.0, description="text guidance at the start (spt_linear_CFG)")
+    linear_cfg: bool = True
+    control_scale: float = Field(1.0, ge=0.0, le=1.0, description="adaptor strength at the end (s_stage2)")
+    control_scale_start: float = Field(0.0, ge=0.0, le=1.0)
+    linear_control_scale: bool = False
+    restoration_scale: float = Field(-1.0, ge=-1.0, le=10.0, description="τ of restoration guidance (s_stage1); ≤ 0 off")
+    s_churn: float = Field(5.0, ge=0.0, le=40.0)
+    s_noise: float = Field(1.01, ge=0.0, le=1.2)
+    dpmpp_full_guidance: bool = Field(False, description="DPM++: also apply restoration guidance and the control ramp")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="None picks one at random (reported back)")
+    # prompts (spec §3.7)
+    prompt: str = Field("", max_length=2000, description="caption or user text, put before the quality prompt")
+    positive_prompt: str = Field(QUALITY_PROMPT, max_length=2000)
+    negative_prompt: str = Field(NEGATIVE_PROMPT, max_length=2000)
+    # post-processing (spec §4.3)
+    color_fix: Literal["wavelet", "adain", "none"] = "wavelet"
+    # tiling (spec §3.8, §4.4)
+    tile_size: int = Field(128, ge=32, le=256, description="latent pixels per sampler tile (×8 image pixels)")
+    tile_stride: int = Field(64, ge=16, le=256)
+    tiles_per_batch: int = Field(1, ge=1, le=16)
+    centered_tile_weights: bool = False
+    vae_tile_size: int = Field(1024, ge=256, le=4096, description="image pixels per VAE tile")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RestoreParams:
+        if self.tile_stride > self.tile_size:
+            raise ValueError(f"tile_stride={self.tile_stride} must not exceed tile_size={self.tile_size}")
+        if self.tile_size % 8 or self.tile_stride % 8:
+            raise ValueError(f"tile_size={self.tile_size} and tile_stride={self.tile_stride} must be multiples of 8")
+        return self
+
+
+def _describe(error: dict[str, Any], fields: dict[str, Any]) -> str:
+    name = ".".join(str(p) for p in error["loc"]) or "params"
+    value = error.get("input")
+    field = fields.get(name)
+    if error["type"] == "extra_forbidden":
+        return f"{name}: unknown parameter"
+    if field is not None:
+        bounds = {type(m).__name__: m for m in field.metadata}
+        lo = next((getattr(m, a) for m in bounds.values() for a in ("ge", "gt") if hasattr(m, a)), None)
+        hi = next((getattr(m, a) for m in bounds.values() for a in ("le", "lt") if hasattr(m, a)), None)
+        if lo is not None and hi is not None and error["type"] in ("greater_than_equal", "less_than_equal"):
+            return f"{name}={value!r} is out of range: allowed {lo} to {hi}"
+    detail = error["msg"].removeprefix("Value error, ")
+    return f"{name}={value!r}: {detail}" if error["loc"] else detail
+
+
+def validate_params(raw: dict[str, Any] | None = None, preset: str | None = None) -> RestoreParams:
+    """Build RestoreParams from user values over a named preset; every error names the parameter and range."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise InvalidInput(f"preset={preset!r} is unknown: choose one of {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    values.update({k: v for k, v in (raw or {}).items() if v is not None or k == "seed"})
+    try:
+        return RestoreParams(**values)
+    except ValidationError as exc:
+        fields = RestoreParams.model_fields
+        raise InvalidInput("; ".join(_describe(e, fields) for e in exc.errors())) from None
