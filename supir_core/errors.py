@@ -3,7 +3,8 @@
     SupirError                 base; `code` is a stable machine-readable string
      ├── InvalidInput          the caller's image or parameters are wrong (never retried)
      ├── WeightsError          checkpoint files missing, unreadable or of the wrong kind
-     └── InferenceError        the model failed while running on valid input
+     ├── InferenceError        the model failed while running on valid input
+     └── Canceled              the caller asked to stop; raised between sampler steps
 
 This module imports nothing heavy: the API process (which never imports torch) uses it too.
 """
@@ -31,3 +32,7 @@ class WeightsError(SupirError):
 
 class InferenceError(SupirError):
     code = "inference_error"
+
+
+class Canceled(SupirError):
+    code = "canceled"

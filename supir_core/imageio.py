@@ -62,7 +62,7 @@ def _to_srgb(img: Image.Image) -> Image.Image:
 def load_image(source: str | Path | bytes) -> LoadedImage:
     """Decode an image file into sRGB RGB (+ alpha); raise InvalidInput for anything that is not one."""
     try:
-        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        img: Image.Image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         if img.width * img.height > MAX_INPUT_PIXELS:
             raise InvalidInput(f"image is {img.width}×{img.height}: at most {MAX_INPUT_PIXELS:,} pixels are accepted")
         img.load()
@@ -72,21 +72,29 @@ def load_image(source: str | Path | bytes) -> LoadedImage:
         raise InvalidInput("not an image file in a format we read (PNG, JPEG, WebP, TIFF, BMP, GIF)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidInput(f"the image file is damaged or truncated ({exc})") from None
-    img = ImageOps.exif_transpose(img) or img
+    try:
+        return _normalise(ImageOps.exif_transpose(img) or img)
+    except (ValueError, OSError) as exc:
+        raise InvalidInput(f"cannot convert a {img.mode} image to RGB ({exc})") from None
+
+
+def _normalise(img: Image.Image) -> LoadedImage:
+    """Split off alpha, bring grayscale of any depth to 8 bits, and convert colour to sRGB."""
     mode = img.mode
     alpha = None
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         alpha = img.getchannel("A")
-        img = img.convert("RGB" if img.mode.startswith(("RGB", "P")) else "L")
+        img = img.convert("L" if img.mode.startswith("L") else "RGB")
     grayscale = img.mode in GRAY_MODES
-    if grayscale and img.mode != "L":
-        img = _to_8bit(img.convert("I") if img.mode.startswith("I;16") else img) if img.mode != "1" else img.convert("L")
-    if img.mode == "RGB" and np.asarray(img).dtype != np.uint8:
-        img = img.convert("RGB")
-    rgb = _to_srgb(img)
-    return LoadedImage(rgb=rgb, alpha=alpha, grayscale=grayscale, source_mode=mode)
+    if img.mode == "1":
+        img = img.convert("L")
+    elif img.mode.startswith("I;16"):
+        img = _to_8bit(img.convert("I"))
+    elif img.mode in ("I", "F"):
+        img = _to_8bit(img)
+    return LoadedImage(rgb=_to_srgb(img), alpha=alpha, grayscale=grayscale, source_mode=mode)
 
 
 @dataclass(frozen=True)
@@ -103,8 +111,8 @@ def plan_sizes(size: tuple[int, int], upscale: float, min_size: int) -> Sizes:
     w, h = size
     out_w, out_h = max(round(w * upscale), 1), max(round(h * upscale), 1)
     scale = max(1.0, min_size / min(out_w, out_h))
-    proc_w = max(SIZE_MULTIPLE, int(round(out_w * scale / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
-    proc_h = max(SIZE_MULTIPLE, int(round(out_h * scale / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
+    proc_w = max(SIZE_MULTIPLE, round(out_w * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+    proc_h = max(SIZE_MULTIPLE, round(out_h * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE)
     return Sizes(input=(w, h), process=(proc_w, proc_h), output=(out_w, out_h))
 
 
@@ -119,7 +127,9 @@ def to_pil(image: torch.Tensor, size: tuple[int, int]) -> Image.Image:
     """[1, 3, H, W] in about [−1, 1] → 8-bit RGB at `size`, resized with antialiased bicubic."""
     if tuple(image.shape[-2:]) != (size[1], size[0]):
         antialias = size[0] < image.shape[-1] or size[1] < image.shape[-2]
-        image = F.interpolate(image.float(), size=(size[1], size[0]), mode="bicubic", antialias=antialias, align_corners=False)
+        image = F.interpolate(
+            image.float(), size=(size[1], size[0]), mode="bicubic", antialias=antialias, align_corners=False
+        )
     arr = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(arr, mode="RGB")
 
@@ -136,4 +146,3 @@ def finish(rgb: Image.Image, loaded: LoadedImage) -> Image.Image:
 
 def save_png(image: Image.Image, path: str | Path) -> None:
     image.save(path, format="PNG")
-

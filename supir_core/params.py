@@ -51,7 +51,9 @@ class RestoreParams(BaseModel):
     control_scale: float = Field(1.0, ge=0.0, le=1.0, description="adaptor strength at the end (s_stage2)")
     control_scale_start: float = Field(0.0, ge=0.0, le=1.0)
     linear_control_scale: bool = False
-    restoration_scale: float = Field(-1.0, ge=-1.0, le=10.0, description="τ of restoration guidance (s_stage1); ≤ 0 off")
+    restoration_scale: float = Field(
+        -1.0, ge=-1.0, le=10.0, description="τ of restoration guidance (s_stage1); ≤ 0 off"
+    )
     s_churn: float = Field(5.0, ge=0.0, le=40.0)
     s_noise: float = Field(1.01, ge=0.0, le=1.2)
     dpmpp_full_guidance: bool = Field(False, description="DPM++: also apply restoration guidance and the control ramp")
@@ -78,7 +80,7 @@ class RestoreParams(BaseModel):
         return self
 
 
-def _describe(error: dict[str, Any], fields: dict[str, Any]) -> str:
+def _describe(error: Any, fields: dict[str, Any]) -> str:
     name = ".".join(str(p) for p in error["loc"]) or "params"
     value = error.get("input")
     field = fields.get(name)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .denoiser import Conditioning, Denoiser
+from .errors import Canceled
 from .tiling import Window, gaussian_weights, tile_windows
 
 GuidedDenoise = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -21,10 +22,6 @@ TiledDenoise = Callable[[torch.Tensor, torch.Tensor, float, list[Window]], torch
 NoiseFn = Callable[[int, torch.Tensor], torch.Tensor]  # (step, like) -> N(0, I) of like's shape
 Callback = Callable[[dict[str, Any]], None]
 RESTORE_CFG_S_TMIN = 0.05
-
-
-class Canceled(Exception):
-    """Raised between steps when the caller's should_stop() says so."""
 
 
 def noise_from(source: torch.Tensor | Sequence[torch.Tensor] | torch.Generator | None) -> NoiseFn:
@@ -288,7 +285,12 @@ def restore_dpmpp_2m(
         alpha = settings.alpha(sigma, sigma_max) if full_guidance else settings.control_scale
         denoised_cfg = denoise(x, x.new_full((x.shape[0],), sigma), alpha)
         denoised = denoised_cfg
-        if full_guidance and x_center is not None and settings.restore_cfg > 0 and sigma_next > settings.restore_cfg_s_tmin:
+        if (
+            full_guidance
+            and x_center is not None
+            and settings.restore_cfg > 0
+            and sigma_next > settings.restore_cfg_s_tmin
+        ):
             denoised = denoised - (denoised - x_center) * (sigma / sigma_max) ** settings.restore_cfg
         if sigma_next == 0:
             x = denoised

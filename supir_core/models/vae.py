@@ -90,7 +90,9 @@ class SupirVAE(nn.Module):
         """Image in about [−1, 1] (not clamped) from a scaled latent; tile in image pixels, as for encoding."""
 
         def decode(z: torch.Tensor) -> torch.Tensor:
-            return self.autoencoder.decoder(self.autoencoder.post_quant_conv((z / self.scale_factor).to(self.dtype))).float()
+            return self.autoencoder.decoder(
+                self.autoencoder.post_quant_conv((z / self.scale_factor).to(self.dtype))
+            ).float()
 
         if tile is None:
             return decode(latent)
