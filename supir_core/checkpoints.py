@@ -292,6 +292,29 @@ class ModelOptions:
     scale_factor: float = SDXL_SCALE_FACTOR
 
 
+def options_from_config(config: dict[str, Any]) -> ModelOptions:
+    """ModelOptions from a conformance fixture's config.json (official yaml names)."""
+    model = config["model"]
+    clip_l, clip_g = model["text_encoders"]["clip_l"], model["text_encoders"]["clip_g"]
+    hf = clip_l["hf_text_config"]
+    return ModelOptions(
+        unet_head_width=model["network_config"]["params"]["num_head_channels"],
+        clip_l_head_width=hf["hidden_size"] // hf["num_attention_heads"],
+        clip_g_head_width=clip_g["width"] // clip_g["heads"],
+        clip_l_layer=clip_l.get("layer_idx"),
+        scale_factor=model["scale_factor"],
+    )
+
+
+def load_model_options(path: str | Path) -> ModelOptions:
+    """ModelOptions from JSON: either its own fields or a conformance fixture's config.json."""
+    try:
+        data = json.loads(Path(path).read_text())
+        return options_from_config(data) if "model" in data else ModelOptions(**data)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _fail(path, f"not a model options file ({exc})") from exc
+
+
 def spec_from_checkpoint(sdxl: TensorSource, options: ModelOptions = ModelOptions()) -> SupirSpec:
     return SupirSpec(
         unet=unet_spec(sdxl, head_width=options.unet_head_width),

@@ -1,4 +1,4 @@
-"""The `supir` command: conformance runs and weight checks (restoration lands with the pipeline)."""
+"""The `supir` command: restore photos, run conformance fixtures, check weight files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,160 @@ from pathlib import Path
 
 from .errors import SupirError
 
-EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+
+
+def _inputs(paths: list[Path]) -> list[Path]:
+    """Files as given; folders expanded to the images directly inside them, sorted."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            found.append(path)
+    return found
+
+
+def _output_names(inputs: list[Path]) -> list[str]:
+    """`<stem>.png`, made unique when two inputs share a stem."""
+    names, seen = [], set()
+    for path in inputs:
+        name = f"{path.stem}.png"
+        if name in seen:
+            name = f"{path.stem}_{path.suffix.lstrip('.') or 'img'}.png"
+        n = 2
+        while name in seen:
+            name, n = f"{path.stem}_{n}.png", n + 1
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def _param_values(args: argparse.Namespace) -> dict[str, object]:
+    from .params import RestoreParams
+
+    return {name: getattr(args, name) for name in RestoreParams.model_fields if getattr(args, name, None) is not None}
+
+
+def _restore(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import time
+
+    from tqdm import tqdm
+
+    from .checkpoints import ModelOptions, load_model_options
+    from .errors import Canceled, InvalidInput
+    from .imageio import save_png
+    from .params import validate_params
+
+    env = os.environ
+    sdxl = args.sdxl or env.get("SUPIR_SDXL_CHECKPOINT")
+    supir = args.supir or env.get("SUPIR_CHECKPOINT")
+    if not sdxl or not supir:
+        raise InvalidInput(
+            "weights not given: pass --sdxl and --supir, or set SUPIR_SDXL_CHECKPOINT and SUPIR_CHECKPOINT"
+        )
+    params = validate_params(_param_values(args), preset=args.preset)  # fail on bad flags before loading weights
+    inputs = _inputs(args.inputs)
+    if not inputs:
+        raise InvalidInput("no input images found")
+    dtype_name = args.dtype or env.get("SUPIR_DTYPE")
+    if dtype_name and dtype_name not in DTYPES:
+        raise InvalidInput(f"dtype={dtype_name!r} is unknown: choose one of {', '.join(DTYPES)}")
+    config = args.model_config or env.get("SUPIR_MODEL_CONFIG")
+    options = load_model_options(config) if config else ModelOptions()
+
+    import torch
+
+    from .pipeline import RestorationPipeline
+
+    started = time.perf_counter()
+    pipeline = RestorationPipeline.from_checkpoints(
+        sdxl,
+        supir,
+        device=args.device or env.get("SUPIR_DEVICE") or None,
+        dtype=getattr(torch, DTYPES[dtype_name]) if dtype_name else None,
+        options=options,
+    )
+    loaded_in = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    interrupted = False
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        nonlocal interrupted
+        interrupted = True  # finish nothing more: the sampler stops before its next step
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    failures: list[str] = []
+    done = 0
+    quiet = args.quiet
+    try:
+        for path, name in tqdm(
+            list(zip(inputs, _output_names(inputs), strict=True)), desc="images", unit="img", disable=quiet
+        ):
+            bar = tqdm(total=params.steps, desc=path.name, unit="step", leave=False, disable=quiet)
+
+            def progress(p: object, bar: tqdm = bar) -> None:
+                if getattr(p, "stage", "") == "sampling":
+                    bar.total = p.steps  # type: ignore[attr-defined]
+                    bar.n = p.step  # type: ignore[attr-defined]
+                    bar.refresh()
+
+            try:
+                result = pipeline(path, params, on_progress=progress, should_stop=lambda: interrupted)
+                save_png(result.image, args.out / name)
+                if args.metadata:
+                    (args.out / name).with_suffix(".json").write_text(json.dumps(result.metadata, indent=1))
+                done += 1
+            except Canceled:
+                break
+            except InvalidInput as exc:
+                failures.append(f"{path}: {exc.message}")
+            finally:
+                bar.close()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    seconds = time.perf_counter() - started
+    print(f"restored {done} of {len(inputs)} images into {args.out} in {seconds:.1f} s (weights: {loaded_in:.1f} s)")
+    for failure in failures:
+        print(f"  failed: {failure}", file=sys.stderr)
+    if interrupted:
+        print("interrupted: stopped before the next sampler step", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def _add_param_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per RestoreParams field, so the CLI can set exactly what the API can."""
+    from typing import get_args
+
+    from .params import RestoreParams
+
+    group = parser.add_argument_group("restoration parameters (default: the preset, else the official test.py)")
+    for name, field in RestoreParams.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kind = field.annotation
+        choices = [c for c in get_args(kind) if isinstance(c, str)] or None
+        if kind is bool:
+            group.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=field.description
+            )
+        elif choices:
+            group.add_argument(flag, dest=name, choices=choices, default=None, help=field.description)
+        else:
+            number = int if kind in (int, int | None) else float if kind is float else str
+            group.add_argument(flag, dest=name, type=number, default=None, help=field.description)
 
 
 def _conformance(args: argparse.Namespace) -> int:
@@ -55,6 +208,22 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("--case", action="append", help="run only this case (repeatable)")
     conf.add_argument("--supir-file", help="SUPIR weights file inside the folder (default supir.ckpt)")
     conf.set_defaults(run=_conformance)
+
+    restore = commands.add_parser("restore", help="restore image files or folders of images")
+    restore.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")
+    restore.add_argument("-o", "--out", type=Path, required=True, help="output folder (PNG files)")
+    restore.add_argument("--preset", choices=["quality", "fidelity", "lightning"], help="named settings")
+    restore.add_argument("--sdxl", help="SDXL single file (default $SUPIR_SDXL_CHECKPOINT)")
+    restore.add_argument("--supir", help="SUPIR-v0Q/F file (default $SUPIR_CHECKPOINT)")
+    restore.add_argument("--device", help="cpu, cuda, cuda:1 … (default $SUPIR_DEVICE, else cuda if present)")
+    restore.add_argument("--dtype", help="float32, bfloat16 or float16 (default $SUPIR_DTYPE, else bf16 on GPU)")
+    restore.add_argument("--model-config", help="JSON of head widths for non-SDXL-sized weights ($SUPIR_MODEL_CONFIG)")
+    restore.add_argument(
+        "--metadata", action="store_true", help="write <name>.json (seed, prompts, timings) beside each"
+    )
+    restore.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_param_flags(restore)
+    restore.set_defaults(run=_restore)
 
     weights = commands.add_parser("weights", help="inspect checkpoint files").add_subparsers(
         dest="action", required=True

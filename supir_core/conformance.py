@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoints import ModelOptions, load_supir
+from .checkpoints import ModelOptions, load_supir, options_from_config
 from .colorfix import adain_color_fix, color_fix, wavelet_color_fix
 from .denoiser import Conditioning, Denoiser
 from .errors import WeightsError
@@ -62,17 +62,7 @@ class Fixture:
         return {k[len(prefix) :]: v for k, v in self.inputs.items() if k.startswith(prefix)}
 
     def model_options(self) -> ModelOptions:
-        model = self.config["model"]
-        text = model["text_encoders"]
-        clip_l, clip_g = text["clip_l"], text["clip_g"]
-        hf = clip_l["hf_text_config"]
-        return ModelOptions(
-            unet_head_width=model["network_config"]["params"]["num_head_channels"],
-            clip_l_head_width=hf["hidden_size"] // hf["num_attention_heads"],
-            clip_g_head_width=clip_g["width"] // clip_g["heads"],
-            clip_l_layer=clip_l.get("layer_idx"),
-            scale_factor=model["scale_factor"],
-        )
+        return options_from_config(self.config)
 
     def supir_file(self) -> Path:
         for name in ("supir.ckpt", "supir.safetensors"):
