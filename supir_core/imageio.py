@@ -62,20 +62,24 @@ def _to_srgb(img: Image.Image) -> Image.Image:
 def load_image(source: str | Path | bytes) -> LoadedImage:
     """Decode an image file into sRGB RGB (+ alpha); raise InvalidInput for anything that is not one."""
     try:
-        img: Image.Image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-        if img.width * img.height > MAX_INPUT_PIXELS:
-            raise InvalidInput(f"image is {img.width}×{img.height}: at most {MAX_INPUT_PIXELS:,} pixels are accepted")
-        img.load()
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            if img.width * img.height > MAX_INPUT_PIXELS:
+                raise InvalidInput(
+                    f"image is {img.width}×{img.height}: at most {MAX_INPUT_PIXELS:,} pixels are accepted"
+                )
+            img.load()
+            mode = img.mode
+            return _normalise(ImageOps.exif_transpose(img) or img)
     except InvalidInput:
         raise
     except UnidentifiedImageError:
         raise InvalidInput("not an image file in a format we read (PNG, JPEG, WebP, TIFF, BMP, GIF)") from None
+    except FileNotFoundError:
+        raise InvalidInput(f"no such file: {source!r}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        if "mode" in locals():
+            raise InvalidInput(f"cannot convert a {mode} image to RGB ({exc})") from None
         raise InvalidInput(f"the image file is damaged or truncated ({exc})") from None
-    try:
-        return _normalise(ImageOps.exif_transpose(img) or img)
-    except (ValueError, OSError) as exc:
-        raise InvalidInput(f"cannot convert a {img.mode} image to RGB ({exc})") from None
 
 
 def _normalise(img: Image.Image) -> LoadedImage:

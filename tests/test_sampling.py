@@ -1,0 +1,166 @@
+"""Samplers against closed-form denoisers (no network): the update rules of spec §3."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from supir_core.errors import Canceled
+from supir_core.sampling import RestoreSettings, edm_step, noise_from, restore_dpmpp_2m, restore_edm, restore_edm_tiled
+from supir_core.schedules import dpmpp_sigmas, karras_sigmas, legacy_ddpm_sigmas, sampling_sigmas
+
+SIGMA_MAX = float(legacy_ddpm_sigmas()[-1])
+NO_CHURN = RestoreSettings(s_churn=0.0)
+
+
+def constant(target: torch.Tensor):
+    return lambda x, sigma_hat, alpha: target.expand_as(x)
+
+
+def test_euler_with_an_exact_denoiser_lands_on_its_answer() -> None:
+    target = torch.randn(1, 4, 8, 8)
+    out = restore_edm(
+        constant(target), torch.randn(1, 4, 8, 8), sampling_sigmas(10), settings=NO_CHURN, sigma_max=SIGMA_MAX
+    )
+    torch.testing.assert_close(out, target)
+
+
+def test_initial_noise_is_scaled_by_sqrt_one_plus_sigma_max_squared() -> None:
+    seen = []
+    noise = torch.randn(1, 4, 4, 4)
+
+    def denoise(x, sigma_hat, alpha):
+        seen.append(x.clone())
+        return torch.zeros_like(x)
+
+    restore_edm(denoise, noise, sampling_sigmas(3), settings=NO_CHURN, sigma_max=SIGMA_MAX)
+    torch.testing.assert_close(seen[0], noise * math.sqrt(1 + SIGMA_MAX**2))
+
+
+def test_churn_raises_sigma_and_adds_the_injected_noise() -> None:
+    settings = RestoreSettings(s_churn=5.0, s_noise=1.01)
+    sigmas = sampling_sigmas(50)
+    x = torch.randn(1, 4, 4, 4)
+    churn = torch.randn(1, 4, 4, 4)
+    seen = {}
+
+    def denoise(xc, sigma_hat, alpha):
+        seen.update(x=xc.clone(), sigma_hat=sigma_hat)
+        return torch.zeros_like(xc)
+
+    gamma = settings.gamma(50)
+    assert gamma == pytest.approx(0.1)
+    edm_step(denoise, x, float(sigmas[0]), float(sigmas[1]), gamma=gamma, alpha=1.0, settings=settings,
+             sigma_max=SIGMA_MAX, churn=churn, x_center=None)  # fmt: skip
+    sigma_hat = float(sigmas[0]) * 1.1
+    assert seen["sigma_hat"].item() == pytest.approx(sigma_hat)
+    torch.testing.assert_close(seen["x"], x + 1.01 * churn * math.sqrt(sigma_hat**2 - float(sigmas[0]) ** 2))
+
+
+def test_restoration_guidance_blends_towards_the_centre_on_the_pre_churn_sigma() -> None:
+    settings = RestoreSettings(s_churn=5.0, restore_cfg=4.0)
+    centre = torch.randn(1, 4, 4, 4)
+    sigma, sigma_next = 3.0, 2.0
+    _, info = edm_step(constant(torch.zeros(1, 4, 4, 4)), torch.randn(1, 4, 4, 4), sigma, sigma_next, gamma=0.1,
+                       alpha=1.0, settings=settings, sigma_max=SIGMA_MAX, churn=None, x_center=centre)  # fmt: skip
+    torch.testing.assert_close(info["denoised"], centre * (sigma / SIGMA_MAX) ** 4.0)
+    # below the threshold the blend is off
+    _, info = edm_step(constant(torch.zeros(1, 4, 4, 4)), torch.randn(1, 4, 4, 4), 0.1, 0.04, gamma=0.0,
+                       alpha=1.0, settings=settings, sigma_max=SIGMA_MAX, churn=None, x_center=centre)  # fmt: skip
+    assert torch.count_nonzero(info["denoised"]) == 0
+
+
+def test_linear_control_scale_ramps_on_sigma() -> None:
+    settings = RestoreSettings(use_linear_control_scale=True, control_scale_start=0.2, control_scale=0.9)
+    assert settings.alpha(SIGMA_MAX, SIGMA_MAX) == pytest.approx(0.2)
+    assert settings.alpha(0.0, SIGMA_MAX) == pytest.approx(0.9)
+    assert RestoreSettings(control_scale=0.7).alpha(5.0, SIGMA_MAX) == 0.7
+
+
+def test_recorded_noise_replays_exactly() -> None:
+    noise = torch.randn(1, 4, 6, 6)
+    churn = torch.randn(8, 1, 4, 6, 6)
+
+    def denoise(x, sigma_hat, alpha):
+        return 0.5 * x
+
+    runs = [
+        restore_edm(denoise, noise, sampling_sigmas(8), sigma_max=SIGMA_MAX, churn_noise=noise_from(churn))
+        for _ in range(2)
+    ]
+    assert torch.equal(*runs)
+    other = restore_edm(denoise, noise, sampling_sigmas(8), sigma_max=SIGMA_MAX, churn_noise=noise_from(churn * 2))
+    assert not torch.equal(runs[0], other)
+
+
+def test_cancel_stops_before_the_next_step() -> None:
+    calls = []
+
+    def denoise(x, sigma_hat, alpha):
+        calls.append(1)
+        return torch.zeros_like(x)
+
+    with pytest.raises(Canceled, match="step 3 of 10"):
+        restore_edm(denoise, torch.randn(1, 4, 4, 4), sampling_sigmas(10), sigma_max=SIGMA_MAX,
+                    should_stop=lambda: len(calls) >= 2)  # fmt: skip
+    assert len(calls) == 2
+
+
+def test_tiled_sampler_with_a_pointwise_denoiser_equals_the_untiled_one() -> None:
+    noise = torch.randn(1, 4, 20, 28)
+    churn = torch.randn(6, 1, 4, 20, 28)
+
+    def pointwise(x, sigma_hat, alpha):
+        return torch.tanh(x) * 0.3
+
+    full = restore_edm(pointwise, noise, sampling_sigmas(6), sigma_max=SIGMA_MAX, churn_noise=noise_from(churn))
+    for batch in (1, 4):
+        tiled = restore_edm_tiled(
+            lambda x, s, a, w: pointwise(x, s, a),
+            noise,
+            sampling_sigmas(6),
+            tile=8,
+            stride=4,
+            sigma_max=SIGMA_MAX,
+            churn_noise=noise_from(churn),
+            tiles_per_batch=batch,
+        )
+        torch.testing.assert_close(tiled, full, rtol=1e-5, atol=1e-5)
+
+
+def test_karras_sigmas() -> None:
+    sigmas = karras_sigmas(8, 0.4, 14.6)
+    assert sigmas[0].item() == pytest.approx(14.6) and sigmas[-2].item() == pytest.approx(0.4) and sigmas[-1] == 0
+    assert bool((sigmas[1:] < sigmas[:-1]).all())
+    grid = dpmpp_sigmas(8)
+    assert grid[0].item() == pytest.approx(SIGMA_MAX, rel=1e-5)
+    assert grid[-2].item() == pytest.approx(float(sampling_sigmas(8)[-2]), rel=1e-5)
+
+
+def test_dpmpp_with_an_exact_denoiser_and_no_noise_lands_on_its_answer() -> None:
+    target = torch.randn(1, 4, 8, 8)
+    out = restore_dpmpp_2m(constant(target), torch.randn(1, 4, 8, 8), dpmpp_sigmas(8),
+                           settings=RestoreSettings(s_noise=0.0), sigma_max=SIGMA_MAX)  # fmt: skip
+    torch.testing.assert_close(out, target)
+
+
+def test_dpmpp_ignores_guidance_unless_asked() -> None:
+    settings = RestoreSettings(restore_cfg=4.0, use_linear_control_scale=True, control_scale=0.8, s_noise=0.0)
+    centre = torch.ones(1, 4, 4, 4)
+    alphas: list[float] = []
+
+    def denoise(x, sigma_hat, alpha):
+        alphas.append(alpha)
+        return torch.zeros_like(x)
+
+    plain = restore_dpmpp_2m(denoise, torch.randn(1, 4, 4, 4), dpmpp_sigmas(4), settings=settings,
+                             sigma_max=SIGMA_MAX, x_center=centre)  # fmt: skip
+    assert set(alphas) == {0.8} and torch.count_nonzero(plain) == 0
+    alphas.clear()
+    steps: list[dict] = []
+    restore_dpmpp_2m(denoise, torch.randn(1, 4, 4, 4), dpmpp_sigmas(4), settings=settings, sigma_max=SIGMA_MAX,
+                     x_center=centre, full_guidance=True, callback=steps.append)  # fmt: skip
+    assert alphas[0] == pytest.approx(0.0, abs=1e-5)
+    torch.testing.assert_close(steps[0]["denoised"], centre * (float(dpmpp_sigmas(4)[0]) / SIGMA_MAX) ** 4.0)
