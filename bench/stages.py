@@ -1,0 +1,120 @@
+"""Time each stage of RestorationPipeline on the device present.
+
+    python bench/stages.py                         # CPU: the tiny fixture model (set A), fp32
+    python bench/stages.py --full-size             # GPU: the real architecture with random weights, bf16
+    python bench/stages.py --size 2048 --steps 50  # any processing size / step count
+
+Prints a table of per-stage seconds (median over --repeats runs after one warm-up) and, where $OUT is
+set, writes the same as JSON there. Random weights make the pictures meaningless but the work real.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+SHARED = Path(os.environ.get("SUPIR_SHARED", HERE.parent.parent / "shared"))
+PHOTO = HERE.parent / "tests" / "data" / "chelsea_degraded.jpg"
+
+
+def tiny_pipeline(device: str):
+    from supir_core.conformance import Fixture
+    from supir_core.pipeline import RestorationPipeline
+
+    fixture = Fixture.open(SHARED / "conformance" / "A")
+    return RestorationPipeline(fixture.load_model().to(device))
+
+
+def full_size_pipeline(device: str, dtype: torch.dtype):
+    """The real sizes (from the key manifest) with random weights, built straight on the device."""
+    from supir_core.checkpoints import TensorSource, build_empty, spec_from_checkpoint
+    from supir_core.pipeline import RestorationPipeline
+
+    keys = json.loads((SHARED / "conformance" / "manifest_full.json").read_text())["keys"]
+    model = build_empty(spec_from_checkpoint(TensorSource.from_shapes("manifest", keys)))
+    model = model.to_empty(device=device).to(dtype)
+    generator = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.fill_(1.0)
+            elif name.endswith("bias") or "norm" in name:
+                param.zero_()
+            else:
+                fan_in = param[0].numel() if param.dim() > 1 else 1
+                param.normal_(0.0, fan_in**-0.5, generator=generator)
+    for name, buffer in model.named_buffers():
+        if name.endswith("position_ids"):
+            buffer.copy_(torch.arange(buffer.shape[-1], device=device).expand_as(buffer))
+    return RestorationPipeline(model.eval().requires_grad_(False))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full-size", action="store_true", help="real architecture, random weights (needs a GPU)")
+    parser.add_argument("--size", type=int, default=1024, help="processing short side (min_size)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sampler", default="edm", choices=["edm", "dpmpp_2m"])
+    args = parser.parse_args()
+
+    from supir_core.params import validate_params
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    started = time.perf_counter()
+    pipeline = full_size_pipeline(device, dtype) if args.full_size else tiny_pipeline(device)
+    build_s = time.perf_counter() - started
+    with Image.open(PHOTO) as img:
+        photo = img.convert("RGB").resize((args.size, args.size), Image.Resampling.BICUBIC)
+    params = validate_params({"min_size": args.size, "steps": args.steps, "seed": 0, "sampler": args.sampler})
+
+    runs = []
+    for i in range(args.repeats + 1):
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        result = pipeline(photo, params)
+        total = time.perf_counter() - start
+        if i > 0:  # the first run warms up kernels and allocators
+            runs.append({**result.metadata["seconds"], "total": total})
+    stages = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    report = {
+        "model": "SUPIR full size, random weights" if args.full_size else "fixture A (tiny)",
+        "device": torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "dtype": str(dtype).removeprefix("torch."),
+        "size": list(result.metadata["process_size"]),
+        "steps": args.steps,
+        "sampler": args.sampler,
+        "tiled_sampling": result.metadata["tiled_sampling"],
+        "tiled_vae": result.metadata["tiled_vae"],
+        "build_s": round(build_s, 2),
+        "median_s": {k: round(v, 4) for k, v in stages.items()},
+        "ms_per_step": round(1000 * stages["sampling"] / args.steps, 2),
+        "peak_gpu_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None,
+        "torch": torch.__version__,
+    }
+    print(f"{report['model']} on {report['device']}, {report['dtype']}, {report['size'][0]}×{report['size'][1]}, "
+          f"{args.steps} steps ({args.sampler}), median of {args.repeats}:")  # fmt: skip
+    for stage, seconds in report["median_s"].items():
+        print(f"  {stage:<14} {seconds:9.3f} s")
+    print(f"  {'per step':<14} {report['ms_per_step']:9.1f} ms")
+    if report["peak_gpu_GB"] is not None:
+        print(f"  peak GPU memory {report['peak_gpu_GB']} GB")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "stages.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
