@@ -184,24 +184,3 @@ class SupirUNet(nn.Module):
                     h = upsampler(h)
         h = base.conv_out(base.conv_act(base.conv_norm_out(h)))
         return h.float()
-
-
-class SupirNet(nn.Module):
-    """ε_θ(x_in, t, cond, α): the adaptor's features fed into the UNet decoder."""
-
-    def __init__(self, unet: SupirUNet, adaptor: Adaptor) -> None:
-        super().__init__()
-        self.unet = unet
-        self.adaptor = adaptor
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        timesteps: torch.Tensor,
-        context: torch.Tensor,
-        vector: torch.Tensor,
-        hint: torch.Tensor,
-        control_scale: float = 1.0,
-    ) -> torch.Tensor:
-        control = self.adaptor(x, timesteps, context, vector, hint)
-        return self.unet(x, timesteps, context, vector, control, control_scale)
