@@ -168,8 +168,9 @@ def _sample(
     cond: Conditioning,
     uncond: Conditioning,
     x_center: torch.Tensor,
+    tiled: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
-    """Run the (tiled, if params say so) sampler from the case's recorded noise; returns (latent, sigmas, steps)."""
+    """Run the (tiled) sampler from the case's recorded noise; returns (latent, sigmas, per-step info)."""
     denoiser = Denoiser(model.eps)
     sigmas = sampling_sigmas(params["num_steps"], denoiser.train_sigmas)
     steps: list[dict[str, Any]] = []
@@ -180,7 +181,7 @@ def _sample(
         "churn_noise": noise_from(x["churn_noise"]) if "churn_noise" in x else None,
         "callback": steps.append,
     }
-    if "tile_size" in params or params.get("tiled"):
+    if tiled:
         per_tile = tiled_cfg(denoiser, cond, uncond, _cfg_start(params), params["cfg_scale"])
         tile, stride = params.get("tile_size", 128), params.get("tile_stride", 64)
         latent = restore_edm_tiled(per_tile, x["noise"], sigmas, tile=tile, stride=stride, **common)
@@ -193,7 +194,7 @@ def _sample(
 def _sampler(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
     cond = Conditioning(x["c_crossattn"], x["c_vector"], x["control"])
     uncond = Conditioning(x["uc_crossattn"], x["uc_vector"], x["control"])
-    latent, sigmas, steps = _sample(model, case["params"], x, cond, uncond, x["x_center"])
+    latent, sigmas, steps = _sample(model, case["params"], x, cond, uncond, x["x_center"], tiled=False)
     batch = latent.shape[0]
     return {
         "latent": latent,
@@ -209,7 +210,7 @@ def _sampler_tiled(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tenso
     params = case["params"]
     cond = Conditioning(x["c_crossattn"], x["c_vector"], x["control"])
     uncond = Conditioning(x["uc_crossattn"], x["uc_vector"], x["control"])
-    latent, sigmas, steps = _sample(model, params, x, cond, uncond, x["x_center"])
+    latent, sigmas, steps = _sample(model, params, x, cond, uncond, x["x_center"], tiled=True)
     start = x["noise"] * (1 + sigmas[0] ** 2).sqrt()
     tile, stride = params["tile_size"], params["tile_stride"]
     weights = gaussian_weights(tile).to(torch.float32).expand(*latent.shape[:2], tile, tile)
@@ -229,7 +230,7 @@ def _pipeline(model: SupirModel, case: dict[str, Any], x: Tensors, cond: Conditi
     x_stage1 = model.vae.decode(lq_latent)
     x_center = model.vae.encode(x_stage1, noise=x["posterior_noise"])
     cond.control = uncond.control = lq_latent
-    sampled, _, _ = _sample(model, params, x, cond, uncond, x_center)
+    sampled, _, _ = _sample(model, params, x, cond, uncond, x_center, tiled=bool(params.get("tiled")))
     decoded = model.vae.decode(sampled)
     method = params["color_fix_type"].lower()
     image = color_fix(decoded, x_stage1, "none" if method == "none" else method)
@@ -251,8 +252,9 @@ def _pipeline_given_conditioning(model: SupirModel, case: dict[str, Any], x: Ten
 
 def _pipeline_text(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
     params = case["params"]
-    c = model.text([params["caption"] + params["p_p"]])
-    uc = model.text([params["n_p"]])
+    batch = x["image"].shape[0]  # each row is restored with the same prompts
+    c = model.text([params["caption"] + params["p_p"]] * batch)
+    uc = model.text([params["n_p"]] * batch)
     result = _pipeline(
         model,
         case,

@@ -82,3 +82,25 @@ def test_control_scale_zero_is_plain_sdxl(tiny_model) -> None:
         finally:
             handle.remove()
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_other_sizes_build_and_run_on_non_square_latents() -> None:
+    """Nothing is tied to set A's sizes: another width, depth, head width and VAE run end to end."""
+    from supir_core.models.supir import SupirModel, SupirSpec
+    from supir_core.models.text import TextSpec
+    from supir_core.models.vae import VAESpec
+
+    unet = UNetSpec(4, 4, (64, 96, 128), 2, (0, 1, 3), 48, 16 + 6 * 4, 4, head_width=16)
+    text = TextSpec(49408, 77, 16, 2, 32, 32, 2, 64, 16, clip_l_head_width=8, clip_g_head_width=16)
+    torch.manual_seed(0)
+    model = SupirModel(SupirSpec(unet, VAESpec((32, 64), 1), text)).eval()
+    assert len(model.unet.project_modules) == 12
+    with torch.no_grad():
+        cond = model.text(["a photo", ""])
+        assert cond.crossattn.shape == (2, 77, 48) and cond.vector.shape == (2, 40)
+        image = torch.rand(2, 3, 64, 96) * 2 - 1
+        latent = model.vae.encode_lq(image)
+        assert latent.shape == (2, 4, 32, 48)  # two VAE levels: one halving
+        x = torch.randn(2, 4, 8, 12)
+        eps = model.eps(x, torch.tensor([5, 900]), cond.crossattn, cond.vector, torch.randn(2, 4, 8, 12), 0.7)
+    assert eps.shape == x.shape and torch.isfinite(eps).all()
