@@ -16,11 +16,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .checkpoints import ModelOptions, load_supir, options_from_config
-from .colorfix import adain_color_fix, color_fix, wavelet_color_fix
+from .colorfix import adain_color_fix, wavelet_color_fix
 from .denoiser import Conditioning, Denoiser
 from .errors import WeightsError
 from .models.supir import SupirModel
 from .models.text import size_embedding
+from .params import RestoreParams
+from .pipeline import PipelineNoise, PromptEncoder, RestorationPipeline
 from .sampling import (
     RESTORE_CFG_S_TMIN,
     RestoreSettings,
@@ -223,31 +225,50 @@ def _sampler_tiled(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tenso
     }
 
 
-def _pipeline(model: SupirModel, case: dict[str, Any], x: Tensors, cond: Conditioning, uncond: Conditioning) -> Tensors:
-    """Stages of the official batchify_sample with the recorded noise (FORMAT §4.3)."""
-    params = case["params"]
-    lq_latent = model.vae.encode_lq(x["image"])
-    x_stage1 = model.vae.decode(lq_latent)
-    x_center = model.vae.encode(x_stage1, noise=x["posterior_noise"])
-    cond.control = uncond.control = lq_latent
-    sampled, _, _ = _sample(model, params, x, cond, uncond, x_center, tiled=bool(params.get("tiled")))
-    decoded = model.vae.decode(sampled)
-    method = params["color_fix_type"].lower()
-    image = color_fix(decoded, x_stage1, "none" if method == "none" else method)
+def _pipeline_params(params: dict[str, Any]) -> RestoreParams:
+    """The case's settings as production parameters (unvalidated: fixtures use tiles far below real sizes)."""
+    tiled = bool(params.get("tiled"))
+    values = RestoreParams().model_dump() | {
+        "steps": params["num_steps"],
+        "s_churn": params["s_churn"],
+        "s_noise": params["s_noise"],
+        "restoration_scale": params["restoration_scale"],
+        "cfg_scale": params["cfg_scale"],
+        "cfg_scale_start": params["cfg_scale_start"],
+        "linear_cfg": params["use_linear_CFG"],
+        "control_scale": params["control_scale"],
+        "control_scale_start": params["control_scale_start"],
+        "linear_control_scale": params["use_linear_control_scale"],
+        "color_fix": params["color_fix_type"].lower(),
+        "tile_size": params.get("tile_size", 128) if tiled else 2**30,
+        "tile_stride": params.get("tile_stride", 64) if tiled else 2**30,
+        "vae_tile_size": 2**30,  # the official pipeline does not tile its VAE unless asked
+    }
+    return RestoreParams.model_construct(**values)
+
+
+def _pipeline(model: SupirModel, case: dict[str, Any], x: Tensors, encode_prompts: PromptEncoder) -> Tensors:
+    """The production recipe (RestorationPipeline.restore_tensor) replayed with the recorded noise (FORMAT §4.3)."""
+    stages = RestorationPipeline(model).restore_tensor(
+        x["image"],
+        _pipeline_params(case["params"]),
+        noise=PipelineNoise.recorded(x["posterior_noise"], x["noise"], x.get("churn_noise")),
+        encode_prompts=encode_prompts,
+    )
     return {
-        "lq_latent": lq_latent,
-        "x_stage1": x_stage1,
-        "x_center": x_center,
-        "sampled_latent": sampled,
-        "decoded": decoded,
-        "image": image,
+        "lq_latent": stages.lq_latent,
+        "x_stage1": stages.x_stage1,
+        "x_center": stages.x_center,
+        "sampled_latent": stages.sampled_latent,
+        "decoded": stages.decoded,
+        "image": stages.restored,
     }
 
 
 def _pipeline_given_conditioning(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
-    cond = Conditioning(x["c_crossattn"], x["c_vector"], torch.empty(0))
-    uncond = Conditioning(x["uc_crossattn"], x["uc_vector"], torch.empty(0))
-    return _pipeline(model, case, x, cond, uncond)
+    return _pipeline(
+        model, case, x, lambda x_stage1: ((x["c_crossattn"], x["c_vector"]), (x["uc_crossattn"], x["uc_vector"]))
+    )
 
 
 def _pipeline_text(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
@@ -255,13 +276,7 @@ def _pipeline_text(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tenso
     batch = x["image"].shape[0]  # each row is restored with the same prompts
     c = model.text([params["caption"] + params["p_p"]] * batch)
     uc = model.text([params["n_p"]] * batch)
-    result = _pipeline(
-        model,
-        case,
-        x,
-        Conditioning(c.crossattn, c.vector, torch.empty(0)),
-        Conditioning(uc.crossattn, uc.vector, torch.empty(0)),
-    )
+    result = _pipeline(model, case, x, lambda x_stage1: ((c.crossattn, c.vector), (uc.crossattn, uc.vector)))
     for tag, t in (("c", c), ("uc", uc)):
         result.update(
             {

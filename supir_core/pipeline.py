@@ -21,6 +21,7 @@ from .imageio import LoadedImage, finish, load_image, plan_sizes, to_model_input
 from .models.supir import SupirModel
 from .params import MAX_SEED, RestoreParams
 from .sampling import (
+    NoiseFn,
     RestoreSettings,
     linear_cfg,
     noise_from,
@@ -42,6 +43,45 @@ class Progress:
 
 class Captioner(Protocol):
     def __call__(self, image: Image.Image) -> str: ...
+
+
+PromptEncoder = Callable[[torch.Tensor], tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]
+
+
+@dataclass
+class PipelineNoise:
+    """Every random draw of a run, in the official order: posterior sample, initial noise, per-step noise."""
+
+    posterior: Callable[[torch.Size], torch.Tensor]
+    initial: Callable[[torch.Size], torch.Tensor]
+    step: NoiseFn
+
+    @classmethod
+    def seeded(cls, seed: int, device: torch.device) -> PipelineNoise:
+        generator = torch.Generator(device).manual_seed(seed)
+
+        def draw(shape: torch.Size) -> torch.Tensor:
+            return torch.randn(shape, generator=generator, device=device)
+
+        return cls(draw, draw, noise_from(generator))
+
+    @classmethod
+    def recorded(cls, posterior: torch.Tensor, initial: torch.Tensor, steps: torch.Tensor | None) -> PipelineNoise:
+        return cls(lambda shape: posterior, lambda shape: initial, noise_from(steps))
+
+
+@dataclass
+class Stages:
+    """The tensors of one run (scaled latents; images in about [−1, 1])."""
+
+    lq_latent: torch.Tensor
+    x_stage1: torch.Tensor
+    x_center: torch.Tensor
+    sampled_latent: torch.Tensor
+    decoded: torch.Tensor
+    restored: torch.Tensor
+    tiled_sampling: bool
+    tiled_vae: bool
 
 
 @dataclass
@@ -96,90 +136,134 @@ class RestorationPipeline:
         should_stop: Callable[[], bool] | None = None,
         tile_captions: Mapping[Window, str] | None = None,
     ) -> RestorationResult:
-        report = on_progress or (lambda p: None)
+        """Restore one image file (or decoded image); the recipe on tensors is `restore_tensor`."""
         timings: dict[str, float] = {}
-        model, vae = self.model, self.model.vae
-
-        def check_stop(stage: str) -> None:
-            if should_stop is not None and should_stop():
-                raise Canceled(f"canceled before {stage}")
-
+        prompts: dict[str, str] = {}
         with torch.inference_mode():
             # 1. Input: decode the file, plan sizes (output = upscale × input; processing ≥ min_size, /64)
             loaded = _as_loaded(image)
             sizes = plan_sizes(loaded.size, params.upscale, params.min_size)
             lq = to_model_input(loaded.rgb, sizes.process).to(self.device)
-            vae_tile = params.vae_tile_size if max(sizes.process) > params.vae_tile_size else None
             seed = params.seed if params.seed is not None else random.randint(0, MAX_SEED)
-            generator = torch.Generator(self.device).manual_seed(seed)
 
-            # 2. Stage 1: the robust encoder's latent steers the adaptor; its decoding is the colour reference
-            report(Progress("stage1"))
-            with _timed(timings, "stage1", self.device):
-                lq_latent = vae.encode_lq(lq, tile=vae_tile)
-                x_stage1 = vae.decode(lq_latent, tile=vae_tile)
-            stage1_image = to_pil(x_stage1, sizes.process)
+            # 2. The recipe, with noise from the seed and prompts from the user or the captioner
+            stages = self.restore_tensor(
+                lq,
+                params,
+                noise=PipelineNoise.seeded(seed, self.device),
+                encode_prompts=self._prompt_encoder(params, sizes.process, prompts, timings, on_progress),
+                tile_captions=tile_captions,
+                on_progress=on_progress,
+                should_stop=should_stop,
+                timings=timings,
+            )
 
-            # 3. Prompt: the user's text, else a caption of the stage-1 image, before the quality prompt
-            check_stop("captioning")
-            caption = params.prompt
-            if not caption and self.captioner is not None:
-                report(Progress("caption"))
-                with _timed(timings, "caption", self.device):
-                    caption = self.captioner(stage1_image)
-            positive = caption + params.positive_prompt  # no separator, as the official code joins them
-
-            # 4. Text conditioning for both sides of CFG; the LQ latent is the control of both
-            report(Progress("conditioning"))
-            with _timed(timings, "conditioning", self.device):
-                c, uc = model.text([positive]), model.text([params.negative_prompt])
-                cond = Conditioning(c.crossattn, c.vector, lq_latent)
-                uncond = Conditioning(uc.crossattn, uc.vector, lq_latent)
-                tile_conds = self._tile_conditions(tile_captions, params, lq_latent)
-
-            # 5. Guidance anchor: a posterior sample of the stage-1 image under the plain SDXL encoder
-            posterior_noise = torch.randn(lq_latent.shape, generator=generator, device=self.device)
-            with _timed(timings, "stage1", self.device):
-                x_center = vae.encode(x_stage1, noise=posterior_noise, tile=vae_tile)
-
-            # 6. Sample from noise, tiled when the latent is larger than one tile
-            check_stop("sampling")
-            noise = torch.randn(lq_latent.shape, generator=generator, device=self.device)
-
-            def on_step(info: dict[str, Any]) -> None:
-                report(Progress("sampling", info["i"] + 1, info["steps"]))
-
-            with _timed(timings, "sampling", self.device):
-                sampled, tiled = self._sample(
-                    params, noise, cond, uncond, tile_conds, x_center, noise_from(generator), on_step, should_stop
-                )
-
-            # 7. Decode and pull the colours back to the stage-1 image
-            report(Progress("decoding"))
-            with _timed(timings, "decoding", self.device):
-                decoded = vae.decode(sampled, tile=vae_tile)
-                restored = color_fix(decoded, x_stage1, params.color_fix)
-
-            # 8. Back to the input's size and kind
-            output = finish(to_pil(restored, sizes.output), loaded)
+            # 3. Back to the input's size and kind
+            output = finish(to_pil(stages.restored, sizes.output), loaded)
+            stage1_image = to_pil(stages.x_stage1, sizes.process)
 
         metadata = {
             "seed": seed,
-            "caption": caption,
-            "positive_prompt": positive,
-            "negative_prompt": params.negative_prompt,
+            **prompts,
             "input_size": list(sizes.input),
             "process_size": list(sizes.process),
             "output_size": list(sizes.output),
             "sampler": params.sampler,
             "steps": params.steps,
-            "tiled_sampling": tiled,
-            "tiled_vae": vae_tile is not None,
+            "tiled_sampling": stages.tiled_sampling,
+            "tiled_vae": stages.tiled_vae,
             "seconds": {k: round(v, 4) for k, v in timings.items()},
             "device": str(self.device),
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
         }
         return RestorationResult(output, stage1_image, metadata)
+
+    def restore_tensor(
+        self,
+        lq: torch.Tensor,
+        params: RestoreParams,
+        *,
+        noise: PipelineNoise,
+        encode_prompts: PromptEncoder,
+        tile_captions: Mapping[Window, str] | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> Stages:
+        """SUPIR's recipe on an LQ image tensor [B, 3, H, W] in [−1, 1], sides multiples of 64 (spec §4.2)."""
+        report = on_progress or (lambda p: None)
+        timings = timings if timings is not None else {}
+        vae = self.model.vae
+        vae_tile = params.vae_tile_size if max(lq.shape[-2:]) > params.vae_tile_size else None
+
+        def check_stop(stage: str) -> None:
+            if should_stop is not None and should_stop():
+                raise Canceled(f"canceled before {stage}")
+
+        # 1. Stage 1: the robust encoder's latent steers the adaptor; its decoding is the colour reference
+        report(Progress("stage1"))
+        with _timed(timings, "stage1", self.device):
+            lq_latent = vae.encode_lq(lq, tile=vae_tile)
+            x_stage1 = vae.decode(lq_latent, tile=vae_tile)
+
+        # 2. Conditioning for both sides of CFG (prompt text → CLIP-L + bigG + sizes); control = LQ latent
+        check_stop("conditioning")
+        (c_crossattn, c_vector), (uc_crossattn, uc_vector) = encode_prompts(x_stage1)
+        cond = Conditioning(c_crossattn, c_vector, lq_latent)
+        uncond = Conditioning(uc_crossattn, uc_vector, lq_latent)
+        tile_conds = self._tile_conditions(tile_captions, params, lq_latent)
+
+        # 3. Guidance anchor: a posterior sample of the stage-1 image under the plain SDXL encoder
+        with _timed(timings, "stage1", self.device):
+            x_center = vae.encode(x_stage1, noise=noise.posterior(lq_latent.shape), tile=vae_tile)
+
+        # 4. Sample from noise, tiled when the latent is larger than one tile
+        check_stop("sampling")
+        initial = noise.initial(lq_latent.shape)
+
+        def on_step(info: dict[str, Any]) -> None:
+            report(Progress("sampling", info["i"] + 1, info["steps"]))
+
+        with _timed(timings, "sampling", self.device):
+            sampled, tiled = self._sample(
+                params, initial, cond, uncond, tile_conds, x_center, noise.step, on_step, should_stop
+            )
+
+        # 5. Decode and pull the colours back to the stage-1 image
+        report(Progress("decoding"))
+        with _timed(timings, "decoding", self.device):
+            decoded = vae.decode(sampled, tile=vae_tile)
+            restored = color_fix(decoded, x_stage1, params.color_fix)
+        return Stages(lq_latent, x_stage1, x_center, sampled, decoded, restored, tiled, vae_tile is not None)
+
+    def _prompt_encoder(
+        self,
+        params: RestoreParams,
+        size: tuple[int, int],
+        record: dict[str, str],
+        timings: dict[str, float],
+        on_progress: Callable[[Progress], None] | None,
+    ) -> PromptEncoder:
+        """The user's prompt, else a caption of the stage-1 image, before the quality prompt; recorded for metadata."""
+
+        def encode(
+            x_stage1: torch.Tensor,
+        ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+            caption = params.prompt
+            if not caption and self.captioner is not None:
+                if on_progress is not None:
+                    on_progress(Progress("caption"))
+                with _timed(timings, "caption", self.device):
+                    caption = self.captioner(to_pil(x_stage1, size))
+            positive = caption + params.positive_prompt  # no separator, as the official code joins them
+            record.update(caption=caption, positive_prompt=positive, negative_prompt=params.negative_prompt)
+            if on_progress is not None:
+                on_progress(Progress("conditioning"))
+            with _timed(timings, "conditioning", self.device):
+                c, uc = self.model.text([positive]), self.model.text([params.negative_prompt])
+            return (c.crossattn, c.vector), (uc.crossattn, uc.vector)
+
+        return encode
 
     def _tile_conditions(
         self, tile_captions: Mapping[Window, str] | None, params: RestoreParams, lq_latent: torch.Tensor
