@@ -34,15 +34,10 @@ def tiny_pipeline(device: str):
     return RestorationPipeline(fixture.load_model().to(device))
 
 
-def full_size_pipeline(device: str, dtype: torch.dtype):
-    """The real sizes (from the key manifest) with random weights, built straight on the device."""
-    from supir_core.checkpoints import TensorSource, build_empty, spec_from_checkpoint
-    from supir_core.pipeline import RestorationPipeline
-
-    keys = json.loads((SHARED / "conformance" / "manifest_full.json").read_text())["keys"]
-    model = build_empty(spec_from_checkpoint(TensorSource.from_shapes("manifest", keys)))
+def randomize(model: torch.nn.Module, device: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """Materialise a meta-device model on `device` with random weights of sane scale (norms: 1 and 0)."""
     model = model.to_empty(device=device).to(dtype)
-    generator = torch.Generator(device).manual_seed(0)
+    generator = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
@@ -52,10 +47,20 @@ def full_size_pipeline(device: str, dtype: torch.dtype):
             else:
                 fan_in = param[0].numel() if param.dim() > 1 else 1
                 param.normal_(0.0, fan_in**-0.5, generator=generator)
-    for name, buffer in model.named_buffers():
-        if name.endswith("position_ids"):
-            buffer.copy_(torch.arange(buffer.shape[-1], device=device).expand_as(buffer))
-    return RestorationPipeline(model.eval().requires_grad_(False))
+        for name, buffer in model.named_buffers():
+            if name.endswith("position_ids"):
+                buffer.copy_(torch.arange(buffer.shape[-1], device=device).expand_as(buffer))
+    return model.eval().requires_grad_(False)
+
+
+def full_size_pipeline(device: str, dtype: torch.dtype):
+    """The real sizes (from the key manifest) with random weights, built straight on the device."""
+    from supir_core.checkpoints import TensorSource, build_empty, spec_from_checkpoint
+    from supir_core.pipeline import RestorationPipeline
+
+    keys = json.loads((SHARED / "conformance" / "manifest_full.json").read_text())["keys"]
+    model = build_empty(spec_from_checkpoint(TensorSource.from_shapes("manifest", keys)))
+    return RestorationPipeline(randomize(model, device, dtype))
 
 
 def main() -> None:

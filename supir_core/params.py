@@ -67,7 +67,7 @@ class RestoreParams(BaseModel):
     # tiling (spec §3.8, §4.4)
     tile_size: int = Field(128, ge=32, le=256, description="latent pixels per sampler tile (×8 image pixels)")
     tile_stride: int = Field(64, ge=16, le=256)
-    tiles_per_batch: int = Field(1, ge=1, le=16)
+    tiles_per_batch: int = Field(0, ge=0, le=64, description="tiles per UNet call; 0 = all, halved on GPU OOM")
     centered_tile_weights: bool = False
     vae_tile_size: int = Field(1024, ge=256, le=4096, description="image pixels per VAE tile")
 

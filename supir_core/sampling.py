@@ -80,13 +80,24 @@ def tiled_cfg(
     """`linear_cfg` for `restore_edm_tiled`: crops the full-size control latent to each window.
 
     cond may map each window to its own Conditioning (per-tile prompts); controls are full-size.
+    A group of windows that does not fit in GPU memory is split in halves until it does.
     """
 
     def denoise(x: torch.Tensor, sigma_hat: torch.Tensor, control_scale: float, windows: list[Window]) -> torch.Tensor:
         conds = [_crop(cond[w] if isinstance(cond, Mapping) else cond, w) for w in windows]
         unconds = [_crop(uncond, w) for w in windows]
         guided = linear_cfg(denoiser, _stack(conds), _stack(unconds), scale_start, scale_end)
-        return guided(x, sigma_hat, control_scale)
+        try:
+            return guided(x, sigma_hat, control_scale)
+        except torch.OutOfMemoryError:
+            if len(windows) == 1:
+                raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half, rows = len(windows) // 2, x.shape[0] // len(windows)
+        cut = half * rows
+        first = denoise(x[:cut], sigma_hat[:cut], control_scale, windows[:half])
+        return torch.cat([first, denoise(x[cut:], sigma_hat[cut:], control_scale, windows[half:])])
 
     return denoise
 
@@ -197,7 +208,7 @@ def restore_edm_tiled(
     sigma_max: float,
     x_center: torch.Tensor | None = None,
     churn_noise: NoiseFn | None = None,
-    tiles_per_batch: int = 1,
+    tiles_per_batch: int = 1,  # 0: all tiles of a step in one call (split by the denoiser if memory runs out)
     centered_weights: bool = False,
     callback: Callback | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -211,6 +222,7 @@ def restore_edm_tiled(
     steps = len(sigmas) - 1
     gamma = settings.gamma(steps)
     windows = tile_windows(noise.shape[-2], noise.shape[-1], tile, stride)
+    tiles_per_batch = tiles_per_batch or len(windows)
     weights = gaussian_weights(tile, centered_weights).to(noise.device)
     x = noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)
     for i in range(steps):

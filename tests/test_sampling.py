@@ -164,3 +164,27 @@ def test_dpmpp_ignores_guidance_unless_asked() -> None:
                      x_center=centre, full_guidance=True, callback=steps.append)  # fmt: skip
     assert alphas[0] == pytest.approx(0.0, abs=1e-5)
     torch.testing.assert_close(steps[0]["denoised"], centre * (float(dpmpp_sigmas(4)[0]) / SIGMA_MAX) ** 4.0)
+
+
+def test_a_tile_group_that_runs_out_of_memory_is_split() -> None:
+    from supir_core.denoiser import Conditioning, Denoiser
+    from supir_core.sampling import tiled_cfg
+
+    batches: list[int] = []
+
+    def network(x, t, context, vector, hint, control_scale=1.0):
+        if x.shape[0] > 4:  # more than two tiles (×2 for CFG) "does not fit"
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        batches.append(x.shape[0])
+        return torch.tanh(x)
+
+    cond = Conditioning(torch.zeros(1, 77, 8), torch.zeros(1, 16), torch.zeros(1, 4, 20, 28))
+    noise = torch.randn(1, 4, 20, 28)
+    denoise = tiled_cfg(Denoiser(network), cond, cond, 2.0, 4.0)
+    kwargs = {"tile": 8, "stride": 4, "sigma_max": SIGMA_MAX, "settings": NO_CHURN}
+    split = restore_edm_tiled(denoise, noise, sampling_sigmas(2), tiles_per_batch=0, **kwargs)
+    assert max(batches) == 4
+    batches.clear()
+    one_by_one = restore_edm_tiled(denoise, noise, sampling_sigmas(2), tiles_per_batch=1, **kwargs)
+    assert set(batches) == {2}
+    torch.testing.assert_close(split, one_by_one)
