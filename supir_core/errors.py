@@ -4,6 +4,7 @@
      ├── InvalidInput          the caller's image or parameters are wrong (never retried)
      ├── WeightsError          checkpoint files missing, unreadable or of the wrong kind
      ├── InferenceError        the model failed while running on valid input
+     ├── StorageError          an object store failed (unreachable, refused, timed out): worth a retry
      └── Canceled              the caller asked to stop; raised between sampler steps
 
 This module imports nothing heavy: the API process (which never imports torch) uses it too.
@@ -17,9 +18,12 @@ class SupirError(Exception):
 
     code = "supir_error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, code: str | None = None, field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.field = field  # the request field at fault, where there is one
+        if code is not None:
+            self.code = code
 
 
 class InvalidInput(SupirError):
@@ -32,6 +36,10 @@ class WeightsError(SupirError):
 
 class InferenceError(SupirError):
     code = "inference_error"
+
+
+class StorageError(SupirError):
+    code = "storage_error"
 
 
 class Canceled(SupirError):

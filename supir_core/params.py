@@ -101,11 +101,15 @@ def validate_params(raw: dict[str, Any] | None = None, preset: str | None = None
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
-            raise InvalidInput(f"preset={preset!r} is unknown: choose one of {', '.join(PRESETS)}")
+            raise InvalidInput(f"preset={preset!r} is unknown: choose one of {', '.join(PRESETS)}", field="preset")
         values.update(PRESETS[preset])
     values.update({k: v for k, v in (raw or {}).items() if v is not None or k == "seed"})
     try:
         return RestoreParams(**values)
     except ValidationError as exc:
         fields = RestoreParams.model_fields
-        raise InvalidInput("; ".join(_describe(e, fields) for e in exc.errors())) from None
+        errors = exc.errors()
+        code = "unknown_parameter" if errors[0]["type"] == "extra_forbidden" else "invalid_parameter"
+        field = ".".join(str(p) for p in errors[0]["loc"]) or None
+        message = "; ".join(_describe(e, fields) for e in errors)
+        raise InvalidInput(message, code=code, field=field) from None

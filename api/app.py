@@ -1,0 +1,401 @@
+"""The FastAPI app, built by `create_app(settings)`; its collaborators (Redis store, object store, queue) are
+explicit seams on app.state, so tests run it against real servers without patching library internals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import redis
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from jobs.queue import RESTORE_TASK, make_celery
+from jobs.record import TERMINAL, JobRecord, WebhookState, input_key, new_job_id
+from jobs.settings import Settings, get_settings
+from jobs.storage import LocalStore, ObjectStore, make_store
+from jobs.store import JobStore
+from supir_core.errors import InvalidInput
+from supir_core.params import MAX_SEED, validate_params
+
+from . import errors, metrics
+from .auth import owner_of
+from .errors import ApiError
+from .intake import check_image, check_public_url, fetch_image
+
+RESULT_URL_TTL_S = 3600
+HEARTBEAT_FRESH_S = 60
+SSE_KEEPALIVE_S = 15.0
+
+
+class Services:
+    """What the routes use; built once per process."""
+
+    def __init__(self, settings: Settings, store: JobStore, objects: ObjectStore, enqueue: Callable[[str], None]):
+        self.settings, self.store, self.objects, self.enqueue = settings, store, objects, enqueue
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Services:
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=30)
+        store = JobStore(client, settings.key_prefix, retention_s=settings.retention_hours * 3600)
+        celery = make_celery(settings)
+
+        def enqueue(job_id: str) -> None:
+            celery.send_task(RESTORE_TASK, args=[job_id], queue=settings.queue)
+
+        return cls(settings, store, make_store(settings), enqueue)
+
+
+def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    services = services or Services.from_settings(settings)
+    app = FastAPI(title="supir-serve", version="0.1.0", description="Photo restoration with SUPIR, as queued jobs.")
+    app.state.services = services
+    errors.install(app)
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        start = time.perf_counter()
+        response: Response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics.REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+        metrics.REQUEST_SECONDS.labels(route, request.method).observe(time.perf_counter() - start)
+        return response
+
+    def authorize(request: Request) -> str:
+        owner = owner_of(request, settings)
+        wait = services.store.hit_rate_limit(owner, settings.rate_limit_per_minute)
+        if wait is not None:
+            metrics.REJECTED.labels("rate_limited").inc()
+            raise ApiError(
+                "rate_limited",
+                f"over {settings.rate_limit_per_minute} requests a minute",
+                headers={"Retry-After": str(wait)},
+            )
+        return owner
+
+    def own_job(job_id: str, owner: str) -> JobRecord:
+        record = services.store.get(job_id)
+        if record is None or record.owner != owner:  # another key's job does not exist for you
+            raise ApiError("not_found", f"no job {job_id}")
+        return record
+
+    # ---------------------------------------------------------------------------------------
+    # jobs
+
+    @app.post("/v1/jobs", status_code=202, tags=["jobs"], openapi_extra=CREATE_DOCS)
+    async def create_job(request: Request) -> JSONResponse:
+        """Queue a restoration: multipart (`image`, `params` JSON, `preset`, `webhook_url`) or JSON with `image_url`."""
+        owner = authorize(request)
+        fields, data, declared = await _read_create_request(request, settings)
+        idempotency_key = request.headers.get("idempotency-key")
+        return await run_in_threadpool(_create, services, owner, fields, data, declared, idempotency_key)
+
+    @app.get("/v1/jobs", tags=["jobs"])
+    def list_jobs(
+        request: Request,
+        status: str | None = Query(None, pattern="^(queued|running|succeeded|failed|canceled)$"),
+        limit: int = Query(20, ge=1, le=100),
+        cursor: int = Query(0, ge=0),
+    ) -> dict[str, Any]:
+        owner = authorize(request)
+        page, next_cursor = services.store.list(owner, status, cursor, limit)
+        return {"jobs": [_view(r, services) for r in page], "next_cursor": next_cursor}
+
+    @app.get("/v1/jobs/{job_id}", tags=["jobs"])
+    def get_job(job_id: str, request: Request) -> dict[str, Any]:
+        return _view(own_job(job_id, authorize(request)), services)
+
+    @app.post("/v1/jobs/{job_id}/cancel", tags=["jobs"])
+    def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
+        """Queued jobs end at once; running ones stop before their next sampler step."""
+        record = own_job(job_id, authorize(request))
+        if record.terminal:
+            raise ApiError("job_not_cancelable", f"job {job_id} has already {record.status}")
+        services.store.request_cancel(job_id)
+        if record.status == "queued":
+            services.store.update(
+                job_id,
+                lambda r: (
+                    r.model_copy(update={"status": "canceled", "finished_at": time.time()})
+                    if r.status == "queued"
+                    else None
+                ),
+            )
+        return _view(services.store.get(job_id) or record, services)
+
+    @app.get("/v1/jobs/{job_id}/events", tags=["jobs"])
+    def job_events(job_id: str, request: Request) -> StreamingResponse:
+        """Server-Sent Events: the job after every change, until it ends."""
+        own_job(job_id, authorize(request))
+
+        def stream() -> Iterator[str]:
+            for record in services.store.events(job_id, timeout_s=SSE_KEEPALIVE_S):
+                if record is None:
+                    yield ": keep-alive\n\n"
+                    continue
+                yield f"event: job\ndata: {json.dumps(_view(record, services))}\n\n"
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+    @app.get("/v1/jobs/{job_id}/result", tags=["jobs"])
+    def job_result(job_id: str, request: Request) -> Response:
+        record = own_job(job_id, authorize(request))
+        if record.status != "succeeded" or record.result is None:
+            raise ApiError(
+                "result_not_ready", f"job {job_id} is {record.status}; a result exists only when it has succeeded"
+            )
+        if isinstance(services.objects, LocalStore):
+            return Response(services.objects.get(record.result.key), media_type=record.result.content_type)
+        return RedirectResponse(services.objects.url(record.result.key, RESULT_URL_TTL_S), status_code=307)
+
+    @app.get("/v1/files/{key:path}", include_in_schema=False)
+    def signed_file(key: str, expires: int, signature: str) -> Response:
+        objects = services.objects
+        if not isinstance(objects, LocalStore) or not objects.verify(key, expires, signature):
+            raise ApiError("not_found", "no such file, or the link has expired")
+        return Response(objects.get(key), media_type="image/png")
+
+    # ---------------------------------------------------------------------------------------
+    # operations
+
+    @app.get("/healthz", tags=["operations"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"])
+    def readyz() -> JSONResponse:
+        checks: dict[str, str] = {}
+        try:
+            services.store.r.ping()
+            checks["redis"] = "ok"
+            beat = services.store.last_heartbeat()
+            fresh = beat is not None and time.time() - beat < HEARTBEAT_FRESH_S
+            checks["worker"] = "ok" if fresh else "no ready worker seen in the last minute"
+        except redis.RedisError as exc:
+            checks["redis"] = f"unreachable: {type(exc).__name__}"
+        try:
+            services.objects.ping()
+            checks["storage"] = "ok"
+        except Exception as exc:
+            checks["storage"] = f"unreachable: {exc}"
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    @app.get("/metrics", tags=["operations"])
+    def prometheus() -> Response:
+        body, content_type = metrics.render(services.store)
+        return Response(body, media_type=content_type)
+
+    return app
+
+
+CREATE_DOCS: dict[str, Any] = {
+    "requestBody": {
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary"},
+                        "params": {"type": "string", "description": "JSON object of restoration parameters"},
+                        "preset": {"type": "string", "enum": ["quality", "fidelity", "lightning"]},
+                        "webhook_url": {"type": "string"},
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image_url"],
+                    "properties": {
+                        "image_url": {"type": "string"},
+                        "params": {"type": "object"},
+                        "preset": {"type": "string"},
+                        "webhook_url": {"type": "string"},
+                    },
+                }
+            },
+        }
+    }
+}
+
+
+async def _read_create_request(request: Request, settings: Settings) -> tuple[dict[str, Any], bytes | None, str | None]:
+    """(fields, uploaded bytes or None, declared content type) from a multipart or JSON request."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=8)
+        fields: dict[str, Any] = {k: v for k, v in form.items() if not isinstance(v, UploadFile)}
+        upload = form.get("image")
+        if "params" in fields:
+            try:
+                fields["params"] = json.loads(fields["params"])
+            except ValueError:
+                raise ApiError("invalid_json", "the params field is not valid JSON", field="params") from None
+        if isinstance(upload, UploadFile):
+            data = await upload.read(settings.max_upload_bytes + 1)
+            return fields, data, upload.content_type
+        if "image_url" not in fields:
+            raise ApiError(
+                "missing_image", "send the photo as the multipart file field 'image' (or JSON image_url)", field="image"
+            )
+        return fields, None, None
+    if content_type.startswith("application/json"):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ApiError("invalid_json", "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError("invalid_json", "the request body must be a JSON object")
+        return body, None, None
+    raise ApiError("unsupported_media_type", "send multipart/form-data with an image, or JSON with image_url")
+
+
+ALLOWED_FIELDS = {"params", "preset", "webhook_url", "image_url"}
+
+
+def _create(
+    services: Services,
+    owner: str,
+    fields: dict[str, Any],
+    data: bytes | None,
+    declared: str | None,
+    idempotency_key: str | None,
+) -> JSONResponse:
+    settings, store = services.settings, services.store
+    unknown = set(fields) - ALLOWED_FIELDS
+    if unknown:
+        raise ApiError("invalid_request", f"unknown field {sorted(unknown)[0]!r}", field=sorted(unknown)[0])
+    if data is not None and fields.get("image_url"):
+        raise ApiError(
+            "conflicting_image_sources", "send either an image file or image_url, not both", field="image_url"
+        )
+    if data is None and not fields.get("image_url"):
+        raise ApiError("missing_image", "send an image file or image_url", field="image")
+    raw_params = fields.get("params") or {}
+    if not isinstance(raw_params, dict):
+        raise ApiError("invalid_request", "params must be a JSON object", field="params")
+    try:
+        params = validate_params(raw_params, preset=fields.get("preset"))
+    except InvalidInput as exc:
+        raise ApiError(
+            exc.code, exc.message, field=f"params.{exc.field}" if exc.field and exc.field != "preset" else exc.field
+        ) from None
+    webhook_url = fields.get("webhook_url")
+    if webhook_url is not None:
+        if not isinstance(webhook_url, str):
+            raise ApiError("invalid_webhook_url", "webhook_url must be a string", field="webhook_url")
+        check_public_url(webhook_url, settings, "webhook_url", settings.allow_private_webhooks)
+
+    # the same Idempotency-Key with the same request returns the first job
+    request_hash = hashlib.sha256(
+        json.dumps(
+            {
+                "params": raw_params,
+                "preset": fields.get("preset"),
+                "image_url": fields.get("image_url"),
+                "webhook_url": webhook_url,
+                "image": hashlib.sha256(data).hexdigest() if data else None,
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
+    job_id = new_job_id()
+    if idempotency_key:
+        existing = store.claim_idempotency_key(owner, idempotency_key, job_id, request_hash)
+        if existing is not None:
+            if existing[1] != request_hash:
+                raise ApiError(
+                    "idempotency_conflict",
+                    "this Idempotency-Key was used with a different request",
+                    field="Idempotency-Key",
+                )
+            record = store.get(existing[0])
+            if record is not None:
+                return JSONResponse(_view(record, services), status_code=200, headers={"Idempotent-Replayed": "true"})
+    try:
+        if store.active_count(owner) >= settings.max_active_jobs:
+            raise ApiError(
+                "quota_exceeded",
+                f"at most {settings.max_active_jobs} jobs may be queued or running per key",
+                headers={"Retry-After": "10"},
+            )
+        if data is None:
+            data, declared = fetch_image(fields["image_url"], settings)
+        info = check_image(data, settings, params.upscale, declared)
+        seed = (
+            params.seed
+            if params.seed is not None
+            else int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:4]) % (MAX_SEED + 1)
+        )
+        record = JobRecord(
+            id=job_id,
+            owner=owner,
+            params=params.model_copy(update={"seed": seed}).model_dump(),
+            preset=fields.get("preset"),
+            input_key=input_key(job_id),
+            input_content_type=info.content_type,
+            input_width=info.width,
+            input_height=info.height,
+            webhook=WebhookState(url=webhook_url) if webhook_url else None,
+            request_hash=request_hash,
+        )
+        services.objects.put(record.input_key, data, info.content_type)
+        store.create(record)
+    except ApiError as exc:
+        if idempotency_key:
+            store.release_idempotency_key(owner, idempotency_key)
+        metrics.REJECTED.labels(exc.code).inc()
+        raise
+    try:
+        services.enqueue(job_id)
+    except Exception as exc:
+        store.finish(job_id, "failed", error={"code": "queue_unavailable", "message": "the job queue is unavailable"})
+        raise ApiError(
+            "queue_unavailable", "the job queue is unavailable; try again", headers={"Retry-After": "5"}
+        ) from exc
+    metrics.JOBS_CREATED.inc()
+    return JSONResponse(_view(record, services), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
+
+
+def _view(record: JobRecord, services: Services) -> dict[str, Any]:
+    """What a client sees of a job (never its owner or storage keys)."""
+    view: dict[str, Any] = {
+        "id": record.id,
+        "status": record.status,
+        "created_at": record.created_at,
+        "started_at": record.started_at,
+        "finished_at": record.finished_at,
+        "progress": record.progress.model_dump(),
+        "queue_position": services.store.queue_position(record.id) if record.status == "queued" else None,
+        "seconds": record.seconds,
+        "params": record.params,
+        "preset": record.preset,
+        "input": {
+            "width": record.input_width,
+            "height": record.input_height,
+            "content_type": record.input_content_type,
+        },
+        "caption": record.caption,
+        "positive_prompt": record.positive_prompt,
+        "negative_prompt": record.negative_prompt,
+        "attempts": record.attempts,
+        "error": record.error.model_dump() if record.error else None,
+        "result": None,
+        "webhook": record.webhook.model_dump() if record.webhook else None,
+    }
+    if record.status == "succeeded" and record.result is not None:
+        result = record.result.model_dump(exclude={"key"})
+        result["url"] = services.objects.url(record.result.key, RESULT_URL_TTL_S)
+        view["result"] = result
+    if record.status in TERMINAL:
+        view["queue_position"] = None
+    return view

@@ -1,0 +1,94 @@
+"""Every API error is JSON `{"error": {"code", "message", "field"}}` with a stable code; mapped in one place."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from supir_core.errors import InvalidInput, StorageError, SupirError
+
+# code → HTTP status. Codes are part of the API: never rename one.
+STATUS: dict[str, int] = {
+    "invalid_request": 400,
+    "invalid_json": 400,
+    "missing_image": 400,
+    "conflicting_image_sources": 400,
+    "invalid_url": 400,
+    "invalid_webhook_url": 400,
+    "unauthorized": 401,
+    "url_forbidden": 403,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "job_not_cancelable": 409,
+    "result_not_ready": 409,
+    "idempotency_conflict": 409,
+    "file_too_large": 413,
+    "url_too_large": 413,
+    "unsupported_media_type": 415,
+    "invalid_image": 422,
+    "image_too_large": 422,
+    "output_too_large": 422,
+    "decompression_bomb": 422,
+    "image_too_small": 422,
+    "invalid_parameter": 422,
+    "unknown_parameter": 422,
+    "url_fetch_failed": 422,
+    "rate_limited": 429,
+    "quota_exceeded": 429,
+    "storage_error": 503,
+    "queue_unavailable": 503,
+    "internal_error": 500,
+}
+
+
+class ApiError(Exception):
+    def __init__(self, code: str, message: str, *, field: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.code, self.message, self.field, self.headers = code, message, field, headers
+        self.status = STATUS[code]
+
+
+def error_response(
+    code: str, message: str, field: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = {"error": {"code": code, "message": message, "field": field}}
+    return JSONResponse(body, status_code=STATUS[code], headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.code, exc.message, exc.field, exc.headers)
+
+    @app.exception_handler(InvalidInput)
+    async def _invalid(request: Request, exc: InvalidInput) -> JSONResponse:
+        code = exc.code if exc.code in STATUS else "invalid_parameter"
+        return error_response(code, exc.message, exc.field)
+
+    @app.exception_handler(StorageError)
+    async def _storage(request: Request, exc: StorageError) -> JSONResponse:
+        return error_response(
+            "storage_error", "the object store is unavailable; try again", headers={"Retry-After": "5"}
+        )
+
+    @app.exception_handler(SupirError)
+    async def _supir(request: Request, exc: SupirError) -> JSONResponse:
+        return error_response("internal_error", exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        field = ".".join(str(p) for p in first["loc"][1:]) or None
+        return error_response("invalid_request", str(first["msg"]), field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        message = "no such route" if exc.status_code == 404 else str(exc.detail)
+        return error_response(code, message)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return error_response("internal_error", "internal error; the request id is in the logs")

@@ -1,0 +1,33 @@
+"""The Celery app both sides share: the API only sends tasks by name, the worker runs them."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from .settings import Settings
+
+RESTORE_TASK = "supir.restore"
+WEBHOOK_TASK = "supir.webhook"
+SWEEP_TASK = "supir.sweep"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("supir", broker=settings.redis_url, backend=None)
+    app.conf.update(
+        task_default_queue=settings.queue,
+        task_acks_late=True,  # a job is acknowledged when it ends, so a dead worker's job is redelivered
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,  # a GPU worker holds one job, not a backlog
+        task_soft_time_limit=settings.job_time_limit_s,
+        task_time_limit=settings.job_time_limit_s + 60,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,  # longer than any job: no double delivery
+            "global_keyprefix": f"{settings.key_prefix}:celery:",
+        },
+        broker_connection_retry_on_startup=True,
+        task_ignore_result=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        beat_schedule={"sweep": {"task": SWEEP_TASK, "schedule": 3600.0}},
+    )
+    return app

@@ -1,0 +1,82 @@
+"""The job: one record, one lifecycle, one vocabulary for API, Redis, metrics and webhooks."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
+ACTIVE: frozenset[str] = frozenset({"queued", "running"})
+
+
+def new_job_id() -> str:
+    return "job_" + uuid.uuid4().hex
+
+
+def input_key(job_id: str) -> str:
+    return f"inputs/{job_id}"
+
+
+def output_key(job_id: str) -> str:
+    """Derived from the id alone, so a redelivered job overwrites its result instead of adding one."""
+    return f"results/{job_id}.png"
+
+
+class JobProgress(BaseModel):
+    stage: str = "queued"
+    step: int = 0
+    steps: int = 0
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobResult(BaseModel):
+    key: str
+    width: int
+    height: int
+    bytes: int
+    content_type: str = "image/png"
+
+
+class WebhookState(BaseModel):
+    url: str
+    state: Literal["pending", "delivered", "failed"] = "pending"
+    attempts: int = 0
+    last_status: int | None = None
+    last_error: str | None = None
+
+
+class JobRecord(BaseModel):
+    id: str = Field(default_factory=new_job_id)
+    owner: str
+    status: Status = "queued"
+    params: dict[str, Any] = Field(default_factory=dict)  # validated RestoreParams, seed filled in
+    preset: str | None = None
+    input_key: str = ""
+    input_content_type: str = ""
+    input_width: int = 0
+    input_height: int = 0
+    created_at: float = Field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0  # deliveries to a worker; > 1 after a worker died
+    progress: JobProgress = Field(default_factory=JobProgress)
+    seconds: dict[str, float] = Field(default_factory=dict)
+    caption: str | None = None
+    positive_prompt: str | None = None
+    negative_prompt: str | None = None
+    error: JobError | None = None
+    result: JobResult | None = None
+    webhook: WebhookState | None = None
+    request_hash: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL

@@ -1,0 +1,89 @@
+"""One typed settings object per process, from the environment (prefix SUPIR_), built by `get_settings`."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRET = "dev-only-secret-change-me"
+
+
+class ApiKey(BaseModel):
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    sha256: str = Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from its environment. Field `x` is read from SUPIR_X."""
+
+    model_config = SettingsConfigDict(env_prefix="SUPIR_", extra="ignore")
+
+    environment: Literal["dev", "production"] = "dev"
+    # Redis: broker, job records, progress, rate limits. Everything we write is under key_prefix.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "supir"
+    queue: str = "supir"
+    # storage of inputs and results
+    storage: Literal["local", "s3"] = "local"
+    local_dir: Path = Path("data")
+    s3_bucket: str = "supir"
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_path_style: bool = False
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    retention_hours: float = Field(24.0, gt=0)
+    # HTTP
+    public_url: str = "http://127.0.0.1:8000"
+    signing_secret: SecretStr = SecretStr(PLACEHOLDER_SECRET)
+    dev_mode: bool = False  # no API keys; only for a server bound to localhost
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    rate_limit_per_minute: int = Field(120, ge=1)
+    max_active_jobs: int = Field(8, ge=1, description="queued + running jobs per key")
+    max_upload_bytes: int = Field(25_000_000, ge=1)
+    max_input_pixels: int = Field(16_000_000, ge=1)
+    max_output_pixels: int = Field(64_000_000, ge=1)
+    allow_private_urls: bool = False
+    url_timeout_s: float = Field(15.0, gt=0)
+    webhook_secret: SecretStr = SecretStr(PLACEHOLDER_SECRET)
+    allow_private_webhooks: bool = False
+    # jobs
+    job_time_limit_s: int = Field(1800, ge=1)
+    visibility_margin_s: int = Field(600, ge=1, description="broker redelivery waits time limit + this")
+    progress_interval_s: float = Field(0.25, ge=0)
+    # weights and device (the same names as the CLI)
+    sdxl_checkpoint: Path | None = None
+    checkpoint: Path | None = None
+    model_config_file: Path | None = Field(None, alias="SUPIR_MODEL_CONFIG")
+    device: str | None = None
+    dtype: str | None = None
+    worker_metrics_port: int = Field(0, ge=0, le=65535, description="0: no metrics server in the worker")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys_from_json(cls, value: object) -> object:
+        return json.loads(value) if isinstance(value, str) and value.strip() else value or []
+
+    @model_validator(mode="after")
+    def _safe_for_production(self) -> Settings:
+        if self.environment == "production":
+            for name in ("signing_secret", "webhook_secret"):
+                if getattr(self, name).get_secret_value() == PLACEHOLDER_SECRET:
+                    raise ValueError(f"SUPIR_{name.upper()} must be set to a real secret in production")
+            if self.dev_mode:
+                raise ValueError("SUPIR_DEV_MODE (no API keys) is not allowed in production")
+        return self
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        return self.job_time_limit_s + self.visibility_margin_s
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
