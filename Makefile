@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints/cpu.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints/cpu.txt torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints/cpu.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints/cpu.txt -e '.[dev,api,worker]'
 	@touch $(STAMP)
 
 redis:
@@ -30,10 +30,8 @@ lint: install
 conformance: install
 	$(VENV)/bin/supir conformance ../shared/conformance/A --out out/conformance-A.safetensors --check
 
-serve: install redis
-	@echo "The HTTP service (api/ + worker/) is not built yet: it arrives with issue 4." >&2
-	@echo "Until then use the CLI: $(VENV)/bin/supir --help" >&2
-	@exit 1
+serve: install
+	@VENV=$(VENV) bash scripts/serve.sh
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

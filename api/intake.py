@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import ipaddress
-import socket
 import warnings
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -12,6 +10,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 from PIL import Image, UnidentifiedImageError
 
+from jobs.netguard import ForbiddenAddress, check_addresses
 from jobs.settings import Settings
 
 from .errors import ApiError
@@ -99,17 +98,13 @@ def check_image(data: bytes, settings: Settings, upscale: float, declared_type: 
 
 
 def _check_addresses(url: str, field: str) -> None:
-    """Refuse a URL whose host resolves to any private, loopback, link-local or reserved address."""
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        infos = socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)
-    except socket.gaierror:
+        check_addresses(url)
+    except ForbiddenAddress:
+        message = f"{field} points to a private, loopback or link-local address"
+        raise ApiError("url_forbidden", message, field=field) from None
+    except OSError:
         raise ApiError("url_fetch_failed", f"cannot resolve the host of {field}", field=field) from None
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if not address.is_global or address.is_multicast:
-            raise ApiError("url_forbidden", f"{field} points to a private, loopback or link-local address", field=field)
 
 
 def check_public_url(url: str, settings: Settings, field: str, allow_private: bool) -> None:

@@ -1,0 +1,15 @@
+"""Worker metrics, served by each worker process on SUPIR_WORKER_METRICS_PORT (one process per GPU)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600, 1800)
+
+JOBS_FINISHED = Counter("supir_jobs_finished_total", "jobs that reached a terminal status", ["status", "code"])
+STAGE_SECONDS = Histogram("supir_stage_duration_seconds", "time per job stage", ["stage"], buckets=STAGE_BUCKETS)
+STEPS_PER_SECOND = Gauge("supir_sampler_steps_per_second", "sampler steps per second of the last job")
+MODEL_LOAD_SECONDS = Gauge("supir_model_load_seconds", "seconds the worker took to load the weights")
+GPU_MEMORY_BYTES = Gauge("supir_gpu_memory_bytes", "GPU memory", ["kind"])
+WEBHOOKS = Counter("supir_webhook_deliveries_total", "webhook delivery attempts", ["outcome"])
+READY = Gauge("supir_worker_ready", "1 when the weights are loaded on the device")

@@ -1,0 +1,77 @@
+"""The worker's state: weights loaded once per process (after fork), stores, and a readiness heartbeat."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any, Literal
+
+import redis
+
+from jobs.settings import Settings
+from jobs.storage import ObjectStore, make_store
+from jobs.store import JobStore
+
+from . import metrics
+
+log = logging.getLogger("supir.worker")
+HEARTBEAT_EVERY_S = 10.0
+State = Literal["loading", "ready", "failed"]
+
+
+class Runtime:
+    def __init__(self, settings: Settings, store: JobStore | None = None, objects: ObjectStore | None = None) -> None:
+        self.settings = settings
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, health_check_interval=30)
+        self.store = store or JobStore(client, settings.key_prefix, retention_s=settings.retention_hours * 3600)
+        self.objects = objects or make_store(settings)
+        self.pipeline: Any = None
+        self.state: State = "loading"
+        self.name = f"{socket.gethostname()}:{id(self):x}"
+        self._stop = threading.Event()
+
+    def load(self) -> None:
+        """Weights → device. Imported here so that nothing torch-related runs before the fork."""
+        from supir_core.checkpoints import ModelOptions, load_model_options
+        from supir_core.pipeline import RestorationPipeline
+
+        s = self.settings
+        start = time.perf_counter()
+        try:
+            if s.sdxl_checkpoint is None or s.checkpoint is None:
+                raise RuntimeError("set SUPIR_SDXL_CHECKPOINT and SUPIR_CHECKPOINT")
+            import torch
+
+            dtype = getattr(
+                torch,
+                {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(s.dtype or "", s.dtype or ""),
+                None,
+            )
+            options = load_model_options(s.model_config_file) if s.model_config_file else ModelOptions()
+            self.pipeline = RestorationPipeline.from_checkpoints(
+                s.sdxl_checkpoint, s.checkpoint, device=s.device, dtype=dtype, options=options
+            )
+        except Exception:
+            self.state = "failed"
+            metrics.READY.set(0)
+            log.exception("loading the weights failed; this worker will not take jobs")
+            return
+        seconds = time.perf_counter() - start
+        metrics.MODEL_LOAD_SECONDS.set(seconds)
+        metrics.READY.set(1)
+        self.state = "ready"
+        log.info("weights loaded in %.1f s on %s", seconds, self.pipeline.device)
+        threading.Thread(target=self._beat, name="supir-heartbeat", daemon=True).start()
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.store.heartbeat(self.name)
+            except redis.RedisError:
+                log.warning("heartbeat to Redis failed")
+            self._stop.wait(HEARTBEAT_EVERY_S)
+
+    def stop(self) -> None:
+        self._stop.set()
