@@ -24,7 +24,7 @@ from supir_core.errors import InvalidInput
 from supir_core.params import MAX_SEED, validate_params
 
 from . import errors, metrics
-from .auth import owner_of
+from .auth import caller_of
 from .errors import ApiError
 from .intake import check_image, check_public_url, fetch_image
 
@@ -68,16 +68,15 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         return response
 
     def authorize(request: Request) -> str:
-        owner = owner_of(request, settings)
-        wait = services.store.hit_rate_limit(owner, settings.rate_limit_per_minute)
+        """The caller's id, after its per-minute rate limit; its job quota is left on request.state."""
+        caller = caller_of(request, settings)
+        limit = caller.rate_limit_per_minute or settings.rate_limit_per_minute
+        wait = services.store.hit_rate_limit(caller.id, limit)
         if wait is not None:
             metrics.REJECTED.labels("rate_limited").inc()
-            raise ApiError(
-                "rate_limited",
-                f"over {settings.rate_limit_per_minute} requests a minute",
-                headers={"Retry-After": str(wait)},
-            )
-        return owner
+            raise ApiError("rate_limited", f"over {limit} requests a minute", headers={"Retry-After": str(wait)})
+        request.state.max_active_jobs = caller.max_active_jobs or settings.max_active_jobs
+        return caller.id
 
     def own_job(job_id: str, owner: str) -> JobRecord:
         record = services.store.get(job_id)
@@ -94,7 +93,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         owner = authorize(request)
         fields, data, declared = await _read_create_request(request, settings)
         idempotency_key = request.headers.get("idempotency-key")
-        return await run_in_threadpool(_create, services, owner, fields, data, declared, idempotency_key)
+        quota = request.state.max_active_jobs
+        return await run_in_threadpool(_create, services, owner, quota, fields, data, declared, idempotency_key)
 
     @app.get("/v1/jobs", tags=["jobs"])
     def list_jobs(
@@ -265,6 +265,7 @@ ALLOWED_FIELDS = {"params", "preset", "webhook_url", "image_url"}
 def _create(
     services: Services,
     owner: str,
+    quota: int,
     fields: dict[str, Any],
     data: bytes | None,
     declared: str | None,
@@ -322,12 +323,9 @@ def _create(
             if record is not None:
                 return JSONResponse(_view(record, services), status_code=200, headers={"Idempotent-Replayed": "true"})
     try:
-        if store.active_count(owner) >= settings.max_active_jobs:
-            raise ApiError(
-                "quota_exceeded",
-                f"at most {settings.max_active_jobs} jobs may be queued or running per key",
-                headers={"Retry-After": "10"},
-            )
+        if store.active_count(owner) >= quota:
+            message = f"at most {quota} jobs may be queued or running at once"
+            raise ApiError("quota_exceeded", message, headers={"Retry-After": "10"})
         if data is None:
             data, declared = fetch_image(fields["image_url"], settings)
         info = check_image(data, settings, params.upscale, declared)

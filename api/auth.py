@@ -8,7 +8,7 @@ import secrets
 
 from fastapi import Request
 
-from jobs.settings import Settings
+from jobs.settings import ApiKey, Settings
 
 from .errors import ApiError
 
@@ -25,9 +25,10 @@ def new_key() -> tuple[str, str]:
     return key, hash_key(key)
 
 
-def owner_of(request: Request, settings: Settings) -> str:
+def caller_of(request: Request, settings: Settings) -> ApiKey:
+    """The API key behind a request (its id is the owner of the jobs it creates)."""
     if settings.dev_mode:
-        return DEV_OWNER
+        return ApiKey(id=DEV_OWNER, sha256="0" * 64)
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
@@ -37,5 +38,5 @@ def owner_of(request: Request, settings: Settings) -> str:
     digest = hash_key(token.strip())
     for key in settings.api_keys:
         if hmac.compare_digest(key.sha256, digest):
-            return key.id
+            return key
     raise ApiError("unauthorized", "unknown API key", headers={"WWW-Authenticate": "Bearer"})

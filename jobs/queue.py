@@ -22,6 +22,9 @@ def make_celery(settings: Settings) -> Celery:
         task_time_limit=settings.job_time_limit_s + 60,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_s,  # longer than any job: no double delivery
+            # look for a dead worker's unacknowledged job every few seconds (a ZRANGEBYSCORE on one key)
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
+            "unacked_restore_throttle": 1,
             "global_keyprefix": f"{settings.key_prefix}:celery:",
         },
         broker_connection_retry_on_startup=True,

@@ -16,6 +16,8 @@ PLACEHOLDER_SECRET = "dev-only-secret-change-me"
 class ApiKey(BaseModel):
     id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     sha256: str = Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")
+    rate_limit_per_minute: int | None = Field(None, ge=1, description="overrides the service default")
+    max_active_jobs: int | None = Field(None, ge=1, description="overrides the service default")
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,148 @@
+"""Real servers for service tests: uvicorn serving the API, Celery worker processes, moto's S3 server.
+
+Each Service gets its own Redis key prefix and Celery queue, so several can share the one Redis server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from api.auth import hash_key
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Service:
+    """API (uvicorn, real HTTP) + worker (celery prefork, 1 process) on the tiny fixture weights."""
+
+    def __init__(self, tmp: Path, fixture: Path, keys: dict[str, dict], **settings: object) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.prefix = f"test-{uuid.uuid4().hex[:10]}"
+        self.keys = {name: f"sk_test_{name}_{uuid.uuid4().hex}" for name in keys}
+        api_keys = [{"id": name, "sha256": hash_key(self.keys[name]), **extra} for name, extra in keys.items()]
+        self.env = {
+            **os.environ,
+            "SUPIR_REDIS_URL": "redis://127.0.0.1:6379/0",
+            "SUPIR_KEY_PREFIX": self.prefix,
+            "SUPIR_QUEUE": self.prefix,
+            "SUPIR_LOCAL_DIR": str(tmp / "objects"),
+            "SUPIR_PUBLIC_URL": self.url,
+            "SUPIR_API_KEYS": json.dumps(api_keys),
+            "SUPIR_SDXL_CHECKPOINT": str(fixture / "sdxl.safetensors"),
+            "SUPIR_CHECKPOINT": str(fixture / "supir.ckpt"),
+            "SUPIR_MODEL_CONFIG": str(fixture / "config.json"),
+            "SUPIR_DEVICE": "cpu",
+            "SUPIR_DTYPE": "float32",
+            "SUPIR_PROGRESS_INTERVAL_S": "0",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            **{f"SUPIR_{k.upper()}": str(v) for k, v in settings.items()},
+        }
+        self.api: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self._logs: list[object] = []
+
+    def start(self) -> Service:
+        self.start_worker()
+        log = open(self.tmp / f"api-{self.port}.log", "wb")  # noqa: SIM115 - lives as long as the server
+        self._logs.append(log)
+        self.api = subprocess.Popen(
+            [str(BIN / "uvicorn"), "api.main:app", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        wait_until(self._ready, 90, 0.25, "the API and a ready worker")
+        return self
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        log = open(self.tmp / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
+        self._logs.append(log)
+        worker = subprocess.Popen(
+            [str(BIN / "celery"), "-A", "worker.tasks", "worker", "--pool", "prefork", "--concurrency", "1",
+             "--queues", self.prefix, "--loglevel", "INFO", "--without-mingle", "--without-gossip",
+             "-n", f"{self.prefix}-{len(self.workers)}@%h"],
+            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        self.workers.append(worker)
+        return worker
+
+    def kill_worker(self, worker: subprocess.Popen[bytes]) -> None:
+        """SIGKILL the worker and its pool process at once: no shutdown, no ack, no cleanup."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+
+    def _ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            if worker.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(worker.pid, signal.SIGTERM)
+        if self.api is not None and self.api.poll() is None:
+            self.api.terminate()
+        for proc in [*self.workers, *([self.api] if self.api else [])]:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for log in self._logs:
+            log.close()  # type: ignore[attr-defined]
+
+    def client(self, key: str | None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.keys[key]}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.tmp.glob("*.log")))
+
+
+@contextlib.contextmanager
+def running(tmp: Path, fixture: Path, keys: dict[str, dict], **settings: object) -> Iterator[Service]:
+    service = Service(tmp, fixture, keys, **settings)
+    try:
+        yield service.start()
+    finally:
+        service.stop()
+
+
+def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 60) -> dict:
+    def check() -> dict | None:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        return job if job["status"] in statuses else None
+
+    return wait_until(check, timeout, 0.1, f"job {job_id} to reach {statuses}")

@@ -1,0 +1,219 @@
+"""The job service with real parts: uvicorn over HTTP, Celery worker processes, Redis, local storage."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from jobs.webhooks import verify
+from tests.servers import Service, free_port, running, wait_for_status, wait_until
+
+DATA = Path(__file__).parent / "data"
+FAST = {"min_size": 64, "steps": 3, "seed": 1}
+SLOW = {"min_size": 256, "steps": 200, "seed": 1}  # long enough to act on while it samples
+WEBHOOK_SECRET = "whsec-test-secret"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory, fixture_a: Path):
+    keys = {
+        "alice": {},
+        "bob": {},
+        "carol": {},
+        "limited": {"rate_limit_per_minute": 3},
+        "onejob": {"max_active_jobs": 1},
+    }
+    settings = {"rate_limit_per_minute": 100_000, "webhook_secret": WEBHOOK_SECRET, "allow_private_webhooks": "true", "max_upload_bytes": 2_000_000,
+                "max_input_pixels": 4_000_000, "max_output_pixels": 16_000_000}  # fmt: skip
+    with running(tmp_path_factory.mktemp("service"), fixture_a, keys, **settings) as svc:
+        yield svc
+
+
+def photo(name: str = "chelsea_degraded.jpg") -> tuple[str, bytes, str]:
+    data = (DATA / name).read_bytes()
+    return name, data, "image/jpeg" if name.endswith(".jpg") else "image/png"
+
+
+def submit(client: httpx.Client, params: dict, name: str = "chelsea_degraded.jpg", **fields: str) -> httpx.Response:
+    return client.post("/v1/jobs", files={"image": photo(name)}, data={"params": json.dumps(params), **fields})
+
+
+def sse_events(client: httpx.Client, job_id: str) -> list[dict]:
+    events = []
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    return events
+
+
+def test_upload_progress_result(service: Service) -> None:
+    with service.client("alice") as client:
+        created = submit(client, FAST, "coffee_rgba.png")
+        assert created.status_code == 202, created.text
+        job = created.json()
+        assert job["status"] == "queued" and job["params"]["seed"] == 1
+        assert created.headers["location"] == f"/v1/jobs/{job['id']}"
+        events = sse_events(client, job["id"])
+        statuses = [e["status"] for e in events]
+        assert statuses[-1] == "succeeded" and "running" in statuses
+        steps = [e["progress"]["step"] for e in events if e["progress"]["stage"] == "sampling"]
+        assert steps and max(steps) == 3
+        final = client.get(f"/v1/jobs/{job['id']}").json()
+        assert final["result"]["width"] == 120 and final["result"]["height"] == 80
+        assert set(final["seconds"]) >= {"stage1", "sampling", "decoding", "upload", "total"}
+        assert final["positive_prompt"].startswith("Cinematic")
+        downloaded = httpx.get(final["result"]["url"])  # the signed URL works without the API key
+        assert downloaded.status_code == 200
+        with Image.open(io.BytesIO(downloaded.content)) as img:
+            assert img.size == (120, 80) and img.mode == "RGBA"
+        assert client.get(f"/v1/jobs/{job['id']}/result").content == downloaded.content
+        listed = client.get("/v1/jobs", params={"status": "succeeded"}).json()
+        assert job["id"] in [j["id"] for j in listed["jobs"]]
+
+
+def test_other_keys_jobs_do_not_exist(service: Service) -> None:
+    with service.client("alice") as alice, service.client("bob") as bob:
+        job = submit(alice, FAST).json()
+        for path in ("", "/events", "/result"):
+            response = bob.get(f"/v1/jobs/{job['id']}{path}")
+            assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+        assert bob.post(f"/v1/jobs/{job['id']}/cancel").status_code == 404
+        assert job["id"] not in [j["id"] for j in bob.get("/v1/jobs").json()["jobs"]]
+        wait_for_status(alice, job["id"], {"succeeded"})
+
+
+def test_idempotency(service: Service) -> None:
+    with service.client("carol") as client:
+        headers = {"Idempotency-Key": "upload-42"}
+        files = {"image": photo()}
+        one = client.post("/v1/jobs", files=files, data={"params": json.dumps(FAST)}, headers=headers)
+        two = client.post("/v1/jobs", files={"image": photo()}, data={"params": json.dumps(FAST)}, headers=headers)
+        assert one.status_code == 202 and two.status_code == 200
+        assert two.json()["id"] == one.json()["id"] and two.headers["idempotent-replayed"] == "true"
+        other = client.post(
+            "/v1/jobs", files={"image": photo()}, data={"params": json.dumps({**FAST, "steps": 4})}, headers=headers
+        )
+        assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_conflict"
+        wait_for_status(client, one.json()["id"], {"succeeded"})
+
+
+def test_rate_limit(service: Service) -> None:
+    with service.client("limited") as client:
+        codes = [client.get("/v1/jobs").status_code for _ in range(4)]
+        assert codes == [200, 200, 200, 429]
+        refused = client.get("/v1/jobs")
+        assert refused.json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(refused.headers["retry-after"]) <= 61
+
+
+def test_quota_and_cancel_within_one_step(service: Service) -> None:
+    with service.client("onejob") as client:
+        job = submit(client, SLOW).json()
+        second = submit(client, FAST)
+        assert second.status_code == 429 and second.json()["error"]["code"] == "quota_exceeded"
+
+        def sampling_step() -> int:
+            progress = client.get(f"/v1/jobs/{job['id']}").json()["progress"]
+            return progress["step"] if progress["stage"] == "sampling" and progress["step"] >= 2 else 0
+
+        wait_until(sampling_step, 60, 0.05, "sampling to start")
+        canceled = client.post(f"/v1/jobs/{job['id']}/cancel")
+        assert canceled.status_code == 200
+        step_at_cancel = canceled.json()["progress"]["step"]
+        final = wait_for_status(client, job["id"], {"canceled", "succeeded", "failed"}, timeout=30)
+        assert final["status"] == "canceled"
+        assert final["progress"]["step"] <= step_at_cancel + 1  # at most the step in flight finishes
+        again = client.post(f"/v1/jobs/{job['id']}/cancel")
+        assert again.status_code == 409 and again.json()["error"]["code"] == "job_not_cancelable"
+        assert client.get(f"/v1/jobs/{job['id']}/result").json()["error"]["code"] == "result_not_ready"
+        assert submit(client, FAST).status_code == 202  # the quota is free again
+
+
+class Receiver(BaseHTTPRequestHandler):
+    received: list[tuple[dict[str, str], bytes]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Receiver.received.append((dict(self.headers), body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_webhook_is_signed_and_delivered(service: Service) -> None:
+    server = HTTPServer(("127.0.0.1", free_port()), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with service.client("alice") as client:
+            url = f"http://127.0.0.1:{server.server_port}/hook"
+            job = submit(client, FAST, webhook_url=url).json()
+            assert job["webhook"]["state"] == "pending"
+            headers, body = wait_until(lambda: Receiver.received and Receiver.received[0], 60, 0.1, "the webhook")
+            assert verify(WEBHOOK_SECRET, headers, body)
+            assert not verify("another-secret", headers, body)
+            assert not verify(WEBHOOK_SECRET, headers, body + b" ")
+            event = json.loads(body)
+            assert event["event"] == "job.succeeded" and event["job"]["id"] == job["id"]
+            delivered = wait_until(
+                lambda: client.get(f"/v1/jobs/{job['id']}").json()["webhook"]["state"] == "delivered", 30
+            )
+            assert delivered
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_operations_endpoints(service: Service) -> None:
+    assert httpx.get(f"{service.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{service.url}/readyz").json()
+    assert ready == {"ready": True, "checks": {"redis": "ok", "worker": "ok", "storage": "ok"}}
+    text = httpx.get(f"{service.url}/metrics").text
+    for name in (
+        "supir_http_requests_total",
+        "supir_http_request_duration_seconds",
+        "supir_jobs_waiting",
+        "supir_jobs_running",
+    ):
+        assert name in text
+    assert httpx.get(f"{service.url}/openapi.json").json()["info"]["title"] == "supir-serve"
+
+
+def test_api_keys_are_required(service: Service) -> None:
+    with service.client(None) as anonymous:
+        response = anonymous.get("/v1/jobs")
+        assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
+        forged = anonymous.get("/v1/jobs", headers={"Authorization": "Bearer sk_not_a_key"})
+        assert forged.status_code == 401
+
+
+def test_a_worker_killed_mid_job_is_redelivered_and_finishes_once(tmp_path: Path, fixture_a: Path) -> None:
+    settings = {
+        "job_time_limit_s": 8,
+        "visibility_margin_s": 2,
+        "rate_limit_per_minute": 100_000,
+    }  # redelivery after 10 s
+    with running(tmp_path, fixture_a, {"alice": {}}, **settings) as svc, svc.client("alice") as client:
+        job = submit(client, {**SLOW, "steps": 60}).json()
+        wait_until(lambda: client.get(f"/v1/jobs/{job['id']}").json()["progress"]["step"] >= 2, 60, 0.05, "sampling")
+        svc.kill_worker(svc.workers[0])
+        assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
+        svc.start_worker()
+        final = wait_for_status(client, job["id"], {"succeeded", "failed", "canceled"}, timeout=90)
+        assert final["status"] == "succeeded", svc.logs()
+        assert final["attempts"] == 2
+        results = list((tmp_path / "objects" / "results").iterdir())
+        assert [p.name for p in results] == [f"{job['id']}.png"]
+        time.sleep(1)
+        assert client.get(f"/v1/jobs/{job['id']}").json()["finished_at"] == final["finished_at"]
