@@ -231,7 +231,7 @@ CREATE_DOCS: dict[str, Any] = {
 async def _read_create_request(request: Request, settings: Settings) -> tuple[dict[str, Any], bytes | None, str | None]:
     """(fields, uploaded bytes or None, declared content type) from a multipart or JSON request."""
     content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
+    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         form = await request.form(max_files=1, max_fields=8)
         fields: dict[str, Any] = {k: v for k, v in form.items() if not isinstance(v, UploadFile)}
         upload = form.get("image")

@@ -101,7 +101,8 @@ def validate_params(raw: dict[str, Any] | None = None, preset: str | None = None
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
-            raise InvalidInput(f"preset={preset!r} is unknown: choose one of {', '.join(PRESETS)}", field="preset")
+            message = f"preset={preset!r} is unknown: choose one of {', '.join(PRESETS)}"
+            raise InvalidInput(message, code="invalid_parameter", field="preset")
         values.update(PRESETS[preset])
     values.update({k: v for k, v in (raw or {}).items() if v is not None or k == "seed"})
     try:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers import running
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -29,3 +31,28 @@ def tiny_model(fixture_a: Path):
     from supir_core.conformance import Fixture
 
     return Fixture.open(fixture_a).load_model()
+
+
+WEBHOOK_SECRET = "whsec-test-secret"
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory: pytest.TempPathFactory, fixture_a: Path):
+    keys = {
+        "alice": {},
+        "bob": {},
+        "carol": {},
+        "limited": {"rate_limit_per_minute": 3},
+        "onejob": {"max_active_jobs": 1},
+        "mallory": {},
+    }
+    settings = {
+        "rate_limit_per_minute": 100_000,
+        "webhook_secret": WEBHOOK_SECRET,
+        "allow_private_webhooks": "true",
+        "max_upload_bytes": 2_000_000,
+        "max_input_pixels": 4_000_000,
+        "max_output_pixels": 16_000_000,
+    }
+    with running(tmp_path_factory.mktemp("service"), fixture_a, keys, **settings) as svc:
+        yield svc

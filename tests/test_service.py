@@ -8,33 +8,18 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
-import pytest
 from PIL import Image
 
 from jobs.webhooks import verify
+from tests.conftest import WEBHOOK_SECRET
 from tests.servers import Service, free_port, running, wait_for_status, wait_until
 
 DATA = Path(__file__).parent / "data"
 FAST = {"min_size": 64, "steps": 3, "seed": 1}
 SLOW = {"min_size": 256, "steps": 200, "seed": 1}  # long enough to act on while it samples
-WEBHOOK_SECRET = "whsec-test-secret"
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, fixture_a: Path):
-    keys = {
-        "alice": {},
-        "bob": {},
-        "carol": {},
-        "limited": {"rate_limit_per_minute": 3},
-        "onejob": {"max_active_jobs": 1},
-    }
-    settings = {"rate_limit_per_minute": 100_000, "webhook_secret": WEBHOOK_SECRET, "allow_private_webhooks": "true", "max_upload_bytes": 2_000_000,
-                "max_input_pixels": 4_000_000, "max_output_pixels": 16_000_000}  # fmt: skip
-    with running(tmp_path_factory.mktemp("service"), fixture_a, keys, **settings) as svc:
-        yield svc
 
 
 def photo(name: str = "chelsea_degraded.jpg") -> tuple[str, bytes, str]:
@@ -140,7 +125,7 @@ def test_quota_and_cancel_within_one_step(service: Service) -> None:
 
 
 class Receiver(BaseHTTPRequestHandler):
-    received: list[tuple[dict[str, str], bytes]] = []
+    received: ClassVar[list[tuple[dict[str, str], bytes]]] = []
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
