@@ -15,3 +15,29 @@ def test_errors_import_without_torch() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_api_never_imports_torch() -> None:
+    """The API image needs no torch: import the app with torch, diffusers and transformers made unimportable."""
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'diffusers', 'transformers', 'worker'): sys.modules[name] = None\n"
+        "import api.app, api.main\n"
+        "heavy = ('torch', 'diffusers', 'transformers')\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] in heavy and sys.modules[m]]\n"
+    )
+    env = {**__import__("os").environ, "SUPIR_REDIS_URL": "redis://127.0.0.1:6379/0"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_supir_core_knows_nothing_of_the_service() -> None:
+    from pathlib import Path
+
+    core = Path(__file__).resolve().parents[1] / "supir_core"
+    forbidden = ("fastapi", "celery", "redis", "boto3", "jobs", "api", "worker", "starlette", "httpx")
+    for path in core.rglob("*.py"):
+        for line in path.read_text().splitlines():
+            words = line.split()
+            if words[:1] in (["import"], ["from"]) and len(words) > 1:
+                assert words[1].split(".")[0] not in forbidden, f"{path.name}: {line}"
