@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import running
+from tests.servers import free_port, running
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -53,6 +53,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, fixture_a: Path):
         "max_upload_bytes": 2_000_000,
         "max_input_pixels": 4_000_000,
         "max_output_pixels": 16_000_000,
+        "worker_metrics_port": free_port(),
     }
     with running(tmp_path_factory.mktemp("service"), fixture_a, keys, **settings) as svc:
         yield svc

@@ -44,8 +44,17 @@ def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "co
 class Service:
     """API (uvicorn, real HTTP) + worker (celery prefork, 1 process) on the tiny fixture weights."""
 
-    def __init__(self, tmp: Path, fixture: Path, keys: dict[str, dict], **settings: object) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        fixture: Path,
+        keys: dict[str, dict],
+        api_workers: int = 1,
+        extra_env: dict[str, str] | None = None,
+        **settings: object,
+    ) -> None:
         self.tmp = tmp
+        self.api_workers = api_workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.prefix = f"test-{uuid.uuid4().hex[:10]}"
@@ -68,6 +77,7 @@ class Service:
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
             **{f"SUPIR_{k.upper()}": str(v) for k, v in settings.items()},
+            **(extra_env or {}),
         }
         self.api: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
@@ -78,7 +88,8 @@ class Service:
         log = open(self.tmp / f"api-{self.port}.log", "wb")  # noqa: SIM115 - lives as long as the server
         self._logs.append(log)
         self.api = subprocess.Popen(
-            [str(BIN / "uvicorn"), "api.main:app", "--host", "127.0.0.1", "--port", str(self.port)],
+            [str(BIN / "uvicorn"), "api.main:app", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", str(self.api_workers)],
             cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         wait_until(self._ready, 90, 0.25, "the API and a ready worker")
@@ -132,8 +143,15 @@ class Service:
 
 
 @contextlib.contextmanager
-def running(tmp: Path, fixture: Path, keys: dict[str, dict], **settings: object) -> Iterator[Service]:
-    service = Service(tmp, fixture, keys, **settings)
+def running(
+    tmp: Path,
+    fixture: Path,
+    keys: dict[str, dict],
+    api_workers: int = 1,
+    extra_env: dict[str, str] | None = None,
+    **settings: object,
+) -> Iterator[Service]:
+    service = Service(tmp, fixture, keys, api_workers, extra_env, **settings)
     try:
         yield service.start()
     finally:

@@ -202,3 +202,35 @@ def test_a_worker_killed_mid_job_is_redelivered_and_finishes_once(tmp_path: Path
         assert [p.name for p in results] == [f"{job['id']}.png"]
         time.sleep(1)
         assert client.get(f"/v1/jobs/{job['id']}").json()["finished_at"] == final["finished_at"]
+
+
+class FlakyReceiver(BaseHTTPRequestHandler):
+    calls: ClassVar[list[int]] = []
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        FlakyReceiver.calls.append(1)
+        self.send_response(503 if len(FlakyReceiver.calls) == 1 else 200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_failed_webhook_is_retried_with_backoff(service: Service) -> None:
+    server = HTTPServer(("127.0.0.1", free_port()), FlakyReceiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with service.client("bob") as client:
+            job = submit(client, FAST, webhook_url=f"http://127.0.0.1:{server.server_port}/hook").json()
+
+            def delivered() -> dict | None:
+                hook = client.get(f"/v1/jobs/{job['id']}").json()["webhook"]
+                return hook if hook["state"] == "delivered" else None
+
+            hook = wait_until(delivered, 60, 0.2, "the retried webhook")
+            assert hook["attempts"] == 2 and hook["last_status"] == 200
+            assert len(FlakyReceiver.calls) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
