@@ -23,9 +23,9 @@ test: install redis
 	$(PY) -m pytest
 
 lint: install
-	$(VENV)/bin/ruff check supir_core tests bench
-	$(VENV)/bin/ruff format --check supir_core tests bench
-	$(VENV)/bin/mypy supir_core
+	$(VENV)/bin/ruff check supir_core api jobs worker tests bench
+	$(VENV)/bin/ruff format --check supir_core api jobs worker tests bench
+	$(VENV)/bin/mypy supir_core api jobs worker
 
 conformance: install
 	$(VENV)/bin/supir conformance ../shared/conformance/A --out out/conformance-A.safetensors --check

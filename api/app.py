@@ -104,7 +104,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         cursor: int = Query(0, ge=0),
     ) -> dict[str, Any]:
         owner = authorize(request)
-        page, next_cursor = services.store.list(owner, status, cursor, limit)
+        page, next_cursor = services.store.list_jobs(owner, status, cursor, limit)
         return {"jobs": [_view(r, services) for r in page], "next_cursor": next_cursor}
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"])

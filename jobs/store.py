@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import redis
 
@@ -27,7 +28,7 @@ WATCH_RETRIES = 20
 
 class JobStore:
     def __init__(self, client: redis.Redis, prefix: str = "supir", retention_s: float = 86_400) -> None:
-        self.r = client
+        self.r: Any = client  # redis-py's sync/async union return types only add noise here
         self.p = prefix
         self.retention_s = int(retention_s)
 
@@ -56,7 +57,7 @@ class JobStore:
     def active_count(self, owner: str) -> int:
         return int(self.r.scard(f"{self.p}:active:{owner}"))
 
-    def list(self, owner: str, status: str | None, offset: int, limit: int) -> tuple[list[JobRecord], int | None]:
+    def list_jobs(self, owner: str, status: str | None, offset: int, limit: int) -> tuple[list[JobRecord], int | None]:
         """The owner's jobs, newest first, optionally of one status: (page, next offset or None)."""
         index = f"{self.p}:owner:{owner}"
         found: list[JobRecord] = []

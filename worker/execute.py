@@ -29,7 +29,7 @@ class RetryLater(Exception):
 
 def _progress_writer(runtime: Runtime, job_id: str) -> Callable[[Any], None]:
     """Record progress at most every progress_interval_s (and at every stage change or last step)."""
-    last = {"at": 0.0, "stage": ""}
+    last: dict[str, Any] = {"at": 0.0, "stage": ""}
 
     def write(p: Any) -> None:
         now = time.monotonic()
