@@ -231,6 +231,10 @@ CREATE_DOCS: dict[str, Any] = {
 async def _read_create_request(request: Request, settings: Settings) -> tuple[dict[str, Any], bytes | None, str | None]:
     """(fields, uploaded bytes or None, declared content type) from a multipart or JSON request."""
     content_type = request.headers.get("content-type", "")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > settings.max_upload_bytes + 1_000_000:  # refuse before reading it
+        message = f"the request is {int(length):,} bytes; images of at most {settings.max_upload_bytes:,} are accepted"
+        raise ApiError("file_too_large", message, field="image")
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         form = await request.form(max_files=1, max_fields=8)
         fields: dict[str, Any] = {k: v for k, v in form.items() if not isinstance(v, UploadFile)}

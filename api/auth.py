@@ -28,6 +28,9 @@ def new_key() -> tuple[str, str]:
 def caller_of(request: Request, settings: Settings) -> ApiKey:
     """The API key behind a request (its id is the owner of the jobs it creates)."""
     if settings.dev_mode:
+        client = request.client.host if request.client else ""
+        if client not in ("127.0.0.1", "::1", "localhost", "testclient"):
+            raise ApiError("unauthorized", "dev mode (no API keys) serves only localhost")
         return ApiKey(id=DEV_OWNER, sha256="0" * 64)
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")

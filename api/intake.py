@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 import warnings
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -123,6 +124,7 @@ def check_public_url(url: str, settings: Settings, field: str, allow_private: bo
 def fetch_image(url: str, settings: Settings) -> tuple[bytes, str | None]:
     """Download an image URL: addresses checked at every redirect, size- and time-capped."""
     limit = settings.max_upload_bytes
+    deadline = time.monotonic() + settings.url_timeout_s  # for the whole download, not per read
     with httpx.Client(timeout=settings.url_timeout_s, follow_redirects=False) as client:
         for _ in range(MAX_REDIRECTS + 1):
             check_public_url(url, settings, "image_url", settings.allow_private_urls)
@@ -145,6 +147,8 @@ def fetch_image(url: str, settings: Settings) -> tuple[bytes, str | None]:
                     body = bytearray()
                     for chunk in response.iter_bytes():
                         body += chunk
+                        if time.monotonic() > deadline:
+                            raise httpx.ReadTimeout("download too slow")
                         if len(body) > limit:
                             raise ApiError("url_too_large", f"image_url is over {limit:,} bytes", field="image_url")
                     return bytes(body), response.headers.get("content-type")

@@ -7,9 +7,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
+import redis
 from celery import Task
 from celery.signals import worker_process_init, worker_process_shutdown
 
@@ -61,10 +63,11 @@ def restore(self: Task, job_id: str) -> str:
         raise self.retry(countdown=30, max_retries=None)
     try:
         return execute.run_job(rt, job_id, final_attempt=self.request.retries >= MAX_RETRIES)
-    except execute.RetryLater as exc:
-        raise self.retry(countdown=_backoff(self.request.retries)) from exc
+    except (execute.RetryLater, redis.RedisError) as exc:  # Redis down: the job is not lost, it waits
+        raise self.retry(countdown=_backoff(self.request.retries), max_retries=None) from exc
     finally:
-        _enqueue_webhook(rt, job_id)
+        with contextlib.suppress(redis.RedisError):
+            _enqueue_webhook(rt, job_id)
 
 
 def _enqueue_webhook(rt: Runtime, job_id: str) -> None:
