@@ -266,9 +266,8 @@ def _pipeline(model: SupirModel, case: dict[str, Any], x: Tensors, encode_prompt
 
 
 def _pipeline_given_conditioning(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
-    return _pipeline(
-        model, case, x, lambda x_stage1: ((x["c_crossattn"], x["c_vector"]), (x["uc_crossattn"], x["uc_vector"]))
-    )
+    given = ((x["c_crossattn"], x["c_vector"]), (x["uc_crossattn"], x["uc_vector"]))
+    return _pipeline(model, case, x, lambda x_stage1, tiles: given)
 
 
 def _pipeline_text(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
@@ -276,7 +275,7 @@ def _pipeline_text(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tenso
     batch = x["image"].shape[0]  # each row is restored with the same prompts
     c = model.text([params["caption"] + params["p_p"]] * batch)
     uc = model.text([params["n_p"]] * batch)
-    result = _pipeline(model, case, x, lambda x_stage1: ((c.crossattn, c.vector), (uc.crossattn, uc.vector)))
+    result = _pipeline(model, case, x, lambda x_stage1, tiles: ((c.crossattn, c.vector), (uc.crossattn, uc.vector)))
     for tag, t in (("c", c), ("uc", uc)):
         result.update(
             {

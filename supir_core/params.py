@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import InvalidInput
 
+DEFAULT_QUESTION = "Describe this image and its style in a very detailed manner."
+
 # The official default prompts (options/SUPIR_v0.yaml p_p / n_p, test.py --a_prompt / --n_prompt).
 QUALITY_PROMPT = (
     "Cinematic, High Contrast, highly detailed, taken using a Canon EOS R camera, hyper detailed photo - "
@@ -58,8 +60,15 @@ class RestoreParams(BaseModel):
     s_noise: float = Field(1.01, ge=0.0, le=1.2)
     dpmpp_full_guidance: bool = Field(False, description="DPM++: also apply restoration guidance and the control ramp")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="None picks one at random (reported back)")
-    # prompts (spec §3.7)
-    prompt: str = Field("", max_length=2000, description="caption or user text, put before the quality prompt")
+    # prompts (spec §3.7, §5)
+    caption: Literal["auto", "none"] = Field("auto", description="caption the stage-1 image when a captioner is loaded")
+    caption_question: str = Field(DEFAULT_QUESTION, max_length=1000, description="what the captioner is asked")
+    caption_tiles: bool = Field(True, description="tiled sampling: caption every tile for its own prompt")
+    prompt: str = Field("", max_length=2000, description="your text: replaces the caption (caption=none) or follows it")
+    prompt_style: Literal["fit", "official"] = Field(
+        "fit",
+        description="fit: shorten the caption so the quality prompt survives CLIP's 77 tokens; official: join as is",
+    )
     positive_prompt: str = Field(QUALITY_PROMPT, max_length=2000)
     negative_prompt: str = Field(NEGATIVE_PROMPT, max_length=2000)
     # post-processing (spec §4.3)

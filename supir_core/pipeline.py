@@ -8,11 +8,12 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from PIL import Image
 
+from .captioning import Captioner, compose_positive
 from .checkpoints import ModelOptions, load_supir
 from .colorfix import color_fix
 from .denoiser import Conditioning, Denoiser
@@ -41,11 +42,10 @@ class Progress:
     steps: int = 0
 
 
-class Captioner(Protocol):
-    def __call__(self, image: Image.Image) -> str: ...
-
-
-PromptEncoder = Callable[[torch.Tensor], tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]
+# (x_stage1, whether every tile has its own caption) → ((c_crossattn, c_vector), (uc_crossattn, uc_vector))
+PromptEncoder = Callable[
+    [torch.Tensor, bool], tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+]
 
 
 @dataclass
@@ -82,6 +82,7 @@ class Stages:
     restored: torch.Tensor
     tiled_sampling: bool
     tiled_vae: bool
+    tile_captions: dict[Window, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -138,7 +139,7 @@ class RestorationPipeline:
     ) -> RestorationResult:
         """Restore one image file (or decoded image); the recipe on tensors is `restore_tensor`."""
         timings: dict[str, float] = {}
-        prompts: dict[str, str] = {}
+        prompts: dict[str, Any] = {}
         with torch.inference_mode():
             # 1. Input: decode the file, plan sizes (output = upscale × input; processing ≥ min_size, /64)
             loaded = _as_loaded(image)
@@ -172,6 +173,7 @@ class RestorationPipeline:
             "steps": params.steps,
             "tiled_sampling": stages.tiled_sampling,
             "tiled_vae": stages.tiled_vae,
+            "tile_captions": [{"window": list(w), "caption": c} for w, c in stages.tile_captions.items()],
             "seconds": {k: round(v, 4) for k, v in timings.items()},
             "device": str(self.device),
             "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
@@ -206,9 +208,13 @@ class RestorationPipeline:
             lq_latent = vae.encode_lq(lq, tile=vae_tile)
             x_stage1 = vae.decode(lq_latent, tile=vae_tile)
 
-        # 2. Conditioning for both sides of CFG (prompt text → CLIP-L + bigG + sizes); control = LQ latent
+        # 2. Conditioning for both sides of CFG (prompt text → CLIP-L + bigG + sizes); control = LQ latent.
+        #    Tiled sampling with a captioner captions every tile of the stage-1 image for its own prompt.
         check_stop("conditioning")
-        (c_crossattn, c_vector), (uc_crossattn, uc_vector) = encode_prompts(x_stage1)
+        windows = self.sampler_windows(tuple(lq_latent.shape[-2:]), params)
+        if tile_captions is None and windows and self._captions(params) and params.caption_tiles:
+            tile_captions = self._caption_tiles(x_stage1, windows, params, timings, report)
+        (c_crossattn, c_vector), (uc_crossattn, uc_vector) = encode_prompts(x_stage1, bool(tile_captions))
         cond = Conditioning(c_crossattn, c_vector, lq_latent)
         uncond = Conditioning(uc_crossattn, uc_vector, lq_latent)
         tile_conds = self._tile_conditions(tile_captions, params, lq_latent)
@@ -234,28 +240,41 @@ class RestorationPipeline:
         with _timed(timings, "decoding", self.device):
             decoded = vae.decode(sampled, tile=vae_tile)
             restored = color_fix(decoded, x_stage1, params.color_fix)
-        return Stages(lq_latent, x_stage1, x_center, sampled, decoded, restored, tiled, vae_tile is not None)
+        stages = Stages(lq_latent, x_stage1, x_center, sampled, decoded, restored, tiled, vae_tile is not None)
+        stages.tile_captions = dict(tile_captions or {})
+        return stages
+
+    def _captions(self, params: RestoreParams) -> bool:
+        return params.caption == "auto" and self.captioner is not None
+
+    def positive_prompt(self, caption: str, params: RestoreParams) -> str:
+        """Caption and/or user prompt, then the quality prompt (spec §3.7), composed as params.prompt_style says."""
+        subject = " ".join(t for t in (caption.strip(), params.prompt.strip()) if t)
+        if params.prompt_style == "official":
+            return subject + params.positive_prompt  # no separator; CLIP's 77-token cut may drop the quality prompt
+        return compose_positive(subject, params.positive_prompt, self.model.text.tokenizer.count)
 
     def _prompt_encoder(
         self,
         params: RestoreParams,
         size: tuple[int, int],
-        record: dict[str, str],
+        record: dict[str, Any],
         timings: dict[str, float],
         on_progress: Callable[[Progress], None] | None,
     ) -> PromptEncoder:
-        """The user's prompt, else a caption of the stage-1 image, before the quality prompt; recorded for metadata."""
+        """The caption of the stage-1 image (unless every tile has its own) with the user's text; recorded."""
 
         def encode(
-            x_stage1: torch.Tensor,
+            x_stage1: torch.Tensor, tiles_captioned: bool
         ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-            caption = params.prompt
-            if not caption and self.captioner is not None:
+            caption = ""
+            if self._captions(params) and not tiles_captioned:
+                assert self.captioner is not None
                 if on_progress is not None:
                     on_progress(Progress("caption"))
                 with _timed(timings, "caption", self.device):
-                    caption = self.captioner(to_pil(x_stage1, size))
-            positive = caption + params.positive_prompt  # no separator, as the official code joins them
+                    caption = self.captioner(to_pil(x_stage1, size), params.caption_question)
+            positive = self.positive_prompt(caption, params)
             record.update(caption=caption, positive_prompt=positive, negative_prompt=params.negative_prompt)
             if on_progress is not None:
                 on_progress(Progress("conditioning"))
@@ -265,6 +284,26 @@ class RestorationPipeline:
 
         return encode
 
+    def _caption_tiles(
+        self,
+        x_stage1: torch.Tensor,
+        windows: list[Window],
+        params: RestoreParams,
+        timings: dict[str, float],
+        report: Callable[[Progress], None],
+    ) -> dict[Window, str]:
+        """A caption of each sampler tile's part of the stage-1 image (latent windows × 8 in pixels)."""
+        assert self.captioner is not None
+        captions = {}
+        for i, (h0, h1, w0, w1) in enumerate(windows):
+            report(Progress("caption", i + 1, len(windows)))
+            crop = x_stage1[..., h0 * 8 : h1 * 8, w0 * 8 : w1 * 8]
+            with _timed(timings, "caption", self.device):
+                captions[(h0, h1, w0, w1)] = self.captioner(
+                    to_pil(crop, (crop.shape[-1], crop.shape[-2])), params.caption_question
+                )
+        return captions
+
     def _tile_conditions(
         self, tile_captions: Mapping[Window, str] | None, params: RestoreParams, lq_latent: torch.Tensor
     ) -> dict[Window, Conditioning] | None:
@@ -272,7 +311,7 @@ class RestorationPipeline:
             return None
         conds = {}
         for window, text in tile_captions.items():
-            t = self.model.text([text + params.positive_prompt])
+            t = self.model.text([self.positive_prompt(text, params)])
             conds[window] = Conditioning(t.crossattn, t.vector, lq_latent)
         return conds
 
@@ -332,14 +371,18 @@ class RestorationPipeline:
         )
         return out, True
 
-    def windows(self, image_size: tuple[int, int], params: RestoreParams) -> list[Window]:
-        """The sampler tiles (latent pixels) an image of this size will use; [] when it is not tiled."""
-        sizes = plan_sizes(image_size, params.upscale, params.min_size)
-        width, height = sizes.process[0] // 8, sizes.process[1] // 8
+    def sampler_windows(self, latent_hw: tuple[int, ...], params: RestoreParams) -> list[Window]:
+        """The tiles (latent pixels) the sampler will use for a latent of this size; [] when it is not tiled."""
+        height, width = latent_hw
         if max(height, width) <= params.tile_size or params.sampler != "edm":
             return []
         tile = min(params.tile_size, height, width)
         return tile_windows(height, width, tile, min(params.tile_stride, tile))
+
+    def windows(self, image_size: tuple[int, int], params: RestoreParams) -> list[Window]:
+        """The sampler tiles of an image of this size (before upscale and the size plan)."""
+        sizes = plan_sizes(image_size, params.upscale, params.min_size)
+        return self.sampler_windows((sizes.process[1] // 8, sizes.process[0] // 8), params)
 
 
 def _as_loaded(image: LoadedImage | Image.Image | str | Path | bytes) -> LoadedImage:

@@ -71,19 +71,30 @@ def test_cancel_stops_within_one_step(pipeline: RestorationPipeline) -> None:
 
 def test_user_prompt_goes_before_the_quality_prompt(pipeline: RestorationPipeline) -> None:
     result = pipeline(DATA / "chelsea_degraded.jpg", validate_params({**FAST, "prompt": "A tabby cat."}))
-    assert result.metadata["positive_prompt"].startswith("A tabby cat.Cinematic")
+    assert result.metadata["positive_prompt"].startswith("A tabby cat. Cinematic")
+    official = pipeline(
+        DATA / "chelsea_degraded.jpg", validate_params({**FAST, "prompt": "A tabby cat.", "prompt_style": "official"})
+    )
+    assert official.metadata["positive_prompt"].startswith("A tabby cat.Cinematic")
 
 
 def test_a_captioner_is_used_when_no_prompt_is_given(tiny_model) -> None:
     captured: list[tuple[int, int]] = []
 
-    def captioner(image: Image.Image) -> str:
+    def captioner(image: Image.Image, question: str | None = None) -> str:
         captured.append(image.size)
         return "A cat on a sofa. "
 
     result = RestorationPipeline(tiny_model, captioner=captioner)(DATA / "chelsea_degraded.jpg", validate_params(FAST))
     assert captured == [tuple(result.metadata["process_size"])]
     assert result.metadata["caption"] == "A cat on a sofa. "
+    assert result.metadata["positive_prompt"].startswith("A cat on a sofa. Cinematic")
+    none = RestorationPipeline(tiny_model, captioner=captioner)(
+        DATA / "chelsea_degraded.jpg", validate_params({**FAST, "caption": "none", "prompt": "A cat."})
+    )
+    assert (
+        len(captured) == 1 and none.metadata["caption"] == "" and none.metadata["positive_prompt"].startswith("A cat. ")
+    )
 
 
 def test_large_images_sample_in_tiles_and_batching_tiles_changes_nothing(pipeline: RestorationPipeline) -> None:

@@ -62,6 +62,10 @@ class ClipTokenizer:
             text = html.unescape(html.unescape(text))
         return re.sub(r"\s+", " ", text).strip().lower()
 
+    def count(self, text: str) -> int:
+        """Text tokens of one prompt, start and end tokens not counted (CLIP keeps at most 75)."""
+        return len(self._tok(self._clean(text, False), add_special_tokens=False)["input_ids"])
+
     def __call__(self, texts: list[str], pad_id: int = EOS_ID, unescape_html: bool = False) -> torch.Tensor:
         """Token ids [B, 77]: start, text (cut to 75 tokens), end, then pad_id."""
         rows = []

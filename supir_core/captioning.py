@@ -1,0 +1,153 @@
+"""Captions of the stage-1 image as the text prompt: LLaVA on transformers (spec §5), and prompt composition.
+
+Any callable `image -> str` is a captioner; `LlavaCaptioner` is the one SUPIR uses. It loads from a local
+Hugging Face directory (or a hub id when online), once, and can free its memory between jobs.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from PIL import Image
+
+from .errors import WeightsError
+from .params import DEFAULT_QUESTION
+
+SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+class Captioner(Protocol):
+    def __call__(self, image: Image.Image, question: str | None = None) -> str: ...
+
+
+@dataclass(frozen=True)
+class CaptionSettings:
+    """Generation as the official LLaVA agent runs it (temperature 0.2, top-p 0.7, up to 512 tokens)."""
+
+    temperature: float = 0.2
+    top_p: float = 0.7
+    max_new_tokens: int = 512
+    pad_to_square: bool = False  # the official preprocessing centre-crops, losing the sides of wide images
+    seed: int = 0
+
+
+class LlavaCaptioner:
+    """LLaVA-1.5 (Hugging Face format, e.g. llava-hf/llava-1.5-7b-hf) describing an image in one paragraph."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        quantization: Literal["8bit", "4bit"] | None = None,
+        keep_loaded: bool = True,
+        settings: CaptionSettings | None = None,
+    ) -> None:
+        if quantization and not str(device).startswith("cuda"):
+            raise WeightsError(f"LLaVA {quantization} quantization (bitsandbytes) needs a CUDA device, not {device!r}")
+        self.source = str(model)
+        self.device = device
+        self.dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
+        self.quantization = quantization
+        self.keep_loaded = keep_loaded
+        self.settings = settings or CaptionSettings()
+        self._model: Any = None
+        self._processor: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def load(self) -> None:
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        local = Path(self.source).is_dir()
+        if not local and not _looks_like_hub_id(self.source):
+            raise WeightsError(f"{self.source}: no such LLaVA directory (nor a hub id like llava-hf/llava-1.5-7b-hf)")
+        kwargs: dict[str, Any] = {"dtype": self.dtype}
+        if self.quantization:
+            from transformers import BitsAndBytesConfig
+
+            bits = {"8bit": {"load_in_8bit": True}, "4bit": {"load_in_4bit": True}}[self.quantization]
+            kwargs.update(quantization_config=BitsAndBytesConfig(**bits), device_map={"": self.device})
+        try:
+            self._processor = AutoProcessor.from_pretrained(self.source)
+            model = LlavaForConditionalGeneration.from_pretrained(self.source, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise WeightsError(f"{self.source}: cannot load LLaVA ({str(exc).splitlines()[0][:200]})") from exc
+        self._model = (model if self.quantization else model.to(self.device)).eval()
+
+    def unload(self) -> None:
+        """Free the model's memory (the next caption loads it again)."""
+        self._model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __call__(self, image: Image.Image, question: str | None = None) -> str:
+        with self._lock:
+            if self._model is None:
+                self.load()
+            try:
+                return self._caption(image, question or DEFAULT_QUESTION)
+            finally:
+                if not self.keep_loaded:
+                    self.unload()
+
+    def _caption(self, image: Image.Image, question: str) -> str:
+        s = self.settings
+        prompt = f"{SYSTEM} USER: <image>\n{question} ASSISTANT:"
+        inputs = self._processor(images=image.convert("RGB"), text=prompt, return_tensors="pt", do_pad=s.pad_to_square)
+        inputs = {k: v.to(self._model.device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
+        torch.manual_seed(s.seed)  # sampling at temperature 0.2: the same image gives the same caption
+        sampling = (
+            {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p}
+            if s.temperature > 0
+            else {"do_sample": False}
+        )
+        with torch.inference_mode():
+            out = self._model.generate(**inputs, max_new_tokens=s.max_new_tokens, num_beams=1, **sampling)
+        text = self._processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
+        return " ".join(text.replace("</s>", " ").split())
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt composition
+
+
+def compose_positive(subject: str, quality: str, count_tokens: Any, limit: int = 75) -> str:
+    """subject (caption and/or user text) + quality prompt, both kept within CLIP's 75 text tokens.
+
+    The official code joins them with no separator and lets the 77-token cut drop the quality prompt
+    whenever a caption is long. Here the subject is shortened, word by word from its end, until
+    subject + separator + quality fit; the quality prompt itself is cut only if it alone is too long.
+    """
+    subject, quality = subject.strip(), quality.strip()
+    if not subject:
+        return quality
+    if not quality:
+        return subject
+    room = limit - count_tokens(quality) - 1  # one token for the separating comma
+    words = subject.split()
+    while words and count_tokens(" ".join(words)) > room:
+        words.pop()
+    kept = " ".join(words).rstrip(",;:")
+    if not kept:
+        return quality
+    return f"{kept} {quality}" if kept.endswith((".", "!", "?")) else f"{kept}, {quality}"
