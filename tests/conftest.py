@@ -57,3 +57,10 @@ def service(tmp_path_factory: pytest.TempPathFactory, fixture_a: Path):
     }
     with running(tmp_path_factory.mktemp("service"), fixture_a, keys, **settings) as svc:
         yield svc
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_llava import build
+
+    return build(tmp_path_factory.mktemp("llava") / "tiny-llava-1.5")
