@@ -65,6 +65,16 @@ class Settings(BaseSettings):
     device: str | None = None
     dtype: str | None = None
     worker_metrics_port: int = Field(0, ge=0, le=65535, description="0: no metrics server in the worker")
+    # captioning (optional): a LLaVA-1.5 directory in Hugging Face format, or a hub id when online
+    llava_model: str | None = None
+    llava_device: str | None = None  # default: the worker's device
+    llava_dtype: str | None = None
+    llava_quantization: Literal["8bit", "4bit"] | None = None
+    llava_keep_loaded: bool = True  # False frees its memory after every job
+    llava_temperature: float = Field(0.2, ge=0)
+    llava_top_p: float = Field(0.7, gt=0, le=1)
+    llava_max_new_tokens: int = Field(512, ge=1, le=2048)
+    llava_pad_to_square: bool = False
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -131,23 +131,24 @@ def _looks_like_hub_id(source: str) -> bool:
 # Prompt composition
 
 
-def compose_positive(subject: str, quality: str, count_tokens: Any, limit: int = 75) -> str:
-    """subject (caption and/or user text) + quality prompt, both kept within CLIP's 75 text tokens.
+def _join(parts: list[str]) -> str:
+    """Parts joined by ", ", or by a space after a part that already ends a sentence."""
+    text = ""
+    for part in (p for p in parts if p):
+        text = part if not text else f"{text} {part}" if text.endswith((".", "!", "?")) else f"{text}, {part}"
+    return text
 
-    The official code joins them with no separator and lets the 77-token cut drop the quality prompt
-    whenever a caption is long. Here the subject is shortened, word by word from its end, until
-    subject + separator + quality fit; the quality prompt itself is cut only if it alone is too long.
+
+def compose_positive(caption: str, user: str, quality: str, count_tokens: Any, limit: int = 75) -> str:
+    """caption, user text, quality prompt — all within CLIP's 75 text tokens where they can be.
+
+    The official code joins caption and quality prompt with no separator and lets the 77-token cut drop
+    the quality prompt whenever a caption is long. Here the caption is shortened, word by word from its
+    end, until everything fits; the user's text and the quality prompt are kept whole (if those two alone
+    are too long, CLIP's cut takes the end of the quality prompt, as it would anyway).
     """
-    subject, quality = subject.strip(), quality.strip()
-    if not subject:
-        return quality
-    if not quality:
-        return subject
-    room = limit - count_tokens(quality) - 1  # one token for the separating comma
-    words = subject.split()
-    while words and count_tokens(" ".join(words)) > room:
+    caption, user, quality = caption.strip(), user.strip(), quality.strip()
+    words = caption.split()
+    while words and count_tokens(_join([" ".join(words), user, quality])) > limit:
         words.pop()
-    kept = " ".join(words).rstrip(",;:")
-    if not kept:
-        return quality
-    return f"{kept} {quality}" if kept.endswith((".", "!", "?")) else f"{kept}, {quality}"
+    return _join([" ".join(words).rstrip(",;:"), user, quality])

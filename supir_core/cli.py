@@ -95,6 +95,13 @@ def _restore(args: argparse.Namespace) -> int:
         dtype=getattr(torch, DTYPES[dtype_name]) if dtype_name else None,
         options=options,
     )
+    llava = args.llava or env.get("SUPIR_LLAVA_MODEL")
+    if llava and params.caption == "auto":
+        from .captioning import LlavaCaptioner
+
+        quantization = args.llava_quantization or env.get("SUPIR_LLAVA_QUANTIZATION") or None
+        device = args.llava_device or env.get("SUPIR_LLAVA_DEVICE") or str(pipeline.device)
+        pipeline.captioner = LlavaCaptioner(llava, device=device, quantization=quantization)  # type: ignore[arg-type]
     loaded_in = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -218,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--device", help="cpu, cuda, cuda:1 … (default $SUPIR_DEVICE, else cuda if present)")
     restore.add_argument("--dtype", help="float32, bfloat16 or float16 (default $SUPIR_DTYPE, else bf16 on GPU)")
     restore.add_argument("--model-config", help="JSON of head widths for non-SDXL-sized weights ($SUPIR_MODEL_CONFIG)")
+    restore.add_argument("--llava", help="LLaVA-1.5 directory (HF format) or hub id for captions ($SUPIR_LLAVA_MODEL)")
+    restore.add_argument("--llava-device", help="device for LLaVA (default: the same as SUPIR)")
+    restore.add_argument("--llava-quantization", choices=["8bit", "4bit"], help="bitsandbytes quantization (CUDA)")
     restore.add_argument(
         "--metadata", action="store_true", help="write <name>.json (seed, prompts, timings) beside each"
     )

@@ -249,10 +249,9 @@ class RestorationPipeline:
 
     def positive_prompt(self, caption: str, params: RestoreParams) -> str:
         """Caption and/or user prompt, then the quality prompt (spec §3.7), composed as params.prompt_style says."""
-        subject = " ".join(t for t in (caption.strip(), params.prompt.strip()) if t)
-        if params.prompt_style == "official":
-            return subject + params.positive_prompt  # no separator; CLIP's 77-token cut may drop the quality prompt
-        return compose_positive(subject, params.positive_prompt, self.model.text.tokenizer.count)
+        if params.prompt_style == "official":  # no separator; CLIP's 77-token cut may drop the quality prompt
+            return " ".join(t for t in (caption.strip(), params.prompt.strip()) if t) + params.positive_prompt
+        return compose_positive(caption, params.prompt, params.positive_prompt, self.model.text.tokenizer.count)
 
     def _prompt_encoder(
         self,

@@ -58,11 +58,12 @@ def test_bad_sources_are_weights_errors(tmp_path: Path) -> None:
 def test_the_quality_prompt_survives_a_long_caption() -> None:
     tokenizer = ClipTokenizer()
     caption = "The image features a close-up of an elderly man with a gray beard, wearing a knitted wool hat " * 4
-    composed = compose_positive(caption, QUALITY_PROMPT, tokenizer.count)
-    assert composed.endswith(QUALITY_PROMPT) and composed.startswith("The image features")
+    composed = compose_positive(caption, "In the snow.", QUALITY_PROMPT, tokenizer.count)
+    assert composed.startswith("The image features") and composed.endswith(f"In the snow. {QUALITY_PROMPT}")
     assert tokenizer.count(composed) <= 75
-    assert compose_positive("", QUALITY_PROMPT, tokenizer.count) == QUALITY_PROMPT
-    assert compose_positive("A cat", QUALITY_PROMPT, tokenizer.count) == f"A cat, {QUALITY_PROMPT}"
+    assert compose_positive("", "", QUALITY_PROMPT, tokenizer.count) == QUALITY_PROMPT
+    assert compose_positive("A cat", "", QUALITY_PROMPT, tokenizer.count) == f"A cat, {QUALITY_PROMPT}"
+    assert compose_positive("A cat.", "Sharp", "", tokenizer.count) == "A cat. Sharp"
 
 
 def test_a_tiled_job_captions_every_tile(tiny_model, captioner: LlavaCaptioner) -> None:

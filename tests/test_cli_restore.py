@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -93,3 +94,12 @@ def test_flags_override_the_environment(tmp_path: Path, env: dict[str, str], fix
                    "--supir", str(fixture_a / "supir.safetensors"), "--preset", "lightning", env=broken)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out/astronaut_gray.png").is_file()
+
+
+def test_captions_from_llava(tmp_path: Path, env: dict[str, str], tiny_llava: Path) -> None:
+    proc = restore(str(DATA / "astronaut_gray.png"), "-o", str(tmp_path / "out"), *FAST, "--metadata",
+                   "--llava", str(tiny_llava), "--prompt", "An astronaut.", env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((tmp_path / "out/astronaut_gray.json").read_text())
+    assert meta["caption"] and meta["positive_prompt"].startswith(meta["caption"].split()[0])
+    assert "An astronaut. Cinematic" in meta["positive_prompt"] and meta["seconds"]["caption"] > 0

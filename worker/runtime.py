@@ -42,17 +42,11 @@ class Runtime:
         try:
             if s.sdxl_checkpoint is None or s.checkpoint is None:
                 raise RuntimeError("set SUPIR_SDXL_CHECKPOINT and SUPIR_CHECKPOINT")
-            import torch
-
-            dtype = getattr(
-                torch,
-                {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(s.dtype or "", s.dtype or ""),
-                None,
-            )
             options = load_model_options(s.model_config_file) if s.model_config_file else ModelOptions()
             self.pipeline = RestorationPipeline.from_checkpoints(
-                s.sdxl_checkpoint, s.checkpoint, device=s.device, dtype=dtype, options=options
+                s.sdxl_checkpoint, s.checkpoint, device=s.device, dtype=_dtype(s.dtype), options=options
             )
+            self.pipeline.captioner = self._captioner(str(self.pipeline.device))
         except Exception:
             self.state = "failed"
             metrics.READY.set(0)
@@ -65,6 +59,30 @@ class Runtime:
         log.info("weights loaded in %.1f s on %s", seconds, self.pipeline.device)
         threading.Thread(target=self._beat, name="supir-heartbeat", daemon=True).start()
 
+    def _captioner(self, device: str) -> Any:
+        s = self.settings
+        if not s.llava_model:
+            return None
+        from supir_core.captioning import CaptionSettings, LlavaCaptioner
+
+        settings = CaptionSettings(
+            temperature=s.llava_temperature,
+            top_p=s.llava_top_p,
+            max_new_tokens=s.llava_max_new_tokens,
+            pad_to_square=s.llava_pad_to_square,
+        )
+        captioner = LlavaCaptioner(
+            s.llava_model,
+            device=s.llava_device or device,
+            dtype=_dtype(s.llava_dtype),
+            quantization=s.llava_quantization,
+            keep_loaded=s.llava_keep_loaded,
+            settings=settings,
+        )
+        if s.llava_keep_loaded:
+            captioner.load()  # at start, not in the first job
+        return captioner
+
     def _beat(self) -> None:
         while not self._stop.is_set():
             try:
@@ -75,3 +93,10 @@ class Runtime:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _dtype(name: str | None) -> Any:
+    import torch
+
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    return getattr(torch, aliases.get(name or "", name or ""), None) if name else None
