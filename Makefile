@@ -6,20 +6,25 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint conformance serve redis clean
+.PHONY: install test lint conformance serve redis tools clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints/cpu.txt torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints/cpu.txt -e '.[dev,api,worker]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints/cpu.txt -e '.[dev,model,api,worker]'
 	@touch $(STAMP)
 
 redis:
 	@bash scripts/ensure-redis.sh
 
-test: install redis
+tools:
+	@command -v promtool >/dev/null || { echo "installing promtool (Debian package prometheus)"; \
+	  $$( [ "$$(id -u)" -eq 0 ] || echo sudo ) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" -eq 0 ] || echo sudo ) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+test: install redis tools
 	$(PY) -m pytest
 
 lint: install

@@ -204,6 +204,31 @@ def _check_keys(args: argparse.Namespace) -> int:
     return EXIT_OK if complete else EXIT_FAILED
 
 
+def _check_files(args: argparse.Namespace) -> int:
+    """Open both files, check what they are and plan the strict load (names and shapes, no tensor data)."""
+    from .checkpoints import (
+        ModelOptions,
+        build_empty,
+        identify,
+        load_model_options,
+        open_checkpoint,
+        plan_loading,
+        spec_from_checkpoint,
+    )
+
+    sdxl, supir = open_checkpoint(args.sdxl), open_checkpoint(args.supir)
+    kinds = {"sdxl": identify(sdxl.keys()), "supir": identify(supir.keys())}
+    if kinds != {"sdxl": "sdxl", "supir": "supir"}:
+        print(json.dumps({"ok": False, "kinds": kinds}))
+        return EXIT_FAILED
+    options = load_model_options(args.model_config) if args.model_config else ModelOptions()
+    plan = plan_loading(build_empty(spec_from_checkpoint(sdxl, options)), sdxl, supir)
+    report = {"ok": plan.ok, "tensors": len(plan.used), "missing": plan.missing[:20], "unused": plan.unused[:20],
+              "mismatched": plan.mismatched[:20], "ignored": plan.ignored}  # fmt: skip
+    print(json.dumps(report, indent=1))
+    return EXIT_OK if plan.ok else EXIT_FAILED
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="supir", description="SUPIR photo restoration (supir-serve).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -241,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     keys = weights.add_parser("check-keys", help="map a manifest of the real files onto the full-size model (meta)")
     keys.add_argument("manifest", type=Path)
     keys.set_defaults(run=_check_keys)
+    check = weights.add_parser("check", help="check an SDXL file and a SUPIR file fit the model (no data read)")
+    check.add_argument("sdxl", type=Path)
+    check.add_argument("supir", type=Path)
+    check.add_argument("--model-config", type=Path, help="JSON of head widths for non-SDXL-sized weights")
+    check.set_defaults(run=_check_files)
     return parser
 
 

@@ -56,6 +56,8 @@ class Runtime:
         metrics.MODEL_LOAD_SECONDS.set(seconds)
         metrics.READY.set(1)
         self.state = "ready"
+        if self.settings.ready_file is not None:
+            self.settings.ready_file.write_text(self.name)  # for container health and Kubernetes startup probes
         log.info("weights loaded in %.1f s on %s", seconds, self.pipeline.device)
         threading.Thread(target=self._beat, name="supir-heartbeat", daemon=True).start()
 
