@@ -229,6 +229,46 @@ def _check_files(args: argparse.Namespace) -> int:
     return EXIT_OK if plan.ok else EXIT_FAILED
 
 
+def _licence_line(entry: object) -> str:
+    licence = entry.licence  # type: ignore[attr-defined]
+    use = "commercial use allowed" if licence.get("commercial") else "NON-COMMERCIAL use only"
+    return f"{licence['name']} ({use}): {licence.get('url', '')}"
+
+
+def _weights_list(args: argparse.Namespace) -> int:
+    from .weights import load_manifest
+
+    for entry in load_manifest(args.manifest):
+        source = entry.hub or "-"
+        print(f"{entry.name:<16} {entry.slot:<6} {entry.filename:<38} {source}")
+        print(f"{'':<16} licence: {_licence_line(entry)}")
+    return EXIT_OK
+
+
+def _weights_download(args: argparse.Namespace) -> int:
+    from .weights import download, find, load_manifest, verify
+
+    entry = find(load_manifest(args.manifest), args.name)
+    print(f"{entry.filename}: {_licence_line(entry)}", file=sys.stderr)
+    path = download(entry, args.dir, url=args.url)
+    report = verify(path, entry)
+    print(json.dumps(report, indent=1))
+    return EXIT_OK if report["hash"] != "mismatch" and report["structure"] == "ok" else EXIT_FAILED
+
+
+def _weights_verify(args: argparse.Namespace) -> int:
+    from .weights import find, load_manifest, verify
+
+    manifest = load_manifest(args.manifest)
+    if args.name:
+        entry = find(manifest, args.name)
+    else:
+        entry = next((e for e in manifest if e.filename == args.file.name), None)
+    report = verify(args.file, entry, sha256=args.sha256)
+    print(json.dumps(report, indent=1))
+    return EXIT_OK if report["hash"] != "mismatch" and report["structure"] == "ok" else EXIT_FAILED
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="supir", description="SUPIR photo restoration (supir-serve).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -271,6 +311,21 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("supir", type=Path)
     check.add_argument("--model-config", type=Path, help="JSON of head widths for non-SDXL-sized weights")
     check.set_defaults(run=_check_files)
+    listing = weights.add_parser("list", help="the official files, where they live and their licences")
+    listing.add_argument("--manifest", type=Path, help="a manifest of your own (default: the shipped one)")
+    listing.set_defaults(run=_weights_list)
+    get = weights.add_parser("download", help="fetch an official file (resumable) and verify it")
+    get.add_argument("name", help="a name from `supir weights list`")
+    get.add_argument("--dir", type=Path, default=Path("models"), help="where to put it (default ./models)")
+    get.add_argument("--url", help="download from this URL instead of the Hugging Face hub")
+    get.add_argument("--manifest", type=Path)
+    get.set_defaults(run=_weights_download)
+    ver = weights.add_parser("verify", help="sha256 and structure of a weight file")
+    ver.add_argument("file", type=Path)
+    ver.add_argument("--name", help="which manifest entry it should be (default: by file name)")
+    ver.add_argument("--sha256", help="the hash it must have")
+    ver.add_argument("--manifest", type=Path)
+    ver.set_defaults(run=_weights_verify)
     return parser
 
 
