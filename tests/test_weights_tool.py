@@ -28,8 +28,9 @@ def test_list_names_every_file_with_its_licence() -> None:
 
 def manifest(tmp_path: Path, fixture_a: Path, sha256: str | None) -> Path:
     path = tmp_path / "manifest.json"
-    entry = {"name": "tiny-supir", "slot": "supir", "filename": "supir.ckpt", "hub": None, "size": None,
-             "sha256": sha256, "licence": {"name": "SUPIR Software License Agreement", "commercial": False}}  # fmt: skip
+    licence = {"name": "SUPIR Software License Agreement", "commercial": False}
+    entry = {"name": "tiny-supir", "slot": "supir", "filename": "supir.ckpt", "hub": None, "size": None}
+    entry |= {"sha256": sha256, "licence": licence}
     path.write_text(json.dumps({"files": [entry]}))
     return path
 
@@ -42,8 +43,8 @@ def test_verify_checks_hash_and_structure(tmp_path: Path, fixture_a: Path) -> No
     assert json.loads(ok.stdout)["hash"] == "match" and json.loads(ok.stdout)["structure"] == "ok"
     wrong = supir("verify", str(ckpt), "--sha256", "0" * 64)
     assert wrong.returncode == 1 and json.loads(wrong.stdout)["hash"] == "mismatch"
-    unpinned = supir("verify", str(fixture_a / "sdxl.safetensors"), "--manifest", str(manifest(tmp_path, fixture_a, None)),
-                     "--name", "tiny-supir")  # fmt: skip
+    pinless = str(manifest(tmp_path, fixture_a, None))
+    unpinned = supir("verify", str(fixture_a / "sdxl.safetensors"), "--manifest", pinless, "--name", "tiny-supir")
     report = json.loads(unpinned.stdout)
     assert (
         unpinned.returncode == 1
