@@ -260,10 +260,8 @@ def _weights_verify(args: argparse.Namespace) -> int:
     from .weights import find, load_manifest, verify
 
     manifest = load_manifest(args.manifest)
-    if args.name:
-        entry = find(manifest, args.name)
-    else:
-        entry = next((e for e in manifest if e.filename == args.file.name), None)
+    by_file = next((e for e in manifest if e.filename == args.file.name), None)
+    entry = find(manifest, args.name) if args.name else by_file
     report = verify(args.file, entry, sha256=args.sha256)
     print(json.dumps(report, indent=1))
     return EXIT_OK if report["hash"] != "mismatch" and report["structure"] == "ok" else EXIT_FAILED

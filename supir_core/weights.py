@@ -58,26 +58,25 @@ def sha256_of(path: Path) -> str:
 
 
 def download_url(url: str, target: Path, timeout_s: float = 60.0) -> Path:
-    """GET url into target, resuming a partial `target.part` with an HTTP Range request."""
-    import httpx
+    """GET url into target, resuming a partial `target.part` with an HTTP Range request (stdlib only)."""
+    import urllib.error
+    import urllib.request
 
     part = target.with_name(target.name + ".part")
     target.parent.mkdir(parents=True, exist_ok=True)
     have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        with httpx.stream("GET", url, headers=headers, timeout=timeout_s, follow_redirects=True) as response:
-            if response.status_code == 416:  # already complete
-                part.replace(target)
-                return target
-            if response.status_code not in (200, 206):
-                raise WeightsError(f"{url}: HTTP {response.status_code}")
-            mode = "ab" if response.status_code == 206 else "wb"  # a server without ranges restarts from zero
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            mode = "ab" if response.status == 206 else "wb"  # a server without ranges restarts from zero
             with part.open(mode) as f:
-                for chunk in response.iter_bytes(CHUNK):
+                while chunk := response.read(CHUNK):
                     f.write(chunk)
-    except httpx.HTTPError as exc:
-        raise WeightsError(f"{url}: download interrupted ({type(exc).__name__}); run it again to resume") from exc
+    except urllib.error.HTTPError as exc:
+        if exc.code != 416:  # 416: nothing left to fetch, the part is complete
+            raise WeightsError(f"{url}: HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise WeightsError(f"{url}: download interrupted ({exc}); run it again to resume") from exc
     part.replace(target)
     return target
 
