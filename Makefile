@@ -20,9 +20,7 @@ redis:
 	@bash scripts/ensure-redis.sh
 
 tools:
-	@command -v promtool >/dev/null || { echo "installing promtool (Debian package prometheus)"; \
-	  $$( [ "$$(id -u)" -eq 0 ] || echo sudo ) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" -eq 0 ] || echo sudo ) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@bash scripts/ensure-tools.sh
 
 test: install redis tools
 	$(PY) -m pytest

@@ -7,6 +7,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -29,6 +30,7 @@ from .errors import ApiError
 from .intake import check_image, check_public_url, fetch_image
 
 RESULT_URL_TTL_S = 3600
+UI_PAGE = Path(__file__).parent / "ui" / "index.html"
 HEARTBEAT_FRESH_S = 60
 SSE_KEEPALIVE_S = 15.0
 
@@ -161,6 +163,17 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         if not isinstance(objects, LocalStore) or not objects.verify(key, expires, signature):
             raise ApiError("not_found", "no such file, or the link has expired")
         return Response(objects.get(key), media_type="image/png")
+
+    # ---------------------------------------------------------------------------------------
+    # the web page: one static file, no build step, nothing fetched from elsewhere
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/ui", status_code=307)
+
+    @app.get("/ui", include_in_schema=False)
+    def ui() -> Response:
+        return Response(UI_PAGE.read_bytes(), media_type="text/html; charset=utf-8")
 
     # ---------------------------------------------------------------------------------------
     # operations
