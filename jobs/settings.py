@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     dtype: str | None = None
     worker_metrics_port: int = Field(0, ge=0, le=65535, description="0: no metrics server in the worker")
     ready_file: Path | None = Field(None, description="the worker touches this file once its weights are loaded")
+    # speed (supir_core.speed): all off by default
+    channels_last: bool = False
+    fuse_qkv: bool = False
+    compile: Literal["none", "regional"] = "none"
+    compile_cache_dir: Path | None = None
     # captioning (optional): a LLaVA-1.5 directory in Hugging Face format, or a hub id when online
     llava_model: str | None = None
     llava_device: str | None = None  # default: the worker's device

@@ -32,6 +32,7 @@ from .sampling import (
     tiled_cfg,
 )
 from .schedules import dpmpp_sigmas, sampling_sigmas
+from .speed import SpeedSettings, optimize
 from .tiling import Window, tile_windows
 
 
@@ -120,12 +121,15 @@ class RestorationPipeline:
         dtype: torch.dtype | None = None,
         options: ModelOptions | None = None,
         captioner: Captioner | None = None,
+        speed: SpeedSettings | None = None,
     ) -> RestorationPipeline:
         device = device or default_device()
         dtype = dtype or default_dtype(device)
         model = load_supir(sdxl, supir, device=device, dtype=dtype, options=options or ModelOptions())
         if dtype == torch.float16:
             model.vae.to(torch.bfloat16)  # the SDXL VAE overflows in fp16
+        if speed is not None:
+            optimize(model, speed)
         return cls(model, captioner)
 
     def __call__(

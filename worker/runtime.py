@@ -43,8 +43,16 @@ class Runtime:
             if s.sdxl_checkpoint is None or s.checkpoint is None:
                 raise RuntimeError("set SUPIR_SDXL_CHECKPOINT and SUPIR_CHECKPOINT")
             options = load_model_options(s.model_config_file) if s.model_config_file else ModelOptions()
+            from supir_core.speed import SpeedSettings
+
+            speed = SpeedSettings(
+                channels_last=s.channels_last,
+                fuse_qkv=s.fuse_qkv,
+                compile=s.compile,
+                compile_cache_dir=s.compile_cache_dir,
+            )
             self.pipeline = RestorationPipeline.from_checkpoints(
-                s.sdxl_checkpoint, s.checkpoint, device=s.device, dtype=_dtype(s.dtype), options=options
+                s.sdxl_checkpoint, s.checkpoint, device=s.device, dtype=_dtype(s.dtype), options=options, speed=speed
             )
             self.pipeline.captioner = self._captioner(str(self.pipeline.device))
         except Exception:
