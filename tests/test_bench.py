@@ -43,3 +43,15 @@ def test_random_weights_for_the_full_size_run_give_a_working_model(fixture_a: Pa
     photo = Path(__file__).parent / "data" / "astronaut_gray.png"
     result = RestorationPipeline(model)(photo, validate_params({"min_size": 64, "steps": 2, "seed": 0}))
     assert result.image.size == (96, 96)
+
+
+def test_side_by_side_restore_benchmark_runs_on_the_tiny_model(tmp_path: Path) -> None:
+    env = {**os.environ, "OUT": str(tmp_path)}
+    cmd = [sys.executable, str(BENCH / "gpu_restore.py"), "--tiny", "--size", "128", "--tiled-size", "384",
+           "--tile-size", "32", "--steps", "2", "--repeats", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_restore.json").read_text())
+    baseline, tuned = report["configs"].values()
+    assert baseline["runs"][0]["tflops_per_s"] > 0 and baseline["runs"][0]["steps_per_s"] > 0
+    assert tuned["speed"]["fuse_qkv"] == "True" and tuned["runs"][1]["tiled_sampling"] is True

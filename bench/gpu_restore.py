@@ -1,0 +1,152 @@
+"""Full restorations timed side by side: a plain eager fp16 baseline and the tuned settings, same script, same card.
+
+    python bench/gpu_restore.py                                  # GPU: full-size architecture, random weights
+    python bench/gpu_restore.py --sdxl F --supir F               # GPU: the real files (also times the load)
+    python bench/gpu_restore.py --tiny --size 128 --tiled-size 256 --steps 2   # CPU smoke test (fixture A)
+
+For each configuration: per-stage seconds at --size (default 1024²) and tiled at --tiled-size (default 2048²),
+sampler steps/s, achieved TFLOP/s (FLOPs of one guided network call counted with torch's FlopCounterMode),
+peak GPU memory, and the load time. Prints a table; writes JSON to $OUT when set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from stages import PHOTO, SHARED, randomize  # noqa: E402
+
+from supir_core.checkpoints import TensorSource, build_empty, load_supir, spec_from_checkpoint  # noqa: E402
+from supir_core.params import validate_params  # noqa: E402
+from supir_core.pipeline import RestorationPipeline  # noqa: E402
+from supir_core.speed import SpeedSettings, optimize  # noqa: E402
+
+
+def build(
+    args: argparse.Namespace, device: str, dtype: torch.dtype, speed: SpeedSettings
+) -> tuple[RestorationPipeline, float]:
+    start = time.perf_counter()
+    if args.tiny:
+        from supir_core.conformance import Fixture
+
+        fixture = Fixture.open(SHARED / "conformance" / "A")
+        model = fixture.load_model().to(device=device, dtype=dtype)
+    elif args.sdxl and args.supir:
+        model = load_supir(args.sdxl, args.supir, device=device, dtype=dtype)
+    else:
+        keys = json.loads((SHARED / "conformance" / "manifest_full.json").read_text())["keys"]
+        model = randomize(build_empty(spec_from_checkpoint(TensorSource.from_shapes("manifest", keys))), device, dtype)
+    if dtype == torch.float16:
+        model.vae.to(torch.bfloat16)
+    optimize(model, speed)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return RestorationPipeline(model), time.perf_counter() - start
+
+
+def network_flops(pipeline: RestorationPipeline, latent: int) -> float:
+    """FLOPs of one guided network evaluation (adaptor + UNet, CFG batch of 2) at a square latent."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, device = pipeline.model, pipeline.device
+    spec = model.spec.unet
+    x = torch.randn(2, 4, latent, latent, device=device)
+    context = torch.randn(2, 77, spec.context_dim, device=device)
+    vector = torch.randn(2, spec.adm_in_channels, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eps(x, torch.tensor([500, 500], device=device), context, vector, x)
+    return float(counter.get_total_flops())
+
+
+def run(pipeline: RestorationPipeline, size: int, steps: int, repeats: int, device: str, tile: int = 128) -> dict:
+    with Image.open(PHOTO) as img:
+        photo = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    params = validate_params(
+        {"min_size": size, "steps": steps, "seed": 0, "caption": "none", "tile_size": tile, "tile_stride": tile // 2}
+    )
+    pipeline(photo, params)  # warm-up: kernels, compilation, allocator
+    results = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        result = pipeline(photo, params)
+        results.append((time.perf_counter() - start, result.metadata))
+    total, meta = min(results, key=lambda r: r[0])
+    sampling = meta["seconds"]["sampling"]
+    out = {
+        "size": size,
+        "total_s": round(total, 3),
+        "stages_s": meta["seconds"],
+        "steps_per_s": round(steps / sampling, 2),
+        "tiled_sampling": meta["tiled_sampling"],
+        "peak_gpu_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None,
+    }
+    if not meta["tiled_sampling"]:
+        flops = network_flops(pipeline, size // 8) * steps
+        out["tflops_per_s"] = round(flops / sampling / 1e12, 2)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="fixture A's tiny model (CPU smoke test)")
+    parser.add_argument("--sdxl", type=Path)
+    parser.add_argument("--supir", type=Path)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--tiled-size", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--compile", default="regional", choices=["none", "regional"])
+    parser.add_argument("--tile-size", type=int, default=128, help="sampler tile in latent pixels (official: 128)")
+    args = parser.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fast_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    base_dtype = torch.float16 if device == "cuda" else torch.float32
+    configs = {
+        "baseline (eager fp16)" if device == "cuda" else "baseline (eager fp32)": (base_dtype, SpeedSettings()),
+        "tuned": (
+            fast_dtype,
+            SpeedSettings(channels_last=True, fuse_qkv=True, compile=args.compile if device == "cuda" else "none"),
+        ),
+    }
+    report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+                    "steps": args.steps, "configs": {}}  # fmt: skip
+    for name, (dtype, speed) in configs.items():
+        pipeline, load_s = build(args, device, dtype, speed)
+        entry: dict = {
+            "dtype": str(dtype).removeprefix("torch."),
+            "speed": {k: str(v) for k, v in asdict(speed).items()},
+            "load_s": round(load_s, 2),
+            "runs": [run(pipeline, args.size, args.steps, args.repeats, device)],
+        }
+        if name == "tuned":
+            entry["runs"].append(run(pipeline, args.tiled_size, args.steps, 1, device, args.tile_size))
+        report["configs"][name] = entry
+        del pipeline
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    for name, entry in report["configs"].items():
+        for r in entry["runs"]:
+            print(f"{name:<22} {r['size']}²{' tiled' if r['tiled_sampling'] else ''}: {r['total_s']:.2f} s, "
+                  f"{r['steps_per_s']} steps/s, {r.get('tflops_per_s', '-')} TFLOP/s, peak {r['peak_gpu_GB']} GB, "
+                  f"load {entry['load_s']} s")  # fmt: skip
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu_restore.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
