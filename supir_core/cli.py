@@ -12,14 +12,6 @@ from .errors import SupirError
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
-DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-}
 
 
 def _inputs(paths: list[Path]) -> list[Path]:
@@ -64,6 +56,7 @@ def _restore(args: argparse.Namespace) -> int:
     from .checkpoints import ModelOptions, load_model_options
     from .errors import Canceled, InvalidInput
     from .imageio import save_png
+    from .params import dtype_name as dtype_name_of
     from .params import validate_params
 
     env = os.environ
@@ -78,8 +71,7 @@ def _restore(args: argparse.Namespace) -> int:
     if not inputs:
         raise InvalidInput("no input images found")
     dtype_name = args.dtype or env.get("SUPIR_DTYPE")
-    if dtype_name and dtype_name not in DTYPES:
-        raise InvalidInput(f"dtype={dtype_name!r} is unknown: choose one of {', '.join(DTYPES)}")
+    torch_dtype_name = dtype_name_of(dtype_name) if dtype_name else None
     config = args.model_config or env.get("SUPIR_MODEL_CONFIG")
     options = load_model_options(config) if config else ModelOptions()
 
@@ -92,7 +84,7 @@ def _restore(args: argparse.Namespace) -> int:
         sdxl,
         supir,
         device=args.device or env.get("SUPIR_DEVICE") or None,
-        dtype=getattr(torch, DTYPES[dtype_name]) if dtype_name else None,
+        dtype=getattr(torch, torch_dtype_name) if torch_dtype_name else None,
         options=options,
     )
     llava = args.llava or env.get("SUPIR_LLAVA_MODEL")

@@ -25,6 +25,17 @@ NEGATIVE_PROMPT = (
     "jpeg artifacts, deformed, lowres, over-smooth"
 )
 MAX_SEED = 2**31 - 1
+# dtype names the CLI and the worker accept (SUPIR_DTYPE, --dtype) → torch attribute names
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}  # fmt: skip
+
+
+def dtype_name(name: str) -> str:
+    """The torch dtype name for a user's spelling; InvalidInput naming the choices otherwise."""
+    if name not in DTYPES:
+        raise InvalidInput(f"dtype={name!r} is unknown: choose one of {', '.join(DTYPES)}", field="dtype")
+    return DTYPES[name]
+
 
 Preset = Literal["quality", "fidelity", "lightning"]
 

@@ -108,5 +108,6 @@ class Runtime:
 def _dtype(name: str | None) -> Any:
     import torch
 
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-    return getattr(torch, aliases.get(name or "", name or ""), None) if name else None
+    from supir_core.params import dtype_name
+
+    return getattr(torch, dtype_name(name)) if name else None
