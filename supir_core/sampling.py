@@ -117,6 +117,14 @@ class RestoreSettings:
     def gamma(self, num_steps: int) -> float:
         return min(self.s_churn / num_steps, math.sqrt(2.0) - 1.0)
 
+    def guide(
+        self, denoised: torch.Tensor, x_center: torch.Tensor | None, sigma: float, sigma_next: float, sigma_max: float
+    ) -> torch.Tensor:
+        """Restoration guidance: D ← D − (D − z_c)·(σ_i/σ_max)^τ while σ_{i+1} > s_tmin (spec §3.5)."""
+        if x_center is None or self.restore_cfg <= 0 or sigma_next <= self.restore_cfg_s_tmin:
+            return denoised
+        return denoised - (denoised - x_center) * (sigma / sigma_max) ** self.restore_cfg
+
     def alpha(self, sigma: float, sigma_max: float) -> float:
         if not self.use_linear_control_scale:
             return self.control_scale
@@ -143,10 +151,7 @@ def edm_step(
         x = x + settings.s_noise * churn * math.sqrt(sigma_hat**2 - sigma**2)
     sigma_hat_b = x.new_full((x.shape[0],), sigma_hat)
     denoised_cfg = denoise(x, sigma_hat_b, alpha)
-    denoised = denoised_cfg
-    if x_center is not None and settings.restore_cfg > 0 and sigma_next > settings.restore_cfg_s_tmin:
-        # pull the x0 estimate towards the stage-1 latent, k = (σ_i/σ_max)^τ on the pre-churn σ
-        denoised = denoised - (denoised - x_center) * (sigma / sigma_max) ** settings.restore_cfg
+    denoised = settings.guide(denoised_cfg, x_center, sigma, sigma_next, sigma_max)  # on the pre-churn σ
     x_next = x + (sigma_next - sigma_hat) * (x - denoised) / sigma_hat
     info = {
         "sigma": sigma,
@@ -156,6 +161,11 @@ def edm_step(
         "denoised": denoised,
     }
     return x_next, info
+
+
+def _stop_if_asked(should_stop: Callable[[], bool] | None, i: int, steps: int) -> None:
+    if should_stop is not None and should_stop():
+        raise Canceled(f"canceled before step {i + 1} of {steps}")
 
 
 def restore_edm(
@@ -176,8 +186,7 @@ def restore_edm(
     gamma = settings.gamma(steps)
     x = noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)
     for i in range(steps):
-        if should_stop is not None and should_stop():
-            raise Canceled(f"canceled before step {i + 1} of {steps}")
+        _stop_if_asked(should_stop, i, steps)
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         churn = churn_noise(i, x) if gamma > 0 else None
         x, info = edm_step(
@@ -226,8 +235,7 @@ def restore_edm_tiled(
     weights = gaussian_weights(tile, centered_weights).to(noise.device)
     x = noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)
     for i in range(steps):
-        if should_stop is not None and should_stop():
-            raise Canceled(f"canceled before step {i + 1} of {steps}")
+        _stop_if_asked(should_stop, i, steps)
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         alpha = settings.alpha(sigma, sigma_max)
         xi = churn_noise(i, x)  # one full-size field per step, sliced per tile
@@ -291,19 +299,13 @@ def restore_dpmpp_2m(
     old_denoised: torch.Tensor | None = None
     h_last = 0.0
     for i in range(steps):
-        if should_stop is not None and should_stop():
-            raise Canceled(f"canceled before step {i + 1} of {steps}")
+        _stop_if_asked(should_stop, i, steps)
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         alpha = settings.alpha(sigma, sigma_max) if full_guidance else settings.control_scale
         denoised_cfg = denoise(x, x.new_full((x.shape[0],), sigma), alpha)
-        denoised = denoised_cfg
-        if (
-            full_guidance
-            and x_center is not None
-            and settings.restore_cfg > 0
-            and sigma_next > settings.restore_cfg_s_tmin
-        ):
-            denoised = denoised - (denoised - x_center) * (sigma / sigma_max) ** settings.restore_cfg
+        denoised = (
+            settings.guide(denoised_cfg, x_center, sigma, sigma_next, sigma_max) if full_guidance else denoised_cfg
+        )
         if sigma_next == 0:
             x = denoised
         else:
