@@ -18,7 +18,7 @@ COPY supir_core ./supir_core
 COPY jobs ./jobs
 COPY api ./api
 COPY worker ./worker
-RUN pip install ".[worker]"
+RUN pip install ".[worker,fp8]"
 
 USER 10001
 VOLUME ["/models"]

@@ -69,14 +69,19 @@ class Settings(BaseSettings):
     # speed (supir_core.speed): all off by default
     channels_last: bool = False
     fuse_qkv: bool = False
-    compile: Literal["none", "regional"] = "none"
+    compile: Literal["none", "regional", "full"] = "none"
+    cuda_graphs: bool = False
     compile_cache_dir: Path | None = None
+    fp8_weights: bool = False  # needs torchao (the worker image has it)
+    offload_text: bool = False
+    prompt_cache: int = Field(64, ge=0, le=10_000, description="prompt embeddings kept across jobs")
     # captioning (optional): a LLaVA-1.5 directory in Hugging Face format, or a hub id when online
     llava_model: str | None = None
     llava_device: str | None = None  # default: the worker's device
     llava_dtype: str | None = None
     llava_quantization: Literal["8bit", "4bit"] | None = None
     llava_keep_loaded: bool = True  # False frees its memory after every job
+    llava_offload: bool = False  # True: waits in CPU memory, visits the GPU to caption
     llava_temperature: float = Field(0.2, ge=0)
     llava_top_p: float = Field(0.7, gt=0, le=1)
     llava_max_new_tokens: int = Field(512, ge=1, le=2048)

@@ -1,13 +1,16 @@
 """Captions of the stage-1 image as the text prompt: LLaVA on transformers (spec §5), and prompt composition.
 
 Any callable `image -> str` is a captioner; `LlavaCaptioner` is the one SUPIR uses. It loads from a local
-Hugging Face directory (or a hub id when online), once, and can free its memory between jobs.
+Hugging Face directory (or a hub id when online), once, and can free its memory between jobs, or keep it in CPU
+memory and bring it to the device only to caption (`offload`).
 """
 
 from __future__ import annotations
 
 import gc
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -50,19 +53,24 @@ class LlavaCaptioner:
         dtype: torch.dtype | None = None,
         quantization: Literal["8bit", "4bit"] | None = None,
         keep_loaded: bool = True,
+        offload: bool = False,
         settings: CaptionSettings | None = None,
     ) -> None:
         if quantization and not str(device).startswith("cuda"):
             raise WeightsError(f"LLaVA {quantization} quantization (bitsandbytes) needs a CUDA device, not {device!r}")
+        if quantization and offload:
+            raise WeightsError("a bitsandbytes-quantized LLaVA cannot move between devices: offload or quantization")
         self.source = str(model)
         self.device = device
         self.dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
         self.quantization = quantization
         self.keep_loaded = keep_loaded
+        self.offload = offload  # wait in CPU memory between captions, visit the device to caption
         self.settings = settings or CaptionSettings()
         self._model: Any = None
         self._processor: Any = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._visits = 0
 
     @property
     def loaded(self) -> bool:
@@ -85,7 +93,8 @@ class LlavaCaptioner:
             model = LlavaForConditionalGeneration.from_pretrained(self.source, **kwargs)
         except (OSError, ValueError) as exc:
             raise WeightsError(f"{self.source}: cannot load LLaVA ({str(exc).splitlines()[0][:200]})") from exc
-        self._model = (model if self.quantization else model.to(self.device)).eval()
+        home = "cpu" if self.offload else self.device
+        self._model = (model if self.quantization else model.to(home)).eval()
 
     def unload(self) -> None:
         """Free the model's memory (the next caption loads it again)."""
@@ -94,15 +103,28 @@ class LlavaCaptioner:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def __call__(self, image: Image.Image, question: str | None = None) -> str:
+    @contextmanager
+    def on_device(self) -> Iterator[None]:
+        """Loaded and on the device for the whole block (several captions: one trip for an offloaded model)."""
         with self._lock:
             if self._model is None:
                 self.load()
+            self._visits += 1
+            if self.offload and self._visits == 1:
+                self._model.to(self.device)
             try:
-                return self._caption(image, question or DEFAULT_QUESTION)
+                yield
             finally:
-                if not self.keep_loaded:
-                    self.unload()
+                self._visits -= 1
+                if self._visits == 0:
+                    if not self.keep_loaded:
+                        self.unload()
+                    elif self.offload:
+                        self._model.to("cpu")
+
+    def __call__(self, image: Image.Image, question: str | None = None) -> str:
+        with self.on_device():
+            return self._caption(image, question or DEFAULT_QUESTION)
 
     def _caption(self, image: Image.Image, question: str) -> str:
         s = self.settings

@@ -78,6 +78,7 @@ def _restore(args: argparse.Namespace) -> int:
     import torch
 
     from .pipeline import RestorationPipeline
+    from .speed import SpeedSettings
 
     started = time.perf_counter()
     pipeline = RestorationPipeline.from_checkpoints(
@@ -86,6 +87,14 @@ def _restore(args: argparse.Namespace) -> int:
         device=args.device or env.get("SUPIR_DEVICE") or None,
         dtype=getattr(torch, torch_dtype_name) if torch_dtype_name else None,
         options=options,
+        speed=SpeedSettings(
+            channels_last=args.channels_last,
+            fuse_qkv=args.fuse_qkv,
+            compile=args.compile,
+            cuda_graphs=args.cuda_graphs,
+            fp8_weights=args.fp8_weights,
+            offload_text=args.offload_text,
+        ),
     )
     llava = args.llava or env.get("SUPIR_LLAVA_MODEL")
     if llava and params.caption == "auto":
@@ -283,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--llava", help="LLaVA-1.5 directory (HF format) or hub id for captions ($SUPIR_LLAVA_MODEL)")
     restore.add_argument("--llava-device", help="device for LLaVA (default: the same as SUPIR)")
     restore.add_argument("--llava-quantization", choices=["8bit", "4bit"], help="bitsandbytes quantization (CUDA)")
+    speed = restore.add_argument_group("speed and memory (docs/performance.md)")
+    speed.add_argument("--channels-last", action="store_true", help="NHWC convolutions")
+    speed.add_argument("--fuse-qkv", action="store_true", help="fused attention projections")
+    speed.add_argument("--compile", choices=["none", "regional", "full"], default="none", help="torch.compile")
+    speed.add_argument("--cuda-graphs", action="store_true", help="replay compiled graphs as CUDA graphs")
+    speed.add_argument("--fp8-weights", action="store_true", help="float8 Linear weights (torchao; not exact)")
+    speed.add_argument("--offload-text", action="store_true", help="text encoders wait in CPU memory")
     restore.add_argument(
         "--metadata", action="store_true", help="write <name>.json (seed, prompts, timings) beside each"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from .errors import Canceled, InvalidInput
 from .imageio import LoadedImage, finish, load_image, plan_sizes, to_model_input, to_pil
 from .models.supir import SupirModel
 from .params import MAX_SEED, RestoreParams
+from .prompts import PromptEmbeddings
 from .sampling import (
     NoiseFn,
     RestoreSettings,
@@ -105,11 +106,15 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 class RestorationPipeline:
     """Loaded once, called per image. `__call__` is the recipe, in numbered steps."""
 
-    def __init__(self, model: SupirModel, captioner: Captioner | None = None) -> None:
+    def __init__(
+        self, model: SupirModel, captioner: Captioner | None = None, speed: SpeedSettings | None = None
+    ) -> None:
         self.model = model
         self.captioner = captioner
         self.denoiser = Denoiser(model.eps)
-        self.device = next(model.parameters()).device
+        self.device = next(model.unet.parameters()).device
+        speed = speed or SpeedSettings()
+        self.prompts = PromptEmbeddings(model.text, self.device, size=speed.prompt_cache, offload=speed.offload_text)
 
     @classmethod
     def from_checkpoints(
@@ -130,7 +135,7 @@ class RestorationPipeline:
             model.vae.to(torch.bfloat16)  # the SDXL VAE overflows in fp16
         if speed is not None:
             optimize(model, speed)
-        return cls(model, captioner)
+        return cls(model, captioner, speed)
 
     def __call__(
         self,
@@ -282,8 +287,7 @@ class RestorationPipeline:
             if on_progress is not None:
                 on_progress(Progress("conditioning"))
             with _timed(timings, "conditioning", self.device):
-                c, uc = self.model.text([positive]), self.model.text([params.negative_prompt])
-            return (c.crossattn, c.vector), (uc.crossattn, uc.vector)
+                return self.prompts(positive), self.prompts(params.negative_prompt)
 
         return encode
 
@@ -298,13 +302,14 @@ class RestorationPipeline:
         """A caption of each sampler tile's part of the stage-1 image (latent windows × 8 in pixels)."""
         assert self.captioner is not None
         captions = {}
-        for i, (h0, h1, w0, w1) in enumerate(windows):
-            report(Progress("caption", i + 1, len(windows)))
-            crop = x_stage1[..., h0 * 8 : h1 * 8, w0 * 8 : w1 * 8]
-            with _timed(timings, "caption", self.device):
-                captions[(h0, h1, w0, w1)] = self.captioner(
-                    to_pil(crop, (crop.shape[-1], crop.shape[-2])), params.caption_question
-                )
+        with getattr(self.captioner, "on_device", nullcontext)():  # one trip to the device for all tiles
+            for i, (h0, h1, w0, w1) in enumerate(windows):
+                report(Progress("caption", i + 1, len(windows)))
+                crop = x_stage1[..., h0 * 8 : h1 * 8, w0 * 8 : w1 * 8]
+                with _timed(timings, "caption", self.device):
+                    captions[(h0, h1, w0, w1)] = self.captioner(
+                        to_pil(crop, (crop.shape[-1], crop.shape[-2])), params.caption_question
+                    )
         return captions
 
     def _tile_conditions(
@@ -314,8 +319,8 @@ class RestorationPipeline:
             return None
         conds = {}
         for window, text in tile_captions.items():
-            t = self.model.text([self.positive_prompt(text, params)])
-            conds[window] = Conditioning(t.crossattn, t.vector, lq_latent)
+            crossattn, vector = self.prompts(self.positive_prompt(text, params))
+            conds[window] = Conditioning(crossattn, vector, lq_latent)
         return conds
 
     def _sample(

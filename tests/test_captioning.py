@@ -39,6 +39,22 @@ def test_unload_between_jobs(tiny_llava: Path) -> None:
     assert not lean.loaded
 
 
+def test_several_captions_share_one_load(tiny_llava: Path) -> None:
+    lean = LlavaCaptioner(tiny_llava, keep_loaded=False, settings=CaptionSettings(max_new_tokens=4))
+    with Image.open(DATA / "astronaut_gray.png") as img, lean.on_device():
+        lean(img)
+        assert lean.loaded  # still loaded between the captions of one block (a tiled job's tiles)
+        lean(img)
+    assert not lean.loaded
+
+
+def test_offloaded_captioner_gives_the_same_caption(captioner: LlavaCaptioner, tiny_llava: Path) -> None:
+    offloaded = LlavaCaptioner(tiny_llava, offload=True, settings=captioner.settings)
+    with Image.open(DATA / "chelsea_degraded.jpg") as img:
+        assert offloaded(img) == captioner(img)
+    assert offloaded.loaded
+
+
 def test_pad_to_square_keeps_the_sides(tiny_llava: Path) -> None:
     padded = LlavaCaptioner(tiny_llava, settings=CaptionSettings(max_new_tokens=4, pad_to_square=True))
     with Image.open(DATA / "chelsea_degraded.jpg") as img:
@@ -50,6 +66,8 @@ def test_bad_sources_are_weights_errors(tmp_path: Path) -> None:
         LlavaCaptioner(tmp_path / "nowhere")(Image.new("RGB", (32, 32)))
     with pytest.raises(WeightsError, match="needs a CUDA device"):
         LlavaCaptioner(tmp_path, quantization="4bit")
+    with pytest.raises(WeightsError, match="offload or quantization"):
+        LlavaCaptioner(tmp_path, device="cuda", quantization="4bit", offload=True)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(WeightsError, match="cannot load LLaVA"):
         LlavaCaptioner(tmp_path)(Image.new("RGB", (32, 32)))

@@ -103,3 +103,19 @@ def test_captions_from_llava(tmp_path: Path, env: dict[str, str], tiny_llava: Pa
     meta = json.loads((tmp_path / "out/astronaut_gray.json").read_text())
     assert meta["caption"] and meta["positive_prompt"].startswith(meta["caption"].split()[0])
     assert "An astronaut. Cinematic" in meta["positive_prompt"] and meta["seconds"]["caption"] > 0
+
+
+def test_speed_flags_keep_the_image(tmp_path: Path, env: dict[str, str]) -> None:
+    import numpy as np
+
+    photo = str(DATA / "chelsea_degraded.jpg")
+    runs = {"plain": [], "exact": ["--channels-last", "--fuse-qkv", "--offload-text"], "fp8": ["--fp8-weights"]}
+    images = {}
+    for name, flags in runs.items():
+        proc = restore(photo, "-o", str(tmp_path / name), *FAST, *flags, env=env)
+        assert proc.returncode == 0, proc.stderr
+        with Image.open(tmp_path / name / "chelsea_degraded.png") as img:
+            images[name] = np.asarray(img, dtype=np.float64)
+    assert np.abs(images["exact"] - images["plain"]).max() <= 2  # float rounding only
+    fp8_error = np.abs(images["fp8"] - images["plain"]).mean()
+    assert 0 < fp8_error < 3  # rounded weights: close (0.4 levels here), not equal

@@ -132,3 +132,22 @@ def test_every_sampler_path_runs(pipeline: RestorationPipeline, extra: dict) -> 
     result = pipeline(DATA / "astronaut_gray.png", validate_params({**FAST, **extra}))
     assert result.image.size == (96, 96)
     assert np.isfinite(pixels(result.image)).all()
+
+
+def test_prompt_embeddings_are_cached_and_change_nothing(tiny_model) -> None:
+    from supir_core.speed import SpeedSettings
+
+    cached = RestorationPipeline(tiny_model, speed=SpeedSettings(prompt_cache=2, offload_text=True))
+    uncached = RestorationPipeline(tiny_model, speed=SpeedSettings(prompt_cache=0))
+    params = validate_params({**FAST, "prompt": "a cat"})
+    first = cached(DATA / "chelsea_degraded.jpg", params).image
+    assert cached.prompts.encoded == 2  # positive and negative
+    second = cached(DATA / "chelsea_degraded.jpg", params).image
+    assert cached.prompts.encoded == 2  # both from the cache
+    assert first.tobytes() == second.tobytes() == uncached(DATA / "chelsea_degraded.jpg", params).image.tobytes()
+    assert uncached.prompts.encoded == 2
+    cached(DATA / "chelsea_degraded.jpg", validate_params({**FAST, "prompt": "a dog"}))
+    assert cached.prompts.encoded == 3  # a new positive prompt; the negative one is still cached
+    cached(DATA / "chelsea_degraded.jpg", params)
+    assert cached.prompts.encoded == 4  # size 2: "a cat" was evicted by "a dog" and the negative prompt
+    assert {p.device.type for p in tiny_model.text.parameters()} == {"cpu"}

@@ -49,7 +49,11 @@ class Runtime:
                 channels_last=s.channels_last,
                 fuse_qkv=s.fuse_qkv,
                 compile=s.compile,
+                cuda_graphs=s.cuda_graphs,
                 compile_cache_dir=s.compile_cache_dir,
+                fp8_weights=s.fp8_weights,
+                offload_text=s.offload_text,
+                prompt_cache=s.prompt_cache,
             )
             self.pipeline = RestorationPipeline.from_checkpoints(
                 s.sdxl_checkpoint, s.checkpoint, device=s.device, dtype=_dtype(s.dtype), options=options, speed=speed
@@ -87,6 +91,7 @@ class Runtime:
             dtype=_dtype(s.llava_dtype),
             quantization=s.llava_quantization,
             keep_loaded=s.llava_keep_loaded,
+            offload=s.llava_offload,
             settings=settings,
         )
         if s.llava_keep_loaded:
