@@ -52,6 +52,62 @@ def test_side_by_side_restore_benchmark_runs_on_the_tiny_model(tmp_path: Path) -
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_restore.json").read_text())
-    baseline, tuned = report["configs"].values()
+    baseline, tuned, lean = report["configs"].values()
     assert baseline["runs"][0]["tflops_per_s"] > 0 and baseline["runs"][0]["steps_per_s"] > 0
     assert tuned["speed"]["fuse_qkv"] == "True" and tuned["runs"][1]["tiled_sampling"] is True
+    assert lean["speed"]["fp8_weights"] == "True" and lean["runs"][0]["steps_per_s"] > 0
+
+
+def _bench_module(name: str):
+    loader = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert loader is not None and loader.loader is not None
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    return module
+
+
+def test_live_bytes_counts_allocations_and_frees_not_views() -> None:
+    memory_plan = _bench_module("memory_plan")
+
+    def run(weights: torch.Tensor) -> None:
+        a = torch.zeros(1000)  # 4000 bytes
+        b = a * 2  # 8000 live
+        del a
+        weights.t().view(-1)  # views of an existing tensor allocate nothing
+        c = b + 1  # 8000 live
+        del b
+        c.add_(1)  # in place: nothing new
+        torch.zeros(3000)  # 4000 + 12000 = 16000: the peak, freed at once
+        del c
+
+    weights = torch.zeros(1000)
+    with memory_plan.LiveBytes() as real:
+        run(weights)
+    with memory_plan.fake_mode():
+        weights = torch.zeros(1000)
+        with memory_plan.LiveBytes() as fake:
+            run(weights)
+    assert (real.peak, real.live) == (fake.peak, fake.live) == (16000, 0)
+
+
+def test_memory_plan_of_the_tiny_model_matches_a_real_run(fixture_a: Path, tmp_path: Path) -> None:
+    """Fake tensors count the same bytes as real ones: the plan of a full-size model needs no device."""
+    memory_plan = _bench_module("memory_plan")
+    from supir_core.speed import weight_bytes
+
+    spec = memory_plan.model_spec(tiny=True)
+    model = memory_plan.build(spec, torch.float32)
+    u = spec.unet
+    x, t = torch.zeros(2, 4, 16, 16), torch.full((2,), 500.0)
+    context, vector = torch.zeros(2, 77, u.context_dim), torch.zeros(2, u.adm_in_channels)
+    real = memory_plan.peak_bytes(lambda: model.eps(x, t, context, vector, x))
+    report = memory_plan.plan(tiny=True, size=128, tiles=1, dtype=torch.float32, vae_tile=None)
+    assert report["activations_GB"]["guided network call (batch 2)"] * memory_plan.GB == real
+    assert report["weights_GB"]["total"] * memory_plan.GB == weight_bytes(model)
+
+    env = {**os.environ, "OUT": str(tmp_path)}
+    cmd = [sys.executable, str(BENCH / "memory_plan.py"), "--tiny", "--size", "256", "--tiles", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = json.loads((tmp_path / "memory_plan.json").read_text())
+    assert 0 < saved["weights_GB"]["total_fp8_offload_text"] < saved["weights_GB"]["total"] < saved["peak_GB"]

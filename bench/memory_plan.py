@@ -1,0 +1,186 @@
+"""Device memory of a restoration, worked out without the device: weights and peak activations per stage.
+
+    python bench/memory_plan.py                      # full size (from the key manifest), bf16, 1024²
+    python bench/memory_plan.py --size 2048 --tiles 9
+    python bench/memory_plan.py --tiny --size 128    # fixture A's sizes (the smoke test in make test)
+
+The networks are built and run under FakeTensorMode: every operator computes its output's shape and dtype but no
+data, so a full-size 1024² pass takes seconds on a CPU and no memory. A dispatch mode counts the bytes of every
+live tensor storage (freed when its last tensor goes) and keeps the peak. The kernels of a GPU may hold a little
+extra workspace (cuDNN, cuBLAS) and the caching allocator rounds blocks up; figures here are the tensors' own bytes.
+Weights: the model's, and what they would be with fp8 weight-only Linear layers and the text encoders offloaded.
+Prints a table; writes JSON to $OUT when set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+SHARED = Path(os.environ.get("SUPIR_SHARED", HERE.parent.parent / "shared"))
+
+GB = 1e9
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storages created inside the mode that are still alive; `peak` is the most at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: weakref.WeakSet[torch.UntypedStorage] = weakref.WeakSet()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in inputs:  # not a view, not in place
+                self._count(t.untyped_storage())
+        return out
+
+    def _count(self, storage: torch.UntypedStorage) -> None:
+        if storage in self._seen:
+            return
+        self._seen.add(storage)
+        size = storage.nbytes()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, size)
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+
+@contextmanager
+def fake_mode() -> Iterator[Any]:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        yield mode
+
+
+def peak_bytes(run: Callable[[], Any]) -> int:
+    """Peak bytes of the tensors `run` creates (its result included), above what existed before."""
+    with torch.no_grad(), LiveBytes() as tracker:
+        result = run()
+        del result
+    return tracker.peak
+
+
+def weights_report(model: nn.Module) -> dict[str, float]:
+    from supir_core.speed import weight_bytes
+
+    parts = {
+        "unet": model.unet,
+        "adaptor": model.adaptor,
+        "vae": model.vae,
+        "text": model.text,
+    }
+    out = {name: weight_bytes(part) / GB for name, part in parts.items()}
+    # fp8 weight-only: every Linear of UNet (+ connectors) and adaptor at 1 byte a weight plus a fp32 scale per row
+    saved = 0
+    for net in (model.unet, model.adaptor):
+        for m in net.modules():
+            if isinstance(m, nn.Linear):
+                saved += m.weight.numel() * (m.weight.element_size() - 1) - m.weight.shape[0] * 4
+    out["total"] = sum(out[name] for name in parts)
+    out["fp8_linear_saving"] = saved / GB
+    out["total_fp8_offload_text"] = out["total"] - out["fp8_linear_saving"] - out["text"]
+    return out
+
+
+def model_spec(tiny: bool) -> Any:
+    from supir_core.checkpoints import ModelOptions, TensorSource, open_checkpoint, spec_from_checkpoint
+
+    if tiny:
+        from supir_core.conformance import Fixture
+
+        fixture = Fixture.open(SHARED / "conformance" / "A")
+        return spec_from_checkpoint(open_checkpoint(fixture.root / "sdxl.safetensors"), fixture.model_options())
+    keys = json.loads((SHARED / "conformance" / "manifest_full.json").read_text())["keys"]
+    return spec_from_checkpoint(TensorSource.from_shapes("manifest", keys), ModelOptions())
+
+
+def build(spec: Any, dtype: torch.dtype) -> nn.Module:
+    from supir_core.models.supir import SupirModel
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = SupirModel(spec)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+def plan(tiny: bool, size: int, tiles: int, dtype: torch.dtype, vae_tile: int | None) -> dict[str, Any]:
+    spec = model_spec(tiny)
+    with fake_mode():
+        model = build(spec, dtype)
+        spec = model.spec.unet
+        latent = size // 8
+        image = torch.zeros(1, 3, size, size, dtype=dtype)
+        x = torch.zeros(2 * tiles, 4, latent if tiles == 1 else 128, latent if tiles == 1 else 128, dtype=dtype)
+        context = torch.zeros(2 * tiles, 77, spec.context_dim, dtype=dtype)
+        vector = torch.zeros(2 * tiles, spec.adm_in_channels, dtype=dtype)
+        t = torch.full((2 * tiles,), 500.0)
+        z = torch.zeros(1, 4, latent, latent, dtype=dtype)
+        vae = model.vae
+
+        def stage1() -> torch.Tensor:
+            return vae.encode(vae.decode(vae.encode_lq(image, vae_tile), vae_tile), None, vae_tile)
+
+        report = {
+            "weights_GB": weights_report(model),
+            "activations_GB": {
+                "stage1 (robust encode + decode + encode)": peak_bytes(stage1) / GB,
+                f"guided network call (batch {2 * tiles})": peak_bytes(lambda: model.eps(x, t, context, vector, x))
+                / GB,
+                "decode": peak_bytes(lambda: vae.decode(z, vae_tile)) / GB,
+            },
+        }
+    acts = report["activations_GB"]
+    weights = report["weights_GB"]
+    report["peak_GB"] = weights["total"] + max(acts.values())
+    report["peak_fp8_offload_text_GB"] = weights["total_fp8_offload_text"] + max(acts.values())
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="fixture A's sizes")
+    parser.add_argument("--size", type=int, default=1024, help="processing size (square), pixels")
+    parser.add_argument("--tiles", type=int, default=1, help="sampler tiles of 128² latent per network call")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--vae-tile", type=int, default=None, help="VAE tile in pixels (default: none)")
+    args = parser.parse_args()
+
+    report = {"size": args.size, "tiles": args.tiles, "dtype": args.dtype, "vae_tile": args.vae_tile,
+              **plan(args.tiny, args.size, args.tiles, getattr(torch, args.dtype), args.vae_tile)}  # fmt: skip
+    for name, value in report["weights_GB"].items():
+        print(f"weights {name:<28} {value:8.3f} GB")
+    for name, value in report["activations_GB"].items():
+        print(f"activations {name:<40} {value:8.3f} GB")
+    lean = report["peak_fp8_offload_text_GB"]
+    print(f"peak: {report['peak_GB']:.2f} GB; with fp8 weights and text offload: {lean:.2f} GB")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "memory_plan.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
