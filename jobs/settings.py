@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     fp8_weights: bool = False  # needs torchao (the worker image has it)
     offload_text: bool = False
     prompt_cache: int = Field(64, ge=0, le=10_000, description="prompt embeddings kept across jobs")
+    warmup_size: int = Field(
+        0, ge=0, le=4096, description="restore a size² image before taking jobs (compiles graphs); 0: no warm-up"
+    )
     # captioning (optional): a LLaVA-1.5 directory in Hugging Face format, or a hub id when online
     llava_model: str | None = None
     llava_device: str | None = None  # default: the worker's device

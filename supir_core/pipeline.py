@@ -256,6 +256,16 @@ class RestorationPipeline:
     def _captions(self, params: RestoreParams) -> bool:
         return params.caption == "auto" and self.captioner is not None
 
+    def warm_up(self, size: int, steps: int = 3) -> float:
+        """One throwaway restoration of a size² noise image, no caption: compiles the graphs (or loads them from the
+        compile cache), picks kernels and grows the allocator, so the first real job runs at full speed. Seconds."""
+        from .params import validate_params
+
+        start = time.perf_counter()
+        noise = Image.effect_noise((size, size), 48).convert("RGB")
+        self(noise, validate_params({"min_size": size, "steps": steps, "seed": 0, "caption": "none"}))
+        return time.perf_counter() - start
+
     def positive_prompt(self, caption: str, params: RestoreParams) -> str:
         """Caption and/or user prompt, then the quality prompt (spec §3.7), composed as params.prompt_style says."""
         if params.prompt_style == "official":  # no separator; CLIP's 77-token cut may drop the quality prompt

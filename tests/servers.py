@@ -74,6 +74,7 @@ class Service:
             "SUPIR_DEVICE": "cpu",
             "SUPIR_DTYPE": "float32",
             "SUPIR_PROGRESS_INTERVAL_S": "0",
+            "SUPIR_WARMUP_SIZE": "64",  # the warm-up path runs in every service test (a fraction of a second)
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
             **{f"SUPIR_{k.upper()}": str(v) for k, v in settings.items()},

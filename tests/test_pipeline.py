@@ -151,3 +151,9 @@ def test_prompt_embeddings_are_cached_and_change_nothing(tiny_model) -> None:
     cached(DATA / "chelsea_degraded.jpg", params)
     assert cached.prompts.encoded == 4  # size 2: "a cat" was evicted by "a dog" and the negative prompt
     assert {p.device.type for p in tiny_model.text.parameters()} == {"cpu"}
+
+
+def test_warm_up_restores_a_throwaway_image(tiny_model) -> None:
+    pipeline = RestorationPipeline(tiny_model)
+    assert pipeline.warm_up(64, steps=2) > 0
+    assert pipeline.prompts.encoded == 2  # the default prompts, now cached for the first job

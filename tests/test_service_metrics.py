@@ -32,7 +32,7 @@ def test_worker_metrics(service: Service) -> None:
     for stage in ("queue_wait", "stage1", "sampling", "decode", "upload", "total"):
         assert sample(text, "supir_stage_duration_seconds_count", f'{{stage="{stage}"}}') >= 1
     assert sample(text, "supir_sampler_steps_per_second") > 0
-    assert sample(text, "supir_model_load_seconds") > 0
+    assert sample(text, "supir_model_load_seconds") > sample(text, "supir_worker_warmup_seconds") > 0
     assert sample(text, "supir_worker_ready") == 1
 
 

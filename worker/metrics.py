@@ -10,6 +10,7 @@ JOBS_FINISHED = Counter("supir_jobs_finished_total", "jobs that reached a termin
 STAGE_SECONDS = Histogram("supir_stage_duration_seconds", "time per job stage", ["stage"], buckets=STAGE_BUCKETS)
 STEPS_PER_SECOND = Gauge("supir_sampler_steps_per_second", "sampler steps per second of the last job")
 MODEL_LOAD_SECONDS = Gauge("supir_model_load_seconds", "seconds the worker took to load the weights")
+WARMUP_SECONDS = Gauge("supir_worker_warmup_seconds", "seconds of the warm-up restoration before taking jobs")
 GPU_MEMORY_BYTES = Gauge("supir_gpu_memory_bytes", "GPU memory", ["kind"])
 WEBHOOKS = Counter("supir_webhook_deliveries_total", "webhook delivery attempts", ["outcome"])
 READY = Gauge("supir_worker_ready", "1 when the weights are loaded on the device")

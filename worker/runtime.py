@@ -59,6 +59,10 @@ class Runtime:
                 s.sdxl_checkpoint, s.checkpoint, device=s.device, dtype=_dtype(s.dtype), options=options, speed=speed
             )
             self.pipeline.captioner = self._captioner(str(self.pipeline.device))
+            if s.warmup_size:
+                seconds = self.pipeline.warm_up(s.warmup_size)
+                metrics.WARMUP_SECONDS.set(seconds)
+                log.info("warm-up restoration at %d² took %.1f s", s.warmup_size, seconds)
         except Exception:
             self.state = "failed"
             metrics.READY.set(0)
