@@ -15,6 +15,7 @@ peak GPU memory, and the load time. Prints a table; writes JSON to $OUT when set
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -56,7 +57,7 @@ def build(
     optimize(model, speed)
     if device == "cuda":
         torch.cuda.synchronize()
-    return RestorationPipeline(model, speed=speed), time.perf_counter() - start
+    return RestorationPipeline(model, speed=speed), round(time.perf_counter() - start, 2)
 
 
 def network_flops(pipeline: RestorationPipeline, latent: int) -> float:
@@ -150,20 +151,23 @@ def main() -> None:
     for name, (dtype, speed, tiled) in configs(args, device).items():
         if args.only and not any(part in name for part in args.only):
             continue
-        pipeline, load_s = build(args, device, dtype, speed)
-        entry: dict = {
-            "dtype": str(dtype).removeprefix("torch."),
-            "speed": {k: str(v) for k, v in asdict(speed).items()},
-            "load_s": round(load_s, 2),
-            "runs": [run(pipeline, args.size, args.steps, args.repeats, device)],
-        }
-        if tiled:
-            entry["runs"].append(run(pipeline, args.tiled_size, args.steps, 1, device, args.tile_size))
+        entry: dict = {"dtype": str(dtype).removeprefix("torch."),
+                       "speed": {k: str(v) for k, v in asdict(speed).items()}, "runs": []}  # fmt: skip
         report["configs"][name] = entry
+        try:
+            pipeline, entry["load_s"] = build(args, device, dtype, speed)
+            entry["runs"].append(run(pipeline, args.size, args.steps, args.repeats, device))
+            if tiled:
+                entry["runs"].append(run(pipeline, args.tiled_size, args.steps, 1, device, args.tile_size))
+        except Exception as exc:  # one failing configuration (a missing package, OOM) must not lose the others
+            entry["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+            print(f"{name}: {entry['error']}", file=sys.stderr)
+        pipeline = None
         print(json.dumps({name: entry}), flush=True)  # partial results survive a time limit
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], "gpu_restore.json").write_text(json.dumps(report, indent=1))
-        del pipeline
+        torch._dynamo.reset()  # this configuration's compiled graphs (and CUDA graph pools) go with it
+        gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
     for name, entry in report["configs"].items():
@@ -171,7 +175,7 @@ def main() -> None:
             tiled = " tiled" if r["tiled_sampling"] else ""
             print(f"{name:<36} {entry['dtype']:<9} {r['size']}²{tiled}: {r['total_s']:.2f} s, "
                   f"{r['steps_per_s']} steps/s, {r.get('tflops_per_s', '-')} TFLOP/s, peak {r['peak_gpu_GB']} GB, "
-                  f"load {entry['load_s']} s")  # fmt: skip
+                  f"load {entry.get('load_s')} s")  # fmt: skip
 
 
 if __name__ == "__main__":

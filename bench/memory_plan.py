@@ -165,7 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="fixture A's sizes")
     parser.add_argument("--size", type=int, default=1024, help="processing size (square), pixels")
-    parser.add_argument("--tiles", type=int, default=1, help="sampler tiles of 128² latent per network call")
+    parser.add_argument("--tiles", type=int, default=1, help="N>1: N sampler tiles of 128² latent per network call")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--vae-tile", type=int, default=None, help="VAE tile in pixels (default: none)")
     args = parser.parse_args()

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU measurements of issue 8 as one prepared script for a device session (bench/device_wheels.sh first, here).
+#
+#   device run, carry [".whl"], timeout 560:  bash bench/gpu_session.sh main     # ~6-8 min: baseline, tuned, lean
+#   device run, carry [".whl"], timeout 560:  bash bench/gpu_session.sh ablate   # each setting alone, if time is left
+#
+# Smoke test on a CPU: SKIP_WHEELS=1 PATH=.venv/bin:$PATH bash bench/gpu_session.sh ablate --tiny --size 128 --steps 2
+# Results land in $OUT (gpu_restore.json, env.txt, log.txt), written after each configuration, so a run cut off
+# at its limit still returns what it finished.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}; mkdir -p "$OUT"
+if [ -z "${SKIP_WHEELS:-}" ]; then  # SKIP_WHEELS=1: a machine that has the packages (a smoke test here)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache  # configurations share kernels of equal blocks
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python3 -c "import torch, diffusers, transformers; print(torch.__version__, torch.version.cuda, diffusers.__version__, transformers.__version__)"
+  date -u; } > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+case "${1:-main}" in
+  main)   args=() ;;
+  ablate) args=(--ablate --only bf16 --repeats 1) ;;
+  *) echo "usage: $0 main|ablate [gpu_restore.py flags]"; exit 2 ;;
+esac
+shift || true
+python3 bench/gpu_restore.py "${args[@]}" "$@" 2>&1 | tee "$OUT/log.txt"
