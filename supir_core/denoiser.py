@@ -45,6 +45,7 @@ class Denoiser:
     def __init__(self, network: EpsNetwork, train_sigmas: torch.Tensor | None = None) -> None:
         self.network = network
         self.train_sigmas = legacy_ddpm_sigmas() if train_sigmas is None else train_sigmas
+        self._grids: dict[torch.device, torch.Tensor] = {}  # a copy per device: no host→device copy per step
 
     @property
     def sigma_max(self) -> float:
@@ -52,7 +53,9 @@ class Denoiser:
 
     def quantize(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(t*, σ_q) per sample: the nearest training timestep and its sigma."""
-        grid = self.train_sigmas.to(sigma.device)
+        grid = self._grids.get(sigma.device)
+        if grid is None:
+            grid = self._grids[sigma.device] = self.train_sigmas.to(sigma.device)
         t = (sigma.float()[:, None] - grid[None, :]).abs().argmin(dim=1)
         return t, grid[t]
 

@@ -80,24 +80,33 @@ def tiled_cfg(
     """`linear_cfg` for `restore_edm_tiled`: crops the full-size control latent to each window.
 
     cond may map each window to its own Conditioning (per-tile prompts); controls are full-size.
-    A group of windows that does not fit in GPU memory is split in halves until it does.
+    A group of windows that does not fit in GPU memory is split in halves until it does, and later groups
+    are cut to the size that fitted before they are tried: one out-of-memory error per run, not per step.
     """
+    fits = [0]  # the most windows per call known to fit; 0: none failed yet
 
-    def denoise(x: torch.Tensor, sigma_hat: torch.Tensor, control_scale: float, windows: list[Window]) -> torch.Tensor:
+    def guided(x: torch.Tensor, sigma_hat: torch.Tensor, control_scale: float, windows: list[Window]) -> torch.Tensor:
         conds = [_crop(cond[w] if isinstance(cond, Mapping) else cond, w) for w in windows]
         unconds = [_crop(uncond, w) for w in windows]
-        guided = linear_cfg(denoiser, _stack(conds), _stack(unconds), scale_start, scale_end)
-        try:
-            return guided(x, sigma_hat, control_scale)
-        except torch.OutOfMemoryError:
-            if len(windows) == 1:
-                raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        half, rows = len(windows) // 2, x.shape[0] // len(windows)
-        cut = half * rows
-        first = denoise(x[:cut], sigma_hat[:cut], control_scale, windows[:half])
-        return torch.cat([first, denoise(x[cut:], sigma_hat[cut:], control_scale, windows[half:])])
+        return linear_cfg(denoiser, _stack(conds), _stack(unconds), scale_start, scale_end)(x, sigma_hat, control_scale)
+
+    def denoise(x: torch.Tensor, sigma_hat: torch.Tensor, control_scale: float, windows: list[Window]) -> torch.Tensor:
+        if not fits[0] or len(windows) <= fits[0]:
+            try:
+                return guided(x, sigma_hat, control_scale, windows)
+            except torch.OutOfMemoryError:
+                if len(windows) == 1:
+                    raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            fits[0] = (len(windows) + 1) // 2
+        rows, size = x.shape[0] // len(windows), fits[0]
+        parts = []
+        for first in range(0, len(windows), size):
+            part = windows[first : first + size]
+            rs = slice(first * rows, (first + len(part)) * rows)
+            parts.append(denoise(x[rs], sigma_hat[rs], control_scale, part))
+        return torch.cat(parts)
 
     return denoise
 

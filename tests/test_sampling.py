@@ -171,9 +171,11 @@ def test_a_tile_group_that_runs_out_of_memory_is_split() -> None:
     from supir_core.sampling import tiled_cfg
 
     batches: list[int] = []
+    failures: list[int] = []
 
     def network(x, t, context, vector, hint, control_scale=1.0):
         if x.shape[0] > 4:  # more than two tiles (×2 for CFG) "does not fit"
+            failures.append(x.shape[0])
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         batches.append(x.shape[0])
         return torch.tanh(x)
@@ -182,9 +184,10 @@ def test_a_tile_group_that_runs_out_of_memory_is_split() -> None:
     noise = torch.randn(1, 4, 20, 28)
     denoise = tiled_cfg(Denoiser(network), cond, cond, 2.0, 4.0)
     kwargs = {"tile": 8, "stride": 4, "sigma_max": SIGMA_MAX, "settings": NO_CHURN}
-    split = restore_edm_tiled(denoise, noise, sampling_sigmas(2), tiles_per_batch=0, **kwargs)
+    split = restore_edm_tiled(denoise, noise, sampling_sigmas(4), tiles_per_batch=0, **kwargs)
     assert max(batches) == 4
+    assert failures == [48, 24, 12, 6]  # 24 windows × CFG 2, halved until 2 windows fit; later steps split first
     batches.clear()
-    one_by_one = restore_edm_tiled(denoise, noise, sampling_sigmas(2), tiles_per_batch=1, **kwargs)
+    one_by_one = restore_edm_tiled(denoise, noise, sampling_sigmas(4), tiles_per_batch=1, **kwargs)
     assert set(batches) == {2}
     torch.testing.assert_close(split, one_by_one)
