@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints/cpu.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints/cpu.txt torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints/cpu.txt -e '.[dev,model,api,worker,fp8]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints/cpu.txt -e '.[dev,model,api,worker]'
 	@touch $(STAMP)
 
 redis:

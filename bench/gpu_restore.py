@@ -117,7 +117,7 @@ def configs(args: argparse.Namespace, device: str) -> dict[str, tuple[torch.dtyp
         "baseline (eager fp16)" if gpu else "baseline (eager fp32)": (torch.float16 if gpu else torch.float32,
                                                                       SpeedSettings(), False),
         "tuned": (fast, tuned, True),
-        "tuned + fp8 weights + text offload": (fast, replace(tuned, fp8_weights=True, offload_text=True), False),
+        "tuned + fp8 weights + text offload": (fast, replace(tuned, fp8="weights", offload_text=True), False),
     }  # fmt: skip
     if args.ablate:  # each setting on its own, over eager bf16
         out["bf16 eager"] = (fast, SpeedSettings(), False)
@@ -126,7 +126,9 @@ def configs(args: argparse.Namespace, device: str) -> dict[str, tuple[torch.dtyp
         out["bf16 + compile regional"] = (fast, SpeedSettings(compile="regional" if gpu else "none"), False)
         out["bf16 + compile full + CUDA graphs"] = (
             fast, SpeedSettings(compile="full" if gpu else "none", cuda_graphs=gpu), False)  # fmt: skip
-        out["bf16 + fp8 weights"] = (fast, SpeedSettings(fp8_weights=True), False)
+        out["bf16 + fp8 weights"] = (fast, SpeedSettings(fp8="weights"), False)
+        out["bf16 + fp8 compute + compile regional"] = (
+            fast, SpeedSettings(fp8="compute", compile="regional" if gpu else "none"), False)  # fmt: skip
     return out
 
 

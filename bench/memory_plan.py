@@ -1,4 +1,4 @@
-"""Device memory of a restoration, worked out without the device: weights and peak activations per stage.
+"""Device memory and compute of a restoration, worked out without the device: weights, peak activations, FLOPs.
 
     python bench/memory_plan.py                      # full size (from the key manifest), bf16, 1024²
     python bench/memory_plan.py --size 2048 --tiles 9
@@ -9,6 +9,7 @@ data, so a full-size 1024² pass takes seconds on a CPU and no memory. A dispatc
 live tensor storage (freed when its last tensor goes) and keeps the peak. The kernels of a GPU may hold a little
 extra workspace (cuDNN, cuBLAS) and the caching allocator rounds blocks up; figures here are the tensors' own bytes.
 Weights: the model's, and what they would be with fp8 weight-only Linear layers and the text encoders offloaded.
+FLOPs of each stage are counted on the same fake run (torch's FlopCounterMode).
 Prints a table; writes JSON to $OUT when set.
 """
 
@@ -82,6 +83,19 @@ def peak_bytes(run: Callable[[], Any]) -> int:
     return tracker.peak
 
 
+def tflop(run: Callable[[], Any]) -> float:
+    """TFLOP of `run` (torch's FlopCounterMode; the CPU's flash-attention kernel counted like CUDA's)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_flash_attention(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kw: Any) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_attention}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        run()
+    return counter.get_total_flops() / 1e12
+
+
 def weights_report(model: nn.Module) -> dict[str, float]:
     from supir_core.speed import weight_bytes
 
@@ -146,6 +160,11 @@ def plan(tiny: bool, size: int, tiles: int, dtype: torch.dtype, vae_tile: int | 
             return vae.encode(vae.decode(vae.encode_lq(image, vae_tile), vae_tile), None, vae_tile)
 
         report = {
+            "tflop": {
+                "stage1": tflop(stage1),
+                f"guided network call (batch {2 * tiles})": tflop(lambda: model.eps(x, t, context, vector, x)),
+                "decode": tflop(lambda: vae.decode(z, vae_tile)),
+            },
             "weights_GB": weights_report(model),
             "activations_GB": {
                 "stage1 (robust encode + decode + encode)": peak_bytes(stage1) / GB,
@@ -172,6 +191,8 @@ def main() -> None:
 
     report = {"size": args.size, "tiles": args.tiles, "dtype": args.dtype, "vae_tile": args.vae_tile,
               **plan(args.tiny, args.size, args.tiles, getattr(torch, args.dtype), args.vae_tile)}  # fmt: skip
+    for name, value in report["tflop"].items():
+        print(f"compute {name:<44} {value:8.3f} TFLOP")
     for name, value in report["weights_GB"].items():
         print(f"weights {name:<28} {value:8.3f} GB")
     for name, value in report["activations_GB"].items():

@@ -3,8 +3,6 @@
 FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 
 ARG TORCH_VERSION=2.7.1
-# torchao (fp8 weights) is built against one torch minor version: 0.12 goes with torch 2.7/2.8
-ARG TORCHAO_VERSION=0.12.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu126
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH \
@@ -20,7 +18,7 @@ COPY supir_core ./supir_core
 COPY jobs ./jobs
 COPY api ./api
 COPY worker ./worker
-RUN pip install ".[worker]" "torchao==${TORCHAO_VERSION}"
+RUN pip install ".[worker]"
 
 USER 10001
 VOLUME ["/models"]

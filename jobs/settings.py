@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     compile: Literal["none", "regional", "full"] = "none"
     cuda_graphs: bool = False
     compile_cache_dir: Path | None = None
-    fp8_weights: bool = False  # needs torchao (the worker image has it)
+    fp8: Literal["none", "weights", "compute"] = "none"  # not exact: docs/performance.md
     offload_text: bool = False
     prompt_cache: int = Field(64, ge=0, le=10_000, description="prompt embeddings kept across jobs")
     warmup_size: int = Field(

@@ -92,7 +92,7 @@ def _restore(args: argparse.Namespace) -> int:
             fuse_qkv=args.fuse_qkv,
             compile=args.compile,
             cuda_graphs=args.cuda_graphs,
-            fp8_weights=args.fp8_weights,
+            fp8=args.fp8,
             offload_text=args.offload_text,
         ),
     )
@@ -297,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--fuse-qkv", action="store_true", help="fused attention projections")
     speed.add_argument("--compile", choices=["none", "regional", "full"], default="none", help="torch.compile")
     speed.add_argument("--cuda-graphs", action="store_true", help="replay compiled graphs as CUDA graphs")
-    speed.add_argument("--fp8-weights", action="store_true", help="float8 Linear weights (torchao; not exact)")
+    speed.add_argument(
+        "--fp8", choices=["none", "weights", "compute"], default="none", help="float8 Linear layers (not exact)"
+    )
     speed.add_argument("--offload-text", action="store_true", help="text encoders wait in CPU memory")
     restore.add_argument(
         "--metadata", action="store_true", help="write <name>.json (seed, prompts, timings) beside each"

@@ -9,9 +9,13 @@ compile         "regional": torch.compile each repeated block (transformer block
                 form CUDA graphs need; "none": eager
 cuda_graphs     compile in "reduce-overhead" mode: each compiled graph is replayed as a CUDA graph, which
                 removes the per-kernel launch cost (CUDA only; inductor skips it on other devices)
-fp8_weights     float8 (e4m3) weight-only storage for every Linear layer of the UNet, connectors and adaptor
-                (torchao): half the memory of bf16 weights; activations stay in the model dtype. Not exact:
-                its tolerance is looser than the conformance one (see tests/test_speed.py)
+fp8             float8 (e4m3) Linear layers in the UNet, connectors and adaptor, one scale per weight row.
+                "weights": weight-only storage, half the memory of bf16 weights; matmuls stay in the model dtype.
+                "compute": the transformer blocks' weights and, per token, their activations in float8, multiplied
+                by torch._scaled_mm (Hopper/Ada fp8 tensor cores: about twice bf16's rate). Neither is exact: their
+                tolerance is looser than the conformance one (see tests/test_speed.py). Written here rather than
+                taken from torchao: a few lines that run (and are tested) on the CPU too, with no import-time
+                side effects and no coupling of versions to the installed torch
 offload_text    the CLIP text encoders wait in CPU memory and visit the device only to encode a prompt that
                 is not in the prompt cache (the pipeline's), freeing 1.6 GB of device memory at full size
 """
@@ -28,8 +32,8 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
+from torch.nn import functional as F
 
-from .errors import WeightsError
 from .models.supir import SupirModel
 
 
@@ -41,7 +45,7 @@ class SpeedSettings:
     compile_backend: str = "inductor"
     cuda_graphs: bool = False
     compile_cache_dir: Path | None = None  # survives worker restarts when on a persistent volume
-    fp8_weights: bool = False
+    fp8: Literal["none", "weights", "compute"] = "none"
     offload_text: bool = False
     prompt_cache: int = 64  # prompt embeddings kept (the negative prompt and default prompts repeat every job)
 
@@ -55,9 +59,9 @@ def optimize(model: SupirModel, settings: SpeedSettings) -> SupirModel:
     if settings.fuse_qkv:
         for net in networks:
             fuse_projections(net)
-    if settings.fp8_weights:
+    if settings.fp8 != "none":
         for net in networks:
-            quantize_fp8(net)
+            quantize_fp8(net, settings.fp8)
     if settings.offload_text:
         model.text.to("cpu")
     if settings.compile != "none":
@@ -75,12 +79,60 @@ def fuse_projections(net: nn.Module) -> None:
                 delattr(module, name)
 
 
-def quantize_fp8(net: nn.Module) -> None:
-    try:
-        from torchao.quantization import Float8WeightOnlyConfig, quantize_
-    except ImportError as exc:
-        raise WeightsError("fp8 weights need torchao: pip install 'supir-serve[fp8]'") from exc
-    quantize_(net, Float8WeightOnlyConfig())  # every nn.Linear: per-row scales, weights in float8_e4m3fn
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+
+
+def _to_fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row scaled so its largest magnitude lands on e4m3's largest value: (float8 rows, fp32 scale [rows, 1])."""
+    scale = t.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
+    return (t.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+class Fp8Linear(nn.Module):
+    """A Linear layer with float8 weights (one scale per output row).
+
+    compute=False: the weights are widened to the activations' dtype at each call (memory saving only; under
+    torch.compile the widening fuses into the matmul's prologue). compute=True: the activations are rounded to
+    float8 per token too and both go through torch._scaled_mm, the fp8 tensor-core matmul.
+    """
+
+    def __init__(self, linear: nn.Linear, compute: bool) -> None:
+        super().__init__()
+        weight, scale = _to_fp8_rows(linear.weight.detach())
+        self.compute = compute
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [out, in]
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)  # [out, 1]
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.compute:
+            return F.linear(x, self.weight.to(x.dtype) * self.weight_scale.to(x.dtype), self.bias)
+        rows = x.reshape(-1, x.shape[-1])
+        x8, x_scale = _to_fp8_rows(rows)
+        # weight.t() is column-major, the layout _scaled_mm wants for its second operand
+        y = torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.t(), out_dtype=x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def swap_fp8_linear(root: nn.Module, compute: bool) -> None:
+    for module in list(root.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, Fp8Linear(child, compute))
+
+
+def quantize_fp8(net: nn.Module, mode: str) -> None:
+    """weights: every Linear layer (nearly all of the UNet's and adaptor's weights). compute: the Linear layers of the
+    transformer blocks (attention projections, feed-forward: nearly all Linear FLOPs); the timestep and size
+    embeddings, the projections in and out of the blocks and the connectors stay in the model dtype, which keeps
+    the error of rounding activations within the weight-only one."""
+    if mode == "weights":
+        swap_fp8_linear(net, compute=False)
+        return
+    for block in [m for m in net.modules() if isinstance(m, BasicTransformerBlock)]:
+        swap_fp8_linear(block, compute=True)
 
 
 def compile_networks(networks: tuple[nn.Module, ...], settings: SpeedSettings) -> None:
@@ -103,14 +155,5 @@ def compile_networks(networks: tuple[nn.Module, ...], settings: SpeedSettings) -
                 module.compile(**options)
 
 
-def tensor_bytes(tensor: torch.Tensor) -> int:
-    """Bytes a tensor holds, looking inside tensor subclasses (fp8 data + scales) rather than at their dtype."""
-    flatten = getattr(type(tensor), "__tensor_flatten__", None)
-    if flatten is not None and type(tensor) is not nn.Parameter and type(tensor) is not torch.Tensor:
-        names, _ = tensor.__tensor_flatten__()  # type: ignore[attr-defined]
-        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
-    return tensor.numel() * tensor.element_size()
-
-
 def weight_bytes(module: nn.Module) -> int:
-    return sum(tensor_bytes(t) for t in (*module.parameters(), *module.buffers()))
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))

@@ -161,7 +161,10 @@ def running(
 
 def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 60) -> dict:
     def check() -> dict | None:
-        job = client.get(f"/v1/jobs/{job_id}").json()
+        response = client.get(f"/v1/jobs/{job_id}")
+        if response.status_code == 429:  # polling a slow job on a busy machine can outrun the key's rate limit
+            return None
+        job = response.json()
         return job if job["status"] in statuses else None
 
-    return wait_until(check, timeout, 0.1, f"job {job_id} to reach {statuses}")
+    return wait_until(check, timeout, 0.25, f"job {job_id} to reach {statuses}")

@@ -45,24 +45,61 @@ def test_fused_projections_are_used_and_the_unfused_dropped(fixture_a: Path) -> 
     assert weight_bytes(model.unet) + weight_bytes(model.adaptor) == before  # fusing costs no memory
 
 
-def test_fp8_weights_stay_within_their_tolerance(fixture_a: Path) -> None:
+@pytest.mark.parametrize("fp8", ["weights", "compute"])
+def test_fp8_stays_within_its_tolerance(fixture_a: Path, fp8: str) -> None:
     fixture = Fixture.open(fixture_a)
-    model = optimize(fixture.load_model(), SpeedSettings(fp8_weights=True, fuse_qkv=True))
+    model = optimize(fixture.load_model(), SpeedSettings(fp8=fp8, fuse_qkv=True))  # type: ignore[arg-type]
     rows = compare(fixture, run_fixture(fixture, model, only=CASES))
     assert rows and all(r.error <= FP8_TOLERANCE for r in rows), [(r.case, r.output, r.error) for r in rows]
-    assert not all(r.passed for r in rows)  # the weights really are rounded: float8 is not exact
+    assert not all(r.passed for r in rows)  # the numbers really are rounded: float8 is not exact
 
 
 def test_fp8_weights_halve_the_linear_layers(fixture_a: Path) -> None:
+    from supir_core.speed import Fp8Linear
+
     model = Fixture.open(fixture_a).load_model()
     linears = [m for net in (model.unet, model.adaptor) for m in net.modules() if isinstance(m, torch.nn.Linear)]
-    fp32_bytes = sum(m.weight.numel() * 4 for m in linears)
+    fp32_bytes, rows = sum(m.weight.numel() * 4 for m in linears), sum(m.weight.shape[0] for m in linears)
     before = weight_bytes(model.unet) + weight_bytes(model.adaptor)
-    optimize(model, SpeedSettings(fp8_weights=True))
-    assert all(getattr(m.weight, "qdata", m.weight).dtype == torch.float8_e4m3fn for m in linears)
+    optimize(model, SpeedSettings(fp8="weights"))
+    layers = [m for net in (model.unet, model.adaptor) for m in net.modules() if isinstance(m, Fp8Linear)]
+    assert len(layers) == len(linears) and all(m.weight.dtype == torch.float8_e4m3fn for m in layers)
     saved = before - (weight_bytes(model.unet) + weight_bytes(model.adaptor))
-    # 1 byte per weight instead of 4, plus one fp32 scale per output row
-    assert saved == pytest.approx(fp32_bytes * 3 / 4, rel=0.05)
+    assert saved == fp32_bytes * 3 // 4 - rows * 4  # 1 byte per weight instead of 4, plus an fp32 scale per row
+
+
+def test_fp8_compute_runs_the_transformer_blocks_in_float8(fixture_a: Path) -> None:
+    from diffusers.models.attention import BasicTransformerBlock
+
+    from supir_core.speed import Fp8Linear
+
+    model = optimize(Fixture.open(fixture_a).load_model(), SpeedSettings(fp8="compute"))
+    blocks = [b for net in (model.unet, model.adaptor) for b in net.modules() if isinstance(b, BasicTransformerBlock)]
+    assert blocks and not [m for b in blocks for m in b.modules() if type(m) is torch.nn.Linear]
+    layers = [m for b in blocks for m in b.modules() if isinstance(m, Fp8Linear)]
+    assert len(layers) == 10 * len(blocks)  # q, k, v, out × 2 attentions, GEGLU in, feed-forward out
+    assert all(m.weight.dtype == torch.float8_e4m3fn for m in layers)
+    assert type(model.adaptor.time_embedding.linear_1) is torch.nn.Linear  # embeddings stay exact
+
+
+def test_fp8_linear_matches_a_float8_reference() -> None:
+    """Fp8Linear = (x rounded to e4m3 per row) · (W rounded per row)ᵀ + b, scales undone: checked by hand."""
+    from supir_core.speed import E4M3_MAX, Fp8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    x = torch.randn(2, 5, 64) * torch.logspace(-2, 2, 64)  # a wide range of magnitudes
+    w_scale = linear.weight.abs().amax(1, keepdim=True) / E4M3_MAX
+    x_scale = x.abs().amax(-1, keepdim=True) / E4M3_MAX
+    w8 = (linear.weight / w_scale).to(torch.float8_e4m3fn).float() * w_scale
+    x8 = (x / x_scale).to(torch.float8_e4m3fn).float() * x_scale
+    expected = x8 @ w8.t() + linear.bias
+    got = Fp8Linear(linear, compute=True)(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    exact = linear(x)
+    assert 0.005 < ((got - exact).norm() / exact.norm()).item() < 0.1  # rounded, yet close
+    weights_only = Fp8Linear(linear, compute=False)(x)
+    torch.testing.assert_close(weights_only, x @ w8.t() + linear.bias, rtol=1e-5, atol=1e-4)
 
 
 def test_full_graph_compile_has_no_graph_breaks(fixture_a: Path) -> None:

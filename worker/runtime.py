@@ -51,7 +51,7 @@ class Runtime:
                 compile=s.compile,
                 cuda_graphs=s.cuda_graphs,
                 compile_cache_dir=s.compile_cache_dir,
-                fp8_weights=s.fp8_weights,
+                fp8=s.fp8,
                 offload_text=s.offload_text,
                 prompt_cache=s.prompt_cache,
             )
