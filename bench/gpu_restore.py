@@ -2,11 +2,12 @@
 
     python bench/gpu_restore.py                                  # GPU: full-size architecture, random weights
     python bench/gpu_restore.py --sdxl F --supir F               # GPU: the real files (also times the load)
-    python bench/gpu_restore.py --ablate                         # GPU: and each setting on its own
+    python bench/gpu_restore.py --configs bf16,fuse_qkv          # GPU: chosen configurations (ablation)
     python bench/gpu_restore.py --tiny --size 128 --tiled-size 256 --steps 2   # CPU smoke test (fixture A)
 
-Configurations: eager fp16 (the baseline), tuned (bf16, channels_last, fused QKV, regional compile), tuned with
-fp8 weights and offloaded text encoders, and with --ablate each setting alone over eager bf16.
+Configurations (--configs): baseline = eager fp16; tuned = bf16, channels_last, fused QKV, regional compile;
+lean = tuned with fp8 weights and offloaded text encoders; fp8compute = tuned with fp8 matmuls; and for an ablation
+each setting alone over eager bf16 (bf16, channels_last, fuse_qkv, regional, full_graphs, fp8weights).
 For each configuration: per-stage seconds at --size (default 1024²) and tiled at --tiled-size (default 2048²),
 sampler steps/s, achieved TFLOP/s (FLOPs of one guided network call counted with torch's FlopCounterMode),
 peak GPU memory, and the load time. Prints a table; writes JSON to $OUT when set.
@@ -107,29 +108,38 @@ def run(pipeline: RestorationPipeline, size: int, steps: int, repeats: int, devi
     return out
 
 
-def configs(args: argparse.Namespace, device: str) -> dict[str, tuple[torch.dtype, SpeedSettings, bool]]:
-    """name → (dtype, settings, whether to run the tiled size too). Off the GPU: fp32, nothing compiled."""
+Config = tuple[str, torch.dtype, SpeedSettings, bool]  # label, dtype, settings, whether to run the tiled size too
+DEFAULT_CONFIGS = "baseline,tuned,lean,fp8compute"
+ABLATION = "bf16,channels_last,fuse_qkv,regional,full_graphs,fp8weights"
+
+
+def configs(args: argparse.Namespace, device: str) -> dict[str, Config]:
+    """key → configuration. Off the GPU: fp32, nothing compiled (a smoke test of every path)."""
     gpu = device == "cuda"
     fast = torch.bfloat16 if gpu else torch.float32
+    base = torch.float16 if gpu else torch.float32
+    fast_name, base_name = str(fast).removeprefix("torch."), str(base).removeprefix("torch.")
     compile_ = args.compile if gpu else "none"
+    regional = "regional" if gpu else "none"
     tuned = SpeedSettings(channels_last=True, fuse_qkv=True, compile=compile_)  # type: ignore[arg-type]
-    out = {
-        "baseline (eager fp16)" if gpu else "baseline (eager fp32)": (torch.float16 if gpu else torch.float32,
-                                                                      SpeedSettings(), False),
-        "tuned": (fast, tuned, True),
-        "tuned + fp8 weights + text offload": (fast, replace(tuned, fp8="weights", offload_text=True), False),
-    }  # fmt: skip
-    if args.ablate:  # each setting on its own, over eager bf16
-        out["bf16 eager"] = (fast, SpeedSettings(), False)
-        out["bf16 + channels_last"] = (fast, SpeedSettings(channels_last=True), False)
-        out["bf16 + fuse_qkv"] = (fast, SpeedSettings(fuse_qkv=True), False)
-        out["bf16 + compile regional"] = (fast, SpeedSettings(compile="regional" if gpu else "none"), False)
-        out["bf16 + compile full + CUDA graphs"] = (
-            fast, SpeedSettings(compile="full" if gpu else "none", cuda_graphs=gpu), False)  # fmt: skip
-        out["bf16 + fp8 weights"] = (fast, SpeedSettings(fp8="weights"), False)
-        out["bf16 + fp8 compute + compile regional"] = (
-            fast, SpeedSettings(fp8="compute", compile="regional" if gpu else "none"), False)  # fmt: skip
-    return out
+    return {
+        "baseline": (f"baseline (eager {base_name})", base, SpeedSettings(), False),
+        "tuned": ("tuned", fast, tuned, True),
+        "lean": ("tuned + fp8 weights + text offload", fast, replace(tuned, fp8="weights", offload_text=True), False),
+        "fp8compute": ("tuned + fp8 compute", fast, replace(tuned, fp8="compute"), False),
+        # each setting on its own, over eager bf16
+        "bf16": (f"{fast_name} eager", fast, SpeedSettings(), False),
+        "channels_last": (f"{fast_name} + channels_last", fast, SpeedSettings(channels_last=True), False),
+        "fuse_qkv": (f"{fast_name} + fuse_qkv", fast, SpeedSettings(fuse_qkv=True), False),
+        "regional": (f"{fast_name} + compile regional", fast, SpeedSettings(compile=regional), False),  # type: ignore[arg-type]
+        "full_graphs": (
+            f"{fast_name} + compile full + CUDA graphs",
+            fast,
+            SpeedSettings(compile="full" if gpu else "none", cuda_graphs=gpu),
+            False,
+        ),
+        "fp8weights": (f"{fast_name} + fp8 weights", fast, SpeedSettings(fp8="weights"), False),
+    }
 
 
 def main() -> None:
@@ -143,16 +153,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--compile", default="regional", choices=["none", "regional", "full"])
     parser.add_argument("--tile-size", type=int, default=128, help="sampler tile in latent pixels (official: 128)")
-    parser.add_argument("--ablate", action="store_true", help="also each setting on its own (at --size only)")
-    parser.add_argument("--only", action="append", help="run only the configurations whose name contains this")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated keys (ablation: {ABLATION})")
     args = parser.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                     "steps": args.steps, "configs": {}}  # fmt: skip
-    for name, (dtype, speed, tiled) in configs(args, device).items():
-        if args.only and not any(part in name for part in args.only):
-            continue
+    available = configs(args, device)
+    for key in args.configs.split(","):
+        if key not in available:
+            parser.error(f"unknown configuration {key!r}; known: {', '.join(available)}")
+        name, dtype, speed, tiled = available[key]
         entry: dict = {"dtype": str(dtype).removeprefix("torch."),
                        "speed": {k: str(v) for k, v in asdict(speed).items()}, "runs": []}  # fmt: skip
         report["configs"][name] = entry

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurements of issue 8 as one prepared script for a device session (bench/device_wheels.sh first, here).
 #
-#   device run, carry [".whl"], timeout 560:  bash bench/gpu_session.sh main     # ~6-8 min: baseline, tuned, lean
-#   device run, carry [".whl"], timeout 560:  bash bench/gpu_session.sh ablate   # each setting alone, if time is left
+#   device run, carry [".whl"], timeout 560:  bash bench/gpu_session.sh main     # baseline, tuned (1024², 2048²)
+#   device run, carry [".whl"], timeout 560:  bash bench/gpu_session.sh fp8      # fp8 weights + offload, fp8 compute
+#   device run, carry [".whl"], timeout 560:  bash bench/gpu_session.sh ablate   # each setting alone
+# Each part is sized for one call of under 10 minutes (compiling takes most of it); run them in this order.
 #
 # Smoke test on a CPU: SKIP_WHEELS=1 PATH=.venv/bin:$PATH bash bench/gpu_session.sh ablate --tiny --size 128 --steps 2
 # Results land in $OUT (gpu_restore.json, env.txt, log.txt), written after each configuration, so a run cut off
@@ -21,9 +23,10 @@ export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache  # configurations share kerne
   date -u; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 case "${1:-main}" in
-  main)   args=() ;;
-  ablate) args=(--ablate --only bf16 --repeats 1) ;;
-  *) echo "usage: $0 main|ablate [gpu_restore.py flags]"; exit 2 ;;
+  main)   args=(--configs baseline,tuned) ;;
+  fp8)    args=(--configs lean,fp8compute) ;;
+  ablate) args=(--configs bf16,channels_last,fuse_qkv,regional,full_graphs,fp8weights --repeats 1) ;;
+  *) echo "usage: $0 main|fp8|ablate [gpu_restore.py flags]"; exit 2 ;;
 esac
 shift || true
 python3 bench/gpu_restore.py "${args[@]}" "$@" 2>&1 | tee "$OUT/log.txt"

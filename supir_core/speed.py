@@ -34,6 +34,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import WeightsError
 from .models.supir import SupirModel
 
 
@@ -110,7 +111,9 @@ class Fp8Linear(nn.Module):
         rows = x.reshape(-1, x.shape[-1])
         x8, x_scale = _to_fp8_rows(rows)
         # weight.t() is column-major, the layout _scaled_mm wants for its second operand
-        y = torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.t(), out_dtype=x.dtype)
+        out_dtype = torch.bfloat16 if x.is_cuda else x.dtype  # CUDA's row-wise scaled matmul writes bf16 only
+        y = torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.t(), out_dtype=out_dtype)
+        y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -131,6 +134,10 @@ def quantize_fp8(net: nn.Module, mode: str) -> None:
     if mode == "weights":
         swap_fp8_linear(net, compute=False)
         return
+    device = next(net.parameters()).device
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise WeightsError(f"fp8=compute needs fp8 tensor cores (Ada or Hopper, compute capability 8.9+), not {name}")
     for block in [m for m in net.modules() if isinstance(m, BasicTransformerBlock)]:
         swap_fp8_linear(block, compute=True)
 

@@ -52,10 +52,11 @@ def test_side_by_side_restore_benchmark_runs_on_the_tiny_model(tmp_path: Path) -
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_restore.json").read_text())
-    baseline, tuned, lean = report["configs"].values()
+    baseline, tuned, lean, fp8compute = report["configs"].values()
     assert baseline["runs"][0]["tflops_per_s"] > 0 and baseline["runs"][0]["steps_per_s"] > 0
     assert tuned["speed"]["fuse_qkv"] == "True" and tuned["runs"][1]["tiled_sampling"] is True
     assert lean["speed"]["fp8"] == "weights" and lean["runs"][0]["steps_per_s"] > 0
+    assert fp8compute["speed"]["fp8"] == "compute" and "error" not in fp8compute
 
 
 def _bench_module(name: str):
