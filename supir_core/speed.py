@@ -7,6 +7,9 @@ compile         "regional": torch.compile each repeated block (transformer block
                 UNet and the adaptor — compile time stays low because equal blocks share one graph;
                 "full": the adaptor and the UNet each as one graph (fullgraph=True: no graph breaks), the
                 form CUDA graphs need; "none": eager
+compile_dynamic False: graphs specialised to each shape (fastest kernels; each new image size or number of tiles
+                per call compiles anew, once, and the compile cache keeps it); True: sizes symbolic from the
+                start, one compile serves every size (a service with sizes that vary a lot)
 cuda_graphs     compile in "reduce-overhead" mode: each compiled graph is replayed as a CUDA graph, which
                 removes the per-kernel launch cost (CUDA only; inductor skips it on other devices)
 fp8             float8 (e4m3) Linear layers in the UNet, connectors and adaptor, one scale per weight row.
@@ -25,7 +28,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from diffusers.models.attention import BasicTransformerBlock
@@ -46,6 +49,7 @@ class SpeedSettings:
     compile_backend: str = "inductor"
     cuda_graphs: bool = False
     compile_cache_dir: Path | None = None  # survives worker restarts when on a persistent volume
+    compile_dynamic: bool = False
     fp8: Literal["none", "weights", "compute"] = "none"
     offload_text: bool = False
     prompt_cache: int = 64  # prompt embeddings kept (the negative prompt and default prompts repeat every job)
@@ -150,7 +154,7 @@ def compile_networks(networks: tuple[nn.Module, ...], settings: SpeedSettings) -
     dynamo = torch._dynamo.config
     dynamo.cache_size_limit = max(dynamo.cache_size_limit, 64)
     dynamo.accumulated_cache_size_limit = max(dynamo.accumulated_cache_size_limit, 1024)
-    options = {"backend": settings.compile_backend, "dynamic": False}
+    options: dict[str, Any] = {"backend": settings.compile_backend, "dynamic": settings.compile_dynamic}
     if settings.cuda_graphs and settings.compile_backend == "inductor":
         options["mode"] = "reduce-overhead"
     for net in networks:

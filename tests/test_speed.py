@@ -23,8 +23,9 @@ FP8_TOLERANCE = 0.1
         SpeedSettings(fuse_qkv=True),
         # aot_eager traces with dynamo and AOTAutograd like inductor does, without compiling kernels (fast on CI)
         SpeedSettings(compile="regional", compile_backend="aot_eager"),
+        SpeedSettings(compile="regional", compile_backend="aot_eager", compile_dynamic=True),
     ],
-    ids=["channels_last", "fuse_qkv", "regional_compile"],
+    ids=["channels_last", "fuse_qkv", "regional_compile", "regional_compile_dynamic"],
 )
 def test_speed_settings_stay_within_tolerance(fixture_a: Path, settings: SpeedSettings) -> None:
     fixture = Fixture.open(fixture_a)

@@ -51,6 +51,7 @@ class Runtime:
                 compile=s.compile,
                 cuda_graphs=s.cuda_graphs,
                 compile_cache_dir=s.compile_cache_dir,
+                compile_dynamic=s.compile_dynamic,
                 fp8=s.fp8,
                 offload_text=s.offload_text,
                 prompt_cache=s.prompt_cache,
