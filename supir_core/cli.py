@@ -87,14 +87,7 @@ def _restore(args: argparse.Namespace) -> int:
         device=args.device or env.get("SUPIR_DEVICE") or None,
         dtype=getattr(torch, torch_dtype_name) if torch_dtype_name else None,
         options=options,
-        speed=SpeedSettings(
-            channels_last=args.channels_last,
-            fuse_qkv=args.fuse_qkv,
-            compile=args.compile,
-            cuda_graphs=args.cuda_graphs,
-            fp8=args.fp8,
-            offload_text=args.offload_text,
-        ),
+        speed=SpeedSettings.from_attributes(args),
     )
     llava = args.llava or env.get("SUPIR_LLAVA_MODEL")
     if llava and params.caption == "auto":

@@ -26,7 +26,7 @@ offload_text    the CLIP text encoders wait in CPU memory and visit the device o
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,6 +53,11 @@ class SpeedSettings:
     fp8: Literal["none", "weights", "compute"] = "none"
     offload_text: bool = False
     prompt_cache: int = 64  # prompt embeddings kept (the negative prompt and default prompts repeat every job)
+
+    @classmethod
+    def from_attributes(cls, source: Any) -> SpeedSettings:
+        """The settings that `source` (CLI arguments, worker settings) holds under these fields' names."""
+        return cls(**{f.name: getattr(source, f.name) for f in fields(cls) if hasattr(source, f.name)})
 
 
 def optimize(model: SupirModel, settings: SpeedSettings) -> SupirModel:

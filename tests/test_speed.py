@@ -109,3 +109,25 @@ def test_full_graph_compile_has_no_graph_breaks(fixture_a: Path) -> None:
     model = optimize(fixture.load_model(), SpeedSettings(compile="full", compile_backend="aot_eager"))
     rows = compare(fixture, run_fixture(fixture, model, only=["denoiser_cs1", "sampler_churn"]))
     assert rows and all(r.passed for r in rows), [(r.case, r.output, r.error) for r in rows if not r.passed]
+
+
+def test_every_speed_setting_reaches_the_worker_and_the_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import fields
+
+    from jobs.settings import Settings
+    from supir_core.cli import build_parser
+
+    names = {f.name for f in fields(SpeedSettings)} - {"compile_backend"}
+    env = {"FP8": "compute", "COMPILE": "full", "CUDA_GRAPHS": "1", "OFFLOAD_TEXT": "1", "PROMPT_CACHE": "3",
+           "CHANNELS_LAST": "1", "FUSE_QKV": "1", "COMPILE_DYNAMIC": "1",
+           "COMPILE_CACHE_DIR": "/tmp/cache"}  # fmt: skip
+    assert {n.upper() for n in names} == set(env)
+    for name, value in env.items():
+        monkeypatch.setenv(f"SUPIR_{name}", value)
+    worker = SpeedSettings.from_attributes(Settings())
+    assert worker == SpeedSettings(
+        channels_last=True, fuse_qkv=True, compile="full", cuda_graphs=True, compile_cache_dir=Path("/tmp/cache"),
+        compile_dynamic=True, fp8="compute", offload_text=True, prompt_cache=3,
+    )  # fmt: skip
+    args = build_parser().parse_args(["restore", "x.png", "-o", "out", "--fp8", "compute", "--offload-text"])
+    assert SpeedSettings.from_attributes(args) == SpeedSettings(fp8="compute", offload_text=True)

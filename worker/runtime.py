@@ -45,17 +45,7 @@ class Runtime:
             options = load_model_options(s.model_config_file) if s.model_config_file else ModelOptions()
             from supir_core.speed import SpeedSettings
 
-            speed = SpeedSettings(
-                channels_last=s.channels_last,
-                fuse_qkv=s.fuse_qkv,
-                compile=s.compile,
-                cuda_graphs=s.cuda_graphs,
-                compile_cache_dir=s.compile_cache_dir,
-                compile_dynamic=s.compile_dynamic,
-                fp8=s.fp8,
-                offload_text=s.offload_text,
-                prompt_cache=s.prompt_cache,
-            )
+            speed = SpeedSettings.from_attributes(s)
             self.pipeline = RestorationPipeline.from_checkpoints(
                 s.sdxl_checkpoint, s.checkpoint, device=s.device, dtype=_dtype(s.dtype), options=options, speed=speed
             )
