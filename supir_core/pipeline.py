@@ -20,7 +20,7 @@ from .denoiser import Conditioning, Denoiser
 from .errors import Canceled, InvalidInput
 from .imageio import LoadedImage, finish, load_image, plan_sizes, to_model_input, to_pil
 from .models.supir import SupirModel
-from .params import MAX_SEED, RestoreParams
+from .params import MAX_SEED, RestoreParams, validate_params
 from .prompts import PromptEmbeddings
 from .sampling import (
     NoiseFn,
@@ -259,8 +259,6 @@ class RestorationPipeline:
     def warm_up(self, size: int, steps: int = 3) -> float:
         """One throwaway restoration of a size² noise image, no caption: compiles the graphs (or loads them from the
         compile cache), picks kernels and grows the allocator, so the first real job runs at full speed. Seconds."""
-        from .params import validate_params
-
         start = time.perf_counter()
         noise = Image.effect_noise((size, size), 48).convert("RGB")
         self(noise, validate_params({"min_size": size, "steps": steps, "seed": 0, "caption": "none"}))

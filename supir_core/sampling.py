@@ -83,7 +83,7 @@ def tiled_cfg(
     A group of windows that does not fit in GPU memory is split in halves until it does, and later groups
     are cut to the size that fitted before they are tried: one out-of-memory error per run, not per step.
     """
-    fits = [0]  # the most windows per call known to fit; 0: none failed yet
+    fits = 0  # the most windows per call known to fit; 0: none failed yet
 
     def guided(x: torch.Tensor, sigma_hat: torch.Tensor, control_scale: float, windows: list[Window]) -> torch.Tensor:
         conds = [_crop(cond[w] if isinstance(cond, Mapping) else cond, w) for w in windows]
@@ -91,7 +91,8 @@ def tiled_cfg(
         return linear_cfg(denoiser, _stack(conds), _stack(unconds), scale_start, scale_end)(x, sigma_hat, control_scale)
 
     def denoise(x: torch.Tensor, sigma_hat: torch.Tensor, control_scale: float, windows: list[Window]) -> torch.Tensor:
-        if not fits[0] or len(windows) <= fits[0]:
+        nonlocal fits
+        if not fits or len(windows) <= fits:
             try:
                 return guided(x, sigma_hat, control_scale, windows)
             except torch.OutOfMemoryError:
@@ -99,8 +100,8 @@ def tiled_cfg(
                     raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            fits[0] = (len(windows) + 1) // 2
-        rows, size = x.shape[0] // len(windows), fits[0]
+            fits = (len(windows) + 1) // 2
+        rows, size = x.shape[0] // len(windows), fits
         parts = []
         for first in range(0, len(windows), size):
             part = windows[first : first + size]
