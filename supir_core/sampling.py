@@ -292,20 +292,25 @@ def restore_dpmpp_2m(
     *,
     settings: RestoreSettings = RestoreSettings(),
     sigma_max: float,
+    init_sigma: float | None = None,
+    eta: float = 1.0,
     x_center: torch.Tensor | None = None,
     step_noise: NoiseFn | None = None,
     full_guidance: bool = False,
     callback: Callback | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
-    """DPM-Solver++(2M) SDE, η = 1, midpoint correction (Lu et al. 2022), for few-step SDXL bases (spec §3.9).
+    """DPM-Solver++(2M) SDE (Lu et al. 2022) as SUPIR's RestoreDPMPP2MSampler steps it (FORMAT.md §4.7).
 
-    As in the official sampler, churn, the control-scale ramp and restoration guidance are ignored unless
-    full_guidance is set; then the ramp and the x0 blend of `edm_step` apply on σ_i.
+    x_0 = ε·√(1 + init_sigma²) (SUPIR scales by the legacy grid's σ_0, not the Karras one). Each step:
+    x ← (σ'/σ)e^{−ηh}·x + a·D with a = 1 − e^{−(1+η)h}, h = ln σ − ln σ'; from step 1 on the 2M correction
+    a·(D − D_prev)/(2r), r = h_prev/h, and the noise ξ·σ'·√(1 − e^{−2ηh})·s_noise (ξ = step_noise(i − 1): none on
+    step 0); the last step (σ' = 0) returns D. Churn, the control ramp and restoration guidance are ignored, as
+    the official sampler ignores them, unless full_guidance is set: then the ramp and the x0 blend apply on σ_i.
     """
     step_noise = step_noise or noise_from(None)
     steps = len(sigmas) - 1
-    x = noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)
+    x = noise * math.sqrt(1.0 + (float(sigmas[0]) if init_sigma is None else init_sigma) ** 2)
     old_denoised: torch.Tensor | None = None
     h_last = 0.0
     for i in range(steps):
@@ -320,11 +325,12 @@ def restore_dpmpp_2m(
             x = denoised
         else:
             h = math.log(sigma) - math.log(sigma_next)  # step in half-log-SNR, t = −log σ
-            decay = -math.expm1(-2 * h)  # 1 − e^{−2h}: with η = 1, e^{−ηh − h} = e^{−2h}
-            x = (sigma_next / sigma) * math.exp(-h) * x + decay * denoised
+            a = -math.expm1(-(1.0 + eta) * h)
+            x = (sigma_next / sigma) * math.exp(-eta * h) * x + a * denoised
             if old_denoised is not None:
-                x = x + 0.5 * decay * (h / h_last) * (denoised - old_denoised)
-            x = x + step_noise(i, x) * sigma_next * math.sqrt(decay) * settings.s_noise
+                x = x + a * (h / (2.0 * h_last)) * (denoised - old_denoised)
+                if eta > 0:
+                    x = x + step_noise(i - 1, x) * (sigma_next * math.sqrt(-math.expm1(-2.0 * eta * h)) * settings.s_noise)
             h_last = h
         old_denoised = denoised
         if callback is not None:

@@ -43,11 +43,15 @@ def sampling_sigmas(num_steps: int, train_sigmas: torch.Tensor | None = None) ->
 
 
 def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
-    """Karras et al. (2022) eq. 5: σ_i = (σ_max^{1/ρ} + i/(N−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, then 0."""
-    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
-    inv_max, inv_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    """Karras et al. (2022) eq. 5: σ_i = (σ_max^{1/ρ} + i/(N−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, then 0.
+
+    In float32 throughout, as k-diffusion computes it for SUPIR (so the ends round as the official grid's do).
+    """
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float32)
+    inv_max = torch.tensor(sigma_max, dtype=torch.float32) ** (1 / rho)
+    inv_min = torch.tensor(sigma_min, dtype=torch.float32) ** (1 / rho)
     sigmas = (inv_max + ramp * (inv_min - inv_max)) ** rho
-    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(torch.float32)
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
 def dpmpp_sigmas(num_steps: int, train_sigmas: torch.Tensor | None = None) -> torch.Tensor:

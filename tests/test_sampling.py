@@ -146,6 +146,75 @@ def test_dpmpp_with_an_exact_denoiser_and_no_noise_lands_on_its_answer() -> None
     torch.testing.assert_close(out, target)
 
 
+def official_dpmpp(denoise, noise, sigmas, legacy_sigma0, step_noise, s_noise, eta=1.0):
+    """The official RestoreDPMPP2MSampler loop, transcribed in its own terms (t = −log σ, mult1…mult4, x_standard vs
+    x_advanced, noise drawn only for i > 0 and σ_{i+1} > 0) for a batch-1 latent; returns x after each step."""
+    x = noise * math.sqrt(1.0 + legacy_sigma0**2)
+    old, out, draws = None, [], iter(step_noise)
+    for i in range(len(sigmas) - 1):
+        sigma, next_sigma = sigmas[i], sigmas[i + 1]
+        eps = next(draws) if i > 0 and next_sigma > 1e-14 else None
+        denoised = denoise(x, torch.full((1,), float(sigma)), 1.0)
+        t, t_next = -torch.log(sigma), -torch.log(next_sigma)
+        h = t_next - t
+        mult1 = torch.exp(-t_next) / torch.exp(-t) * torch.exp(-eta * h)
+        mult2 = torch.expm1(-h - eta * h)
+        x_standard = mult1 * x - mult2 * denoised
+        if old is None or next_sigma < 1e-14:
+            x = x_standard
+        else:
+            r = (t - (-torch.log(sigmas[i - 1]))) / h
+            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
+            x = mult1 * x - mult2 * denoised_d
+            x = x + eps * next_sigma * torch.sqrt(-torch.expm1(-2 * eta * h)) * s_noise
+        old = denoised
+        out.append(x)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("num_steps", [2, 3, 8])
+def test_dpmpp_follows_the_official_update_step_by_step(num_steps: int) -> None:
+    """Against the official loop on a nonlinear denoiser: no noise on step 0, N − 2 draws, D on the last step."""
+    gen = torch.Generator().manual_seed(num_steps)
+    target = torch.randn(1, 4, 6, 6, generator=gen)
+    noise = torch.randn(1, 4, 6, 6, generator=gen)
+    step_noise = torch.randn(max(num_steps - 2, 0), 1, 4, 6, 6, generator=gen)
+
+    def denoise(x, sigma, alpha):  # depends on x and σ, so every coefficient matters
+        return torch.tanh(0.3 * x) + target * (1.0 / (1.0 + sigma[:, None, None, None]))
+
+    sigmas = dpmpp_sigmas(num_steps)
+    asked: list[int] = []
+
+    def recorded(i: int, like: torch.Tensor) -> torch.Tensor:
+        asked.append(i)
+        return step_noise[i]
+
+    steps: list[dict] = []
+    out = restore_dpmpp_2m(denoise, noise, sigmas, settings=RestoreSettings(s_noise=1.003), sigma_max=SIGMA_MAX,
+                           init_sigma=SIGMA_MAX, step_noise=recorded, callback=steps.append)  # fmt: skip
+    want = official_dpmpp(denoise, noise.double(), sigmas.double(), SIGMA_MAX, step_noise.double(), 1.003)
+    torch.testing.assert_close(torch.stack([s["x"] for s in steps]).double(), want, rtol=1e-5, atol=1e-5)
+    assert asked == list(range(num_steps - 2))
+    torch.testing.assert_close(out, steps[-1]["denoised"])  # the last step returns D
+
+
+def test_dpmpp_adds_no_noise_on_its_first_step() -> None:
+    """A different noise level changes every step from the second one on, never the first."""
+    noise = torch.randn(1, 4, 4, 4)
+
+    def run(s_noise: float) -> list[torch.Tensor]:
+        steps: list[dict] = []
+        restore_dpmpp_2m(lambda x, s, a: 0.5 * x, noise, dpmpp_sigmas(5), settings=RestoreSettings(s_noise=s_noise),
+                         sigma_max=SIGMA_MAX, step_noise=noise_from(torch.ones(3, 1, 4, 4, 4)),
+                         callback=steps.append)  # fmt: skip
+        return [s["x"] for s in steps]
+
+    quiet, loud = run(0.0), run(1.0)
+    torch.testing.assert_close(quiet[0], loud[0])
+    assert all(not torch.allclose(q, lo) for q, lo in zip(quiet[1:4], loud[1:4], strict=True))
+
+
 def test_dpmpp_ignores_guidance_unless_asked() -> None:
     settings = RestoreSettings(restore_cfg=4.0, use_linear_control_scale=True, control_scale=0.8, s_noise=0.0)
     centre = torch.ones(1, 4, 4, 4)
