@@ -592,9 +592,9 @@ def check_manifest(manifest_path: str | Path, options: ModelOptions = ModelOptio
     plan = plan_loading(build_empty(spec_from_checkpoint(sdxl, options)), sdxl, supir)
     return {
         "expected": len(keys),
-        "mapped": len(plan.used) + len(plan.ignored),
+        "loaded": len(plan.used),  # file keys that fill a model tensor
+        "ignored": plan.ignored,  # file keys deliberately skipped (IGNORED_KEYS); not counted in "loaded"
         "missing": plan.missing,
         "unused": plan.unused,
         "mismatched": plan.mismatched,
-        "ignored": plan.ignored,
     }
