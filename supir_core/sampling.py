@@ -329,8 +329,9 @@ def restore_dpmpp_2m(
             x = (sigma_next / sigma) * math.exp(-eta * h) * x + a * denoised
             if old_denoised is not None:
                 x = x + a * (h / (2.0 * h_last)) * (denoised - old_denoised)
-                if eta > 0:
-                    x = x + step_noise(i - 1, x) * (sigma_next * math.sqrt(-math.expm1(-2.0 * eta * h)) * settings.s_noise)
+                if eta > 0:  # ξ·σ'·√(1 − e^{−2ηh})·s_noise; no draw on step 0 (the official sampler draws none)
+                    scale = sigma_next * math.sqrt(-math.expm1(-2.0 * eta * h)) * settings.s_noise
+                    x = x + step_noise(i - 1, x) * scale
             h_last = h
         old_denoised = denoised
         if callback is not None:
