@@ -75,12 +75,21 @@ def network_flops(pipeline: RestorationPipeline, latent: int) -> float:
     return float(counter.get_total_flops())
 
 
-def run(pipeline: RestorationPipeline, size: int, steps: int, repeats: int, device: str, tile: int = 128) -> dict:
+def run(
+    pipeline: RestorationPipeline,
+    size: int,
+    steps: int,
+    repeats: int,
+    device: str,
+    tile: int = 128,
+    tiled: bool = False,
+) -> dict:
     with Image.open(PHOTO) as img:
         photo = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
     params = validate_params(
-        {"min_size": size, "steps": steps, "seed": 0, "caption": "none", "tile_size": tile, "tile_stride": tile // 2}
-    )
+        {"min_size": size, "steps": steps, "seed": 0, "caption": "none", "tile_size": tile, "tile_stride": tile // 2,
+         "tiling": "always" if tiled else "auto"}  # the tiled size measures the tiled path even where it would fit
+    )  # fmt: skip
     pipeline(photo, params)  # warm-up: kernels, compilation, allocator
     results = []
     for _ in range(repeats):
@@ -171,7 +180,7 @@ def main() -> None:
             pipeline, entry["load_s"] = build(args, device, dtype, speed)
             entry["runs"].append(run(pipeline, args.size, args.steps, args.repeats, device))
             if tiled:
-                entry["runs"].append(run(pipeline, args.tiled_size, args.steps, 1, device, args.tile_size))
+                entry["runs"].append(run(pipeline, args.tiled_size, args.steps, 1, device, args.tile_size, tiled=True))
         except Exception as exc:  # one failing configuration (a missing package, OOM) must not lose the others
             entry["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
             print(f"{name}: {entry['error']}", file=sys.stderr)

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     fp8: Literal["none", "weights", "compute"] = "none"  # not exact: docs/performance.md
     offload_text: bool = False
     prompt_cache: int = Field(64, ge=0, le=10_000, description="prompt embeddings kept across jobs")
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="activation memory a job may use before tiling=auto tiles it; default: measured"
+    )
     warmup_size: int = Field(
         0, ge=0, le=4096, description="restore a size² image before taking jobs (compiles graphs); 0: no warm-up"
     )

@@ -120,6 +120,17 @@ def plan_sizes(size: tuple[int, int], upscale: float, min_size: int) -> Sizes:
     return Sizes(input=(w, h), process=(proc_w, proc_h), output=(out_w, out_h))
 
 
+def plan_caption_sizes(size: tuple[int, int], upscale: float, short_side: int = 512) -> Sizes:
+    """The official caption input: the upscaled input's shape at a `short_side` short side; processed with sides
+    rounded to 64 (`process`), handed to the captioner at the unrounded size (`output`)."""
+    w, h = size[0] * upscale, size[1] * upscale
+    scale = short_side / min(w, h)
+    out_w, out_h = round(w * scale), round(h * scale)
+    proc_w = max(SIZE_MULTIPLE, round(w * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+    proc_h = max(SIZE_MULTIPLE, round(h * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+    return Sizes(input=size, process=(proc_w, proc_h), output=(out_w, out_h))
+
+
 def to_model_input(rgb: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     """Bicubic resize to the processing size, [1, 3, H, W] in [−1, 1]."""
     resized = rgb.resize(size, Image.Resampling.BICUBIC) if rgb.size != size else rgb

@@ -43,7 +43,7 @@ Preset = Literal["quality", "fidelity", "lightning"]
 PRESETS: dict[str, dict[str, Any]] = {
     "quality": {"cfg_scale": 6.0, "cfg_scale_start": 3.0, "s_noise": 1.02},
     "fidelity": {"cfg_scale": 4.0, "cfg_scale_start": 1.0, "s_noise": 1.01},
-    "lightning": {"sampler": "dpmpp_2m", "steps": 8, "cfg_scale": 2.0, "cfg_scale_start": 2.0},
+    "lightning": {"sampler": "dpmpp_2m", "steps": 8, "cfg_scale": 2.0, "cfg_scale_start": 2.0, "s_noise": 1.003},
 }
 
 
@@ -74,6 +74,11 @@ class RestoreParams(BaseModel):
     # prompts (spec §3.7, §5)
     caption: Literal["auto", "none"] = Field("auto", description="caption the stage-1 image when a captioner is loaded")
     caption_question: str = Field(DEFAULT_QUESTION, max_length=1000, description="what the captioner is asked")
+    caption_input: Literal["official", "full"] = Field(
+        "official",
+        description="official: caption the stage-1 image of the input at a 512-px short side; full: at the "
+        "processing size",
+    )
     caption_tiles: bool = Field(True, description="tiled sampling: caption every tile for its own prompt")
     prompt: str = Field("", max_length=2000, description="your text: replaces the caption (caption=none) or follows it")
     prompt_style: Literal["fit", "official"] = Field(
@@ -85,6 +90,11 @@ class RestoreParams(BaseModel):
     # post-processing (spec §4.3)
     color_fix: Literal["wavelet", "adain", "none"] = "wavelet"
     # tiling (spec §3.8, §4.4)
+    tiling: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="auto: sample and run the VAE untiled when the planned memory fits the device, tiled otherwise; "
+        "always: tile whatever is larger than a tile; never: untiled",
+    )
     tile_size: int = Field(128, ge=32, le=256, description="latent pixels per sampler tile (×8 image pixels)")
     tile_stride: int = Field(64, ge=16, le=256)
     tiles_per_batch: int = Field(0, ge=0, le=64, description="tiles per UNet call; 0 = all, halved on GPU OOM")

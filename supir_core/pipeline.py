@@ -18,7 +18,8 @@ from .checkpoints import ModelOptions, load_supir
 from .colorfix import color_fix
 from .denoiser import Conditioning, Denoiser
 from .errors import Canceled, InvalidInput
-from .imageio import LoadedImage, finish, load_image, plan_sizes, to_model_input, to_pil
+from .imageio import LoadedImage, finish, load_image, plan_caption_sizes, plan_sizes, to_model_input, to_pil
+from .memory import StageBytes, TilingDecision, decide_tiling, memory_budget, trace_stage_bytes
 from .models.supir import SupirModel
 from .params import MAX_SEED, RestoreParams, validate_params
 from .prompts import PromptEmbeddings
@@ -82,8 +83,7 @@ class Stages:
     sampled_latent: torch.Tensor
     decoded: torch.Tensor
     restored: torch.Tensor
-    tiled_sampling: bool
-    tiled_vae: bool
+    tiling: TilingDecision
     tile_captions: dict[Window, str] = field(default_factory=dict)
 
 
@@ -115,6 +115,8 @@ class RestorationPipeline:
         self.device = next(model.unet.parameters()).device
         speed = speed or SpeedSettings()
         self.prompts = PromptEmbeddings(model.text, self.device, size=speed.prompt_cache, offload=speed.offload_text)
+        self.memory_budget_gb = speed.memory_budget_gb
+        self._stage_bytes: StageBytes | None = None  # traced on the first job that could be tiled
 
     @classmethod
     def from_checkpoints(
@@ -161,7 +163,7 @@ class RestorationPipeline:
                 lq,
                 params,
                 noise=PipelineNoise.seeded(seed, self.device),
-                encode_prompts=self._prompt_encoder(params, sizes.process, prompts, timings, on_progress),
+                encode_prompts=self._prompt_encoder(params, loaded, prompts, timings, on_progress),
                 tile_captions=tile_captions,
                 on_progress=on_progress,
                 should_stop=should_stop,
@@ -180,8 +182,9 @@ class RestorationPipeline:
             "output_size": list(sizes.output),
             "sampler": params.sampler,
             "steps": params.steps,
-            "tiled_sampling": stages.tiled_sampling,
-            "tiled_vae": stages.tiled_vae,
+            "tiled_sampling": stages.tiling.sampling,
+            "tiled_vae": stages.tiling.vae,
+            "tiling": {"policy": params.tiling, **stages.tiling.metadata()},
             "tile_captions": [{"window": list(w), "caption": c} for w, c in stages.tile_captions.items()],
             "seconds": {k: round(v, 4) for k, v in timings.items()},
             "device": str(self.device),
@@ -205,7 +208,8 @@ class RestorationPipeline:
         report = on_progress or (lambda p: None)
         timings = timings if timings is not None else {}
         vae = self.model.vae
-        vae_tile = params.vae_tile_size if max(lq.shape[-2:]) > params.vae_tile_size else None
+        tiling = self.plan_tiling(params, (lq.shape[-2], lq.shape[-1]), lq.shape[0])
+        vae_tile = params.vae_tile_size if tiling.vae else None
 
         def check_stop(stage: str) -> None:
             if should_stop is not None and should_stop():
@@ -220,7 +224,7 @@ class RestorationPipeline:
         # 2. Conditioning for both sides of CFG (prompt text → CLIP-L + bigG + sizes); control = LQ latent.
         #    Tiled sampling with a captioner captions every tile of the stage-1 image for its own prompt.
         check_stop("conditioning")
-        windows = self.sampler_windows(tuple(lq_latent.shape[-2:]), params)
+        windows = self.sampler_windows(tuple(lq_latent.shape[-2:]), params) if tiling.sampling else []
         if tile_captions is None and windows and self._captions(params) and params.caption_tiles:
             tile_captions = self._caption_tiles(x_stage1, windows, params, timings, report)
         (c_crossattn, c_vector), (uc_crossattn, uc_vector) = encode_prompts(x_stage1, bool(tile_captions))
@@ -232,7 +236,7 @@ class RestorationPipeline:
         with _timed(timings, "stage1", self.device):
             x_center = vae.encode(x_stage1, noise=noise.posterior(lq_latent.shape), tile=vae_tile)
 
-        # 4. Sample from noise, tiled when the latent is larger than one tile
+        # 4. Sample from noise (in tiles if the plan says so)
         check_stop("sampling")
         initial = noise.initial(lq_latent.shape)
 
@@ -240,8 +244,8 @@ class RestorationPipeline:
             report(Progress("sampling", info["i"] + 1, info["steps"]))
 
         with _timed(timings, "sampling", self.device):
-            sampled, tiled = self._sample(
-                params, initial, cond, uncond, tile_conds, x_center, noise.step, on_step, should_stop
+            sampled = self._sample(
+                params, tiling.sampling, initial, cond, uncond, tile_conds, x_center, noise.step, on_step, should_stop
             )
 
         # 5. Decode and pull the colours back to the stage-1 image
@@ -249,7 +253,7 @@ class RestorationPipeline:
         with _timed(timings, "decoding", self.device):
             decoded = vae.decode(sampled, tile=vae_tile)
             restored = color_fix(decoded, x_stage1, params.color_fix)
-        stages = Stages(lq_latent, x_stage1, x_center, sampled, decoded, restored, tiled, vae_tile is not None)
+        stages = Stages(lq_latent, x_stage1, x_center, sampled, decoded, restored, tiling)
         stages.tile_captions = dict(tile_captions or {})
         return stages
 
@@ -258,8 +262,11 @@ class RestorationPipeline:
 
     def warm_up(self, size: int, steps: int = 3) -> float:
         """One throwaway restoration of a size² noise image, no caption: compiles the graphs (or loads them from the
-        compile cache), picks kernels and grows the allocator, so the first real job runs at full speed. Seconds."""
+        compile cache), picks kernels, grows the allocator and traces the memory plan, so the first real job runs at
+        full speed. Seconds."""
         start = time.perf_counter()
+        if self._stage_bytes is None:
+            self._stage_bytes = trace_stage_bytes(self.model)  # the memory plan of tiling=auto, ready for jobs
         noise = Image.effect_noise((size, size), 48).convert("RGB")
         self(noise, validate_params({"min_size": size, "steps": steps, "seed": 0, "caption": "none"}))
         return time.perf_counter() - start
@@ -273,12 +280,12 @@ class RestorationPipeline:
     def _prompt_encoder(
         self,
         params: RestoreParams,
-        size: tuple[int, int],
+        loaded: LoadedImage,
         record: dict[str, Any],
         timings: dict[str, float],
         on_progress: Callable[[Progress], None] | None,
     ) -> PromptEncoder:
-        """The caption of the stage-1 image (unless every tile has its own) with the user's text; recorded."""
+        """The caption of a stage-1 image (unless every tile has its own) with the user's text; recorded."""
 
         def encode(
             x_stage1: torch.Tensor, tiles_captioned: bool
@@ -289,7 +296,7 @@ class RestorationPipeline:
                 if on_progress is not None:
                     on_progress(Progress("caption"))
                 with _timed(timings, "caption", self.device):
-                    caption = self.captioner(to_pil(x_stage1, size), params.caption_question)
+                    caption = self.captioner(self.caption_image(loaded, x_stage1, params), params.caption_question)
             positive = self.positive_prompt(caption, params)
             record.update(caption=caption, positive_prompt=positive, negative_prompt=params.negative_prompt)
             if on_progress is not None:
@@ -298,6 +305,15 @@ class RestorationPipeline:
                 return self.prompts(positive), self.prompts(params.negative_prompt)
 
         return encode
+
+    def caption_image(self, loaded: LoadedImage, x_stage1: torch.Tensor, params: RestoreParams) -> Image.Image:
+        """What the captioner sees. official: the input resized to a 512-px short side (sides rounded to 64) through
+        the robust encoder and the decoder, as test.py and the demo caption; full: the run's stage-1 image."""
+        if params.caption_input == "full":
+            return to_pil(x_stage1, (x_stage1.shape[-1], x_stage1.shape[-2]))
+        sizes = plan_caption_sizes(loaded.size, params.upscale)
+        small = to_model_input(loaded.rgb, sizes.process).to(self.device)
+        return to_pil(self.model.vae.decode(self.model.vae.encode_lq(small)), sizes.output)
 
     def _caption_tiles(
         self,
@@ -334,6 +350,7 @@ class RestorationPipeline:
     def _sample(
         self,
         params: RestoreParams,
+        tiled: bool,
         noise: torch.Tensor,
         cond: Conditioning,
         uncond: Conditioning,
@@ -342,7 +359,7 @@ class RestorationPipeline:
         step_noise: Callable[[int, torch.Tensor], torch.Tensor],
         on_step: Callable[[dict[str, Any]], None],
         should_stop: Callable[[], bool] | None,
-    ) -> tuple[torch.Tensor, bool]:
+    ) -> torch.Tensor:
         settings = RestoreSettings(
             s_churn=params.s_churn,
             s_noise=params.s_noise,
@@ -362,19 +379,24 @@ class RestorationPipeline:
         if params.sampler == "dpmpp_2m":
             guided = linear_cfg(self.denoiser, cond, uncond, cfg_start, params.cfg_scale)
             sigmas = dpmpp_sigmas(params.steps, self.denoiser.train_sigmas)
-            out = restore_dpmpp_2m(
-                guided, noise, sigmas, step_noise=step_noise, full_guidance=params.dpmpp_full_guidance, **common
+            return restore_dpmpp_2m(
+                guided,
+                noise,
+                sigmas,
+                init_sigma=self.denoiser.sigma_max,  # the legacy grid's σ_0, as the official sampler scales
+                step_noise=step_noise,
+                full_guidance=params.dpmpp_full_guidance,
+                **common,
             )
-            return out, False
         sigmas = sampling_sigmas(params.steps, self.denoiser.train_sigmas)
-        height, width = noise.shape[-2:]
-        if max(height, width) <= params.tile_size:
+        if not tiled:
             guided = linear_cfg(self.denoiser, cond, uncond, cfg_start, params.cfg_scale)
-            return restore_edm(guided, noise, sigmas, churn_noise=step_noise, **common), False
+            return restore_edm(guided, noise, sigmas, churn_noise=step_noise, **common)
+        height, width = noise.shape[-2:]
         tile = min(params.tile_size, height, width)
         stride = min(params.tile_stride, tile)
         per_tile = tiled_cfg(self.denoiser, tile_conds or cond, uncond, cfg_start, params.cfg_scale)
-        out = restore_edm_tiled(
+        return restore_edm_tiled(
             per_tile,
             noise,
             sigmas,
@@ -385,19 +407,34 @@ class RestorationPipeline:
             centered_weights=params.centered_tile_weights,
             **common,
         )
-        return out, True
+
+    def plan_tiling(self, params: RestoreParams, image_hw: tuple[int, int], batch: int = 1) -> TilingDecision:
+        """Which parts of a run on an image of this processing size (pixels) are tiled, per `params.tiling`."""
+        latent_hw = (image_hw[0] // 8, image_hw[1] // 8)
+        return decide_tiling(
+            params.tiling,
+            sampler_can_tile=params.sampler == "edm" and max(latent_hw) > params.tile_size,  # DPM++: never tiled
+            vae_can_tile=max(image_hw) > params.vae_tile_size,
+            plan=lambda: self._memory_plan(image_hw[0] * image_hw[1], batch),
+        )
+
+    def _memory_plan(self, pixels: int, batch: int) -> tuple[dict[str, float], float, str]:
+        if self._stage_bytes is None:
+            self._stage_bytes = trace_stage_bytes(self.model)
+        budget, source = memory_budget(self.device, self.memory_budget_gb)
+        return self._stage_bytes.at(pixels, batch), budget, source
 
     def sampler_windows(self, latent_hw: tuple[int, ...], params: RestoreParams) -> list[Window]:
-        """The tiles (latent pixels) the sampler will use for a latent of this size; [] when it is not tiled."""
+        """The tiles (latent pixels) a tiled sampler uses for a latent of this size."""
         height, width = latent_hw
-        if max(height, width) <= params.tile_size or params.sampler != "edm":
-            return []
         tile = min(params.tile_size, height, width)
         return tile_windows(height, width, tile, min(params.tile_stride, tile))
 
     def windows(self, image_size: tuple[int, int], params: RestoreParams) -> list[Window]:
-        """The sampler tiles of an image of this size (before upscale and the size plan)."""
+        """The sampler tiles of an image of this size (before upscale and the size plan); [] when it runs untiled."""
         sizes = plan_sizes(image_size, params.upscale, params.min_size)
+        if not self.plan_tiling(params, (sizes.process[1], sizes.process[0])).sampling:
+            return []
         return self.sampler_windows((sizes.process[1] // 8, sizes.process[0] // 8), params)
 
 

@@ -53,6 +53,7 @@ class SpeedSettings:
     fp8: Literal["none", "weights", "compute"] = "none"
     offload_text: bool = False
     prompt_cache: int = 64  # prompt embeddings kept (the negative prompt and default prompts repeat every job)
+    memory_budget_gb: float | None = None  # activations a run may use (tiling=auto); None: measured on the device
 
     @classmethod
     def from_attributes(cls, source: Any) -> SpeedSettings:

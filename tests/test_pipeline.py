@@ -6,11 +6,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from supir_core.colorfix import adain_color_fix
+from supir_core.denoiser import Conditioning
 from supir_core.errors import Canceled
 from supir_core.params import validate_params
-from supir_core.pipeline import Progress, RestorationPipeline
+from supir_core.pipeline import PipelineNoise, Progress, RestorationPipeline
+from supir_core.sampling import RestoreSettings, linear_cfg, noise_from, restore_edm
+from supir_core.schedules import dpmpp_sigmas, sampling_sigmas
+from tests.test_sampling import official_dpmpp
 
 DATA = Path(__file__).parent / "data"
 FAST = {"min_size": 64, "steps": 3, "seed": 11}
@@ -86,7 +92,7 @@ def test_a_captioner_is_used_when_no_prompt_is_given(tiny_model) -> None:
         return "A cat on a sofa. "
 
     result = RestorationPipeline(tiny_model, captioner=captioner)(DATA / "chelsea_degraded.jpg", validate_params(FAST))
-    assert captured == [tuple(result.metadata["process_size"])]
+    assert captured == [(680, 512)]  # as the official code captions: the 150×113 input at a 512-px short side
     assert result.metadata["caption"] == "A cat on a sofa. "
     assert result.metadata["positive_prompt"].startswith("A cat on a sofa. Cinematic")
     none = RestorationPipeline(tiny_model, captioner=captioner)(
@@ -95,10 +101,26 @@ def test_a_captioner_is_used_when_no_prompt_is_given(tiny_model) -> None:
     assert (
         len(captured) == 1 and none.metadata["caption"] == "" and none.metadata["positive_prompt"].startswith("A cat. ")
     )
+    full = RestorationPipeline(tiny_model, captioner=captioner)(
+        DATA / "chelsea_degraded.jpg", validate_params({**FAST, "caption_input": "full"})
+    )
+    assert captured[-1] == tuple(full.metadata["process_size"])
+
+
+def test_the_caption_image_is_the_stage1_image_at_a_512_px_short_side(pipeline: RestorationPipeline) -> None:
+    """Official: the input resized (to 704×512, sides rounded to 64) through the robust encoder and the decoder."""
+    from supir_core.imageio import load_image, to_model_input, to_pil
+
+    loaded = load_image(DATA / "chelsea_degraded.jpg")
+    image = pipeline.caption_image(loaded, torch.zeros(1, 3, 64, 64), validate_params({}))
+    vae = pipeline.model.vae
+    with torch.inference_mode():
+        want = to_pil(vae.decode(vae.encode_lq(to_model_input(loaded.rgb, (704, 512)))), (680, 512))
+    assert image.size == (680, 512) and image.tobytes() == want.tobytes()
 
 
 def test_large_images_sample_in_tiles_and_batching_tiles_changes_nothing(pipeline: RestorationPipeline) -> None:
-    params = {**FAST, "min_size": 512, "tile_size": 32, "tile_stride": 16, "steps": 2}
+    params = {**FAST, "min_size": 512, "tile_size": 32, "tile_stride": 16, "steps": 2, "tiling": "always"}
     one = pipeline(DATA / "chelsea_degraded.jpg", validate_params(params))
     four = pipeline(DATA / "chelsea_degraded.jpg", validate_params({**params, "tiles_per_batch": 4}))
     assert one.metadata["tiled_sampling"] and one.image.size == (150, 113)
@@ -106,7 +128,9 @@ def test_large_images_sample_in_tiles_and_batching_tiles_changes_nothing(pipelin
 
 
 def test_per_tile_prompts_reach_their_tiles(pipeline: RestorationPipeline) -> None:
-    params = validate_params({**FAST, "min_size": 512, "tile_size": 32, "tile_stride": 16, "steps": 2})
+    params = validate_params(
+        {**FAST, "min_size": 512, "tile_size": 32, "tile_stride": 16, "steps": 2, "tiling": "always"}
+    )
     windows = pipeline.windows((150, 113), params)
     assert len(windows) > 1
     plain = pipeline(DATA / "chelsea_degraded.jpg", params)
@@ -118,7 +142,7 @@ def test_per_tile_prompts_reach_their_tiles(pipeline: RestorationPipeline) -> No
 
 def test_tiled_vae_stays_close_to_untiled(pipeline: RestorationPipeline) -> None:
     """Tiles see only their neighbourhood; on the tiny random VAE the gap is a few grey levels at 256-px tiles."""
-    params = {**FAST, "min_size": 384, "steps": 2, "tile_size": 64}
+    params = {**FAST, "min_size": 384, "steps": 2, "tile_size": 64, "tiling": "always"}
     whole = pipeline(DATA / "chelsea_degraded.jpg", validate_params(params))
     tiled = pipeline(DATA / "chelsea_degraded.jpg", validate_params({**params, "vae_tile_size": 256}))
     assert tiled.metadata["tiled_vae"] and not whole.metadata["tiled_vae"]
@@ -126,12 +150,117 @@ def test_tiled_vae_stays_close_to_untiled(pipeline: RestorationPipeline) -> None
     assert 0 < diff.mean() < 40
 
 
-@pytest.mark.parametrize("extra", [{"sampler": "dpmpp_2m"}, {"restoration_scale": 4.0}, {"linear_control_scale": True},
-                                   {"color_fix": "adain"}, {"color_fix": "none"}, {"linear_cfg": False}])  # fmt: skip
-def test_every_sampler_path_runs(pipeline: RestorationPipeline, extra: dict) -> None:
-    result = pipeline(DATA / "astronaut_gray.png", validate_params({**FAST, **extra}))
-    assert result.image.size == (96, 96)
-    assert np.isfinite(pixels(result.image)).all()
+def _recipe_inputs(model, steps: int, noise_steps: int):
+    """A non-square LQ image, stand-in conditioning and every random draw of a run, fixed."""
+    gen = torch.Generator().manual_seed(5)
+    spec = model.spec.unet
+    lq = torch.rand(1, 3, 64, 96, generator=gen) * 2 - 1
+    c = (torch.randn(1, 77, spec.context_dim, generator=gen), torch.randn(1, spec.adm_in_channels, generator=gen))
+    uc = (torch.randn(1, 77, spec.context_dim, generator=gen), torch.randn(1, spec.adm_in_channels, generator=gen))
+    latent = (1, 4, 8, 12)
+    draws = [torch.randn(latent, generator=gen) for _ in range(2)] + [torch.randn(noise_steps, *latent, generator=gen)]
+    return lq, c, uc, draws
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"sampler": "dpmpp_2m", "steps": 4}, {"sampler": "dpmpp_2m", "steps": 4, "s_noise": 1.003},
+     {"restoration_scale": 4.0}, {"linear_control_scale": True, "control_scale_start": 0.2},
+     {"linear_cfg": False}, {"color_fix": "adain"}, {"color_fix": "none"}, {"s_churn": 0.0}],
+)  # fmt: skip
+def test_every_sampler_option_reaches_the_sampler(pipeline: RestorationPipeline, extra: dict) -> None:
+    """The recipe's latent equals the sampler run by hand with the settings each option stands for (DPM++: the
+    official loop as transcribed in test_sampling), and its image the colour fix the option names."""
+    params = validate_params({"steps": 3, "cfg_scale": 5.0, "cfg_scale_start": 2.0, "control_scale": 0.9, **extra})
+    dpmpp = params.sampler == "dpmpp_2m"
+    lq, c, uc, (posterior, initial, step_noise) = _recipe_inputs(
+        pipeline.model, params.steps, params.steps - 2 if dpmpp else params.steps
+    )
+    with torch.inference_mode():
+        stages = pipeline.restore_tensor(
+            lq,
+            params,
+            noise=PipelineNoise.recorded(posterior, initial, step_noise),
+            encode_prompts=lambda x, t: (c, uc),
+        )
+        cond, uncond = Conditioning(*c, stages.lq_latent), Conditioning(*uc, stages.lq_latent)
+        w0 = params.cfg_scale_start if params.linear_cfg else params.cfg_scale
+        guided = linear_cfg(pipeline.denoiser, cond, uncond, w0, params.cfg_scale)
+        sigma_max = pipeline.denoiser.sigma_max
+        if dpmpp:
+            sigmas = dpmpp_sigmas(params.steps).double()
+            fixed_alpha = lambda x, sigma, alpha: guided(x.float(), sigma.float(), params.control_scale).double()  # noqa: E731
+            want = official_dpmpp(fixed_alpha, initial.double(), sigmas, sigma_max, step_noise.double(), params.s_noise)
+            want = want[-1].float()
+        else:
+            settings = RestoreSettings(
+                s_churn=params.s_churn,
+                s_noise=params.s_noise,
+                restore_cfg=params.restoration_scale,
+                control_scale=params.control_scale,
+                control_scale_start=params.control_scale_start,
+                use_linear_control_scale=params.linear_control_scale,
+            )
+            want = restore_edm(guided, initial, sampling_sigmas(params.steps), settings=settings, sigma_max=sigma_max,
+                               x_center=stages.x_center, churn_noise=noise_from(step_noise))  # fmt: skip
+    torch.testing.assert_close(stages.sampled_latent, want, rtol=1e-4, atol=1e-4)
+    fixes = {"wavelet": None, "adain": adain_color_fix(stages.decoded, stages.x_stage1), "none": stages.decoded}
+    if fixes[params.color_fix] is not None:
+        torch.testing.assert_close(stages.restored, fixes[params.color_fix])
+    assert not stages.tiling.sampling and not stages.tiling.vae
+
+
+def test_an_ordinary_photo_runs_untiled_as_the_official_code_does(pipeline: RestorationPipeline) -> None:
+    """800×600 is processed at 1344×1024 (latent 168×128, over one 128² tile): untiled on this CPU, with the same
+    latent as the untiled recipe; tiling=always still tiles it. (One step instead of 50, for the test's time.)"""
+    with Image.open(DATA / "chelsea_degraded.jpg") as img:
+        photo = img.convert("RGB").resize((800, 600), Image.Resampling.BICUBIC)
+    result = pipeline(photo, validate_params({"steps": 1, "seed": 3}))
+    meta = result.metadata
+    assert meta["process_size"] == [1344, 1024] and result.image.size == (800, 600)
+    assert (meta["tiled_sampling"], meta["tiled_vae"]) == (False, False)
+    assert (
+        meta["tiling"]["policy"] == "auto" and (meta["tiling"]["sampling"], meta["tiling"]["vae"]) == ("untiled",) * 2
+    )
+    assert "fits in" in meta["tiling"]["reason"] and meta["tiling"]["planned_gb"]["sampling"] > 0
+    assert meta["tile_captions"] == []
+
+    from supir_core.imageio import to_model_input
+
+    lq = to_model_input(photo, (1344, 1024))
+    _, c, uc, _ = _recipe_inputs(pipeline.model, 1, 1)
+    draws = torch.Generator().manual_seed(9)
+    noise = [torch.randn(1, 4, 128, 168, generator=draws) for _ in range(2)] + [torch.randn(1, 1, 4, 128, 168)]
+
+    def run(tiling: str, steps: int = 1):
+        params = validate_params({"steps": steps, "tiling": tiling})
+        with torch.inference_mode():
+            return pipeline.restore_tensor(
+                lq, params, noise=PipelineNoise.recorded(*noise), encode_prompts=lambda x, t: (c, uc)
+            )
+
+    auto, never = run("auto"), run("never")
+    assert not auto.tiling.sampling and not auto.tiling.vae
+    assert torch.equal(auto.sampled_latent, never.sampled_latent) and torch.equal(auto.restored, never.restored)
+    forced = run("always")
+    assert forced.tiling.sampling and forced.tiling.vae and forced.tiling.reason == "tiling=always"
+    assert forced.restored.shape == never.restored.shape and torch.isfinite(forced.restored).all()
+
+
+def test_a_small_memory_budget_tiles_and_says_why(tiny_model) -> None:
+    from supir_core.speed import SpeedSettings
+
+    lean = RestorationPipeline(tiny_model, speed=SpeedSettings(memory_budget_gb=0.01))
+    params = validate_params({**FAST, "min_size": 512, "tile_size": 32, "tile_stride": 16, "steps": 1})
+    meta = lean(DATA / "chelsea_degraded.jpg", params).metadata
+    assert meta["tiled_sampling"] and meta["tiling"]["sampling"] == "tiled"
+    assert (
+        meta["tiling"]["budget_gb"] == 0.01
+        and "exceeds 0.01 GB (the memory_budget_gb setting)" in meta["tiling"]["reason"]
+    )
+    assert not meta["tiled_vae"]  # 512-px images are within one VAE tile
+    roomy = RestorationPipeline(tiny_model, speed=SpeedSettings(memory_budget_gb=100.0))
+    assert not roomy(DATA / "chelsea_degraded.jpg", params).metadata["tiled_sampling"]
 
 
 def test_prompt_embeddings_are_cached_and_change_nothing(tiny_model) -> None:

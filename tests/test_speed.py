@@ -120,14 +120,16 @@ def test_every_speed_setting_reaches_the_worker_and_the_cli(monkeypatch: pytest.
     names = {f.name for f in fields(SpeedSettings)} - {"compile_backend"}
     env = {"FP8": "compute", "COMPILE": "full", "CUDA_GRAPHS": "1", "OFFLOAD_TEXT": "1", "PROMPT_CACHE": "3",
            "CHANNELS_LAST": "1", "FUSE_QKV": "1", "COMPILE_DYNAMIC": "1",
-           "COMPILE_CACHE_DIR": "/tmp/cache"}  # fmt: skip
+           "COMPILE_CACHE_DIR": "/tmp/cache", "MEMORY_BUDGET_GB": "7.5"}  # fmt: skip
     assert {n.upper() for n in names} == set(env)
     for name, value in env.items():
         monkeypatch.setenv(f"SUPIR_{name}", value)
     worker = SpeedSettings.from_attributes(Settings())
     assert worker == SpeedSettings(
         channels_last=True, fuse_qkv=True, compile="full", cuda_graphs=True, compile_cache_dir=Path("/tmp/cache"),
-        compile_dynamic=True, fp8="compute", offload_text=True, prompt_cache=3,
+        compile_dynamic=True, fp8="compute", offload_text=True, prompt_cache=3, memory_budget_gb=7.5,
     )  # fmt: skip
-    args = build_parser().parse_args(["restore", "x.png", "-o", "out", "--fp8", "compute", "--offload-text"])
-    assert SpeedSettings.from_attributes(args) == SpeedSettings(fp8="compute", offload_text=True)
+    args = build_parser().parse_args(
+        ["restore", "x.png", "-o", "out", "--fp8", "compute", "--offload-text", "--memory-budget-gb", "3"]
+    )
+    assert SpeedSettings.from_attributes(args) == SpeedSettings(fp8="compute", offload_text=True, memory_budget_gb=3.0)

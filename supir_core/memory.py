@@ -1,0 +1,193 @@
+"""Planned device memory of a restoration, so that `tiling="auto"` runs untiled whenever the run fits.
+
+The official code samples and decodes untiled unless told otherwise; tiling is only a way to fit a large image
+into a device. So the pipeline asks this module, per job, how many bytes of activations each stage would take
+untiled and how many the device can spare, and tiles only the stages that would not fit.
+
+Activation bytes are traced, not guessed: the model's own networks run once on fake tensors (shapes and dtypes, no
+data, no device memory) at a reference size while a dispatch mode counts the bytes of live tensor storages. Every
+stage's activations grow with the pixel count (convolutions, and attention through SDPA's memory-efficient
+kernels), so bytes per pixel at the reference size scale to any size. The trace runs once per pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from .models.supir import SupirModel
+
+GB = 1e9
+REFERENCE_SIDE = 512  # image pixels: a 64² latent, big enough that fixed-size tensors (text, embeddings) are noise
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storages created inside the mode that are still alive; `peak` is the most at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: weakref.WeakSet[torch.UntypedStorage] = weakref.WeakSet()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in inputs:  # not a view, not in place
+                self._count(t.untyped_storage())
+        return out
+
+    def _count(self, storage: torch.UntypedStorage) -> None:
+        if storage in self._seen:
+            return
+        self._seen.add(storage)
+        size = storage.nbytes()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, size)
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+
+def peak_bytes(run: Callable[[], Any]) -> int:
+    """Peak bytes of the tensors `run` creates (its result included), above what existed before."""
+    with torch.no_grad(), LiveBytes() as tracker:
+        result = run()
+        del result
+    return tracker.peak
+
+
+@dataclass(frozen=True)
+class StageBytes:
+    """Activation bytes per image pixel (processing size, one image) of each stage, run untiled."""
+
+    stage1: float  # robust encode, decode, encode of the stage-1 image
+    sampling: float  # one guided network call (adaptor + UNet, CFG batch of 2)
+    decode: float
+
+    def at(self, pixels: int, batch: int = 1) -> dict[str, float]:
+        """Planned bytes of each stage for `batch` images of `pixels` pixels."""
+        scale = pixels * batch
+        return {"stage1": self.stage1 * scale, "sampling": self.sampling * scale, "decode": self.decode * scale}
+
+
+_traced: weakref.WeakKeyDictionary[SupirModel, dict[tuple[Any, ...], StageBytes]] = weakref.WeakKeyDictionary()
+
+
+def trace_stage_bytes(model: SupirModel, side: int = REFERENCE_SIDE) -> StageBytes:
+    """Each stage's activations at side² on fake tensors of the model's dtype and device, per pixel.
+
+    Compiled graphs run eagerly here (their memory is the eager one's or less); the trace allocates nothing.
+    Kept per model, dtype, device and side: pipelines sharing a model trace it once.
+    """
+    dtype = next(model.unet.parameters()).dtype
+    device = next(model.unet.parameters()).device
+    key = (dtype, device, side)
+    known = _traced.setdefault(model, {})
+    if key not in known:
+        known[key] = _trace(model, side, dtype, device)
+    return known[key]
+
+
+def _trace(model: SupirModel, side: int, dtype: torch.dtype, device: torch.device) -> StageBytes:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    spec = model.spec.unet
+    latent = side // 8
+    with torch.compiler.set_stance("force_eager"), FakeTensorMode(allow_non_fake_inputs=True):
+        image = torch.zeros(1, 3, side, side, dtype=dtype, device=device)
+        z = torch.zeros(1, 4, latent, latent, dtype=dtype, device=device)
+        x = torch.zeros(2, 4, latent, latent, dtype=dtype, device=device)
+        context = torch.zeros(2, 77, spec.context_dim, dtype=dtype, device=device)
+        vector = torch.zeros(2, spec.adm_in_channels, dtype=dtype, device=device)
+        t = torch.full((2,), 500, dtype=torch.long, device=device)
+        vae = model.vae
+        stage1 = peak_bytes(lambda: vae.encode(vae.decode(vae.encode_lq(image)), z))
+        sampling = peak_bytes(lambda: model.eps(x, t, context, vector, x))
+        decode = peak_bytes(lambda: vae.decode(z))
+    pixels = side * side
+    return StageBytes(stage1 / pixels, sampling / pixels, decode / pixels)
+
+
+@dataclass(frozen=True)
+class TilingDecision:
+    """Which parts of a run are tiled, and why (reported in the job's metadata)."""
+
+    sampling: bool
+    vae: bool
+    reason: str
+    planned_gb: dict[str, float] | None = None  # untiled activations per stage
+    budget_gb: float | None = None
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "sampling": "tiled" if self.sampling else "untiled",
+            "vae": "tiled" if self.vae else "untiled",
+            "reason": self.reason,
+            "planned_gb": self.planned_gb,
+            "budget_gb": self.budget_gb,
+        }
+
+
+def decide_tiling(
+    policy: str,
+    *,
+    sampler_can_tile: bool,
+    vae_can_tile: bool,
+    plan: Callable[[], tuple[dict[str, float], float, str]],
+) -> TilingDecision:
+    """always/never as asked; auto: tile a part only when its planned untiled activations exceed the budget.
+
+    `plan()` gives (bytes per stage, budget bytes, where the budget comes from); it is called only when some
+    part could be tiled at all.
+    """
+    if policy == "never" or not (sampler_can_tile or vae_can_tile):
+        reason = "tiling=never" if policy == "never" else "the image fits in one tile"
+        return TilingDecision(False, False, reason)
+    if policy == "always":
+        return TilingDecision(sampler_can_tile, vae_can_tile, "tiling=always")
+    planned, budget, source = plan()
+    vae_bytes = max(planned["stage1"], planned["decode"])
+    sampling = sampler_can_tile and planned["sampling"] > budget
+    vae = vae_can_tile and vae_bytes > budget
+    worst = max(planned, key=lambda k: planned[k])
+    verdict = "exceeds" if sampling or vae else "fits in"
+    reason = f"planned {planned[worst] / GB:.2f} GB of activations ({worst}) {verdict} {budget / GB:.2f} GB ({source})"
+    gb = {k: round(v / GB, 4) for k, v in planned.items()}
+    return TilingDecision(sampling, vae, reason, gb, round(budget / GB, 4))
+
+
+def memory_budget(device: torch.device, override_gb: float | None = None) -> tuple[float, str]:
+    """Bytes of activations a run may use on `device`, and where the figure comes from.
+
+    CUDA: free memory (plus what the caching allocator holds unused) less a margin for kernels' workspace and
+    fragmentation; CPU: available RAM less a margin; `override_gb` (SUPIR_MEMORY_BUDGET_GB) replaces either.
+    """
+    if override_gb is not None:
+        return override_gb * GB, "the memory_budget_gb setting"
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        unused_cache = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return float(free + unused_cache - max(total // 10, 2**30)), "free CUDA memory less 10%"
+    available = _available_ram()
+    return float(available - max(available // 10, 2**30)), "available RAM less 10%"
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
