@@ -27,6 +27,9 @@ SYSTEM = (
 )
 
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation mean, LLaVA-1.5's vision tower
+
+
 class Captioner(Protocol):
     def __call__(self, image: Image.Image, question: str | None = None) -> str: ...
 
@@ -38,8 +41,12 @@ class CaptionSettings:
     temperature: float = 0.2
     top_p: float = 0.7
     max_new_tokens: int = 512
-    pad_to_square: bool = False  # the official preprocessing centre-crops, losing the sides of wide images
-    seed: int = 0
+    # LLaVA-1.5's "pad" aspect mode: the image is centred on a square of the processor's mean colour before
+    # the processor resizes and crops it, so the sides of a wide (or tall) image are kept. Off: the processor
+    # alone, whose centre crop loses them (what llava-hf's processors do, and their `do_pad` option does
+    # nothing for the CLIPImageProcessor those repos ship).
+    pad_to_square: bool = False
+    seed: int = 0  # sampling is seeded locally: the process-wide random generators are left as they were
 
 
 class LlavaCaptioner:
@@ -126,22 +133,68 @@ class LlavaCaptioner:
         with self.on_device():
             return self._caption(image, question or DEFAULT_QUESTION)
 
+    def prepare(self, image: Image.Image, question: str | None = None) -> dict[str, torch.Tensor]:
+        """The processor's inputs (on the CPU) for one image and question; call inside `on_device()`."""
+        if self._processor is None:
+            raise RuntimeError("the LLaVA processor is not loaded: prepare inside on_device()")
+        image = image.convert("RGB")
+        if self.settings.pad_to_square:
+            image = expand_to_square(image, mean_colour(self._processor))
+        prompt = f"{SYSTEM} USER: <image>\n{question or DEFAULT_QUESTION} ASSISTANT:"
+        return dict(self._processor(images=image, text=prompt, return_tensors="pt"))
+
     def _caption(self, image: Image.Image, question: str) -> str:
         s = self.settings
-        prompt = f"{SYSTEM} USER: <image>\n{question} ASSISTANT:"
-        inputs = self._processor(images=image.convert("RGB"), text=prompt, return_tensors="pt", do_pad=s.pad_to_square)
-        inputs = {k: v.to(self._model.device) for k, v in inputs.items()}
+        device = self._model.device
+        inputs = {k: v.to(device) for k, v in self.prepare(image, question).items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
-        torch.manual_seed(s.seed)  # sampling at temperature 0.2: the same image gives the same caption
         sampling = (
             {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p}
             if s.temperature > 0
             else {"do_sample": False}
         )
-        with torch.inference_mode():
+        # sampling at temperature 0.2: the same image gives the same caption
+        with torch.inference_mode(), _local_seed(s.seed, device):
             out = self._model.generate(**inputs, max_new_tokens=s.max_new_tokens, num_beams=1, **sampling)
         text = self._processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
         return " ".join(text.replace("</s>", " ").split())
+
+
+def mean_colour(processor: Any) -> tuple[int, int, int]:
+    """The processor's normalisation mean as 8-bit RGB (LLaVA-1.5's padding colour: normalises to 0)."""
+    mean = getattr(getattr(processor, "image_processor", None), "image_mean", None) or CLIP_MEAN
+    if isinstance(mean, (int, float)):
+        mean = (mean,) * 3
+    r, g, b = (int(m * 255) for m in mean)  # truncated, as LLaVA-1.5's expand2square does
+    return r, g, b
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """The image centred on a square canvas of `fill`, its side the image's longer side."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+@contextmanager
+def _local_seed(seed: int, device: torch.device) -> Iterator[None]:
+    """Seeded generators for the block (CPU, and the CUDA device when `device` is one), restored afterwards.
+
+    `torch.manual_seed` would reset every generator of the process (the server's other models included);
+    here only the generators the captioner samples from are seeded, and their states come back after.
+    transformers' `generate` takes no `torch.Generator`, hence the fork.
+    """
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def _looks_like_hub_id(source: str) -> bool:

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from supir_core.captioning import CaptionSettings, LlavaCaptioner, compose_positive
+from supir_core.captioning import (
+    CaptionSettings,
+    LlavaCaptioner,
+    compose_positive,
+    expand_to_square,
+    mean_colour,
+)
 from supir_core.errors import WeightsError
 from supir_core.models.text import ClipTokenizer
 from supir_core.params import QUALITY_PROMPT, validate_params
@@ -55,10 +64,61 @@ def test_offloaded_captioner_gives_the_same_caption(captioner: LlavaCaptioner, t
     assert offloaded.loaded
 
 
-def test_pad_to_square_keeps_the_sides(tiny_llava: Path) -> None:
+def _three_bands(width: int, height: int) -> Image.Image:
+    """A wide image: red left quarter, green centre half, blue right quarter."""
+    image = Image.new("RGB", (width, height), (0, 255, 0))
+    image.paste((255, 0, 0), (0, 0, width // 4, height))
+    image.paste((0, 0, 255), (width - width // 4, 0, width, height))
+    return image
+
+
+def _normalised(rgb: tuple[int, int, int]) -> torch.Tensor:
+    mean, std = torch.tensor(OPENAI_CLIP_MEAN), torch.tensor(OPENAI_CLIP_STD)
+    return (torch.tensor(rgb) / 255 - mean) / std
+
+
+def test_pad_to_square_keeps_the_sides(captioner: LlavaCaptioner, tiny_llava: Path) -> None:
     padded = LlavaCaptioner(tiny_llava, settings=CaptionSettings(max_new_tokens=4, pad_to_square=True))
+    wide = _three_bands(300, 100)  # 3:1; the tiny processor resizes to 28 high and crops 28 x 28
+    with padded.on_device(), captioner.on_device():
+        square = padded.prepare(wide)["pixel_values"][0]
+        cropped = captioner.prepare(wide)["pixel_values"][0]
+    assert square.shape == cropped.shape == (3, 28, 28)
+    # unpadded: the centre crop holds green only, the sides are lost
+    assert torch.allclose(cropped, _normalised((0, 255, 0))[:, None, None].expand_as(cropped), atol=0.05)
+    # padded: the whole image sits in rows ~9.3-18.7, between bands of the mean colour (0 once normalised)
+    assert square[:, :7].abs().max() < 0.05 and square[:, 22:].abs().max() < 0.05
+    assert torch.allclose(square[:, 14, 2], _normalised((255, 0, 0)), atol=0.05)
+    assert torch.allclose(square[:, 14, 14], _normalised((0, 255, 0)), atol=0.05)
+    assert torch.allclose(square[:, 14, 25], _normalised((0, 0, 255)), atol=0.05)
+    assert padded(wide)  # and it captions
+
+
+def test_expand_to_square_centres_the_image_on_the_fill() -> None:
+    tall = expand_to_square(Image.new("RGB", (10, 30), (255, 255, 255)), (1, 2, 3))
+    assert tall.size == (30, 30)
+    assert tall.getpixel((0, 0)) == tall.getpixel((29, 29)) == (1, 2, 3)
+    assert tall.getpixel((10, 0)) == tall.getpixel((19, 29)) == (255, 255, 255)
+    assert tall.getpixel((9, 15)) == tall.getpixel((20, 15)) == (1, 2, 3)
+    square = Image.new("RGB", (8, 8))
+    assert expand_to_square(square, (1, 2, 3)) is square
+
+
+def test_the_padding_colour_is_the_processors_mean() -> None:
+    assert mean_colour(object()) == (122, 116, 104)  # no image processor: CLIP's mean, as LLaVA-1.5 pads
+    processor = SimpleNamespace(image_processor=SimpleNamespace(image_mean=[0.5, 0.25, 1.0]))
+    assert mean_colour(processor) == (127, 63, 255)
+
+
+def test_captioning_leaves_the_global_random_state_alone(captioner: LlavaCaptioner) -> None:
     with Image.open(DATA / "chelsea_degraded.jpg") as img:
-        assert isinstance(padded(img), str)
+        torch.manual_seed(1234)
+        before = torch.random.get_rng_state()
+        first = captioner(img)
+        assert torch.equal(torch.random.get_rng_state(), before)
+        torch.manual_seed(99)  # another global state: the caption's own seed decides, not this one
+        again = captioner(img)
+    assert first and first == again
 
 
 def test_bad_sources_are_weights_errors(tmp_path: Path) -> None:
@@ -92,7 +152,9 @@ def test_a_tiled_job_captions_every_tile(tiny_model, captioner: LlavaCaptioner) 
         return captioner(image, question)
 
     pipeline = RestorationPipeline(tiny_model, captioner=counting)
-    params = validate_params({"min_size": 512, "tile_size": 32, "tile_stride": 16, "steps": 2, "seed": 0})
+    params = validate_params(
+        {"min_size": 512, "tile_size": 32, "tile_stride": 16, "steps": 2, "seed": 0, "tiling": "always"}
+    )
     result = pipeline(DATA / "chelsea_degraded.jpg", params)
     windows = pipeline.windows((150, 113), params)
     assert len(calls) == len(windows) > 1 and set(calls) == {(256, 256)}
