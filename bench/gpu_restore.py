@@ -106,6 +106,7 @@ def run(
         "stages_s": meta["seconds"],
         "steps_per_s": round(steps / sampling, 2),
         "tiled_sampling": meta["tiled_sampling"],
+        "tiling": meta["tiling"],  # the plan's activations per stage, to hold against the measured peak
         "peak_gpu_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None,
     }
     if not meta["tiled_sampling"]:

@@ -29,9 +29,17 @@ def test_presets_apply_and_user_values_win(preset: str) -> None:
     assert validate_params({"cfg_scale": 9.0}, preset=preset).cfg_scale == 9.0
 
 
-def test_lightning_is_eight_dpmpp_steps_at_cfg_two() -> None:
+def test_lightning_is_the_official_lightning_config() -> None:
     p = validate_params({}, preset="lightning")
-    assert (p.sampler, p.steps, p.cfg_scale) == ("dpmpp_2m", 8, 2.0)
+    assert (p.sampler, p.steps, p.cfg_scale, p.cfg_scale_start, p.s_noise) == ("dpmpp_2m", 8, 2.0, 2.0, 1.003)
+
+
+def test_the_defaults_take_the_official_untiled_path() -> None:
+    p = validate_params({})
+    assert (p.tiling, p.caption_input, p.sampler, p.steps, p.s_noise) == ("auto", "official", "edm", 50, 1.01)
+    for value in ("sometimes", "", 3):
+        with pytest.raises(InvalidInput, match="tiling"):
+            validate_params({"tiling": value})
 
 
 @pytest.mark.parametrize(
