@@ -3,6 +3,7 @@
     python bench/memory_plan.py                      # full size (from the key manifest), bf16, 1024²
     python bench/memory_plan.py --size 2048 --tiles 9
     python bench/memory_plan.py --tiny --size 128    # fixture A's sizes (the smoke test in make test)
+    python bench/memory_plan.py --size 2048 --vae-tile 1024 --vae-maps host  # chunked VAE, full-size maps in host RAM
 
 The networks are built and run under FakeTensorMode: every operator computes its output's shape and dtype but no
 data, so a full-size 1024² pass takes seconds on a CPU and no memory. A dispatch mode counts the bytes of every
@@ -38,7 +39,10 @@ GB = 1e9
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of the tensor storages created inside the mode that are still alive; `peak` is the most at once."""
+    """Bytes of the tensor storages created inside the mode that are still alive; `peak` is the most at once.
+
+    Tensors on the meta device are not counted: under fake tensors they stand for host memory (--vae-maps host).
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -50,7 +54,9 @@ class LiveBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in inputs:  # not a view, not in place
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            if id(t.untyped_storage()) not in inputs:  # not a view, not in place
                 self._count(t.untyped_storage())
         return out
 
@@ -142,10 +148,14 @@ def build(spec: Any, dtype: torch.dtype) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def plan(tiny: bool, size: int, tiles: int, dtype: torch.dtype, vae_tile: int | None) -> dict[str, Any]:
+def plan(
+    tiny: bool, size: int, tiles: int, dtype: torch.dtype, vae_tile: int | None, vae_maps: str = "device"
+) -> dict[str, Any]:
     spec = model_spec(tiny)
     with fake_mode():
         model = build(spec, dtype)
+        if vae_maps == "host":
+            model.vae.map_device = "meta"  # fake tensors cannot be CUDA on a CPU build: meta stands for host memory
         spec = model.spec.unet
         latent = size // 8
         image = torch.zeros(1, 3, size, size, dtype=dtype)
@@ -187,10 +197,13 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=1, help="N>1: N sampler tiles of 128² latent per network call")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--vae-tile", type=int, default=None, help="VAE tile in pixels (default: none)")
+    parser.add_argument("--vae-maps", default="device", choices=["device", "host"],
+                        help="where the tiled VAE keeps its full-size maps (host: not counted)")  # fmt: skip
     args = parser.parse_args()
 
+    figures = plan(args.tiny, args.size, args.tiles, getattr(torch, args.dtype), args.vae_tile, args.vae_maps)
     report = {"size": args.size, "tiles": args.tiles, "dtype": args.dtype, "vae_tile": args.vae_tile,
-              **plan(args.tiny, args.size, args.tiles, getattr(torch, args.dtype), args.vae_tile)}  # fmt: skip
+              "vae_maps": args.vae_maps, **figures}  # fmt: skip
     for name, value in report["tflop"].items():
         print(f"compute {name:<44} {value:8.3f} TFLOP")
     for name, value in report["weights_GB"].items():

@@ -210,6 +210,8 @@ class RestorationPipeline:
         vae = self.model.vae
         tiling = self.plan_tiling(params, (lq.shape[-2], lq.shape[-1]), lq.shape[0])
         vae_tile = params.vae_tile_size if tiling.vae else None
+        # a tiled VAE keeps full-size maps between its layers: on a GPU short of memory they wait in host memory
+        vae.map_device = "cpu" if tiling.vae and self.device.type == "cuda" else None
 
         def check_stop(stage: str) -> None:
             if should_stop is not None and should_stop():

@@ -140,14 +140,17 @@ def test_per_tile_prompts_reach_their_tiles(pipeline: RestorationPipeline) -> No
     assert plain.image.tobytes() != captioned.image.tobytes()
 
 
-def test_tiled_vae_stays_close_to_untiled(pipeline: RestorationPipeline) -> None:
-    """Tiles see only their neighbourhood; on the tiny random VAE the gap is a few grey levels at 256-px tiles."""
-    params = {**FAST, "min_size": 384, "steps": 2, "tile_size": 64, "tiling": "always"}
-    whole = pipeline(DATA / "chelsea_degraded.jpg", validate_params(params))
-    tiled = pipeline(DATA / "chelsea_degraded.jpg", validate_params({**params, "vae_tile_size": 256}))
+def test_the_tiled_vae_gives_the_untiled_image(pipeline: RestorationPipeline) -> None:
+    """VAE chunks share GroupNorm statistics, halos and attention over the whole image, so a tiled run's image is
+    the untiled one to within a grey level (per-tile statistics were tens of levels off on this model)."""
+    params = {**FAST, "min_size": 384, "steps": 2, "tile_size": 64}
+    whole = pipeline(DATA / "chelsea_degraded.jpg", validate_params({**params, "tiling": "never"}))
+    tiled = pipeline(
+        DATA / "chelsea_degraded.jpg", validate_params({**params, "tiling": "always", "vae_tile_size": 256})
+    )
     assert tiled.metadata["tiled_vae"] and not whole.metadata["tiled_vae"]
-    diff = np.abs(pixels(whole.image) - pixels(tiled.image))
-    assert 0 < diff.mean() < 40
+    assert not tiled.metadata["tiled_sampling"]  # the 64×48 latent fits in one 64² sampler tile
+    assert np.abs(pixels(whole.image) - pixels(tiled.image)).max() <= 1
 
 
 def _recipe_inputs(model, steps: int, noise_steps: int):
