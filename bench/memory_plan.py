@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,49 +27,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+from supir_core.memory import peak_bytes  # noqa: E402  (after the path insert)
+
 SHARED = Path(os.environ.get("SUPIR_SHARED", HERE.parent.parent / "shared"))
 
 GB = 1e9
-
-
-class LiveBytes(TorchDispatchMode):
-    """Bytes of the tensor storages created inside the mode that are still alive; `peak` is the most at once.
-
-    Tensors on the meta device are not counted: under fake tensors they stand for host memory (--vae-maps host).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._seen: weakref.WeakSet[torch.UntypedStorage] = weakref.WeakSet()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-                continue
-            if id(t.untyped_storage()) not in inputs:  # not a view, not in place
-                self._count(t.untyped_storage())
-        return out
-
-    def _count(self, storage: torch.UntypedStorage) -> None:
-        if storage in self._seen:
-            return
-        self._seen.add(storage)
-        size = storage.nbytes()
-        self.live += size
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(storage, self._free, size)
-
-    def _free(self, size: int) -> None:
-        self.live -= size
 
 
 @contextmanager
@@ -79,14 +43,6 @@ def fake_mode() -> Iterator[Any]:
 
     with FakeTensorMode() as mode:
         yield mode
-
-
-def peak_bytes(run: Callable[[], Any]) -> int:
-    """Peak bytes of the tensors `run` creates (its result included), above what existed before."""
-    with torch.no_grad(), LiveBytes() as tracker:
-        result = run()
-        del result
-    return tracker.peak
 
 
 def tflop(run: Callable[[], Any]) -> float:

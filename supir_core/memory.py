@@ -29,7 +29,11 @@ REFERENCE_SIDE = 512  # image pixels: a 64² latent, big enough that fixed-size 
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of the tensor storages created inside the mode that are still alive; `peak` is the most at once."""
+    """Bytes of the tensor storages created inside the mode that are still alive; `peak` is the most at once.
+
+    Tensors on the meta device are not counted: under fake tensors they stand for host memory (the tiled VAE's
+    maps, bench/memory_plan.py --vae-maps host).
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -41,7 +45,9 @@ class LiveBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in inputs:  # not a view, not in place
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            if id(t.untyped_storage()) not in inputs:  # not a view, not in place
                 self._count(t.untyped_storage())
         return out
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from supir_core.memory import LiveBytes
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -82,11 +84,11 @@ def test_live_bytes_counts_allocations_and_frees_not_views() -> None:
         del c
 
     weights = torch.zeros(1000)
-    with memory_plan.LiveBytes() as real:
+    with LiveBytes() as real:
         run(weights)
     with memory_plan.fake_mode():
         weights = torch.zeros(1000)
-        with memory_plan.LiveBytes() as fake:
+        with LiveBytes() as fake:
             run(weights)
     assert (real.peak, real.live) == (fake.peak, fake.live) == (16000, 0)
 

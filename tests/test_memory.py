@@ -1,0 +1,68 @@
+"""The memory plan behind tiling=auto: traced bytes against a real run, the budget, and the decision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from supir_core.memory import GB, LiveBytes, decide_tiling, memory_budget, trace_stage_bytes
+
+
+def test_traced_bytes_are_what_a_real_run_allocates(tiny_model) -> None:
+    side = 128
+    traced = trace_stage_bytes(tiny_model, side)
+    vae = tiny_model.vae
+    z = torch.randn(1, 4, side // 8, side // 8)
+    with torch.no_grad(), LiveBytes() as real:
+        vae.decode(z)
+    assert traced.decode * side * side == pytest.approx(real.peak, rel=0.01)
+    assert trace_stage_bytes(tiny_model, side) is traced  # traced once per model, dtype, device and size
+    planned = traced.at(4 * side * side, batch=2)
+    assert planned["decode"] == pytest.approx(8 * real.peak, rel=0.01)  # bytes grow with pixels × batch
+
+
+def never_called() -> tuple[dict[str, float], float, str]:
+    raise AssertionError("no plan is needed")
+
+
+def plan(stage1: float, sampling: float, decode: float, budget: float):
+    return lambda: ({"stage1": stage1 * GB, "sampling": sampling * GB, "decode": decode * GB}, budget * GB, "test")
+
+
+def test_forced_policies_and_single_tiles_need_no_plan() -> None:
+    never = decide_tiling("never", sampler_can_tile=True, vae_can_tile=True, plan=never_called)
+    assert (never.sampling, never.vae, never.reason) == (False, False, "tiling=never")
+    always = decide_tiling("always", sampler_can_tile=True, vae_can_tile=False, plan=never_called)
+    assert (always.sampling, always.vae, always.reason) == (True, False, "tiling=always")
+    small = decide_tiling("auto", sampler_can_tile=False, vae_can_tile=False, plan=never_called)
+    assert (small.sampling, small.vae, small.reason) == (False, False, "the image fits in one tile")
+
+
+@pytest.mark.parametrize(
+    ("sizes", "sampling", "vae"),
+    [
+        ((1.6, 0.6, 1.6, 10.0), False, False),  # everything fits: the official untiled path
+        ((6.4, 2.5, 6.4, 5.0), False, True),  # the VAE is the first to outgrow the budget
+        ((6.4, 5.5, 6.4, 5.0), True, True),
+        ((1.0, 5.5, 1.0, 5.0), True, False),
+    ],
+)
+def test_auto_tiles_only_the_parts_that_do_not_fit(sizes: tuple, sampling: bool, vae: bool) -> None:
+    decision = decide_tiling("auto", sampler_can_tile=True, vae_can_tile=True, plan=plan(*sizes))
+    assert (decision.sampling, decision.vae) == (sampling, vae)
+    assert decision.budget_gb == sizes[-1]
+    assert decision.planned_gb == {"stage1": sizes[0], "sampling": sizes[1], "decode": sizes[2]}
+    assert ("exceeds" if sampling or vae else "fits in") in decision.reason
+    meta = decision.metadata()
+    assert (meta["sampling"], meta["vae"]) == ("tiled" if sampling else "untiled", "tiled" if vae else "untiled")
+
+
+def test_a_part_that_cannot_tile_is_not_tiled() -> None:
+    decision = decide_tiling("auto", sampler_can_tile=False, vae_can_tile=True, plan=plan(1.0, 9.0, 1.0, 5.0))
+    assert (decision.sampling, decision.vae) == (False, False)  # DPM++ or a latent within one tile: whole
+
+
+def test_the_budget() -> None:
+    assert memory_budget(torch.device("cpu"), 3.5) == (3.5 * GB, "the memory_budget_gb setting")
+    budget, source = memory_budget(torch.device("cpu"))
+    assert 0 < budget < 24 * 2**30 and source == "available RAM less 10%"
