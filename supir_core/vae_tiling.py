@@ -468,7 +468,7 @@ class _Executor:
         for op in self.pending:
             h, w = op.out_size(h), op.out_size(w)
             sizes.append((h, w))
-        for op, size in zip(self.pending, sizes, strict=False):
+        for op, size in zip(self.pending, sizes[:-1], strict=True):
             if isinstance(op, AddMap) and tuple(op.saved.shape[-2:]) != size:
                 raise ValueError(f"residual of size {tuple(op.saved.shape[-2:])} added to a map of size {size}")
         return sizes
