@@ -16,7 +16,9 @@ def make_celery(settings: Settings) -> Celery:
     app.conf.update(
         task_default_queue=settings.queue,
         task_acks_late=True,  # a job is acknowledged when it ends, so a dead worker's job is redelivered
-        task_reject_on_worker_lost=True,
+        task_reject_on_worker_lost=True,  # a pool process that dies hands its job straight back to the queue
+        # a replacement pool process loads the weights before it reports up; Celery's default (4 s) kills it first
+        worker_proc_alive_timeout=settings.worker_load_timeout_s,
         worker_prefetch_multiplier=1,  # a GPU worker holds one job, not a backlog
         task_soft_time_limit=settings.job_time_limit_s,
         task_time_limit=settings.job_time_limit_s + 60,

@@ -66,7 +66,9 @@ class JobRecord(BaseModel):
     created_at: float = Field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
-    attempts: int = 0  # deliveries to a worker; > 1 after a worker died
+    attempts: int = 0  # runs started by a worker; > 1 after a worker died
+    lost: int = 0  # runs whose worker died (or dropped them) before they ended
+    worker: str | None = None  # the worker process running it ("host:pid"); fences its writes
     progress: JobProgress = Field(default_factory=JobProgress)
     seconds: dict[str, float] = Field(default_factory=dict)
     caption: str | None = None

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     s3_path_style: bool = False
     s3_access_key_id: str | None = None
     s3_secret_access_key: SecretStr | None = None
+    s3_connect_timeout_s: float = Field(3.0, gt=0)
+    s3_read_timeout_s: float = Field(10.0, gt=0)
+    s3_max_attempts: int = Field(3, ge=1, description="tries per S3 call (botocore standard retries with backoff)")
     retention_hours: float = Field(24.0, gt=0)
     # HTTP
     public_url: str = "http://127.0.0.1:8000"
@@ -48,6 +51,16 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(120, ge=1)
     max_active_jobs: int = Field(8, ge=1, description="queued + running jobs per key")
     max_upload_bytes: int = Field(25_000_000, ge=1)
+    max_json_bytes: int = Field(1_000_000, ge=1, description="largest JSON request body")
+    drain_bytes: int = Field(
+        200_000_000, ge=0, description="an over-limit body is read and dropped up to this many bytes so the 413 arrives"
+    )
+    header_timeout_s: float = Field(10.0, gt=0, description="a client must send its request headers within this")
+    body_timeout_s: float = Field(30.0, gt=0, description="longest silence while a client sends its body")
+    graceful_shutdown_s: float = Field(10.0, gt=0, description="on SIGTERM, open requests and event streams end after")
+    auth_failures_per_minute: int = Field(30, ge=1, description="failed authentications per client address")
+    max_concurrent_decodes: int = Field(2, ge=1, description="full image decodes at once per API process")
+    max_concurrent_fetches: int = Field(16, ge=1, description="image_url downloads at once per API process")
     max_input_pixels: int = Field(16_000_000, ge=1)
     max_output_pixels: int = Field(64_000_000, ge=1)
     allow_private_urls: bool = False
@@ -58,6 +71,14 @@ class Settings(BaseSettings):
     job_time_limit_s: int = Field(1800, ge=1)
     visibility_margin_s: int = Field(600, ge=1, description="broker redelivery waits time limit + this")
     progress_interval_s: float = Field(0.25, ge=0)
+    max_attempts: int = Field(3, ge=1, description="a job whose worker is lost this many times ends failed/worker_lost")
+    worker_lost_after_s: float = Field(
+        30.0, ge=5, description="a running job is requeued once its worker's beat is this old or names another job"
+    )
+    worker_load_timeout_s: int = Field(
+        1800, ge=10, description="a new pool process may take this long to load the weights before Celery kills it"
+    )
+    worker_health_port: int = Field(0, ge=0, le=65535, description="0: none; else /livez and /readyz of the worker")
     # weights and device (the same names as the CLI)
     sdxl_checkpoint: Path | None = None
     checkpoint: Path | None = None

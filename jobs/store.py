@@ -3,25 +3,28 @@
 Keys (all under the settings' key_prefix, `p`):
     p:job:<id>             the JobRecord as JSON (expires `retention` after it ends)
     p:owner:<owner>        sorted set of the owner's job ids by creation time
-    p:active:<owner>       set of the owner's queued + running job ids (quota)
+    p:slots:<owner>        sorted set of the owner's queued + running job ids by claim time (quota)
     p:queued               sorted set of queued ids by creation time (queue position)
     p:running              set of running ids
     p:cancel:<id>          cancel flag, read by the worker between sampler steps
     p:events:<id>          pub/sub channel: the record after each change
     p:idem:<owner>:<key>   idempotency key → job id and request hash
-    p:workers              sorted set of worker names by last heartbeat
+    p:workers              sorted set of ready worker processes by last heartbeat
+    p:worker:<host:pid>    a worker process's beat {state, job, at}; expires unless renewed
+    p:lock:<name>          cluster-wide lock of periodic work (the reaper)
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
 
-from .record import ACTIVE, JobProgress, JobRecord, Status
+from .record import ACTIVE, JobError, JobProgress, JobRecord, Status
 
 WATCH_RETRIES = 20
 
@@ -55,7 +58,10 @@ class JobStore:
         return int(self.r.scard(f"{self.p}:running"))
 
     def active_count(self, owner: str) -> int:
-        return int(self.r.scard(f"{self.p}:active:{owner}"))
+        return int(self.r.zcard(self._slots(owner)))
+
+    def _slots(self, owner: str) -> str:
+        return f"{self.p}:slots:{owner}"
 
     def list_jobs(self, owner: str, status: str | None, offset: int, limit: int) -> tuple[list[JobRecord], int | None]:
         """The owner's jobs, newest first, optionally of one status: (page, next offset or None)."""
@@ -106,7 +112,7 @@ class JobStore:
         with self.r.pipeline() as pipe:
             pipe.set(self._job(record.id), record.model_dump_json())
             pipe.zadd(f"{self.p}:owner:{record.owner}", {record.id: record.created_at})
-            pipe.sadd(f"{self.p}:active:{record.owner}", record.id)
+            pipe.zadd(self._slots(record.owner), {record.id: record.created_at})
             pipe.zadd(f"{self.p}:queued", {record.id: record.created_at})
             pipe.execute()
 
@@ -134,49 +140,119 @@ class JobStore:
         raise RuntimeError(f"job {job_id}: too many concurrent updates")
 
     def _index(self, pipe: redis.client.Pipeline, record: JobRecord) -> None:
-        if record.status != "queued":
+        if record.status == "queued":
+            pipe.zadd(f"{self.p}:queued", {record.id: record.created_at})  # a requeued job keeps its place
+        else:
             pipe.zrem(f"{self.p}:queued", record.id)
         if record.status == "running":
             pipe.sadd(f"{self.p}:running", record.id)
         else:
             pipe.srem(f"{self.p}:running", record.id)
         if record.status not in ACTIVE:
-            pipe.srem(f"{self.p}:active:{record.owner}", record.id)
+            pipe.zrem(self._slots(record.owner), record.id)
             pipe.expire(self._job(record.id), self.retention_s)
 
-    def start(self, job_id: str) -> JobRecord | None:
-        """queued → running (or running again after a redelivery); None if the job has ended or is gone."""
+    def start(self, job_id: str, worker: str, max_lost: int) -> tuple[str, JobRecord | None]:
+        """Take job_id for `worker`: ("started", record), or ("ended" | "busy" | "lost", record or None).
+
+        A job still marked running by another process is taken over only when that process is gone (its run
+        counts as lost, and the max_lost-th loss ends the job failed/worker_lost); while it lives, "busy".
+        """
+        outcome = "started"
 
         def change(record: JobRecord) -> JobRecord | None:
+            nonlocal outcome
+            outcome = "ended"
             if record.terminal:
                 return None
-            now = time.time()
+            lost = record.lost
+            if record.status == "running" and record.worker not in (None, worker):
+                if self.running_job_of(record.worker) == job_id:
+                    outcome = "busy"
+                    return None
+                lost += 1
+                if lost >= max_lost:
+                    outcome = "lost"
+                    return _lost(record, lost)
+            outcome = "started"
             return record.model_copy(
                 update={
                     "status": "running",
-                    "started_at": now,
+                    "started_at": time.time(),
                     "attempts": record.attempts + 1,
+                    "lost": lost,
+                    "worker": worker,
                     "progress": JobProgress(stage="starting"),
                 }
             )
 
-        return self.update(job_id, change)
+        record = self.update(job_id, change)
+        return outcome, record
 
-    def finish(self, job_id: str, status: Status, **fields: object) -> JobRecord | None:
-        """→ a terminal status, once: a job that has already ended keeps its first ending."""
+    def finish(self, job_id: str, status: Status, worker: str | None = None, **fields: object) -> JobRecord | None:
+        """→ a terminal status, once: a job that has already ended keeps its first ending. With `worker`, only
+        while that process still holds the job (a run taken over by another attempt cannot end it)."""
 
         def change(record: JobRecord) -> JobRecord | None:
-            if record.terminal:
+            if record.terminal or (worker is not None and record.worker != worker):
                 return None
             return record.model_copy(update={"status": status, "finished_at": time.time(), **fields})
 
         return self.update(job_id, change)
 
-    def set_progress(self, job_id: str, progress: JobProgress) -> JobRecord | None:
+    def set_progress(self, job_id: str, progress: JobProgress, worker: str | None = None) -> JobRecord | None:
         def change(record: JobRecord) -> JobRecord | None:
-            return record.model_copy(update={"progress": progress}) if record.status == "running" else None
+            if record.status != "running" or (worker is not None and record.worker != worker):
+                return None
+            return record.model_copy(update={"progress": progress})
 
         return self.update(job_id, change)
+
+    def requeue_lost(self, job_id: str, worker: str, attempts: int, max_lost: int) -> JobRecord | None:
+        """The run `attempts` of job_id by `worker` is lost: queue the job again, or end it at the max_lost-th loss.
+
+        Changes nothing unless that exact run still holds the job (it may have ended, or been taken over)."""
+
+        def change(record: JobRecord) -> JobRecord | None:
+            if record.status != "running" or record.worker != worker or record.attempts != attempts:
+                return None
+            if record.lost + 1 >= max_lost:
+                return _lost(record, record.lost + 1)
+            return record.model_copy(
+                update={"status": "queued", "lost": record.lost + 1, "worker": None, "progress": JobProgress()}
+            )
+
+        return self.update(job_id, change)
+
+    def running_ids(self) -> list[str]:
+        return [i.decode() if isinstance(i, bytes) else i for i in self.r.smembers(f"{self.p}:running")]
+
+    # quota: one atomic check-and-claim, so concurrent creates cannot pass the check together
+    _CLAIM = """
+    if redis.call('ZSCORE', KEYS[1], ARGV[2]) then return 1 end
+    if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+    redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+    return 1
+    """
+
+    def claim_slot(self, owner: str, job_id: str, quota: int) -> bool:
+        """Reserve one of the owner's `quota` active-job slots for job_id; False when all are taken."""
+        return bool(self.r.eval(self._CLAIM, 1, self._slots(owner), quota, job_id, time.time()))
+
+    def release_slot(self, owner: str, job_id: str) -> None:
+        """Give back a slot whose job was never created (the create failed after the claim)."""
+        self.r.zrem(self._slots(owner), job_id)
+
+    def free_orphan_slots(self, owner: str, older_than_s: float = 300.0) -> int:
+        """Slots held by ids with no active record (an API process died between claim and create)."""
+        cutoff = time.time() - older_than_s
+        ids = [i.decode() if isinstance(i, bytes) else i for i in self.r.zrangebyscore(self._slots(owner), 0, cutoff)]
+        orphans = [
+            i
+            for i, raw in zip(ids, self.r.mget([self._job(i) for i in ids]) if ids else [], strict=True)
+            if raw is None or JobRecord.model_validate_json(raw).status not in ACTIVE
+        ]
+        return int(self.r.zrem(self._slots(owner), *orphans)) if orphans else 0
 
     # cancel flags
     def request_cancel(self, job_id: str) -> None:
@@ -212,13 +288,36 @@ class JobStore:
             return max(1, int(60 - now % 60) + 1)
         return None
 
-    # workers
-    def heartbeat(self, worker: str) -> None:
-        self.r.zadd(f"{self.p}:workers", {worker: time.time()})
+    # workers: each worker process ("host:pid") keeps a short-lived beat naming the job it runs
+    def _beat(self, worker: str) -> str:
+        return f"{self.p}:worker:{worker}"
+
+    def heartbeat(self, worker: str, state: str = "ready", job: str | None = None, ttl_s: float = 30.0) -> None:
+        beat = json.dumps({"state": state, "job": job, "at": time.time()})
+        with self.r.pipeline() as pipe:
+            pipe.set(self._beat(worker), beat, px=int(ttl_s * 1000))
+            if state == "ready":
+                pipe.zadd(f"{self.p}:workers", {worker: time.time()})
+            pipe.execute()
+
+    def drop_heartbeat(self, worker: str) -> None:
+        self.r.delete(self._beat(worker))
+
+    def running_job_of(self, worker: str) -> str | None:
+        """The job `worker` says it runs, or None when it runs none or is gone (no beat, or a dead local pid)."""
+        raw = self.r.get(self._beat(worker))
+        if raw is None or not _process_may_live(worker):
+            return None
+        job = json.loads(raw).get("job")
+        return str(job) if job else None
 
     def last_heartbeat(self) -> float | None:
         newest = self.r.zrevrange(f"{self.p}:workers", 0, 0, withscores=True)
         return float(newest[0][1]) if newest else None
+
+    def take_lock(self, name: str, ttl_s: float) -> bool:
+        """One holder cluster-wide for ttl_s (periodic work several processes offer to do)."""
+        return bool(self.r.set(f"{self.p}:lock:{name}", 1, nx=True, px=int(ttl_s * 1000)))
 
     # events
     def events(self, job_id: str, timeout_s: float = 15.0) -> Iterator[JobRecord | None]:
@@ -237,3 +336,29 @@ class JobStore:
                 yield record
         finally:
             pubsub.close()
+
+
+def _lost(record: JobRecord, lost: int) -> JobRecord:
+    message = f"the worker running this job was lost {lost} times; the photo is kept for inspection"
+    return record.model_copy(
+        update={
+            "status": "failed",
+            "finished_at": time.time(),
+            "lost": lost,
+            "error": JobError(code="worker_lost", message=message),
+        }
+    )
+
+
+def _process_may_live(worker: str) -> bool:
+    """False only when `worker` ("host:pid") is a process of this host that has exited (or is a zombie)."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine: its beat's expiry tells
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True

@@ -5,6 +5,7 @@
      ├── WeightsError          checkpoint files missing, unreadable or of the wrong kind
      ├── InferenceError        the model failed while running on valid input
      ├── StorageError          an object store failed (unreachable, refused, timed out): worth a retry
+     │    └── ObjectMissing     the object is not there (expired, deleted): no retry brings it back
      └── Canceled              the caller asked to stop; raised between sampler steps
 
 This module imports nothing heavy: the API process (which never imports torch) uses it too.
@@ -40,6 +41,10 @@ class InferenceError(SupirError):
 
 class StorageError(SupirError):
     code = "storage_error"
+
+
+class ObjectMissing(StorageError):
+    code = "object_missing"
 
 
 class Canceled(SupirError):

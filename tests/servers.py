@@ -89,21 +89,22 @@ class Service:
         log = open(self.tmp / f"api-{self.port}.log", "wb")  # noqa: SIM115 - lives as long as the server
         self._logs.append(log)
         self.api = subprocess.Popen(
-            [str(BIN / "uvicorn"), "api.main:app", "--host", "127.0.0.1", "--port", str(self.port),
+            [sys.executable, "-m", "api.server", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", str(self.api_workers)],
             cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         wait_until(self._ready, 90, 0.25, "the API and a ready worker")
         return self
 
-    def start_worker(self) -> subprocess.Popen[bytes]:
+    def start_worker(self, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
         self._logs.append(log)
         worker = subprocess.Popen(
             [str(BIN / "celery"), "-A", "worker.tasks", "worker", "--pool", "prefork", "--concurrency", "1",
              "--queues", self.prefix, "--loglevel", "INFO", "--without-mingle", "--without-gossip",
              "-n", f"{self.prefix}-{len(self.workers)}@%h"],
-            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=REPO, env={**self.env, **(extra_env or {})}, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
         )  # fmt: skip
         self.workers.append(worker)
         return worker

@@ -184,15 +184,15 @@ def test_api_keys_are_required(service: Service) -> None:
 
 
 def test_a_worker_killed_mid_job_is_redelivered_and_finishes_once(tmp_path: Path, fixture_a: Path) -> None:
-    # redelivery after 22 s; the limit leaves room for a slow, busy CI machine
-    settings = {"job_time_limit_s": 20, "visibility_margin_s": 2, "rate_limit_per_minute": 100_000}
+    # the broker would redeliver only after the visibility timeout (40 min); the next worker's reaper requeues it
+    settings = {"worker_lost_after_s": 6, "rate_limit_per_minute": 100_000}
     with running(tmp_path, fixture_a, {"alice": {}}, **settings) as svc, svc.client("alice") as client:
-        job = submit(client, {**SLOW, "steps": 40}).json()
+        job = submit(client, {**SLOW, "min_size": 128, "steps": 40}).json()
         wait_until(lambda: client.get(f"/v1/jobs/{job['id']}").json()["progress"]["step"] >= 2, 60, 0.05, "sampling")
         svc.kill_worker(svc.workers[0])
         assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
         svc.start_worker()
-        final = wait_for_status(client, job["id"], {"succeeded", "failed", "canceled"}, timeout=90)
+        final = wait_for_status(client, job["id"], {"succeeded", "failed", "canceled"}, timeout=120)
         assert final["status"] == "succeeded", svc.logs()
         assert final["attempts"] == 2
         results = list((tmp_path / "objects" / "results").iterdir())

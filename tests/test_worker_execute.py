@@ -3,7 +3,11 @@ happen here (a GPU running out of memory) and the real tiny one for the rest."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +15,8 @@ import pytest
 import redis
 import torch
 
-from jobs.record import JobRecord
+from jobs.reaper import reap
+from jobs.record import JobProgress, JobRecord
 from jobs.settings import Settings
 from jobs.storage import LocalStore
 from jobs.store import JobStore
@@ -67,19 +72,108 @@ def test_gpu_out_of_memory_fails_the_job_and_the_worker_goes_on(runtime: Runtime
 
 
 def test_storage_errors_retry_then_fail(runtime: Runtime) -> None:
-    class Flaky(LocalStore):
-        def get(self, key: str) -> bytes:
-            raise StorageError("connection reset by peer")
+    tries = []
 
-    runtime.objects = Flaky(Path(runtime.settings.local_dir), "http://test", "secret")
+    class Down(LocalStore):
+        def get(self, key: str) -> bytes:
+            tries.append(key)
+            raise StorageError("S3 get failed: connection reset")
+
+    runtime.objects = Down(Path(runtime.settings.local_dir), "http://test", "secret")
+    runtime.storage_backoff_s = (0.0, 0.0, 0.0)  # type: ignore[attr-defined]
     job = JobRecord(owner="t", params=FAST, input_key="inputs/x")
     runtime.store.create(job)
-    with pytest.raises(execute.RetryLater):
-        execute.run_job(runtime, job.id, final_attempt=False)
-    assert execute.run_job(runtime, job.id, final_attempt=True) == "failed"
+    assert execute.run_job(runtime, job.id) == "failed"
     record = runtime.store.get(job.id)
     assert record is not None and record.error is not None and record.error.code == "storage_error"
-    assert record.attempts == 2
+    assert record.attempts == 1 and len(tries) == 4  # retried inside the run, then failed once
+
+
+def test_storage_that_comes_back_within_the_retries_loses_nothing(runtime: Runtime) -> None:
+    real_get = runtime.objects.get
+    failures = [StorageError("S3 get failed: timeout")] * 2
+
+    def flaky(key: str) -> bytes:
+        if failures:
+            raise failures.pop()
+        return real_get(key)
+
+    runtime.objects.get = flaky  # type: ignore[method-assign]
+    runtime.storage_backoff_s = (0.0, 0.0, 0.0)  # type: ignore[attr-defined]
+    job = queued_job(runtime)
+    assert execute.run_job(runtime, job.id) == "succeeded" and not failures
+
+
+def test_a_run_taken_over_cannot_end_the_job(runtime: Runtime) -> None:
+    """Fencing: the reaper requeued the job and another process runs it; the first run's ending is dropped."""
+    store = runtime.store
+    job = queued_job(runtime)
+    assert store.start(job.id, "elsewhere:1", 3)[0] == "started"
+    requeued = store.requeue_lost(job.id, "elsewhere:1", 1, 3)
+    assert requeued is not None and requeued.status == "queued" and requeued.lost == 1
+    assert store.queue_position(job.id) == 0  # back in the queue, at its creation time
+    assert store.finish(job.id, "failed", worker="elsewhere:1") is None
+    assert store.set_progress(job.id, JobProgress(stage="sampling"), worker="elsewhere:1") is None
+    assert execute.run_job(runtime, job.id) == "succeeded"
+    done = store.get(job.id)
+    assert done is not None and done.attempts == 2 and done.lost == 1 and done.worker == runtime.name
+
+
+def test_a_job_held_by_a_live_process_is_busy_and_a_dead_ones_is_taken_over(runtime: Runtime) -> None:
+    store = runtime.store
+    job = queued_job(runtime)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        name = f"{socket.gethostname()}:{holder.pid}"
+        assert store.start(job.id, name, 3)[0] == "started"
+        store.heartbeat(name, "ready", job.id)
+        with pytest.raises(execute.Busy):
+            execute.run_job(runtime, job.id)  # a duplicate delivery while the holder runs it
+    finally:
+        holder.kill()
+        holder.wait()
+    assert execute.run_job(runtime, job.id) == "succeeded"  # its pid is gone: the run counts as lost
+    done = store.get(job.id)
+    assert done is not None and done.lost == 1 and done.attempts == 2
+
+
+def test_the_last_allowed_loss_fails_the_job_worker_lost(runtime: Runtime) -> None:
+    store = runtime.store
+    job = queued_job(runtime)
+    for attempt in (1, 2):
+        assert store.start(job.id, f"gone-host:{attempt}", 3)[0] == "started"
+        assert store.requeue_lost(job.id, f"gone-host:{attempt}", attempt, 3) is not None
+    assert store.start(job.id, "gone-host:3", 3)[0] == "started"
+    calls = []
+    runtime.pipeline = lambda *a, **k: calls.append(1)
+    assert execute.run_job(runtime, job.id) == "failed" and not calls  # its holder has no beat: lost, 3rd time
+    failed = store.get(job.id)
+    assert failed is not None and failed.error is not None and failed.error.code == "worker_lost"
+    assert failed.lost == 3 and runtime.store.active_count("t") == 0
+
+
+def test_the_reaper_requeues_a_job_whose_worker_dropped_it(runtime: Runtime) -> None:
+    """The worker is alive but its beat names no job (its end was never recorded): queued again, once."""
+    store = runtime.store
+    job = queued_job(runtime)
+    store.start(job.id, "w-host:7", 3)
+    store.heartbeat("w-host:7", "ready", None)
+    sent: list[str] = []
+    assert reap(store, sent.append, max_attempts=3, lost_after_s=3600) == []  # too recent to judge
+    changed = reap(store, sent.append, max_attempts=3, lost_after_s=0)
+    assert [r.id for r in changed] == [job.id] and sent == [job.id] and changed[0].status == "queued"
+    assert reap(store, sent.append, max_attempts=3, lost_after_s=0) == [] and sent == [job.id]
+
+
+def test_the_quota_claim_is_atomic(runtime: Runtime) -> None:
+    store = runtime.store
+    with ThreadPoolExecutor(16) as pool:
+        claims = list(pool.map(lambda i: store.claim_slot("q", f"job_{i}", 8), range(40)))
+    assert sum(claims) == 8 and store.active_count("q") == 8
+    assert store.claim_slot("q", "job_0", 8)  # a claim already held is held
+    store.release_slot("q", "job_0")
+    assert store.active_count("q") == 7
+    assert store.free_orphan_slots("q", older_than_s=0) == 7  # no records behind them
 
 
 def test_a_job_canceled_before_it_starts_never_runs(runtime: Runtime) -> None:
@@ -93,10 +187,10 @@ def test_a_job_canceled_before_it_starts_never_runs(runtime: Runtime) -> None:
 def test_progress_is_throttled(runtime: Runtime) -> None:
     runtime.settings = runtime.settings.model_copy(update={"progress_interval_s": 3600})
     job = queued_job(runtime)
-    runtime.store.start(job.id)
+    runtime.store.start(job.id, runtime.name, 3)
     write = execute._progress_writer(runtime, job.id)
     seen = []
-    runtime.store.set_progress = lambda job_id, p: seen.append(p.step)  # type: ignore[method-assign]
+    runtime.store.set_progress = lambda job_id, p, worker: seen.append(p.step)  # type: ignore[method-assign]
     for step in range(1, 11):
         write(SimpleNamespace(stage="sampling", step=step, steps=10))
     assert seen == [1, 10]  # the first of a stage and the last step; the rest fall inside the interval

@@ -2,29 +2,68 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import redis
 
-from jobs.netguard import ForbiddenAddress, check_addresses
-from jobs.record import JobError, JobProgress, JobRecord, JobResult, output_key
+from jobs.netguard import ForbiddenAddress, resolve_checked, send_pinned
+from jobs.record import JobError, JobProgress, JobRecord, JobResult, Status, output_key
 from jobs.webhooks import signed_headers
-from supir_core.errors import Canceled, InvalidInput, StorageError, SupirError, WeightsError
+from supir_core.errors import Canceled, InvalidInput, ObjectMissing, StorageError, WeightsError
 from supir_core.params import RestoreParams
 
 from . import metrics
 from .runtime import Runtime
 
 log = logging.getLogger("supir.worker")
+T = TypeVar("T")
 
 
 class RetryLater(Exception):
-    """A transient failure (storage, Redis): the task should run again later."""
+    """A transient failure (a webhook receiver down): the task should run again later."""
+
+
+class Busy(Exception):
+    """Another live worker process runs this job (a duplicate delivery): look again later."""
+
+
+REDIS_WAIT_S = 300.0  # how long a job waits out a Redis restart or failover (a worker can do nothing without it)
+STORAGE_BACKOFF_S = (2.0, 4.0, 8.0, 16.0, 32.0)  # waits between tries of a failing storage call
+_SAFE = re.compile(r"<[^<>]* at 0x[0-9a-f]+>|(?:[A-Za-z]:)?/[\w.\-]+(?:/[\w.\-]+)+")
+
+
+def _redis(call: Callable[[], T]) -> T:
+    """Run a Redis call, waiting out a restart or failover (up to REDIS_WAIT_S) instead of dropping the job."""
+    deadline = time.monotonic() + REDIS_WAIT_S
+    while True:
+        try:
+            return call()
+        except redis.RedisError:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("Redis unavailable; retrying")
+            time.sleep(1.0)
+
+
+def _stored(runtime: Runtime, what: str, call: Callable[[], T]) -> T:
+    """A storage call, retried with backoff; StorageError once the tries run out."""
+    backoff = getattr(runtime, "storage_backoff_s", STORAGE_BACKOFF_S)
+    for wait in (*backoff, None):
+        try:
+            return call()
+        except StorageError as exc:
+            if wait is None or isinstance(exc, ObjectMissing):
+                raise
+            log.warning("storage: %s failed (%s); retrying in %.0f s", what, exc.message, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def _progress_writer(runtime: Runtime, job_id: str) -> Callable[[Any], None]:
@@ -38,78 +77,115 @@ def _progress_writer(runtime: Runtime, job_id: str) -> Callable[[Any], None]:
             return
         last.update(at=now, stage=p.stage)
         try:
-            runtime.store.set_progress(job_id, JobProgress(stage=p.stage, step=p.step, steps=p.steps))
+            progress = JobProgress(stage=p.stage, step=p.step, steps=p.steps)
+            runtime.store.set_progress(job_id, progress, worker=runtime.name)
         except redis.RedisError:
             log.warning("job %s: progress not recorded (Redis)", job_id)
 
     return write
 
 
-def _fail(runtime: Runtime, job_id: str, code: str, message: str) -> JobRecord | None:
-    metrics.JOBS_FINISHED.labels("failed", code).inc()
-    return runtime.store.finish(job_id, "failed", error=JobError(code=code, message=message))
+def _cancel_requested(runtime: Runtime, job_id: str) -> bool:
+    try:
+        return runtime.store.cancel_requested(job_id)
+    except redis.RedisError:
+        return False  # Redis is away: keep restoring; a cancel is seen at the next check
 
 
-def run_job(runtime: Runtime, job_id: str, final_attempt: bool = True) -> str:
-    """Restore job_id; returns its terminal status, 'skipped' (already ended / gone) or raises RetryLater."""
+def _end(runtime: Runtime, job_id: str, status: Status, code: str = "", message: str = "", **fields: Any) -> str:
+    if code:
+        fields["error"] = JobError(code=code, message=message)
+    done = _redis(lambda: runtime.store.finish(job_id, status, worker=runtime.name, **fields))
+    if done is None:
+        return "skipped"  # another run holds or has ended the job: its ending stands
+    metrics.JOBS_FINISHED.labels(status, code).inc()
+    return status
+
+
+def safe_message(text: str) -> str:
+    """A message for the job's owner: no object reprs or server paths."""
+    return _SAFE.sub("…", text)[:300]
+
+
+def run_job(runtime: Runtime, job_id: str) -> str:
+    """Restore job_id; returns its terminal status or 'skipped' (ended, gone, or held by another run).
+
+    Raises Busy when another live worker process holds the job. Redis outages are waited out (REDIS_WAIT_S)
+    and storage errors retried with backoff (STORAGE_BACKOFF_S) inside the run, so no failure here needs the
+    broker to be up; a run that still cannot record its end is found lost by the reaper and runs again."""
     store = runtime.store
-    record = store.get(job_id)
+    record = _redis(lambda: store.get(job_id))
     if record is None or record.terminal:
         return "skipped"  # a redelivery of a job that has ended: nothing to do, exactly one ending stands
-    if store.cancel_requested(job_id):
-        store.finish(job_id, "canceled")
+    if _redis(lambda: store.cancel_requested(job_id)):
+        _redis(lambda: store.finish(job_id, "canceled"))
         metrics.JOBS_FINISHED.labels("canceled", "").inc()
         return "canceled"
-    record = store.start(job_id)
-    if record is None:
+    runtime.running(job_id)  # the beat names the job before the record does: the reaper never sees it unnamed
+    try:
+        return _run(runtime, job_id)
+    finally:
+        runtime.job = None
+        with contextlib.suppress(redis.RedisError):
+            runtime.beat()
+
+
+def _run(runtime: Runtime, job_id: str) -> str:
+    store = runtime.store
+    max_lost = runtime.settings.max_attempts
+    outcome, record = _redis(lambda: store.start(job_id, runtime.name, max_lost))
+    if outcome == "busy":
+        raise Busy(job_id)
+    if outcome == "lost":
+        metrics.JOBS_FINISHED.labels("failed", "worker_lost").inc()
+        return "failed"
+    if record is None or outcome != "started":
         return "skipped"
     if record.attempts == 1:
         metrics.STAGE_SECONDS.labels("queue_wait").observe(max(0.0, (record.started_at or 0) - record.created_at))
     started = time.perf_counter()
     try:
         params = RestoreParams.model_validate(record.params)
-        image = runtime.objects.get(record.input_key)
+        image = _stored(runtime, "reading the input", lambda: runtime.objects.get(record.input_key))
         result = runtime.pipeline(
             image,
             params,
             on_progress=_progress_writer(runtime, job_id),
-            should_stop=lambda: store.cancel_requested(job_id),
+            should_stop=lambda: _cancel_requested(runtime, job_id),
         )
         upload_start = time.perf_counter()
         buffer = io.BytesIO()
         result.image.save(buffer, format="PNG")
         png = buffer.getvalue()
         key = output_key(job_id)  # fixed per job: a redelivered job overwrites, never duplicates
-        runtime.objects.put(key, png, "image/png")
+        _stored(runtime, "writing the result", lambda: runtime.objects.put(key, png, "image/png"))
         seconds = {**result.metadata["seconds"], "upload": time.perf_counter() - upload_start}
         seconds["total"] = time.perf_counter() - started
     except Canceled:
-        store.finish(job_id, "canceled")
-        metrics.JOBS_FINISHED.labels("canceled", "").inc()
-        return "canceled"
+        return _end(runtime, job_id, "canceled")
     except InvalidInput as exc:
-        _fail(runtime, job_id, exc.code if exc.code != "invalid_input" else "invalid_image", exc.message)
-        return "failed"
+        code = exc.code if exc.code != "invalid_input" else "invalid_image"
+        return _end(runtime, job_id, "failed", code, safe_message(exc.message))
     except WeightsError as exc:
-        _fail(runtime, job_id, "weights_error", exc.message)
-        return "failed"
-    except (StorageError, redis.RedisError) as exc:
-        if not final_attempt:
-            raise RetryLater(str(exc)) from exc
-        _fail(runtime, job_id, "storage_error", f"storage kept failing: {exc}")
-        return "failed"
+        log.error("job %s: %s", job_id, exc.message)
+        return _end(runtime, job_id, "failed", "weights_error", "the worker's model weights could not be used")
+    except ObjectMissing:
+        return _end(runtime, job_id, "failed", "input_missing", "the job's photo is no longer stored")
+    except StorageError as exc:
+        log.error("job %s: storage kept failing: %s", job_id, exc.message)
+        return _end(runtime, job_id, "failed", "storage_error", "the object store kept failing; try again later")
+    except redis.RedisError:
+        raise  # Redis stayed away past REDIS_WAIT_S: the reaper queues the job again once it is back
     except Exception as exc:
         if _is_out_of_memory(exc):
             _free_gpu_cache()
-            _fail(runtime, job_id, "gpu_out_of_memory", "the GPU ran out of memory; try a smaller image or upscale")
-            return "failed"
+            message = "the GPU ran out of memory; try a smaller image or upscale"
+            return _end(runtime, job_id, "failed", "gpu_out_of_memory", message)
         if _is_time_limit(exc):
-            _fail(runtime, job_id, "time_limit", "the job ran past its time limit")
-            return "failed"
+            return _end(runtime, job_id, "failed", "time_limit", "the job ran past its time limit")
         log.exception("job %s failed", job_id)
-        message = exc.message if isinstance(exc, SupirError) else f"{type(exc).__name__}: {exc}"
-        _fail(runtime, job_id, "internal_error", message)
-        return "failed"
+        message = f"an internal error ({type(exc).__name__}) stopped the job; the worker's log has the details"
+        return _end(runtime, job_id, "failed", "internal_error", message)
 
     meta = result.metadata
     for stage, value in seconds.items():
@@ -118,7 +194,8 @@ def run_job(runtime: Runtime, job_id: str, final_attempt: bool = True) -> str:
     if meta["seconds"].get("sampling"):
         metrics.STEPS_PER_SECOND.set(params.steps / meta["seconds"]["sampling"])
     _record_gpu_memory()
-    done = store.finish(
+    return _end(
+        runtime,
         job_id,
         "succeeded",
         result=JobResult(key=key, width=result.image.width, height=result.image.height, bytes=len(png)),
@@ -128,9 +205,6 @@ def run_job(runtime: Runtime, job_id: str, final_attempt: bool = True) -> str:
         negative_prompt=meta.get("negative_prompt"),
         progress=JobProgress(stage="done", step=params.steps, steps=params.steps),
     )
-    if done is not None:
-        metrics.JOBS_FINISHED.labels("succeeded", "").inc()
-    return "succeeded"
 
 
 def _is_out_of_memory(exc: Exception) -> bool:
@@ -195,11 +269,12 @@ def deliver_webhook(runtime: Runtime, job_id: str, final_attempt: bool) -> str:
     status: int | None = None
     error: str | None = None
     try:
-        if not settings.allow_private_webhooks:
-            check_addresses(url)
+        # resolved once and checked (unless allowed); the POST goes to that checked address, not to a new lookup
+        target = resolve_checked(url, settings.allow_private_webhooks)
         body = webhook_payload(record, runtime)
         headers = signed_headers(settings.webhook_secret.get_secret_value(), body)
-        response = httpx.post(url, content=body, headers=headers, timeout=10.0, follow_redirects=False)
+        with httpx.Client(timeout=10.0, follow_redirects=False) as client:
+            response = send_pinned(client, client.build_request("POST", url, content=body, headers=headers), target)
         status = response.status_code
         delivered = 200 <= status < 300
     except (ForbiddenAddress, OSError, httpx.HTTPError) as exc:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import socket
 import threading
 import time
@@ -17,7 +19,6 @@ from jobs.store import JobStore
 from . import metrics
 
 log = logging.getLogger("supir.worker")
-HEARTBEAT_EVERY_S = 10.0
 State = Literal["loading", "ready", "failed"]
 
 
@@ -29,8 +30,10 @@ class Runtime:
         self.objects = objects or make_store(settings)
         self.pipeline: Any = None
         self.state: State = "loading"
-        self.name = f"{socket.gethostname()}:{id(self):x}"
+        self.name = f"{socket.gethostname()}:{os.getpid()}"  # one per worker process; jobs record it
+        self.job: str | None = None  # the job this process runs, named in every beat
         self._stop = threading.Event()
+        self._beat_now = threading.Event()
 
     def load(self) -> None:
         """Weights → device. Imported here so that nothing torch-related runs before the fork."""
@@ -38,6 +41,9 @@ class Runtime:
         from supir_core.pipeline import RestorationPipeline
 
         s = self.settings
+        if s.ready_file is not None:
+            s.ready_file.unlink(missing_ok=True)  # a previous process's file must not vouch for this one
+        threading.Thread(target=self._beat, name="supir-heartbeat", daemon=True).start()
         start = time.perf_counter()
         try:
             if s.sdxl_checkpoint is None or s.checkpoint is None:
@@ -63,10 +69,11 @@ class Runtime:
         metrics.MODEL_LOAD_SECONDS.set(seconds)
         metrics.READY.set(1)
         self.state = "ready"
+        self._beat_now.set()
         if self.settings.ready_file is not None:
-            self.settings.ready_file.write_text(self.name)  # for container health and Kubernetes startup probes
+            # its content is this process's pid: `python -m worker.health` checks that it still lives
+            self.settings.ready_file.write_text(str(os.getpid()))
         log.info("weights loaded in %.1f s on %s", seconds, self.pipeline.device)
-        threading.Thread(target=self._beat, name="supir-heartbeat", daemon=True).start()
 
     def _captioner(self, device: str) -> Any:
         s = self.settings
@@ -93,16 +100,32 @@ class Runtime:
             captioner.load()  # at start, not in the first job
         return captioner
 
+    def running(self, job: str | None) -> None:
+        """Name the job this process runs (None when it ends) in a beat at once."""
+        self.job = job
+        self.beat()
+
+    def beat(self) -> None:
+        ttl = self.settings.worker_lost_after_s
+        self.store.heartbeat(self.name, self.state, self.job, ttl_s=ttl)
+
     def _beat(self) -> None:
+        every = self.settings.worker_lost_after_s / 4
         while not self._stop.is_set():
             try:
-                self.store.heartbeat(self.name)
+                self.beat()
             except redis.RedisError:
                 log.warning("heartbeat to Redis failed")
-            self._stop.wait(HEARTBEAT_EVERY_S)
+            self._beat_now.wait(every)
+            self._beat_now.clear()
 
     def stop(self) -> None:
         self._stop.set()
+        self._beat_now.set()
+        if self.settings.ready_file is not None:
+            self.settings.ready_file.unlink(missing_ok=True)
+        with contextlib.suppress(redis.RedisError):
+            self.store.drop_heartbeat(self.name)
 
 
 def _dtype(name: str | None) -> Any:

@@ -2,23 +2,30 @@
 
     celery -A worker.tasks worker --pool prefork --concurrency 1 --queues supir
 
-(one such process per GPU). The weights load in the pool process, after the fork, once.
+(one such process per GPU). The weights load in the pool process, after the fork (CUDA cannot cross a fork),
+and Celery waits `SUPIR_WORKER_LOAD_TIMEOUT_S` for it, so a replacement process is not killed while it loads.
+The main process stays light: it serves /livez and /readyz (`SUPIR_WORKER_HEALTH_PORT`) and runs the reaper.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing.sharedctypes
+import os
 import time
 
 import redis
 from celery import Task
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
 from jobs.queue import RESTORE_TASK, SWEEP_TASK, WEBHOOK_TASK, make_celery
+from jobs.reaper import Reaper
+from jobs.record import JobRecord
 from jobs.settings import get_settings
+from jobs.store import JobStore
 
-from . import execute
+from . import execute, health
 from .runtime import Runtime
 
 log = logging.getLogger("supir.worker")
@@ -26,6 +33,9 @@ settings = get_settings()
 app = make_celery(settings)
 MAX_RETRIES = 5
 _runtime: Runtime | None = None
+_reaper: Reaper | None = None
+# the pid of the pool process whose weights are loaded (0: none); created before the fork, so shared with it
+READY_PID = multiprocessing.sharedctypes.RawValue("i", 0)
 
 
 def runtime() -> Runtime:
@@ -42,29 +52,69 @@ def _load_after_fork(**_: object) -> None:
         from prometheus_client import start_http_server
 
         start_http_server(settings.worker_metrics_port)
-    runtime()
+    if runtime().state == "ready":
+        READY_PID.value = os.getpid()
 
 
 @worker_process_shutdown.connect
 def _stop(**_: object) -> None:
+    if READY_PID.value == os.getpid():
+        READY_PID.value = 0
     if _runtime is not None:
         _runtime.stop()
+
+
+@worker_ready.connect
+def _start_main_process_services(**_: object) -> None:
+    """In the main process: the health server and the reaper (neither touches torch or the weights)."""
+    global _reaper
+    if settings.worker_health_port:
+        health.serve(settings.worker_health_port, lambda: health.pid_alive(READY_PID.value))
+    store = JobStore(
+        redis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=30),
+        settings.key_prefix,
+        retention_s=settings.retention_hours * 3600,
+    )
+    _reaper = Reaper(
+        store,
+        enqueue=lambda job_id: restore.apply_async(args=[job_id], queue=settings.queue),
+        max_attempts=settings.max_attempts,
+        lost_after_s=settings.worker_lost_after_s,
+        every_s=min(5.0, settings.worker_lost_after_s / 4),
+        on_change=_after_reap,
+    ).start()
+
+
+@worker_shutdown.connect
+def _stop_reaper(**_: object) -> None:
+    if _reaper is not None:
+        _reaper.stop()
+
+
+def _after_reap(record: JobRecord) -> None:
+    if record.terminal and record.webhook is not None and record.webhook.state == "pending":
+        deliver_webhook.apply_async(args=[record.id], queue=settings.queue)
 
 
 def _backoff(retries: int) -> float:
     return min(2.0 ** (retries + 1), 120.0)
 
 
-@app.task(name=RESTORE_TASK, bind=True, max_retries=MAX_RETRIES)
+@app.task(name=RESTORE_TASK, bind=True, max_retries=None)  # its retries are waits, never failures
 def restore(self: Task, job_id: str) -> str:
     rt = runtime()
     if rt.state != "ready":
         # weights failed to load here: leave the job to a healthy worker (or to this one after a fix)
         raise self.retry(countdown=30, max_retries=None)
     try:
-        return execute.run_job(rt, job_id, final_attempt=self.request.retries >= MAX_RETRIES)
-    except (execute.RetryLater, redis.RedisError) as exc:  # Redis down: the job is not lost, it waits
-        raise self.retry(countdown=_backoff(self.request.retries), max_retries=None) from exc
+        return execute.run_job(rt, job_id)
+    except execute.Busy as exc:  # a duplicate delivery while another process runs the job: look again later
+        raise self.retry(countdown=settings.worker_lost_after_s, max_retries=None) from exc
+    except redis.RedisError:
+        # Redis stayed away longer than execute.REDIS_WAIT_S: the reaper queues a running job again, and an
+        # unacknowledged message comes back after the visibility timeout; nothing here can reach the broker
+        log.error("job %s: Redis unavailable; left to the reaper and the broker's redelivery", job_id)
+        return "redis_unavailable"
     finally:
         with contextlib.suppress(redis.RedisError):
             _enqueue_webhook(rt, job_id)

@@ -1,0 +1,200 @@
+"""Worker failures with real processes: pool processes and whole workers killed mid-job, a photo that kills its
+worker every time, a warm shutdown, and a burst of jobs. Two Celery workers share one queue; each test names the
+failure it injects. Exactly-once is checked on the job's own event channel: one terminal event, never two."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.servers import Service, free_port, wait_for_status, wait_until
+from tests.test_service import FAST, submit
+
+SLOW = {"min_size": 128, "steps": 40, "seed": 1}  # a few seconds of sampling: time to act while it runs
+LOST_AFTER_S = 6
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory: pytest.TempPathFactory, fixture_a: Path) -> Iterator[Service]:
+    ports = [free_port(), free_port()]
+    service = Service(
+        tmp_path_factory.mktemp("worker-faults"),
+        fixture_a,
+        {"alice": {"max_active_jobs": 1000}},
+        rate_limit_per_minute=100_000,
+        worker_health_port=ports[0],
+        worker_lost_after_s=LOST_AFTER_S,
+    )
+    service.health_ports = {}  # type: ignore[attr-defined]
+    try:
+        service.start()
+        service.health_ports[service.workers[0].pid] = ports[0]  # type: ignore[attr-defined]
+        second = service.start_worker({"SUPIR_WORKER_HEALTH_PORT": str(ports[1])})
+        service.health_ports[second.pid] = ports[1]  # type: ignore[attr-defined]
+        wait_until(lambda: worker_ready(service, second.pid), 120, 0.25, "the second worker")
+        yield service
+    finally:
+        service.stop()
+
+
+def worker_ready(service: Service, worker_pid: int) -> bool:
+    port = service.health_ports[worker_pid]  # type: ignore[attr-defined]
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def redis_client() -> redis.Redis:
+    return redis.Redis.from_url("redis://127.0.0.1:6379/0", decode_responses=True)
+
+
+def holder_pid(service: Service, job_id: str) -> int:
+    """The pool process whose beat names job_id (its name is host:pid)."""
+    r = redis_client()
+
+    def find() -> int | None:
+        for key in r.scan_iter(f"{service.prefix}:worker:*"):
+            beat = r.get(key)
+            if beat and json.loads(beat).get("job") == job_id:
+                return int(key.rpartition(":")[2])
+        return None
+
+    return int(wait_until(find, 120, 0.1, f"a worker process running {job_id}"))
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rpartition(")")[2].split()[1])
+
+
+class Terminals:
+    """Every record published on a job's event channel, collected from a subscription opened before it runs."""
+
+    def __init__(self, service: Service, job_id: str) -> None:
+        self.statuses: list[str] = []
+        self._pubsub = redis_client().pubsub(ignore_subscribe_messages=True)
+        self._pubsub.subscribe(f"{service.prefix}:events:{job_id}")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            message = self._pubsub.get_message(timeout=0.5)
+            if message is not None:
+                self.statuses.append(json.loads(message["data"])["status"])
+
+    def terminal(self) -> list[str]:
+        time.sleep(1.0)  # let late duplicates, if any, arrive
+        self._stop.set()
+        self._thread.join(5)
+        self._pubsub.close()
+        return [s for s in self.statuses if s in ("succeeded", "failed", "canceled")]
+
+
+def submit_running(client: httpx.Client, service: Service, params: dict) -> tuple[str, Terminals]:
+    job = submit(client, params).json()
+    events = Terminals(service, job["id"])
+    wait_until(
+        lambda: client.get(f"/v1/jobs/{job['id']}").json()["progress"]["step"] >= 1, 120, 0.1, "sampling to start"
+    )
+    return job["id"], events
+
+
+def test_sigkill_of_the_pool_process_mid_job_runs_the_job_once_on_a_fresh_process(svc: Service) -> None:
+    """Injects: SIGKILL of the pool process while it samples (as an OOM kill, SIGBUS or CUDA crash would).
+    Celery's default 4 s start-up timer used to kill every replacement while it loaded the weights."""
+    with svc.client("alice") as client:
+        job_id, events = submit_running(client, svc, SLOW)
+        child = holder_pid(svc, job_id)
+        worker = parent_of(child)
+        assert worker_ready(svc, worker)
+        os.kill(child, signal.SIGKILL)
+        # not ready from the moment the process dies until a replacement has loaded (seconds at least)
+        wait_until(lambda: not worker_ready(svc, worker), 30, 0.05, "the worker to report not ready")
+        job = wait_for_status(client, job_id, {"succeeded", "failed"}, timeout=90)
+        assert job["status"] == "succeeded" and job["attempts"] == 2, job
+        assert events.terminal() == ["succeeded"]
+        assert client.get(f"/v1/jobs/{job_id}/result").status_code == 200
+        wait_until(lambda: worker_ready(svc, worker), 120, 0.25, "the replacement pool process")
+
+
+def test_a_photo_that_kills_its_worker_every_time_fails_worker_lost_and_the_next_job_runs(svc: Service) -> None:
+    """Injects: SIGKILL of whichever pool process runs the job, every time it runs (a poison photo)."""
+    with svc.client("alice") as client:
+        job_id, events = submit_running(client, svc, SLOW)
+        kills = 0
+        while True:
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            if job["status"] in ("succeeded", "failed", "canceled"):
+                break
+            if job["status"] == "running" and job["attempts"] > kills and job["progress"]["step"] >= 1:
+                with contextlib.suppress(TimeoutError, ProcessLookupError):
+                    os.kill(holder_pid(svc, job_id), signal.SIGKILL)
+                    kills += 1
+            assert kills <= 3, "the job ran a fourth time"
+            time.sleep(0.1)
+        assert job["status"] == "failed" and job["error"]["code"] == "worker_lost", job
+        assert kills == 3 and job["attempts"] == 3
+        assert "/" not in job["error"]["message"]
+        assert events.terminal() == ["failed"]
+        after = submit(client, FAST).json()
+        assert wait_for_status(client, after["id"], {"succeeded", "failed"}, timeout=120)["status"] == "succeeded"
+
+
+def test_a_whole_worker_killed_mid_job_is_requeued_by_the_reaper_within_a_minute(svc: Service) -> None:
+    """Injects: SIGKILL of a worker's main and pool processes together (a node lost): the broker would hold the
+    unacknowledged job until the visibility timeout (40 min); the reaper on the other worker requeues it."""
+    with svc.client("alice") as client:
+        job_id, events = submit_running(client, svc, SLOW)
+        child = holder_pid(svc, job_id)
+        worker = next(w for w in svc.workers if w.pid == parent_of(child))
+        killed_at = time.monotonic()
+        svc.kill_worker(worker)
+        job = wait_for_status(client, job_id, {"succeeded", "failed"}, timeout=120)
+        assert job["status"] == "succeeded" and job["attempts"] == 2, job
+        assert time.monotonic() - killed_at < 120
+        assert events.terminal() == ["succeeded"]
+    replacement = svc.start_worker({"SUPIR_WORKER_HEALTH_PORT": str(svc.health_ports.pop(worker.pid))})  # type: ignore[attr-defined]
+    svc.health_ports[replacement.pid] = svc.health_ports.get(replacement.pid, free_port())  # type: ignore[attr-defined]
+
+
+def test_a_burst_of_200_jobs_all_end_and_every_success_has_one_result(svc: Service) -> None:
+    """Injects: 200 creates at once from 8 clients; nothing may be lost, stuck or doubled."""
+    quick = {"min_size": 64, "steps": 1, "seed": 3}
+    with svc.client("alice") as client:
+        with ThreadPoolExecutor(8) as pool:
+            created = list(pool.map(lambda _: submit(client, quick), range(200)))
+        assert [r.status_code for r in created] == [202] * 200
+        ids = [r.json()["id"] for r in created]
+        jobs = [wait_for_status(client, i, {"succeeded", "failed", "canceled"}, timeout=600) for i in ids]
+    assert {j["status"] for j in jobs} == {"succeeded"}
+    results = list((svc.tmp / "objects" / "results").glob("*.png"))
+    succeeded = [j for j in jobs if j["status"] == "succeeded"]
+    ours = [p for p in results if p.stem in set(ids)]
+    assert len(ours) == len(succeeded) == 200
+
+
+def test_sigterm_mid_job_finishes_the_job_then_exits(svc: Service) -> None:
+    """Injects: SIGTERM to a worker's main process while its job samples (a rollout or scale-in). Documented
+    behaviour: warm shutdown; the worker takes no new job, finishes the one it runs, then exits."""
+    with svc.client("alice") as client:
+        job_id, events = submit_running(client, svc, SLOW)
+        worker = next(w for w in svc.workers if w.pid == parent_of(holder_pid(svc, job_id)))
+        os.kill(worker.pid, signal.SIGTERM)
+        job = wait_for_status(client, job_id, {"succeeded", "failed", "canceled"}, timeout=120)
+        assert job["status"] == "succeeded" and job["attempts"] == 1, job
+        assert events.terminal() == ["succeeded"]
+        worker.wait(120)
