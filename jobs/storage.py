@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import logging
+import re
 import time
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
-from supir_core.errors import StorageError
+from supir_core.errors import ObjectMissing, StorageError
 
 from .settings import Settings
 
 __all__ = ["LocalStore", "ObjectStore", "S3Store", "StorageError", "make_store"]
+
+# StorageError messages reach clients (job errors, /readyz): they name the operation and a short reason only.
+# Paths, endpoints, buckets and keys go to this log instead.
+log = logging.getLogger("supir.storage")
 
 
 class ObjectStore(Protocol):
@@ -41,24 +48,42 @@ class LocalStore:
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
         if self.root not in path.parents:
-            raise StorageError(f"object key {key!r} leaves the storage directory")
+            log.warning("local storage: key %r leaves %s", key, self.root)
+            raise StorageError("local storage: invalid object key")
         return path
+
+    def _failed(self, what: str, path: Path, exc: OSError) -> StorageError:
+        log.warning("local storage %s of %s failed: %r", what, path, exc)
+        if isinstance(exc, FileNotFoundError) and what == "read":
+            return ObjectMissing("local storage read failed: object missing")
+        reason = (exc.strerror or type(exc).__name__).lower()
+        return StorageError(f"local storage {what} failed: {reason}")
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".part")
-        tmp.write_bytes(data)
-        tmp.replace(path)  # readers never see half a file
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            tmp.replace(path)  # readers never see half a file
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)  # a full disk leaves a partial .part: no litter
+            raise self._failed("write", path, exc) from exc
 
     def get(self, key: str) -> bytes:
+        path = self._path(key)
         try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError:
-            raise StorageError(f"object {key!r} is missing") from None
+            return path.read_bytes()
+        except OSError as exc:
+            raise self._failed("read", path, exc) from exc
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise self._failed("delete", path, exc) from exc
 
     def url(self, key: str, expires_s: int) -> str:
         expires = int(time.time()) + expires_s
@@ -70,15 +95,20 @@ class LocalStore:
 
     def delete_older_than(self, cutoff: float) -> int:
         removed = 0
-        for path in self.root.rglob("*"):
-            if path.is_file() and path.stat().st_mtime < cutoff:
-                path.unlink(missing_ok=True)
-                removed += 1
+        try:
+            for path in self.root.rglob("*"):
+                with contextlib.suppress(FileNotFoundError):  # removed meanwhile (a redelivered job, another sweep)
+                    if path.is_file() and path.stat().st_mtime < cutoff:
+                        path.unlink()
+                        removed += 1
+        except OSError as exc:
+            raise self._failed("sweep", self.root, exc) from exc
         return removed
 
     def ping(self) -> None:
         if not self.root.is_dir():
-            raise StorageError(f"storage directory {self.root} is missing")
+            log.warning("local storage directory %s is missing", self.root)
+            raise StorageError("local storage unavailable: directory missing")
 
 
 class S3Store:
@@ -93,11 +123,13 @@ class S3Store:
         import boto3
         from botocore.config import Config
 
+        # A stalled S3 must fail a call within about max_attempts × (connect + read timeout), plus botocore's
+        # jittered backoff (≤ 1 s, 2 s, ...): the API then answers 503, and the worker retries with its own backoff.
         config = Config(
             s3={"addressing_style": "path" if settings.s3_path_style else "auto"},
-            retries={"max_attempts": 3, "mode": "standard"},
-            connect_timeout=5,
-            read_timeout=30,
+            retries={"total_max_attempts": settings.s3_max_attempts, "mode": "standard"},
+            connect_timeout=settings.s3_connect_timeout_s,
+            read_timeout=settings.s3_read_timeout_s,
         )
         secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
         client = boto3.client(
@@ -110,24 +142,26 @@ class S3Store:
         )
         return cls(client, settings.s3_bucket)
 
-    def _call(self, what: str, fn: Any, **kwargs: Any) -> Any:
+    def _call(self, what: str, fn: Any, read_body: bool = False, **kwargs: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return fn(Bucket=self.bucket, **kwargs)
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404"):
-                raise StorageError(f"object {kwargs.get('Key')!r} is missing") from None
-            raise StorageError(f"S3 {what} failed: {code or exc}") from exc
-        except BotoCoreError as exc:
-            raise StorageError(f"S3 {what} failed: {exc}") from exc
+            response = fn(Bucket=self.bucket, **kwargs)
+            # the body streams after the call returns: a drop or stall there is as much a failure of the call
+            return bytes(response["Body"].read()) if read_body else response
+        except (BotoCoreError, ClientError) as exc:
+            raise self._failed(what, kwargs.get("Key", ""), exc) from exc
+
+    def _failed(self, what: str, key: str, exc: Exception) -> StorageError:
+        log.warning("S3 %s of s3://%s/%s at %s failed: %r", what, self.bucket, key, self.client.meta.endpoint_url, exc)
+        reason = _reason(exc, what)
+        return (ObjectMissing if reason == "object missing" else StorageError)(f"S3 {what} failed: {reason}")
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         self._call("put", self.client.put_object, Key=key, Body=data, ContentType=content_type)
 
     def get(self, key: str) -> bytes:
-        return bytes(self._call("get", self.client.get_object, Key=key)["Body"].read())
+        return bytes(self._call("get", self.client.get_object, read_body=True, Key=key))
 
     def delete(self, key: str) -> None:
         self._call("delete", self.client.delete_object, Key=key)
@@ -137,17 +171,46 @@ class S3Store:
         return str(self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s))
 
     def delete_older_than(self, cutoff: float) -> int:
+        from botocore.exceptions import BotoCoreError, ClientError
+
         removed = 0
-        paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket):
-            for item in page.get("Contents", []):
-                if item["LastModified"].timestamp() < cutoff:
-                    self.delete(item["Key"])
-                    removed += 1
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
+                for item in page.get("Contents", []):
+                    if item["LastModified"].timestamp() < cutoff:
+                        self.delete(item["Key"])
+                        removed += 1
+        except (BotoCoreError, ClientError) as exc:
+            raise self._failed("sweep", "", exc) from exc
         return removed
 
     def ping(self) -> None:
-        self._call("head_bucket", self.client.head_bucket)
+        self._call("ping", self.client.head_bucket)
+
+
+def _reason(exc: Exception, what: str) -> str:
+    """A short class of an S3 failure: botocore's own messages name the endpoint, bucket or key."""
+    from botocore import exceptions as e
+
+    if isinstance(exc, e.ClientError):
+        code = str(exc.response.get("Error", {}).get("Code") or "")
+        if code in ("NoSuchKey", "NoSuchBucket", "404"):
+            return "bucket missing" if what == "ping" or code == "NoSuchBucket" else "object missing"
+        # an error code is a short class (AccessDenied, SlowDown, InternalError); anything else is not echoed
+        return code if re.fullmatch(r"[A-Za-z0-9.]{1,64}", code) else "error response"
+    if isinstance(exc, e.ConnectTimeoutError | e.ReadTimeoutError):
+        return "timeout"
+    if isinstance(exc, e.EndpointConnectionError):
+        return "unreachable"
+    if isinstance(exc, e.ConnectionClosedError | e.ResponseStreamingError | e.IncompleteReadError):
+        return "connection closed"
+    if isinstance(exc, e.SSLError):
+        return "TLS error"
+    if isinstance(exc, e.NoCredentialsError | e.PartialCredentialsError):
+        return "no credentials"
+    if isinstance(exc, e.ConnectionError):
+        return "connection failed"
+    return type(exc).__name__
 
 
 def make_store(settings: Settings) -> ObjectStore:
