@@ -3,12 +3,16 @@ explicit seams on app.state, so tests run it against real servers without patchi
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from fastapi import FastAPI, Query, Request
@@ -22,17 +26,26 @@ from jobs.settings import Settings, get_settings
 from jobs.storage import LocalStore, ObjectStore, make_store
 from jobs.store import JobStore
 from supir_core.errors import InvalidInput
-from supir_core.params import MAX_SEED, validate_params
+from supir_core.params import MAX_SEED, RestoreParams, validate_params
 
 from . import errors, metrics
-from .auth import caller_of
+from .auth import authenticate
 from .errors import ApiError
 from .intake import check_image, check_public_url, fetch_image
+from .limits import BodyLimits
 
 RESULT_URL_TTL_S = 3600
 UI_PAGE = Path(__file__).parent / "ui" / "index.html"
 HEARTBEAT_FRESH_S = 60
 SSE_KEEPALIVE_S = 15.0
+SSE_POLL_S = 1.0  # how soon an event stream notices shutdown
+MAX_JSON_DEPTH = 32  # nesting allowed in a JSON body or the params field
+FORM_FIELD_BYTES = 64_000  # largest non-file multipart field (params is small)
+MAX_URL_CHARS = 8192
+
+# Set when the server starts shutting down (api.server's protocol) or the app's lifespan ends: open event
+# streams end within SSE_POLL_S instead of holding the process until their job ends.
+SHUTTING_DOWN = threading.Event()
 
 
 class Services:
@@ -40,6 +53,10 @@ class Services:
 
     def __init__(self, settings: Settings, store: JobStore, objects: ObjectStore, enqueue: Callable[[str], None]):
         self.settings, self.store, self.objects, self.enqueue = settings, store, objects, enqueue
+        # image_url downloads and full decodes run in the threadpool; these bound how many threads they take,
+        # so slow URLs or big images cannot starve the other routes of threads
+        self.fetches = asyncio.Semaphore(settings.max_concurrent_fetches)
+        self.decodes = asyncio.Semaphore(settings.max_concurrent_decodes)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:
@@ -56,7 +73,19 @@ class Services:
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
     settings = settings or get_settings()
     services = services or Services.from_settings(settings)
-    app = FastAPI(title="supir-serve", version="0.1.0", description="Photo restoration with SUPIR, as queued jobs.")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        SHUTTING_DOWN.clear()
+        yield
+        SHUTTING_DOWN.set()
+
+    app = FastAPI(
+        title="supir-serve",
+        version="0.1.0",
+        description="Photo restoration with SUPIR, as queued jobs.",
+        lifespan=lifespan,
+    )
     app.state.services = services
     errors.install(app)
 
@@ -69,9 +98,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         metrics.REQUEST_SECONDS.labels(route, request.method).observe(time.perf_counter() - start)
         return response
 
+    # added last, so it is the outermost middleware: bodies are bounded before any other code sees them
+    app.add_middleware(BodyLimits, settings=settings)
+
     def authorize(request: Request) -> str:
         """The caller's id, after its per-minute rate limit; its job quota is left on request.state."""
-        caller = caller_of(request, settings)
+        caller = authenticate(request, settings, services.store)
         limit = caller.rate_limit_per_minute or settings.rate_limit_per_minute
         wait = services.store.hit_rate_limit(caller.id, limit)
         if wait is not None:
@@ -92,18 +124,18 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     @app.post("/v1/jobs", status_code=202, tags=["jobs"], openapi_extra=CREATE_DOCS)
     async def create_job(request: Request) -> JSONResponse:
         """Queue a restoration: multipart (`image`, `params` JSON, `preset`, `webhook_url`) or JSON with `image_url`."""
-        owner = authorize(request)
+        owner = await run_in_threadpool(authorize, request)  # Redis calls stay off the event loop
         fields, data, declared = await _read_create_request(request, settings)
         idempotency_key = request.headers.get("idempotency-key")
         quota = request.state.max_active_jobs
-        return await run_in_threadpool(_create, services, owner, quota, fields, data, declared, idempotency_key)
+        return await _create(services, owner, quota, fields, data, declared, idempotency_key)
 
     @app.get("/v1/jobs", tags=["jobs"])
     def list_jobs(
         request: Request,
         status: str | None = Query(None, pattern="^(queued|running|succeeded|failed|canceled)$"),
         limit: int = Query(20, ge=1, le=100),
-        cursor: int = Query(0, ge=0),
+        cursor: int = Query(0, ge=0, le=10**9),  # Redis ranges are 64-bit; a huge cursor would be a 500
     ) -> dict[str, Any]:
         owner = authorize(request)
         page, next_cursor = services.store.list_jobs(owner, status, cursor, limit)
@@ -137,10 +169,17 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         own_job(job_id, authorize(request))
 
         def stream() -> Iterator[str]:
-            for record in services.store.events(job_id, timeout_s=SSE_KEEPALIVE_S):
+            silent_s = 0.0
+            for record in services.store.events(job_id, timeout_s=SSE_POLL_S):
+                if SHUTTING_DOWN.is_set():  # end now: the client reconnects, to another process
+                    return
                 if record is None:
-                    yield ": keep-alive\n\n"
+                    silent_s += SSE_POLL_S
+                    if silent_s >= SSE_KEEPALIVE_S:
+                        silent_s = 0.0
+                        yield ": keep-alive\n\n"
                     continue
+                silent_s = 0.0
                 yield f"event: job\ndata: {json.dumps(_view(record, services))}\n\n"
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -196,8 +235,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         try:
             services.objects.ping()
             checks["storage"] = "ok"
-        except Exception as exc:
-            checks["storage"] = f"unreachable: {exc}"
+        except Exception as exc:  # the type only: messages name buckets, paths and hosts
+            checks["storage"] = f"unreachable: {type(exc).__name__}"
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
@@ -242,21 +281,16 @@ CREATE_DOCS: dict[str, Any] = {
 
 
 async def _read_create_request(request: Request, settings: Settings) -> tuple[dict[str, Any], bytes | None, str | None]:
-    """(fields, uploaded bytes or None, declared content type) from a multipart or JSON request."""
+    """(fields, uploaded bytes or None, declared content type) from a multipart or JSON request.
+
+    Body size is bounded by the BodyLimits middleware before any of this reads it."""
     content_type = request.headers.get("content-type", "")
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > settings.max_upload_bytes + 1_000_000:  # refuse before reading it
-        message = f"the request is {int(length):,} bytes; images of at most {settings.max_upload_bytes:,} are accepted"
-        raise ApiError("file_too_large", message, field="image")
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        form = await request.form(max_files=1, max_fields=8)
+        form = await request.form(max_files=1, max_fields=8, max_part_size=FORM_FIELD_BYTES)
         fields: dict[str, Any] = {k: v for k, v in form.items() if not isinstance(v, UploadFile)}
         upload = form.get("image")
         if "params" in fields:
-            try:
-                fields["params"] = json.loads(fields["params"])
-            except ValueError:
-                raise ApiError("invalid_json", "the params field is not valid JSON", field="params") from None
+            fields["params"] = _parse_json(fields["params"], "the params field", field="params")
         if isinstance(upload, UploadFile):
             data = await upload.read(settings.max_upload_bytes + 1)
             return fields, data, upload.content_type
@@ -266,20 +300,100 @@ async def _read_create_request(request: Request, settings: Settings) -> tuple[di
             )
         return fields, None, None
     if content_type.startswith("application/json"):
-        try:
-            body = await request.json()
-        except ValueError:
-            raise ApiError("invalid_json", "the request body is not valid JSON") from None
+        body = _parse_json(await request.body(), "the request body")
         if not isinstance(body, dict):
             raise ApiError("invalid_json", "the request body must be a JSON object")
         return body, None, None
     raise ApiError("unsupported_media_type", "send multipart/form-data with an image, or JSON with image_url")
 
 
+def _parse_json(raw: str | bytes, what: str, field: str | None = None) -> Any:
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack
+        raise ApiError("invalid_json", f"{what} is not valid JSON", field=field) from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise ApiError("invalid_json", f"{what} is nested deeper than {MAX_JSON_DEPTH} levels", field=field)
+    return value
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
 ALLOWED_FIELDS = {"params", "preset", "webhook_url", "image_url"}
 
 
-def _create(
+def _validated(
+    fields: dict[str, Any], data: bytes | None
+) -> tuple[dict[str, Any], RestoreParams, str | None, str | None, str | None]:
+    """Cheap checks, no I/O: (raw params, params, preset, image_url, webhook_url)."""
+    unknown = set(fields) - ALLOWED_FIELDS
+    if unknown:
+        raise ApiError("invalid_request", f"unknown field {sorted(unknown)[0]!r}", field=sorted(unknown)[0])
+    image_url, webhook_url, preset = fields.get("image_url"), fields.get("webhook_url"), fields.get("preset")
+    # JSON can carry any type: each field's type is checked before anything uses it
+    if image_url is not None and not isinstance(image_url, str):
+        raise ApiError("invalid_url", "image_url must be a string", field="image_url")
+    if webhook_url is not None and not isinstance(webhook_url, str):
+        raise ApiError("invalid_webhook_url", "webhook_url must be a string", field="webhook_url")
+    if preset is not None and not isinstance(preset, str):
+        raise ApiError("invalid_parameter", "preset must be a string", field="preset")
+    raw_params = fields.get("params")
+    raw_params = {} if raw_params is None else raw_params
+    if not isinstance(raw_params, dict):
+        raise ApiError("invalid_request", "params must be a JSON object", field="params")
+    if data is not None and image_url:
+        raise ApiError(
+            "conflicting_image_sources", "send either an image file or image_url, not both", field="image_url"
+        )
+    if data is None and not image_url:
+        raise ApiError("missing_image", "send an image file or image_url", field="image")
+    if image_url is not None and not _http_url(image_url):
+        raise ApiError("invalid_url", "image_url must be an http or https URL", field="image_url")
+    if webhook_url is not None and not _http_url(webhook_url):
+        raise ApiError("invalid_webhook_url", "webhook_url must be an http or https URL", field="webhook_url")
+    try:
+        params = validate_params(raw_params, preset=preset)
+    except InvalidInput as exc:
+        raise ApiError(
+            exc.code, exc.message, field=f"params.{exc.field}" if exc.field and exc.field != "preset" else exc.field
+        ) from None
+    return raw_params, params, preset, image_url, webhook_url
+
+
+def _http_url(url: str) -> bool:
+    """An http(s) URL with a host, of sane length; urlsplit raises on some malformed ones ("http://[")."""
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and len(url) <= MAX_URL_CHARS
+    except ValueError:
+        return False
+
+
+def _request_hash(
+    raw_params: dict[str, Any], preset: str | None, image_url: str | None, webhook_url: str | None, data: bytes | None
+) -> str:
+    request = {
+        "params": raw_params,
+        "preset": preset,
+        "image_url": image_url,
+        "webhook_url": webhook_url,
+        "image": hashlib.sha256(data).hexdigest() if data else None,
+    }
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+
+
+async def _create(
     services: Services,
     owner: str,
     quota: int,
@@ -288,47 +402,20 @@ def _create(
     declared: str | None,
     idempotency_key: str | None,
 ) -> JSONResponse:
+    """Validate, claim a quota slot, fetch and decode (bounded), store the input, create the record, enqueue.
+
+    Blocking work (Redis, storage, DNS, downloads, decodes) runs in the threadpool; downloads and decodes
+    under their semaphores."""
     settings, store = services.settings, services.store
-    unknown = set(fields) - ALLOWED_FIELDS
-    if unknown:
-        raise ApiError("invalid_request", f"unknown field {sorted(unknown)[0]!r}", field=sorted(unknown)[0])
-    if data is not None and fields.get("image_url"):
-        raise ApiError(
-            "conflicting_image_sources", "send either an image file or image_url, not both", field="image_url"
-        )
-    if data is None and not fields.get("image_url"):
-        raise ApiError("missing_image", "send an image file or image_url", field="image")
-    raw_params = fields.get("params") or {}
-    if not isinstance(raw_params, dict):
-        raise ApiError("invalid_request", "params must be a JSON object", field="params")
-    try:
-        params = validate_params(raw_params, preset=fields.get("preset"))
-    except InvalidInput as exc:
-        raise ApiError(
-            exc.code, exc.message, field=f"params.{exc.field}" if exc.field and exc.field != "preset" else exc.field
-        ) from None
-    webhook_url = fields.get("webhook_url")
+    raw_params, params, preset, image_url, webhook_url = _validated(fields, data)
     if webhook_url is not None:
-        if not isinstance(webhook_url, str):
-            raise ApiError("invalid_webhook_url", "webhook_url must be a string", field="webhook_url")
-        check_public_url(webhook_url, settings, "webhook_url", settings.allow_private_webhooks)
+        await run_in_threadpool(check_public_url, webhook_url, settings, "webhook_url", settings.allow_private_webhooks)
+    request_hash = await run_in_threadpool(_request_hash, raw_params, preset, image_url, webhook_url, data)
 
     # the same Idempotency-Key with the same request returns the first job
-    request_hash = hashlib.sha256(
-        json.dumps(
-            {
-                "params": raw_params,
-                "preset": fields.get("preset"),
-                "image_url": fields.get("image_url"),
-                "webhook_url": webhook_url,
-                "image": hashlib.sha256(data).hexdigest() if data else None,
-            },
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()
     job_id = new_job_id()
     if idempotency_key:
-        existing = store.claim_idempotency_key(owner, idempotency_key, job_id, request_hash)
+        existing = await run_in_threadpool(store.claim_idempotency_key, owner, idempotency_key, job_id, request_hash)
         if existing is not None:
             if existing[1] != request_hash:
                 raise ApiError(
@@ -336,16 +423,25 @@ def _create(
                     "this Idempotency-Key was used with a different request",
                     field="Idempotency-Key",
                 )
-            record = store.get(existing[0])
-            if record is not None:
-                return JSONResponse(_view(record, services), status_code=200, headers={"Idempotent-Replayed": "true"})
+            replay = await run_in_threadpool(store.get, existing[0])
+            if replay is not None:
+                view = await run_in_threadpool(_view, replay, services)
+                return JSONResponse(view, status_code=200, headers={"Idempotent-Replayed": "true"})
+    claimed = False
     try:
-        if store.active_count(owner) >= quota:
+        # one atomic check-and-claim: concurrent creates cannot all pass a separate count
+        claimed = await run_in_threadpool(store.claim_slot, owner, job_id, quota)
+        if not claimed:
             message = f"at most {quota} jobs may be queued or running at once"
             raise ApiError("quota_exceeded", message, headers={"Retry-After": "10"})
-        if data is None:
-            data, declared = fetch_image(fields["image_url"], settings)
-        info = check_image(data, settings, params.upscale, declared)
+        if data is not None:
+            image = data
+        else:
+            assert image_url is not None  # _validated: one of the two
+            async with services.fetches:
+                image, declared = await run_in_threadpool(fetch_image, image_url, settings)
+        async with services.decodes:
+            info = await run_in_threadpool(check_image, image, settings, params.upscale, declared)
         seed = (
             params.seed
             if params.seed is not None
@@ -355,7 +451,7 @@ def _create(
             id=job_id,
             owner=owner,
             params=params.model_copy(update={"seed": seed}).model_dump(),
-            preset=fields.get("preset"),
+            preset=preset,
             input_key=input_key(job_id),
             input_content_type=info.content_type,
             input_width=info.width,
@@ -363,22 +459,36 @@ def _create(
             webhook=WebhookState(url=webhook_url) if webhook_url else None,
             request_hash=request_hash,
         )
-        services.objects.put(record.input_key, data, info.content_type)
-        store.create(record)
-    except ApiError as exc:
-        if idempotency_key:
-            store.release_idempotency_key(owner, idempotency_key)
-        metrics.REJECTED.labels(exc.code).inc()
+        # input first, record second, task last: a failure leaves no record pointing at a missing input
+        await run_in_threadpool(services.objects.put, record.input_key, image, info.content_type)
+        await run_in_threadpool(store.create, record)  # the record keeps the claimed slot
+    except Exception as exc:
+        await run_in_threadpool(_undo_claims, store, owner, job_id if claimed else None, idempotency_key)
+        if isinstance(exc, ApiError):
+            metrics.REJECTED.labels(exc.code).inc()
         raise
     try:
-        services.enqueue(job_id)
+        await run_in_threadpool(services.enqueue, job_id)
     except Exception as exc:
-        store.finish(job_id, "failed", error={"code": "queue_unavailable", "message": "the job queue is unavailable"})
+        error = {"code": "queue_unavailable", "message": "the job queue is unavailable"}
+        await run_in_threadpool(store.finish, job_id, "failed", error=error)  # ends it and frees its slot
+        await run_in_threadpool(_undo_claims, store, owner, None, idempotency_key)  # a retry makes a new job
         raise ApiError(
             "queue_unavailable", "the job queue is unavailable; try again", headers={"Retry-After": "5"}
         ) from exc
     metrics.JOBS_CREATED.inc()
-    return JSONResponse(_view(record, services), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
+    view = await run_in_threadpool(_view, record, services)
+    return JSONResponse(view, status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
+
+
+def _undo_claims(store: JobStore, owner: str, slot_job_id: str | None, idempotency_key: str | None) -> None:
+    """After a failed create: give back its quota slot and its Idempotency-Key (best effort: Redis may be down)."""
+    with contextlib.suppress(redis.RedisError):
+        if slot_job_id is not None:
+            store.release_slot(owner, slot_job_id)
+    with contextlib.suppress(redis.RedisError):
+        if idempotency_key:
+            store.release_idempotency_key(owner, idempotency_key)
 
 
 def _view(record: JobRecord, services: Services) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import secrets
 from fastapi import Request
 
 from jobs.settings import ApiKey, Settings
+from jobs.store import JobStore
 
 from .errors import ApiError
 
@@ -43,3 +44,25 @@ def caller_of(request: Request, settings: Settings) -> ApiKey:
         if hmac.compare_digest(key.sha256, digest):
             return key
     raise ApiError("unauthorized", "unknown API key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def authenticate(request: Request, settings: Settings, store: JobStore) -> ApiKey:
+    """caller_of, with failed attempts counted per client address.
+
+    Only failures are counted. Once an address has failed `auth_failures_per_minute` times in the current
+    minute, its failing requests answer 429 (with Retry-After) instead of 401 until the minute ends. A valid
+    key is never refused here, even from that address: clients sharing an address (a NAT, a proxy without
+    --proxy-headers) are not locked out by one of them guessing. Keys are 256 random bits, so the limit is
+    against noise and key-list stuffing rather than against brute force.
+    """
+    try:
+        return caller_of(request, settings)
+    except ApiError as exc:
+        if exc.code != "unauthorized":
+            raise
+        address = request.client.host if request.client else "unknown"
+        wait = store.hit_rate_limit(f"authfail:{address}", settings.auth_failures_per_minute)
+        if wait is None:
+            raise
+        message = f"over {settings.auth_failures_per_minute} failed authentications a minute from your address"
+        raise ApiError("rate_limited", message, headers={"Retry-After": str(wait)}) from None

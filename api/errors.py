@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from supir_core.errors import InvalidInput, StorageError, SupirError
+
+log = logging.getLogger("api.errors")
 
 # code → HTTP status. Codes are part of the API: never rename one.
 STATUS: dict[str, int] = {
@@ -21,6 +26,7 @@ STATUS: dict[str, int] = {
     "url_forbidden": 403,
     "not_found": 404,
     "method_not_allowed": 405,
+    "request_timeout": 408,
     "job_not_cancelable": 409,
     "result_not_ready": 409,
     "idempotency_conflict": 409,
@@ -73,9 +79,19 @@ def install(app: FastAPI) -> None:
             "storage_error", "the object store is unavailable; try again", headers={"Retry-After": "5"}
         )
 
+    @app.exception_handler(redis.RedisError)
+    async def _redis(request: Request, exc: redis.RedisError) -> JSONResponse:
+        # Redis holds the records, the queue and the limits: without it no route can answer, but it comes back
+        return error_response(
+            "queue_unavailable", "the job queue is unavailable; try again", headers={"Retry-After": "5"}
+        )
+
+    # From here on, messages are fixed strings: an unexpected exception's text can carry paths, bucket names
+    # or object reprs, and belongs in the logs only.
     @app.exception_handler(SupirError)
     async def _supir(request: Request, exc: SupirError) -> JSONResponse:
-        return error_response("internal_error", exc.message)
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return error_response("internal_error", "internal error; the request id is in the logs")
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -34,7 +34,7 @@ trap stop INT TERM EXIT
 "$VENV/bin/celery" -A worker.tasks worker --pool prefork --concurrency 1 --queues "${SUPIR_QUEUE:-supir}" \
   --beat --schedule "${TMPDIR:-/tmp}/supir-beat-schedule" --loglevel INFO &
 pids+=($!)
-"$VENV/bin/uvicorn" api.main:app --host 127.0.0.1 --port "${PORT:-8000}" &
+"$VENV/bin/python" -m api.server --host 127.0.0.1 --port "${PORT:-8000}" &
 pids+=($!)
 echo "serve: API on http://127.0.0.1:${PORT:-8000} (docs at /docs); Ctrl-C stops everything" >&2
 wait -n "${pids[@]}"

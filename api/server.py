@@ -1,0 +1,97 @@
+"""Run the API: `python -m api.server [--host H] [--port P] [--workers N] [--proxy-headers]`.
+
+uvicorn, started here rather than by its CLI because the CLI cannot set two things the API needs:
+  * a header timeout: a connection whose request headers are not complete `header_timeout_s` after it opened
+    (or after the previous response on a kept-alive connection) is closed, so slow-header clients (slowloris)
+    cannot hold connections; uvicorn itself only times out idle keep-alive connections;
+  * a graceful-shutdown bound (`graceful_shutdown_s`), and an early shutdown notice to the app so event streams
+    end at once instead of holding SIGTERM until their job ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from jobs.settings import get_settings
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline for complete request headers."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout_s = get_settings().header_timeout_s
+        self.header_timer: asyncio.TimerHandle | None = None
+
+    def arm_header_timer(self) -> None:
+        self.cancel_header_timer()
+        self.header_timer = self.loop.call_later(self.header_timeout_s, self.headers_too_slow)
+
+    def cancel_header_timer(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def headers_too_slow(self) -> None:
+        self.header_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.cancel_header_timer()
+        super().connection_lost(exc)
+
+    def on_headers_complete(self) -> None:
+        self.cancel_header_timer()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # the next request's headers are timed from here, unless a pipelined request is already running
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+            self.arm_header_timer()
+
+    def shutdown(self) -> None:
+        # uvicorn calls this on every open connection when shutdown starts: tell the app, so its event
+        # streams end now (they check the flag) rather than being cancelled at the graceful-shutdown bound
+        from .app import SHUTTING_DOWN
+
+        SHUTTING_DOWN.set()
+        super().shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m api.server", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--proxy-headers",
+        action="store_true",
+        help="trust X-Forwarded-For/-Proto from the addresses in FORWARDED_ALLOW_IPS (behind a reverse proxy)",
+    )
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    uvicorn.run(
+        "api.main:app",
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        proxy_headers=args.proxy_headers,
+        http="api.server:GuardedHttpProtocol",  # by name: every worker process imports it
+        timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s),
+    )
+
+
+if __name__ == "__main__":
+    main()
