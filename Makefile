@@ -23,6 +23,7 @@ tools:
 	@bash scripts/ensure-tools.sh
 
 test: install redis tools
+	@VENV=$(VENV) bash scripts/ensure-corpus.sh
 	$(PY) -m pytest
 
 lint: install

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import re
 import time
-import warnings
+import zlib
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 from PIL import Image, UnidentifiedImageError
 
-from jobs.netguard import ForbiddenAddress, check_addresses
+from jobs.netguard import (
+    ForbiddenAddress,
+    InvalidURL,
+    PinnedTarget,
+    Resolver,
+    resolve_checked,
+    send_pinned,
+    system_resolver,
+)
 from jobs.settings import Settings
 
 from .errors import ApiError
@@ -38,6 +48,7 @@ class ImageInfo:
 
 
 def sniff(data: bytes) -> tuple[str, str] | None:
+    """(format name, content type) from the leading bytes, or None when it is none of the accepted formats."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP", "image/webp"
     for magic, fmt, content_type in MAGIC:
@@ -46,8 +57,51 @@ def sniff(data: bytes) -> tuple[str, str] | None:
     return None
 
 
+# What Pillow may call a file of each sniffed format when it opens it as the worker does, with every plugin
+# (a JPEG with a multi-picture index opens as MPO). Anything else would be decoded by another plugin: refused.
+PILLOW_FORMATS = {
+    "PNG": {"PNG"},
+    "JPEG": {"JPEG", "MPO"},
+    "GIF": {"GIF"},
+    "TIFF": {"TIFF"},
+    "BMP": {"BMP"},
+    "WEBP": {"WEBP"},
+}
+# A TIFF strip or tile is decoded whole into one buffer (libtiff): its declared size may not exceed this many
+# bytes per image pixel, or TIFF_PART_FLOOR bytes for small images (a 256×256 tile of an 8×8 image is fine).
+TIFF_PART_BYTES_PER_PIXEL = 8
+TIFF_PART_FLOOR = 4 << 20
+# PNG raw modes (IHDR bit depth × channels) → bits per pixel in the compressed rows
+PNG_RAW_BITS = {
+    "1": 1, "L;2": 2, "L;4": 4, "L": 8, "I;16B": 16, "P;1": 1, "P;2": 2, "P;4": 4, "P": 8,
+    "LA": 16, "LA;16B": 32, "RGB": 24, "RGB;16B": 48, "RGBA": 32, "RGBA;16B": 64,
+}  # fmt: skip
+# Adam7 passes: first column, column step, first row, row step
+ADAM7 = ((0, 8, 0, 8), (4, 8, 0, 8), (0, 4, 4, 8), (2, 4, 0, 4), (0, 2, 2, 4), (1, 2, 0, 2), (0, 1, 1, 2))
+PNG_DATA_CHUNKS = (b"IDAT", b"DDAT", b"fdAT")  # what Pillow reads as the first frame's pixel data
+INFLATE_STEP = 1 << 16  # bytes of rows inflated at a time by the PNG scan
+_OBJECT_REPR = re.compile(r"<[^<>]*\bat 0x[0-9a-fA-F]+>")
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.~+-]+){2,}[\\/]?")
+
+
 def check_image(data: bytes, settings: Settings, upscale: float, declared_type: str | None = None) -> ImageInfo:
-    """Format by magic bytes, then size limits from the header, then a full decode (catches truncation)."""
+    """Accept only an image the worker can decode, without ever decoding more than one bounded image.
+
+    Order: format by magic bytes; the header (first frame only: frame counts are never read, later frames
+    never parsed; WebP's canvas read from its bytes before libwebp allocates it) against the pixel limits and,
+    for TIFF, the declared strip/tile size; for PNG and raw rows (BMP, uncompressed TIFF) a scan that finds
+    short or corrupt pixel data without decoding any pixel; then one decode of the first frame, opened with
+    every plugin exactly as the worker opens it, and the EXIF the worker reads.
+
+    Peak memory of one call, in units of one decoded image W×H×4 bytes (4 bytes a pixel: Pillow's widest
+    mode), measured at 4000×4000: refused by the header or the scan ≈ 0; PNG, TIFF, BMP 1.0 (less for 1- and
+    2-byte modes: GIF 0.25); JPEG is decoded at 1/8 scale (0.02 baseline) but progressive JPEG keeps libjpeg's
+    coefficient buffer (0.76 for 4:2:0, 1.5 for 4:4:4, 2.0 for CMYK); WebP 4.0 (libwebp's two canvases,
+    Pillow's copy and the image). So one call stays under 4 × W×H×4 bytes plus a few MB, W×H at most
+    settings.max_input_pixels. The caller runs at most settings.max_concurrent_decodes calls at once, so with
+    the defaults (2, 16 M pixels: 64 MB an image) decodes hold at most 2 × 4 × 64 MB = 512 MB (two WebPs),
+    128 MB for PNG, TIFF or BMP.
+    """
     if not data:
         raise ApiError("missing_image", "the image is empty", field="image")
     if len(data) > settings.max_upload_bytes:
@@ -61,47 +115,202 @@ def check_image(data: bytes, settings: Settings, upscale: float, declared_type: 
         what = f" (sent as {declared_type})" if declared_type else ""
         raise ApiError("unsupported_media_type", f"not a PNG, JPEG, WebP, TIFF, BMP or GIF image{what}", field="image")
     fmt, content_type = found
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data), formats=[fmt]) as img:
-                width, height = img.size
-                if width * height > settings.max_input_pixels:
-                    code = "decompression_bomb" if width * height > 50 * len(data) * 8 else "image_too_large"
-                    raise ApiError(
-                        code,
-                        f"the image has {width * height:,} pixels; at most {settings.max_input_pixels:,}",
-                        field="image",
-                    )
-                if min(width, height) < MIN_SIDE:
-                    raise ApiError(
-                        "image_too_small",
-                        f"the image is {width}×{height}; both sides must be at least {MIN_SIDE} pixels",
-                        field="image",
-                    )
-                out_pixels = round(width * upscale) * round(height * upscale)
-                if out_pixels > settings.max_output_pixels:
-                    raise ApiError(
-                        "output_too_large",
-                        f"upscale {upscale} makes {out_pixels:,} output pixels; at most {settings.max_output_pixels:,}",
-                        field="params.upscale",
-                    )
-                img.load()
-        except ApiError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ApiError(
-                "decompression_bomb", f"the image decompresses to too many pixels ({exc})", field="image"
-            ) from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise ApiError("invalid_image", f"the {fmt} image is damaged or truncated ({exc})", field="image") from None
+    declared = _webp_canvas(data) if fmt == "WEBP" else None
+    if declared:  # libwebp allocates its canvases as soon as Pillow opens the file
+        _check_limits(*declared, len(data), settings, upscale)
+    try:
+        # no warnings filter here: it is process-wide and this runs in many threads; the limits below are ours
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format not in PILLOW_FORMATS[fmt]:
+                raise ApiError(
+                    "invalid_image", f"the file starts like a {fmt} image but is not a readable one", field="image"
+                )
+            width, height = img.size
+            _check_limits(width, height, len(data), settings, upscale)
+            _check_parts(img, width, height)
+            problem = _scan_pixel_data(img, data)
+            if problem:
+                raise ApiError("invalid_image", f"the {fmt} image is {problem}", field="image")
+            if img.format in ("JPEG", "MPO"):
+                # 1/8 scale: libjpeg still reads every coded block, so truncation and corruption still fail
+                img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
+            img.load()
+            _check_orientation(img)
+    except ApiError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning, if made an error
+        raise ApiError(
+            "decompression_bomb", f"the {fmt} image declares too many pixels ({_pillow_detail(exc)})", field="image"
+        ) from None
+    except MemoryError:
+        raise  # the server's trouble, not the image's
+    except Exception as exc:  # whatever Pillow raises on this file is the file's problem: never a 500
+        raise ApiError("invalid_image", _unreadable(fmt, exc), field="image") from None
     return ImageInfo(content_type, width, height)
 
 
-def _check_addresses(url: str, field: str) -> None:
+def _check_limits(width: int, height: int, size: int, settings: Settings, upscale: float) -> None:
+    pixels = width * height
+    if pixels > settings.max_input_pixels:
+        code = "decompression_bomb" if pixels > 50 * size * 8 else "image_too_large"
+        raise ApiError(code, f"the image has {pixels:,} pixels; at most {settings.max_input_pixels:,}", field="image")
+    if min(width, height) < MIN_SIDE:
+        raise ApiError(
+            "image_too_small",
+            f"the image is {width}×{height}; both sides must be at least {MIN_SIDE} pixels",
+            field="image",
+        )
+    out_pixels = round(width * upscale) * round(height * upscale)
+    if out_pixels > settings.max_output_pixels:
+        raise ApiError(
+            "output_too_large",
+            f"upscale {upscale} makes {out_pixels:,} output pixels; at most {settings.max_output_pixels:,}",
+            field="params.upscale",
+        )
+
+
+def _webp_canvas(data: bytes) -> tuple[int, int] | None:
+    """The size a WebP header declares: the VP8X canvas, else the single lossless or lossy frame's."""
+    kind = data[12:16]
+    if kind == b"VP8X" and len(data) >= 30:
+        return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+    if kind == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    if kind == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
+    return None
+
+
+def _check_parts(img: Image.Image, width: int, height: int) -> None:
+    """Sizes a TIFF header declares for the strips or tiles of the first frame, each decoded whole."""
+    tags = getattr(img, "tag_v2", None)
+    if tags is None:
+        return
     try:
-        check_addresses(url)
+        samples = int(tags.get(277, 1))  # SamplesPerPixel
+        depth = int(max(tags.get(258, (1,)) or (1,)))  # BitsPerSample
+        if 322 in tags:  # TileWidth, TileLength
+            part_w, part_h = int(tags[322]), int(tags.get(323, height))
+        else:  # strips of RowsPerStrip rows (libtiff caps them at the image height)
+            part_w, part_h = width, min(height, int(tags.get(278, height)))
+        part_bytes = max(part_w, 1) * max(part_h, 1) * samples * max(1, (depth + 7) // 8)
+    except (TypeError, ValueError):
+        return  # odd tag values: left to the decoder, whose failure is caught like any other
+    if part_bytes > max(TIFF_PART_BYTES_PER_PIXEL * width * height, TIFF_PART_FLOOR):
+        raise ApiError(
+            "invalid_image",
+            f"the TIFF image declares strips or tiles of {part_bytes:,} bytes for {width}×{height} pixels",
+            field="image",
+        )
+
+
+def _scan_pixel_data(img: Image.Image, data: bytes) -> str | None:
+    """What is wrong with the first frame's pixel data, found without decoding pixels; None if nothing is."""
+    tiles = getattr(img, "tile", [])
+    for tile in tiles:
+        # raw rows (BMP, uncompressed TIFF): every row but the last is a full stride
+        args = tile.args
+        if tile.codec_name == "raw" and isinstance(args, tuple) and len(args) >= 2 and isinstance(args[1], int):
+            rows = tile.extents[3] - tile.extents[1] if tile.extents else img.height
+            if args[1] > 0 and tile.offset + args[1] * (rows - 1) + 1 > len(data):
+                return "truncated (the pixel rows end early)"
+    if img.format == "PNG" and len(tiles) == 1 and tiles[0].codec_name == "zip" and tiles[0].extents:
+        x0, y0, x1, y1 = tiles[0].extents
+        bits = PNG_RAW_BITS.get(tiles[0].args if isinstance(tiles[0].args, str) else "")
+        if bits is not None:
+            rows = _png_rows(x1 - x0, y1 - y0, bits, bool(img.info.get("interlace")))
+            return _scan_png(rows, tiles[0].offset, data)
+    return None
+
+
+def _png_rows(width: int, height: int, bits: int, interlaced: bool) -> list[tuple[int, int]]:
+    """(bytes per row with its filter byte, rows) of each non-empty pass."""
+    passes = ADAM7 if interlaced else ((0, 1, 0, 1),)
+    rows = []
+    for x0, dx, y0, dy in passes:
+        pass_w, pass_h = (width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy
+        if pass_w > 0 and pass_h > 0:
+            rows.append((1 + (pass_w * bits + 7) // 8, pass_h))
+    return rows
+
+
+def _scan_png(passes: list[tuple[int, int]], offset: int, data: bytes) -> str | None:
+    """Inflate the first frame's pixel data in small steps, counting rows and checking each row's filter type.
+
+    Refuses only what Pillow cannot decode either: data that ends before the last row, corrupt deflate data
+    before it, or a row with an unknown filter type. Memory: INFLATE_STEP bytes, whatever the image size.
+    """
+    bounds, start = [], 0  # (first byte, row length, end) of each pass in the inflated stream
+    for row_len, rows in passes:
+        bounds.append((start, row_len, start + row_len * rows))
+        start += row_len * rows
+    need, done = start, 0
+    inflater = zlib.decompressobj()
+    view = memoryview(data)
+    # the chunk Pillow found the pixel data in: IDAT, or fdAT whose data starts after a sequence number
+    pos = offset - 8 if data[offset - 4 : offset] == b"IDAT" else offset - 12
+    if pos < 0 or data[pos + 4 : pos + 8] not in PNG_DATA_CHUNKS:
+        return None
+    while done < need:
+        if pos + 8 > len(data) or bytes(view[pos + 4 : pos + 8]) not in PNG_DATA_CHUNKS:
+            return "truncated (the pixel data ends early)"
+        length = int.from_bytes(view[pos : pos + 4], "big")
+        begin = pos + 8 + (4 if view[pos + 4 : pos + 8] == b"fdAT" else 0)
+        pending: bytes | memoryview = view[begin : min(pos + 8 + length, len(data))]
+        while pending and done < need:
+            try:
+                out = inflater.decompress(pending, min(INFLATE_STEP, need - done))
+            except zlib.error:
+                return "damaged (its compressed pixel data is corrupt)"
+            for first, row_len, end in bounds:
+                lo, hi = max(done, first), min(done + len(out), end)
+                if lo < hi:
+                    row = first + -(-(lo - first) // row_len) * row_len  # first row start at or after lo
+                    if row < hi and max(out[row - done : hi - done : row_len]) > 4:
+                        return "damaged (a pixel row has an unknown filter type)"
+            done += len(out)
+            pending = inflater.unconsumed_tail
+            if inflater.eof and done < need:
+                return "truncated (the compressed pixel data ends early)"
+        pos += 8 + length + 4  # data and CRC (Pillow does not check pixel-data CRCs, nor do we)
+    return None
+
+
+def _check_orientation(img: Image.Image) -> None:
+    """What the worker does with EXIF when it turns the image upright (ImageOps.exif_transpose), without pixels."""
+    exif = img.getexif()
+    if exif.get(0x0112, 1) in range(2, 9) and ("exif" in img.info or "Raw profile type exif" in img.info):
+        exif.tobytes()
+
+
+def _pillow_detail(exc: BaseException) -> str:
+    """Pillow's message without object reprs or file paths, on one line, short."""
+    text = _PATH.sub("…", _OBJECT_REPR.sub("", str(exc)))
+    text = " ".join(text.split()).strip(" :;,.")
+    return text if len(text) <= 160 else text[:157] + "…"
+
+
+def _unreadable(fmt: str, exc: Exception) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return f"the file starts like a {fmt} image but its header cannot be read"
+    variant = isinstance(exc, NotImplementedError)
+    problem = "uses a variant that cannot be read" if variant else "is damaged or truncated"
+    detail = _pillow_detail(exc)
+    return f"the {fmt} image {problem}" + (f" ({detail})" if detail else "")
+
+
+def _check_addresses(
+    url: str, field: str, allow_private: bool = False, resolver: Resolver = system_resolver
+) -> PinnedTarget:
+    """Resolve the host once and check every address (unless allowed): the target to connect to, and only it."""
+    try:
+        return resolve_checked(url, allow_private, resolver)
+    except InvalidURL:
+        code = "invalid_url" if field == "image_url" else "invalid_webhook_url"
+        raise ApiError(code, f"{field} must be an http or https URL", field=field) from None
     except ForbiddenAddress:
+        # no resolved address in the message: the client learns nothing about our network it did not send
         message = f"{field} points to a private, loopback or link-local address"
         raise ApiError("url_forbidden", message, field=field) from None
     except OSError:
@@ -121,15 +330,21 @@ def check_public_url(url: str, settings: Settings, field: str, allow_private: bo
         _check_addresses(url, field)
 
 
-def fetch_image(url: str, settings: Settings) -> tuple[bytes, str | None]:
-    """Download an image URL: addresses checked at every redirect, size- and time-capped."""
+def fetch_image(url: str, settings: Settings, resolver: Resolver = system_resolver) -> tuple[bytes, str | None]:
+    """Download an image URL, size- and time-capped. Every hop (the URL, each redirect) is resolved once,
+    checked, and fetched from the checked address: a second DNS answer never decides where we connect."""
     limit = settings.max_upload_bytes
     deadline = time.monotonic() + settings.url_timeout_s  # for the whole download, not per read
-    with httpx.Client(timeout=settings.url_timeout_s, follow_redirects=False) as client:
+    # no kept-alive connections: the pool knows a connection by IP and port only, so another host's request
+    # could reuse a TLS session verified for the first host's name
+    limits = httpx.Limits(max_keepalive_connections=0)
+    with httpx.Client(timeout=settings.url_timeout_s, follow_redirects=False, limits=limits) as client:
         for _ in range(MAX_REDIRECTS + 1):
-            check_public_url(url, settings, "image_url", settings.allow_private_urls)
+            check_public_url(url, settings, "image_url", allow_private=True)  # the scheme; addresses just below
+            target = _check_addresses(url, "image_url", settings.allow_private_urls, resolver)
             try:
-                with client.stream("GET", url) as response:
+                request = client.build_request("GET", url)
+                with contextlib.closing(send_pinned(client, request, target, stream=True)) as response:
                     if response.is_redirect and "location" in response.headers:
                         url = urljoin(url, response.headers["location"])
                         continue

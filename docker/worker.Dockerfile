@@ -24,6 +24,6 @@ USER 10001
 VOLUME ["/models"]
 ENV SUPIR_READY_FILE=/tmp/supir-worker-ready SUPIR_WORKER_METRICS_PORT=9100
 EXPOSE 9100
-HEALTHCHECK --interval=30s --timeout=3s --start-period=300s --retries=3 CMD ["test", "-f", "/tmp/supir-worker-ready"]
+HEALTHCHECK --interval=30s --timeout=3s --start-period=300s --retries=3 CMD ["python", "-m", "worker.health"]
 # one process per GPU: the pool process loads the weights after the fork
 CMD ["celery", "-A", "worker.tasks", "worker", "--pool", "prefork", "--concurrency", "1", "--queues", "supir", "--loglevel", "INFO", "--without-mingle", "--without-gossip"]

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     job_time_limit_s: int = Field(1800, ge=1)
     visibility_margin_s: int = Field(600, ge=1, description="broker redelivery waits time limit + this")
     progress_interval_s: float = Field(0.25, ge=0)
+    storage_retries: int = Field(5, ge=0, description="a job retries a failing storage call this many times")
+    storage_backoff_s: float = Field(2.0, ge=0, description="first wait between storage tries; doubles each try")
     max_attempts: int = Field(3, ge=1, description="a job whose worker is lost this many times ends failed/worker_lost")
     worker_lost_after_s: float = Field(
         30.0, ge=5, description="a running job is requeued once its worker's beat is this old or names another job"

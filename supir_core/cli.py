@@ -131,6 +131,8 @@ def _restore(args: argparse.Namespace) -> int:
                 break
             except InvalidInput as exc:
                 failures.append(f"{path}: {exc.message}")
+            except Exception as exc:  # any other exception (a decoder's NotImplementedError…) fails this input only
+                failures.append(f"{path}: {_one_line(exc)}")
             finally:
                 bar.close()
     finally:
@@ -143,6 +145,12 @@ def _restore(args: argparse.Namespace) -> int:
         print("interrupted: stopped before the next sampler step", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_FAILED if failures else EXIT_OK
+
+
+def _one_line(exc: Exception) -> str:
+    """An unexpected failure of one input, for the batch summary: its kind and the first line of its text."""
+    text = (exc.message if isinstance(exc, SupirError) else str(exc)).strip()
+    return f"cannot process it ({type(exc).__name__}{': ' + text.splitlines()[0] if text else ''})"
 
 
 def _add_param_flags(parser: argparse.ArgumentParser) -> None:

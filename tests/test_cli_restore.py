@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,21 @@ def test_one_bad_file_does_not_stop_the_others(tmp_path: Path, env: dict[str, st
     assert proc.returncode == 1
     assert "restored 1 of 2 images" in proc.stdout
     assert "notes.png: not an image file" in proc.stderr
+    assert (tmp_path / "out/astronaut_gray.png").is_file()
+
+
+def test_a_file_the_decoder_does_not_implement_fails_alone(tmp_path: Path, env: dict[str, str]) -> None:
+    """Fault: a DDS file whose pixel-format flags Pillow does not implement, first in a batch of two. Opening it
+    raises NotImplementedError (not an error the loader turns into InvalidInput); that input fails with one line,
+    no traceback, and the next is still restored; the exit status says something failed."""
+    header = struct.pack("<6I", 0x1007, 16, 16, 0, 0, 0) + bytes(44) + struct.pack("<4I", 32, 8, 0, 0)
+    texture = tmp_path / "texture.dds"
+    texture.write_bytes(b"DDS " + struct.pack("<I", 124) + header.ljust(120, b"\0") + bytes(16 * 16 * 4))
+    proc = restore(str(texture), str(DATA / "astronaut_gray.png"), "-o", str(tmp_path / "out"), *FAST, env=env)
+    assert proc.returncode == 1
+    assert "restored 1 of 2 images" in proc.stdout
+    assert f"{texture}: cannot process it (NotImplementedError: Unknown pixel format flags 8)" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert (tmp_path / "out/astronaut_gray.png").is_file()
 
 

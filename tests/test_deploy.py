@@ -192,7 +192,8 @@ def test_the_kustomization_renders_and_its_references_resolve() -> None:
     config = next(d for d in RENDERED if d["kind"] == "ConfigMap")["data"]
     time_limit = int(config["SUPIR_JOB_TIME_LIMIT_S"])
     assert pod["terminationGracePeriodSeconds"] > time_limit  # the job in flight finishes
-    assert container["startupProbe"]["exec"]["command"][-1] == config["SUPIR_READY_FILE"]
+    assert container["startupProbe"]["exec"]["command"] == ["python", "-m", "worker.health"]
+    assert config["SUPIR_READY_FILE"].startswith("/tmp/")  # the pod's own emptyDir
     example = yaml.safe_load((K8S / "secret.example.yaml").read_text())
     kubernetes_validate.validate(example, K8S_VERSION, strict=True)
 

@@ -80,7 +80,7 @@ def test_storage_errors_retry_then_fail(runtime: Runtime) -> None:
             raise StorageError("S3 get failed: connection reset")
 
     runtime.objects = Down(Path(runtime.settings.local_dir), "http://test", "secret")
-    runtime.storage_backoff_s = (0.0, 0.0, 0.0)  # type: ignore[attr-defined]
+    runtime.settings = runtime.settings.model_copy(update={"storage_backoff_s": 0.0, "storage_retries": 3})
     job = JobRecord(owner="t", params=FAST, input_key="inputs/x")
     runtime.store.create(job)
     assert execute.run_job(runtime, job.id) == "failed"
@@ -99,7 +99,7 @@ def test_storage_that_comes_back_within_the_retries_loses_nothing(runtime: Runti
         return real_get(key)
 
     runtime.objects.get = flaky  # type: ignore[method-assign]
-    runtime.storage_backoff_s = (0.0, 0.0, 0.0)  # type: ignore[attr-defined]
+    runtime.settings = runtime.settings.model_copy(update={"storage_backoff_s": 0.0, "storage_retries": 3})
     job = queued_job(runtime)
     assert execute.run_job(runtime, job.id) == "succeeded" and not failures
 

@@ -35,7 +35,6 @@ class Busy(Exception):
 
 
 REDIS_WAIT_S = 300.0  # how long a job waits out a Redis restart or failover (a worker can do nothing without it)
-STORAGE_BACKOFF_S = (2.0, 4.0, 8.0, 16.0, 32.0)  # waits between tries of a failing storage call
 _SAFE = re.compile(r"<[^<>]* at 0x[0-9a-f]+>|(?:[A-Za-z]:)?/[\w.\-]+(?:/[\w.\-]+)+")
 
 
@@ -53,9 +52,10 @@ def _redis(call: Callable[[], T]) -> T:
 
 
 def _stored(runtime: Runtime, what: str, call: Callable[[], T]) -> T:
-    """A storage call, retried with backoff; StorageError once the tries run out."""
-    backoff = getattr(runtime, "storage_backoff_s", STORAGE_BACKOFF_S)
-    for wait in (*backoff, None):
+    """A storage call, retried with exponential backoff (2, 4, … 32 s by default); StorageError once the tries
+    run out, at once when the object is missing."""
+    first, retries = runtime.settings.storage_backoff_s, runtime.settings.storage_retries
+    for wait in (*(first * 2**i for i in range(retries)), None):
         try:
             return call()
         except StorageError as exc:
@@ -111,7 +111,7 @@ def run_job(runtime: Runtime, job_id: str) -> str:
     """Restore job_id; returns its terminal status or 'skipped' (ended, gone, or held by another run).
 
     Raises Busy when another live worker process holds the job. Redis outages are waited out (REDIS_WAIT_S)
-    and storage errors retried with backoff (STORAGE_BACKOFF_S) inside the run, so no failure here needs the
+    and storage errors retried with backoff (settings.storage_*) inside the run, so no failure here needs the
     broker to be up; a run that still cannot record its end is found lost by the reaper and runs again."""
     store = runtime.store
     record = _redis(lambda: store.get(job_id))

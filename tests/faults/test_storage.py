@@ -37,8 +37,9 @@ PHOTO = (DATA / "chelsea_degraded.jpg").read_bytes()
 BUCKET = "supir-faults"
 # long enough to stop S3 while it samples: ≥ 0.4 s a step on the 2-core VM, minutes when it is loaded
 SLOW = {"min_size": 256, "steps": 20, "seed": 1}
-# the worker's storage retries wait 2 + 4 + 8 + 16 + 32 = 62 s in all; a loaded machine adds sampling and slack
-RETRY_WINDOW_S = 62
+# the worker's storage retries wait 2 + 4 + 8 + 16 + 32 = 62 s by default; this module's service starts at 0.5 s
+BACKOFF_S = 0.5
+RETRY_WINDOW_S = BACKOFF_S * (2**5 - 1)
 
 
 class MotoS3:
@@ -52,6 +53,7 @@ class MotoS3:
         self.proc: subprocess.Popen[bytes] | None = None
         self.stall: socket.socket | None = None
         self._held: list[socket.socket] = []
+        self._acceptor = threading.Thread()
         # short timeouts and one try: the test's own calls must not hang on the faults it injects
         self.s3 = boto3.client(
             "s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id="test",
@@ -67,13 +69,18 @@ class MotoS3:
         self.unstall()
         if self.up:
             return
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)], stdout=log, stderr=log
-            )
-        wait_until(self._answers, 60, 0.2, "moto's S3 server")
+        wait_until(self._launched, 120, 0.2, "moto's S3 server")
         with contextlib.suppress(self.s3.exceptions.BucketAlreadyOwnedByYou):
             self.s3.create_bucket(Bucket=BUCKET)
+
+    def _launched(self) -> bool:
+        """(Re)start moto if it is not running (it exits when its port is not free yet) and report if it answers."""
+        if not self.up:
+            with open(self.log, "ab") as log:
+                self.proc = subprocess.Popen(
+                    [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)], stdout=log, stderr=log
+                )
+        return self._answers()
 
     def _answers(self) -> bool:
         try:
@@ -96,7 +103,8 @@ class MotoS3:
         self.stall.bind(("127.0.0.1", self.port))
         self.stall.listen(64)
         self.stall.settimeout(0.5)
-        threading.Thread(target=self._accept, args=(self.stall,), daemon=True).start()
+        self._acceptor = threading.Thread(target=self._accept, args=(self.stall,), daemon=True)
+        self._acceptor.start()
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -112,6 +120,8 @@ class MotoS3:
         if self.stall is not None:
             self.stall.close()
             self.stall = None
+            # the port is free only once the blocked accept() returns and drops the kernel's listener
+            self._acceptor.join(10)
         for conn in self._held:
             conn.close()
         self._held.clear()
@@ -139,6 +149,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, fixture_a: Path, moto: Mot
         tmp_path_factory.mktemp("service"), fixture_a, {"alice": {}}, storage="s3", s3_bucket=BUCKET,
         s3_endpoint_url=moto.endpoint, s3_path_style="true", s3_access_key_id="test", s3_secret_access_key="test",
         rate_limit_per_minute=100_000,  # the tests poll
+        storage_backoff_s=BACKOFF_S,
     ) as svc:  # fmt: skip
         yield svc
 

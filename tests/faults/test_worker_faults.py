@@ -8,6 +8,8 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +20,7 @@ import httpx
 import pytest
 import redis
 
-from tests.servers import Service, free_port, wait_for_status, wait_until
+from tests.servers import REPO, Service, free_port, wait_for_status, wait_until
 from tests.test_service import FAST, submit
 
 SLOW = {"min_size": 128, "steps": 40, "seed": 1}  # a few seconds of sampling: time to act while it runs
@@ -28,24 +30,34 @@ LOST_AFTER_S = 6
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory: pytest.TempPathFactory, fixture_a: Path) -> Iterator[Service]:
     ports = [free_port(), free_port()]
+    tmp = tmp_path_factory.mktemp("worker-faults")
     service = Service(
-        tmp_path_factory.mktemp("worker-faults"),
+        tmp,
         fixture_a,
         {"alice": {"max_active_jobs": 1000}},
         rate_limit_per_minute=100_000,
         worker_health_port=ports[0],
         worker_lost_after_s=LOST_AFTER_S,
+        ready_file=tmp / "ready-0",
     )
     service.health_ports = {}  # type: ignore[attr-defined]
     try:
         service.start()
         service.health_ports[service.workers[0].pid] = ports[0]  # type: ignore[attr-defined]
-        second = service.start_worker({"SUPIR_WORKER_HEALTH_PORT": str(ports[1])})
+        second = service.start_worker(
+            {"SUPIR_WORKER_HEALTH_PORT": str(ports[1]), "SUPIR_READY_FILE": str(tmp / "ready-1")}
+        )
         service.health_ports[second.pid] = ports[1]  # type: ignore[attr-defined]
         wait_until(lambda: worker_ready(service, second.pid), 120, 0.25, "the second worker")
         yield service
     finally:
         service.stop()
+
+
+def worker_env(service: Service, health_port: int) -> dict[str, str]:
+    """A further worker's own health port and ready file (ready-<its index>)."""
+    index = len(service.workers)
+    return {"SUPIR_WORKER_HEALTH_PORT": str(health_port), "SUPIR_READY_FILE": str(service.tmp / f"ready-{index}")}
 
 
 def worker_ready(service: Service, worker_pid: int) -> bool:
@@ -54,6 +66,13 @@ def worker_ready(service: Service, worker_pid: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def probe_passes(service: Service, worker_pid: int) -> bool:
+    """The exec probe of the manifests: `python -m worker.health` on that worker's ready file."""
+    index = [w.pid for w in service.workers].index(worker_pid)
+    env = {**service.env, "SUPIR_READY_FILE": str(service.tmp / f"ready-{index}")}
+    return subprocess.run([sys.executable, "-m", "worker.health"], env=env, cwd=REPO, timeout=60).returncode == 0
 
 
 def redis_client() -> redis.Redis:
@@ -120,15 +139,17 @@ def test_sigkill_of_the_pool_process_mid_job_runs_the_job_once_on_a_fresh_proces
         job_id, events = submit_running(client, svc, SLOW)
         child = holder_pid(svc, job_id)
         worker = parent_of(child)
-        assert worker_ready(svc, worker)
+        assert worker_ready(svc, worker) and probe_passes(svc, worker)
         os.kill(child, signal.SIGKILL)
         # not ready from the moment the process dies until a replacement has loaded (seconds at least)
         wait_until(lambda: not worker_ready(svc, worker), 30, 0.05, "the worker to report not ready")
+        assert not probe_passes(svc, worker) or worker_ready(svc, worker)  # the file outlives its process
         job = wait_for_status(client, job_id, {"succeeded", "failed"}, timeout=90)
         assert job["status"] == "succeeded" and job["attempts"] == 2, job
         assert events.terminal() == ["succeeded"]
         assert client.get(f"/v1/jobs/{job_id}/result").status_code == 200
         wait_until(lambda: worker_ready(svc, worker), 120, 0.25, "the replacement pool process")
+        assert probe_passes(svc, worker)
 
 
 def test_a_photo_that_kills_its_worker_every_time_fails_worker_lost_and_the_next_job_runs(svc: Service) -> None:
@@ -167,8 +188,9 @@ def test_a_whole_worker_killed_mid_job_is_requeued_by_the_reaper_within_a_minute
         assert job["status"] == "succeeded" and job["attempts"] == 2, job
         assert time.monotonic() - killed_at < 120
         assert events.terminal() == ["succeeded"]
-    replacement = svc.start_worker({"SUPIR_WORKER_HEALTH_PORT": str(svc.health_ports.pop(worker.pid))})  # type: ignore[attr-defined]
-    svc.health_ports[replacement.pid] = svc.health_ports.get(replacement.pid, free_port())  # type: ignore[attr-defined]
+    port = svc.health_ports.pop(worker.pid)  # type: ignore[attr-defined]
+    replacement = svc.start_worker(worker_env(svc, port))
+    svc.health_ports[replacement.pid] = port  # type: ignore[attr-defined]
 
 
 def test_a_burst_of_200_jobs_all_end_and_every_success_has_one_result(svc: Service) -> None:
