@@ -355,10 +355,15 @@ def _process_may_live(worker: str) -> bool:
     host, _, pid = worker.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return True  # another machine: its beat's expiry tells
+    return pid_alive(int(pid))
+
+
+def pid_alive(pid: int) -> bool:
+    """True when pid is a running process of this machine (not a zombie awaiting its parent)."""
+    if pid <= 0:
+        return False
     try:
         with open(f"/proc/{pid}/stat") as stat:
             return stat.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
     except OSError:
-        return True
+        return False

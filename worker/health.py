@@ -15,16 +15,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-
-def pid_alive(pid: int) -> bool:
-    """True when pid is a running process of this machine (not a zombie awaiting its parent)."""
-    if pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
+from jobs.store import pid_alive
 
 
 def ready_file_ok(path: Path) -> bool:

@@ -23,7 +23,7 @@ from jobs.queue import RESTORE_TASK, SWEEP_TASK, WEBHOOK_TASK, make_celery
 from jobs.reaper import Reaper
 from jobs.record import JobRecord
 from jobs.settings import get_settings
-from jobs.store import JobStore
+from jobs.store import JobStore, pid_alive
 
 from . import execute, health
 from .runtime import Runtime
@@ -69,7 +69,7 @@ def _start_main_process_services(**_: object) -> None:
     """In the main process: the health server and the reaper (neither touches torch or the weights)."""
     global _reaper
     if settings.worker_health_port:
-        health.serve(settings.worker_health_port, lambda: health.pid_alive(READY_PID.value))
+        health.serve(settings.worker_health_port, lambda: pid_alive(READY_PID.value))
     store = JobStore(
         redis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=30),
         settings.key_prefix,
