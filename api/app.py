@@ -7,20 +7,23 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
+import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
 import redis
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from jobs.queue import RESTORE_TASK, make_celery
+from jobs.queue import RESTORE_TASK, WEBHOOK_TASK, make_celery, webhook_queue
 from jobs.record import TERMINAL, JobRecord, WebhookState, input_key, new_job_id
 from jobs.settings import Settings, get_settings
 from jobs.storage import LocalStore, ObjectStore, make_store
@@ -28,31 +31,44 @@ from jobs.store import JobStore
 from supir_core.errors import InvalidInput
 from supir_core.params import MAX_SEED, RestoreParams, validate_params
 
-from . import errors, metrics
+from . import docs, errors, events, metrics, openapi
 from .auth import authenticate
 from .errors import ApiError
 from .intake import check_image, check_public_url, fetch_image
 from .limits import BodyLimits
+from .models import Job, JobList
+from .openapi import errors as errors_doc
 
+log = logging.getLogger("api.app")
 RESULT_URL_TTL_S = 3600
 UI_PAGE = Path(__file__).parent / "ui" / "index.html"
 HEARTBEAT_FRESH_S = 60
-SSE_KEEPALIVE_S = 15.0
-SSE_POLL_S = 1.0  # how soon an event stream notices shutdown
 MAX_JSON_DEPTH = 32  # nesting allowed in a JSON body or the params field
 FORM_FIELD_BYTES = 64_000  # largest non-file multipart field (params is small)
 MAX_URL_CHARS = 8192
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no spaces
+IDEMPOTENCY_WAIT_S = 30.0  # how long a repeat waits for the first create's job to exist
+IDEMPOTENCY_POLL_S = 0.1
+IDEMPOTENCY_STALE_S = 300.0  # a claim this old with no job: its API process died; the next request takes it
 
 # Set when the server starts shutting down (api.server's protocol) or the app's lifespan ends: open event
-# streams end within SSE_POLL_S instead of holding the process until their job ends.
+# streams end within events.WAKE_S instead of holding the process until their job ends.
 SHUTTING_DOWN = threading.Event()
 
 
 class Services:
     """What the routes use; built once per process."""
 
-    def __init__(self, settings: Settings, store: JobStore, objects: ObjectStore, enqueue: Callable[[str], None]):
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        objects: ObjectStore,
+        enqueue: Callable[[str], None],
+        notify: Callable[[str], None] = lambda job_id: None,
+    ):
         self.settings, self.store, self.objects, self.enqueue = settings, store, objects, enqueue
+        self.notify = notify  # sends a job's webhook (to the light worker), for jobs the API itself ends
         # image_url downloads and full decodes run in the threadpool; these bound how many threads they take,
         # so slow URLs or big images cannot starve the other routes of threads
         self.fetches = asyncio.Semaphore(settings.max_concurrent_fetches)
@@ -67,27 +83,36 @@ class Services:
         def enqueue(job_id: str) -> None:
             celery.send_task(RESTORE_TASK, args=[job_id], queue=settings.queue)
 
-        return cls(settings, store, make_store(settings), enqueue)
+        def notify(job_id: str) -> None:
+            celery.send_task(WEBHOOK_TASK, args=[job_id], queue=webhook_queue(settings))
+
+        return cls(settings, store, make_store(settings), enqueue, notify)
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
     settings = settings or get_settings()
     services = services or Services.from_settings(settings)
+    streams = events.EventStreams(settings.redis_url, services.store, SHUTTING_DOWN)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         SHUTTING_DOWN.clear()
         yield
         SHUTTING_DOWN.set()
+        await streams.aclose()
 
     app = FastAPI(
         title="supir-serve",
         version="0.1.0",
         description="Photo restoration with SUPIR, as queued jobs.",
         lifespan=lifespan,
+        docs_url=None,  # api.docs serves /docs and /redoc from packaged assets, not a CDN
+        redoc_url=None,
     )
     app.state.services = services
     errors.install(app)
+    docs.install(app)
+    openapi.install(app)
 
     @app.middleware("http")
     async def measure(request: Request, call_next: Callable[[Request], Any]) -> Response:
@@ -102,13 +127,20 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.add_middleware(BodyLimits, settings=settings)
 
     def authorize(request: Request) -> str:
-        """The caller's id, after its per-minute rate limit; its job quota is left on request.state."""
+        """The caller's id, after its per-minute rate limit (reads and writes counted apart, so polling a job
+        never uses up the creates); its job quota is left on request.state."""
         caller = authenticate(request, settings, services.store)
-        limit = caller.rate_limit_per_minute or settings.rate_limit_per_minute
-        wait = services.store.hit_rate_limit(caller.id, limit)
+        if request.method in ("GET", "HEAD"):
+            kind, bucket = "read", f"{caller.id}:read"
+            limit = caller.read_rate_limit_per_minute or settings.read_rate_limit_per_minute
+        else:
+            kind, bucket = "write", caller.id
+            limit = caller.rate_limit_per_minute or settings.rate_limit_per_minute
+        wait = services.store.hit_rate_limit(bucket, limit)
         if wait is not None:
             metrics.REJECTED.labels("rate_limited").inc()
-            raise ApiError("rate_limited", f"over {limit} requests a minute", headers={"Retry-After": str(wait)})
+            message = f"over {limit} {kind} requests a minute"
+            raise ApiError("rate_limited", message, headers={"Retry-After": str(wait)})
         request.state.max_active_jobs = caller.max_active_jobs or settings.max_active_jobs
         return caller.id
 
@@ -127,10 +159,19 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         owner = await run_in_threadpool(authorize, request)  # Redis calls stay off the event loop
         fields, data, declared = await _read_create_request(request, settings)
         idempotency_key = request.headers.get("idempotency-key")
+        if idempotency_key is not None and not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+            message = "Idempotency-Key must be 1-255 printable ASCII characters without spaces"
+            raise ApiError("invalid_request", message, field="Idempotency-Key")
         quota = request.state.max_active_jobs
         return await _create(services, owner, quota, fields, data, declared, idempotency_key)
 
-    @app.get("/v1/jobs", tags=["jobs"])
+    @app.get(
+        "/v1/jobs",
+        tags=["jobs"],
+        operation_id="listJobs",
+        response_model=JobList,
+        responses=errors_doc(400, 401, 429, 503),
+    )
     def list_jobs(
         request: Request,
         status: str | None = Query(None, pattern="^(queued|running|succeeded|failed|canceled)$"),
@@ -141,7 +182,13 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         page, next_cursor = services.store.list_jobs(owner, status, cursor, limit)
         return {"jobs": [_view(r, services) for r in page], "next_cursor": next_cursor}
 
-    @app.get("/v1/jobs/{job_id}", tags=["jobs"])
+    @app.get(
+        "/v1/jobs/{job_id}",
+        tags=["jobs"],
+        operation_id="getJob",
+        response_model=Job,
+        responses=errors_doc(401, 404, 429, 503),
+    )
     def get_job(job_id: str, request: Request) -> dict[str, Any]:
         return _view(own_job(job_id, authorize(request)), services)
 
@@ -153,7 +200,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             raise ApiError("job_not_cancelable", f"job {job_id} has already {record.status}")
         services.store.request_cancel(job_id)
         if record.status == "queued":
-            services.store.update(
+            ended = services.store.update(
                 job_id,
                 lambda r: (
                     r.model_copy(update={"status": "canceled", "finished_at": time.time()})
@@ -161,31 +208,37 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                     else None
                 ),
             )
+            if ended is not None and ended.webhook is not None and ended.webhook.state == "pending":
+                # now, not when a GPU worker reaches the job's queued task (its safety net, if this send is lost)
+                try:
+                    services.notify(job_id)
+                except Exception:
+                    log.warning("job %s: its webhook could not be queued; the worker sends it later", job_id)
         return _view(services.store.get(job_id) or record, services)
 
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"])
-    def job_events(job_id: str, request: Request) -> StreamingResponse:
-        """Server-Sent Events: the job after every change, until it ends."""
-        own_job(job_id, authorize(request))
+    async def job_events(job_id: str, request: Request) -> StreamingResponse:
+        """Server-Sent Events: the job after every change, until it ends; `id:` is the job's version, and
+        `Last-Event-ID` resumes after it. See api.events."""
+        owner = await run_in_threadpool(authorize, request)
+        await run_in_threadpool(own_job, job_id, owner)
+        last_seen = events.parse_last_event_id(request.headers.get("last-event-id"))
+        return streams.response(job_id, owner, last_seen, lambda record: _view(record, services))
 
-        def stream() -> Iterator[str]:
-            silent_s = 0.0
-            for record in services.store.events(job_id, timeout_s=SSE_POLL_S):
-                if SHUTTING_DOWN.is_set():  # end now: the client reconnects, to another process
-                    return
-                if record is None:
-                    silent_s += SSE_POLL_S
-                    if silent_s >= SSE_KEEPALIVE_S:
-                        silent_s = 0.0
-                        yield ": keep-alive\n\n"
-                    continue
-                silent_s = 0.0
-                yield f"event: job\ndata: {json.dumps(_view(record, services))}\n\n"
-
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
-
-    @app.get("/v1/jobs/{job_id}/result", tags=["jobs"])
+    @app.get(
+        "/v1/jobs/{job_id}/result",
+        tags=["jobs"],
+        operation_id="getJobResult",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "the restored PNG",
+                "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+            },
+            307: {"description": "a redirect to a presigned URL of the PNG (S3 storage)"},
+            **errors_doc(401, 404, 409, 429, 503),
+        },
+    )
     def job_result(job_id: str, request: Request) -> Response:
         record = own_job(job_id, authorize(request))
         if record.status != "succeeded" or record.result is None:
@@ -217,11 +270,16 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     # ---------------------------------------------------------------------------------------
     # operations
 
-    @app.get("/healthz", tags=["operations"])
+    @app.get("/healthz", tags=["operations"], operation_id="healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["operations"])
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        operation_id="readyz",
+        responses={503: {"description": "Redis or storage unreachable, or no ready worker seen"}},
+    )
     def readyz() -> JSONResponse:
         checks: dict[str, str] = {}
         try:
@@ -240,7 +298,13 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
-    @app.get("/metrics", tags=["operations"])
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        operation_id="metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}},
+    )
     def prometheus() -> Response:
         body, content_type = metrics.render(services.store)
         return Response(body, media_type=content_type)
@@ -381,10 +445,11 @@ def _http_url(url: str) -> bool:
 
 
 def _request_hash(
-    raw_params: dict[str, Any], preset: str | None, image_url: str | None, webhook_url: str | None, data: bytes | None
+    params: RestoreParams, preset: str | None, image_url: str | None, webhook_url: str | None, data: bytes | None
 ) -> str:
+    """Over the validated request (params with their defaults, so `2` and `2.0` or an omitted default match)."""
     request = {
-        "params": raw_params,
+        "params": params.model_dump(mode="json"),
         "preset": preset,
         "image_url": image_url,
         "webhook_url": webhook_url,
@@ -407,26 +472,17 @@ async def _create(
     Blocking work (Redis, storage, DNS, downloads, decodes) runs in the threadpool; downloads and decodes
     under their semaphores."""
     settings, store = services.settings, services.store
-    raw_params, params, preset, image_url, webhook_url = _validated(fields, data)
+    _, params, preset, image_url, webhook_url = _validated(fields, data)
     if webhook_url is not None:
         await run_in_threadpool(check_public_url, webhook_url, settings, "webhook_url", settings.allow_private_webhooks)
-    request_hash = await run_in_threadpool(_request_hash, raw_params, preset, image_url, webhook_url, data)
+    request_hash = await run_in_threadpool(_request_hash, params, preset, image_url, webhook_url, data)
 
-    # the same Idempotency-Key with the same request returns the first job
+    # the same Idempotency-Key with the same request returns the first job: claimed before any work
     job_id = new_job_id()
     if idempotency_key:
-        existing = await run_in_threadpool(store.claim_idempotency_key, owner, idempotency_key, job_id, request_hash)
-        if existing is not None:
-            if existing[1] != request_hash:
-                raise ApiError(
-                    "idempotency_conflict",
-                    "this Idempotency-Key was used with a different request",
-                    field="Idempotency-Key",
-                )
-            replay = await run_in_threadpool(store.get, existing[0])
-            if replay is not None:
-                view = await run_in_threadpool(_view, replay, services)
-                return JSONResponse(view, status_code=200, headers={"Idempotent-Replayed": "true"})
+        replay = await _claim_or_replay(services, owner, idempotency_key, job_id, request_hash)
+        if replay is not None:
+            return replay
     claimed = False
     try:
         # one atomic check-and-claim: concurrent creates cannot all pass a separate count
@@ -462,17 +518,22 @@ async def _create(
         # input first, record second, task last: a failure leaves no record pointing at a missing input
         await run_in_threadpool(services.objects.put, record.input_key, image, info.content_type)
         await run_in_threadpool(store.create, record)  # the record keeps the claimed slot
-    except Exception as exc:
-        await run_in_threadpool(_undo_claims, store, owner, job_id if claimed else None, idempotency_key)
+    except BaseException as exc:  # any failure, a cancelled request too, gives back the slot and the key
+        with anyio.CancelScope(shield=True):
+            await run_in_threadpool(_undo_claims, store, owner, job_id, job_id if claimed else None, idempotency_key)
         if isinstance(exc, ApiError):
             metrics.REJECTED.labels(exc.code).inc()
         raise
+    if idempotency_key:
+        with contextlib.suppress(redis.RedisError):  # only informative: waiters look for the record itself
+            await run_in_threadpool(store.confirm_idempotency_key, owner, idempotency_key, job_id, request_hash)
     try:
         await run_in_threadpool(services.enqueue, job_id)
     except Exception as exc:
         error = {"code": "queue_unavailable", "message": "the job queue is unavailable"}
         await run_in_threadpool(store.finish, job_id, "failed", error=error)  # ends it and frees its slot
-        await run_in_threadpool(_undo_claims, store, owner, None, idempotency_key)  # a retry makes a new job
+        # the failed job stays visible, but its key is released: a retry with the key makes a new job
+        await run_in_threadpool(_undo_claims, store, owner, job_id, None, idempotency_key)
         raise ApiError(
             "queue_unavailable", "the job queue is unavailable; try again", headers={"Retry-After": "5"}
         ) from exc
@@ -481,14 +542,45 @@ async def _create(
     return JSONResponse(view, status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
 
 
-def _undo_claims(store: JobStore, owner: str, slot_job_id: str | None, idempotency_key: str | None) -> None:
+async def _claim_or_replay(
+    services: Services, owner: str, key: str, job_id: str, request_hash: str
+) -> JSONResponse | None:
+    """Claim the key for job_id (None: this request makes the job), or answer with the job of the request that
+    holds it: waits (async, bounded) while that request is still creating it, and takes the key over if that
+    request fails and releases it, so one job results."""
+    store = services.store
+    deadline = time.monotonic() + IDEMPOTENCY_WAIT_S
+    while True:
+        holder = await run_in_threadpool(store.claim_idempotency_key, owner, key, job_id, request_hash)
+        if holder is None:
+            return None
+        if holder.get("hash") != request_hash:
+            message = "this Idempotency-Key was used with a different request"
+            raise ApiError("idempotency_conflict", message, field="Idempotency-Key")
+        record = await run_in_threadpool(store.get, holder["job"])
+        queue_failed = record is not None and record.error is not None and record.error.code == "queue_unavailable"
+        if record is not None and not queue_failed:  # a queue failure releases the key next: wait for that
+            view = await run_in_threadpool(_view, record, services)
+            return JSONResponse(view, status_code=200, headers={"Idempotent-Replayed": "true"})
+        if time.time() - float(holder.get("at", 0)) > IDEMPOTENCY_STALE_S:
+            await run_in_threadpool(store.release_idempotency_key, owner, key, holder["job"])
+            continue
+        if time.monotonic() > deadline:
+            message = "a request with this Idempotency-Key is still being created; try again"
+            raise ApiError("idempotency_in_progress", message, field="Idempotency-Key", headers={"Retry-After": "5"})
+        await asyncio.sleep(IDEMPOTENCY_POLL_S)
+
+
+def _undo_claims(
+    store: JobStore, owner: str, job_id: str, slot_job_id: str | None, idempotency_key: str | None
+) -> None:
     """After a failed create: give back its quota slot and its Idempotency-Key (best effort: Redis may be down)."""
     with contextlib.suppress(redis.RedisError):
         if slot_job_id is not None:
             store.release_slot(owner, slot_job_id)
     with contextlib.suppress(redis.RedisError):
         if idempotency_key:
-            store.release_idempotency_key(owner, idempotency_key)
+            store.release_idempotency_key(owner, idempotency_key, job_id)
 
 
 def _view(record: JobRecord, services: Services) -> dict[str, Any]:
@@ -516,6 +608,9 @@ def _view(record: JobRecord, services: Services) -> dict[str, Any]:
         "error": record.error.model_dump() if record.error else None,
         "result": None,
         "webhook": record.webhook.model_dump() if record.webhook else None,
+        # the cancel was taken: a running job stops at its next step (one EXISTS, for active jobs only)
+        "cancel_requested": record.status == "canceled"
+        or (record.status not in TERMINAL and services.store.cancel_requested(record.id)),
     }
     if record.status == "succeeded" and record.result is not None:
         result = record.result.model_dump(exclude={"key"})

@@ -30,6 +30,7 @@ STATUS: dict[str, int] = {
     "job_not_cancelable": 409,
     "result_not_ready": 409,
     "idempotency_conflict": 409,
+    "idempotency_in_progress": 409,
     "file_too_large": 413,
     "url_too_large": 413,
     "unsupported_media_type": 415,

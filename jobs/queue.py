@@ -11,6 +11,11 @@ WEBHOOK_TASK = "supir.webhook"
 SWEEP_TASK = "supir.sweep"
 
 
+def webhook_queue(settings: Settings) -> str:
+    """The light worker's queue (worker.webhooks): webhooks and the sweep never wait behind restorations."""
+    return f"{settings.queue}-webhooks"
+
+
 def make_celery(settings: Settings) -> Celery:
     app = Celery("supir", broker=settings.redis_url, backend=None)
     app.conf.update(
@@ -33,6 +38,8 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
+        # whoever sends these (the API, a GPU worker, beat, a retry), they go to the light worker
+        task_routes={WEBHOOK_TASK: {"queue": webhook_queue(settings)}, SWEEP_TASK: {"queue": webhook_queue(settings)}},
         beat_schedule={"sweep": {"task": SWEEP_TASK, "schedule": 3600.0}},
     )
     return app

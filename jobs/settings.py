@@ -17,6 +17,7 @@ class ApiKey(BaseModel):
     id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     sha256: str = Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")
     rate_limit_per_minute: int | None = Field(None, ge=1, description="overrides the service default")
+    read_rate_limit_per_minute: int | None = Field(None, ge=1, description="overrides the service default")
     max_active_jobs: int | None = Field(None, ge=1, description="overrides the service default")
 
 
@@ -48,7 +49,10 @@ class Settings(BaseSettings):
     signing_secret: SecretStr = SecretStr(PLACEHOLDER_SECRET)
     dev_mode: bool = False  # no API keys; only for a server bound to localhost
     api_keys: list[ApiKey] = Field(default_factory=list)
-    rate_limit_per_minute: int = Field(120, ge=1)
+    rate_limit_per_minute: int = Field(120, ge=1, description="creates and cancels per key a minute")
+    read_rate_limit_per_minute: int = Field(
+        1200, ge=1, description="reads per key a minute (status, lists, results, event streams): polling is cheap"
+    )
     max_active_jobs: int = Field(8, ge=1, description="queued + running jobs per key")
     max_upload_bytes: int = Field(25_000_000, ge=1)
     max_json_bytes: int = Field(1_000_000, ge=1, description="largest JSON request body")
@@ -88,6 +92,7 @@ class Settings(BaseSettings):
     device: str | None = None
     dtype: str | None = None
     worker_metrics_port: int = Field(0, ge=0, le=65535, description="0: no metrics server in the worker")
+    webhooks_metrics_port: int = Field(0, ge=0, le=65535, description="0: none; else the light worker's metrics")
     ready_file: Path | None = Field(None, description="the worker touches this file once its weights are loaded")
     # speed (supir_core.speed): all off by default
     channels_last: bool = False

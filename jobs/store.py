@@ -7,8 +7,9 @@ Keys (all under the settings' key_prefix, `p`):
     p:queued               sorted set of queued ids by creation time (queue position)
     p:running              set of running ids
     p:cancel:<id>          cancel flag, read by the worker between sampler steps
-    p:events:<id>          pub/sub channel: the record after each change
-    p:idem:<owner>:<key>   idempotency key → job id and request hash
+    p:events:<id>          pub/sub channel: the record after each change, with its "version"
+    p:version:<id>         the record's change counter: +1 in the same transaction as each publish
+    p:idem:<owner>:<key>   idempotency key → {job id, request hash, state pending|created, claimed at}
     p:workers              sorted set of ready worker processes by last heartbeat
     p:worker:<host:pid>    a worker process's beat {state, job, at}; expires unless renewed
     p:lock:<name>          cluster-wide lock of periodic work (the reaper)
@@ -41,6 +42,9 @@ class JobStore:
 
     def channel(self, job_id: str) -> str:
         return f"{self.p}:events:{job_id}"
+
+    def version_key(self, job_id: str) -> str:
+        return f"{self.p}:version:{job_id}"
 
     # reading
     def get(self, job_id: str) -> JobRecord | None:
@@ -129,10 +133,17 @@ class JobStore:
                     record = change(JobRecord.model_validate_json(raw))
                     if record is None:
                         return None
+                    # safe to read here: the version only changes with the watched record, in this transaction
+                    version = int(pipe.get(self.version_key(job_id)) or 0) + 1
                     pipe.multi()
                     pipe.set(key, record.model_dump_json(), keepttl=True)
+                    ended = record.status not in ACTIVE
+                    pipe.set(self.version_key(job_id), version, ex=self.retention_s if ended else None)
                     self._index(pipe, record)
-                    pipe.publish(self.channel(job_id), record.model_dump_json())
+                    # the version rides along as an extra key (JobRecord ignores it): event streams number
+                    # their events with it, so a client can resume after the last one it saw
+                    published = f'{{"version":{version},' + record.model_dump_json()[1:]
+                    pipe.publish(self.channel(job_id), published)
                     pipe.execute()
                     return record
                 except redis.WatchError:
@@ -261,18 +272,41 @@ class JobStore:
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.r.exists(f"{self.p}:cancel:{job_id}"))
 
-    # idempotency
-    def claim_idempotency_key(self, owner: str, key: str, job_id: str, request_hash: str) -> tuple[str, str] | None:
-        """Store key → (job, hash) unless the key is taken; returns the existing (job id, hash) if it is."""
-        name = f"{self.p}:idem:{owner}:{key}"
-        value = json.dumps({"job": job_id, "hash": request_hash})
-        if self.r.set(name, value, nx=True, ex=self.retention_s):
-            return None
-        existing = json.loads(self.r.get(name) or value)
-        return existing["job"], existing["hash"]
+    # idempotency: one atomic claim per (owner, key), made before any work, so concurrent creates with one key
+    # make one job; the value says which job and request won, and when it was claimed (to spot dead claims)
+    _CLAIM_KEY = """
+    if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return false end
+    return redis.call('GET', KEYS[1])
+    """
+    _RELEASE_KEY = """
+    local raw = redis.call('GET', KEYS[1])
+    if raw and cjson.decode(raw)['job'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+    return 0
+    """
+    _CONFIRM_KEY = """
+    local raw = redis.call('GET', KEYS[1])
+    if raw and cjson.decode(raw)['job'] == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL') end
+    return 0
+    """
 
-    def release_idempotency_key(self, owner: str, key: str) -> None:
-        self.r.delete(f"{self.p}:idem:{owner}:{key}")
+    def _idem(self, owner: str, key: str) -> str:
+        return f"{self.p}:idem:{owner}:{key}"
+
+    def claim_idempotency_key(self, owner: str, key: str, job_id: str, request_hash: str) -> dict[str, Any] | None:
+        """Claim key for job_id (state "pending", kept for the retention window); None when this call won,
+        else the holder's value {job, hash, state, at}."""
+        value = json.dumps({"job": job_id, "hash": request_hash, "state": "pending", "at": time.time()})
+        raw = self.r.eval(self._CLAIM_KEY, 1, self._idem(owner, key), value, self.retention_s)
+        return None if raw is None else dict(json.loads(raw))
+
+    def confirm_idempotency_key(self, owner: str, key: str, job_id: str, request_hash: str) -> None:
+        """The claimed job's record exists: state "created" (same TTL)."""
+        value = json.dumps({"job": job_id, "hash": request_hash, "state": "created", "at": time.time()})
+        self.r.eval(self._CONFIRM_KEY, 1, self._idem(owner, key), job_id, value)
+
+    def release_idempotency_key(self, owner: str, key: str, job_id: str) -> bool:
+        """Drop the claim if job_id still holds it (never another create's newer claim)."""
+        return bool(self.r.eval(self._RELEASE_KEY, 1, self._idem(owner, key), job_id))
 
     # rate limits
     def hit_rate_limit(self, owner: str, limit_per_minute: int) -> int | None:

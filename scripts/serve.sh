@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make serve`: Redis (started if needed), one worker and the API on 127.0.0.1:8000, local storage, dev auth.
+# `make serve`: Redis (started if needed), one GPU worker, the light webhook worker (worker.webhooks) and the API
+# on 127.0.0.1:8000, local storage, dev auth.
 # Weights come from SUPIR_SDXL_CHECKPOINT / SUPIR_CHECKPOINT; without them, the tiny conformance model of
 # ../shared/conformance/A is used so the service can be tried (its pictures are noise). One Ctrl-C stops all.
 set -euo pipefail
@@ -32,7 +33,11 @@ stop() {
 trap stop INT TERM EXIT
 
 "$VENV/bin/celery" -A worker.tasks worker --pool prefork --concurrency 1 --queues "${SUPIR_QUEUE:-supir}" \
-  --beat --schedule "${TMPDIR:-/tmp}/supir-beat-schedule" --loglevel INFO &
+  --loglevel INFO -n "gpu@%h" &
+pids+=($!)
+# the light worker: webhooks (never behind restorations) and, with --beat, the hourly retention sweep; no weights
+"$VENV/bin/celery" -A worker.webhooks worker --pool threads --concurrency 8 --queues "${SUPIR_QUEUE:-supir}-webhooks" \
+  --beat --schedule "${TMPDIR:-/tmp}/supir-beat-schedule" --loglevel INFO -n "webhooks@%h" &
 pids+=($!)
 "$VENV/bin/python" -m api.server --host 127.0.0.1 --port "${PORT:-8000}" &
 pids+=($!)

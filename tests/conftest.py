@@ -42,7 +42,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, fixture_a: Path):
         "alice": {},
         "bob": {},
         "carol": {},
-        "limited": {"rate_limit_per_minute": 3},
+        "limited": {"rate_limit_per_minute": 3, "read_rate_limit_per_minute": 3},
         "onejob": {"max_active_jobs": 1},
         "mallory": {},
     }

@@ -74,6 +74,7 @@ class Service:
             "SUPIR_DEVICE": "cpu",
             "SUPIR_DTYPE": "float32",
             "SUPIR_PROGRESS_INTERVAL_S": "0",
+            "SUPIR_READ_RATE_LIMIT_PER_MINUTE": "1000000",  # tests poll; test_rate_limit uses a key of its own
             "SUPIR_WARMUP_SIZE": "64",  # the warm-up path runs in every service test (a fraction of a second)
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
@@ -82,10 +83,19 @@ class Service:
         }
         self.api: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
+        self.webhooks: subprocess.Popen[bytes] | None = None  # the light worker: webhooks, on a queue of their own
         self._logs: list[object] = []
 
     def start(self) -> Service:
         self.start_worker()
+        log = open(self.tmp / "webhooks.log", "wb")  # noqa: SIM115
+        self._logs.append(log)
+        self.webhooks = subprocess.Popen(
+            [str(BIN / "celery"), "-A", "worker.webhooks", "worker", "--pool", "threads", "--concurrency", "8",
+             "--queues", f"{self.prefix}-webhooks", "--loglevel", "INFO", "--without-mingle", "--without-gossip",
+             "-n", f"{self.prefix}-webhooks@%h"],
+            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
         log = open(self.tmp / f"api-{self.port}.log", "wb")  # noqa: SIM115 - lives as long as the server
         self._logs.append(log)
         self.api = subprocess.Popen(
@@ -122,13 +132,14 @@ class Service:
             return False
 
     def stop(self) -> None:
-        for worker in self.workers:
+        lights = [self.webhooks] if self.webhooks else []
+        for worker in [*self.workers, *lights]:
             if worker.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(worker.pid, signal.SIGTERM)
         if self.api is not None and self.api.poll() is None:
             self.api.terminate()
-        for proc in [*self.workers, *([self.api] if self.api else [])]:
+        for proc in [*self.workers, *lights, *([self.api] if self.api else [])]:
             try:
                 proc.wait(15)
             except subprocess.TimeoutExpired:

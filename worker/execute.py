@@ -1,4 +1,5 @@
-"""One job, start to end, as plain functions the Celery tasks call (and tests call directly)."""
+"""One job, start to end, as plain functions the Celery tasks call (and tests call directly). Webhook
+deliveries live in worker.webhooks (a light worker of their own)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,9 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import httpx
 import redis
 
-from jobs.netguard import ForbiddenAddress, resolve_checked, send_pinned
-from jobs.record import JobError, JobProgress, JobRecord, JobResult, Status, output_key
-from jobs.webhooks import signed_headers
+from jobs.record import JobError, JobProgress, JobResult, Status, output_key
 from supir_core.errors import Canceled, InvalidInput, ObjectMissing, StorageError, WeightsError
 from supir_core.params import RestoreParams
 
@@ -24,10 +22,6 @@ from .runtime import Runtime
 
 log = logging.getLogger("supir.worker")
 T = TypeVar("T")
-
-
-class RetryLater(Exception):
-    """A transient failure (a webhook receiver down): the task should run again later."""
 
 
 class Busy(Exception):
@@ -232,65 +226,3 @@ def _record_gpu_memory() -> None:
     if torch.cuda.is_available():
         metrics.GPU_MEMORY_BYTES.labels("allocated").set(torch.cuda.memory_allocated())
         metrics.GPU_MEMORY_BYTES.labels("peak").set(torch.cuda.max_memory_allocated())
-
-
-# ---------------------------------------------------------------------------------------------
-# webhooks
-
-
-def webhook_payload(record: JobRecord, runtime: Runtime) -> bytes:
-    import json
-
-    result = None
-    if record.result is not None:
-        result = record.result.model_dump(exclude={"key"}) | {"url": runtime.objects.url(record.result.key, 3600)}
-    body = {
-        "event": f"job.{record.status}",
-        "job": {
-            "id": record.id,
-            "status": record.status,
-            "error": record.error.model_dump() if record.error else None,
-            "result": result,
-            "seconds": record.seconds,
-            "created_at": record.created_at,
-            "finished_at": record.finished_at,
-        },
-    }
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
-def deliver_webhook(runtime: Runtime, job_id: str, final_attempt: bool) -> str:
-    """POST the signed terminal event once; returns 'delivered', 'failed' or raises RetryLater."""
-    store, settings = runtime.store, runtime.settings
-    record = store.get(job_id)
-    if record is None or record.webhook is None or not record.terminal or record.webhook.state == "delivered":
-        return "skipped"
-    url = record.webhook.url
-    status: int | None = None
-    error: str | None = None
-    try:
-        # resolved once and checked (unless allowed); the POST goes to that checked address, not to a new lookup
-        target = resolve_checked(url, settings.allow_private_webhooks)
-        body = webhook_payload(record, runtime)
-        headers = signed_headers(settings.webhook_secret.get_secret_value(), body)
-        with httpx.Client(timeout=10.0, follow_redirects=False) as client:
-            response = send_pinned(client, client.build_request("POST", url, content=body, headers=headers), target)
-        status = response.status_code
-        delivered = 200 <= status < 300
-    except (ForbiddenAddress, OSError, httpx.HTTPError) as exc:
-        delivered, error = False, f"{type(exc).__name__}: {exc}"[:200]
-    state = "delivered" if delivered else ("failed" if final_attempt else "pending")
-
-    def change(r: JobRecord) -> JobRecord | None:
-        if r.webhook is None:
-            return None
-        hook = r.webhook.model_copy(
-            update={"state": state, "attempts": r.webhook.attempts + 1, "last_status": status, "last_error": error}
-        )
-        return r.model_copy(update={"webhook": hook})
-
-    store.update(job_id, change)
-    metrics.WEBHOOKS.labels("delivered" if delivered else "failed" if final_attempt else "retry").inc()
-    if not delivered and not final_attempt:
-        raise RetryLater(error or f"HTTP {status}")
-    return state

@@ -5,6 +5,7 @@
 (one such process per GPU). The weights load in the pool process, after the fork (CUDA cannot cross a fork),
 and Celery waits `SUPIR_WORKER_LOAD_TIMEOUT_S` for it, so a replacement process is not killed while it loads.
 The main process stays light: it serves /livez and /readyz (`SUPIR_WORKER_HEALTH_PORT`) and runs the reaper.
+Webhooks and the retention sweep run on the light worker (worker.webhooks), on a queue of their own.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ import contextlib
 import logging
 import multiprocessing.sharedctypes
 import os
-import time
 
 import redis
 from celery import Task
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
-from jobs.queue import RESTORE_TASK, SWEEP_TASK, WEBHOOK_TASK, make_celery
+from jobs.queue import RESTORE_TASK, WEBHOOK_TASK, make_celery, webhook_queue
 from jobs.reaper import Reaper
 from jobs.record import JobRecord
 from jobs.settings import get_settings
@@ -31,7 +31,6 @@ from .runtime import Runtime
 log = logging.getLogger("supir.worker")
 settings = get_settings()
 app = make_celery(settings)
-MAX_RETRIES = 5
 _runtime: Runtime | None = None
 _reaper: Reaper | None = None
 # the pid of the pool process whose weights are loaded (0: none); created before the fork, so shared with it
@@ -93,11 +92,12 @@ def _stop_reaper(**_: object) -> None:
 
 def _after_reap(record: JobRecord) -> None:
     if record.terminal and record.webhook is not None and record.webhook.state == "pending":
-        deliver_webhook.apply_async(args=[record.id], queue=settings.queue)
+        _send_webhook(record.id)
 
 
-def _backoff(retries: int) -> float:
-    return min(2.0 ** (retries + 1), 120.0)
+def _send_webhook(job_id: str) -> None:
+    # by name, to the light worker's queue (worker.webhooks): never behind the restorations queued here
+    app.send_task(WEBHOOK_TASK, args=[job_id], queue=webhook_queue(settings))
 
 
 @app.task(name=RESTORE_TASK, bind=True, max_retries=None)  # its retries are waits, never failures
@@ -122,21 +122,8 @@ def restore(self: Task, job_id: str) -> str:
 
 def _enqueue_webhook(rt: Runtime, job_id: str) -> None:
     record = rt.store.get(job_id)
-    if record is not None and record.terminal and record.webhook is not None and record.webhook.state == "pending":
-        deliver_webhook.apply_async(args=[job_id], queue=settings.queue)
-
-
-@app.task(name=WEBHOOK_TASK, bind=True, max_retries=MAX_RETRIES)
-def deliver_webhook(self: Task, job_id: str) -> str:
-    try:
-        return execute.deliver_webhook(runtime(), job_id, final_attempt=self.request.retries >= MAX_RETRIES)
-    except execute.RetryLater as exc:
-        raise self.retry(countdown=_backoff(self.request.retries)) from exc
-
-
-@app.task(name=SWEEP_TASK)
-def sweep() -> dict[str, int]:
-    """Drop inputs and results past the retention window, and expired jobs from the owners' lists."""
-    rt = runtime()
-    cutoff = time.time() - settings.retention_hours * 3600
-    return {"objects": rt.objects.delete_older_than(cutoff), "index_entries": rt.store.sweep(rt.store.owners())}
+    hook = record.webhook if record is not None and record.terminal else None
+    # attempts == 0: no delivery has started (one that has retries on its own; a second would post twice). A job
+    # canceled while queued was sent by the API already; this covers a send the broker lost.
+    if hook is not None and hook.state == "pending" and hook.attempts == 0:
+        _send_webhook(job_id)

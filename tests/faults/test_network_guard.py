@@ -40,7 +40,7 @@ from jobs.netguard import (
 from jobs.record import JobRecord, WebhookState
 from jobs.settings import Settings
 from tests.servers import Service
-from worker.execute import deliver_webhook
+from worker.webhooks import deliver_webhook
 
 # (address, the IPv4 addresses it carries)
 EMBEDDED = [
@@ -500,7 +500,7 @@ def deliver(url: str, allow_private: bool) -> WebhookState:
         settings=Settings(allow_private_webhooks=allow_private, webhook_secret=SecretStr("whsec-test")),
         objects=None,
     )
-    deliver_webhook(runtime, record.id, final_attempt=True)  # type: ignore[arg-type]
+    deliver_webhook(runtime, record.id, final_attempt=True)
     hook = runtime.store.records[record.id].webhook
     assert hook is not None
     return hook

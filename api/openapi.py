@@ -1,0 +1,64 @@
+"""The OpenAPI document as clients need it: every error declared as the one `Error` envelope the API sends,
+a bearer security scheme, and none of FastAPI's default `422 HTTPValidationError` entries (this API answers
+request-validation failures with `400 invalid_request`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from .models import Error
+
+PUBLIC = ("/healthz", "/readyz", "/metrics")  # no key needed
+REASONS = {
+    400: "a malformed request (codes: invalid_request, invalid_json, missing_image, invalid_url, …)",
+    401: "no key, or an unknown one (unauthorized)",
+    403: "an image_url or webhook_url to a private address (url_forbidden)",
+    404: "no such job for this key (not_found)",
+    408: "the request body stalled (request_timeout)",
+    409: "conflict (idempotency_conflict, idempotency_in_progress, job_not_cancelable, result_not_ready)",
+    413: "the upload or body is too large (file_too_large, url_too_large)",
+    415: "not an image format the service reads (unsupported_media_type)",
+    422: "the image or a parameter is unusable (invalid_image, invalid_parameter, image_too_large, …)",
+    429: "over a rate limit or the active-job quota (rate_limited, quota_exceeded); see Retry-After",
+    503: "Redis or storage unavailable (queue_unavailable, storage_error); see Retry-After",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` entries for a route: each status answered with the Error envelope."""
+    return {status: {"model": Error, "description": REASONS[status]} for status in statuses}
+
+
+def install(app: FastAPI) -> None:
+    def build() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes, tags=None
+            )
+            _tidy(schema)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = build  # type: ignore[method-assign]
+
+
+def _tidy(schema: dict[str, Any]) -> None:
+    components = schema.setdefault("components", {})
+    components.setdefault("securitySchemes", {})["bearer"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "an API key: `Authorization: Bearer sk_…`",
+    }
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            default_422 = responses.get("422", {}).get("content", {}).get("application/json", {}).get("schema", {})
+            if default_422.get("$ref", "").endswith("/HTTPValidationError"):
+                del responses["422"]
+            if not path.startswith(PUBLIC):
+                operation["security"] = [{"bearer": []}]
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.get("schemas", {}).pop(unused, None)

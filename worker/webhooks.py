@@ -1,0 +1,158 @@
+"""The light worker: webhook deliveries and the retention sweep, on a queue of their own. Start it with
+
+    celery -A worker.webhooks worker --pool threads --concurrency 8 --queues supir-webhooks --beat
+
+(`<SUPIR_QUEUE>-webhooks`; run `--beat` on exactly one). Deliveries are I/O, so a thread pool; they never wait
+behind restorations on the GPU queue. It needs only Redis, the object store (presigned result URLs) and the
+settings: nothing here imports torch or the pipeline, so it runs from the API image and starts in a second.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import httpx
+import redis
+from celery import Task
+from celery.signals import worker_ready
+
+from jobs.netguard import ForbiddenAddress, resolve_checked, send_pinned
+from jobs.queue import SWEEP_TASK, WEBHOOK_TASK, make_celery
+from jobs.record import JobRecord
+from jobs.settings import Settings, get_settings
+from jobs.storage import ObjectStore, make_store
+from jobs.store import JobStore
+from jobs.webhooks import signed_headers
+
+from . import metrics
+
+log = logging.getLogger("supir.webhooks")
+settings = get_settings()
+app = make_celery(settings)
+# the thread pool cannot enforce Celery's time limits (they are for restorations); httpx's timeout bounds a POST
+app.conf.update(task_soft_time_limit=None, task_time_limit=None)
+MAX_RETRIES = 5
+
+
+class RetryLater(Exception):
+    """A transient failure (a webhook receiver down): the task should run again later."""
+
+
+class Deps(Protocol):
+    """What a delivery needs (a worker Runtime has these too)."""
+
+    settings: Settings
+    store: JobStore
+    objects: ObjectStore
+
+
+@dataclass
+class Stores:
+    settings: Settings
+    store: JobStore
+    objects: ObjectStore
+
+
+_stores: Stores | None = None
+_lock = threading.Lock()
+
+
+def stores() -> Stores:
+    """Built once, on first use, and shared by the pool's threads (redis-py and boto3 clients are thread-safe)."""
+    global _stores
+    with _lock:
+        if _stores is None:
+            client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, health_check_interval=30)
+            store = JobStore(client, settings.key_prefix, retention_s=settings.retention_hours * 3600)
+            _stores = Stores(settings, store, make_store(settings))
+        return _stores
+
+
+@worker_ready.connect
+def _serve_metrics(**_: object) -> None:
+    # a port of its own (not SUPIR_WORKER_METRICS_PORT): it may share a host with a GPU worker
+    if settings.webhooks_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.webhooks_metrics_port)
+
+
+def _backoff(retries: int) -> float:
+    return min(2.0 ** (retries + 1), 120.0)
+
+
+@app.task(name=WEBHOOK_TASK, bind=True, max_retries=MAX_RETRIES)
+def deliver(self: Task, job_id: str) -> str:
+    try:
+        return deliver_webhook(stores(), job_id, final_attempt=self.request.retries >= MAX_RETRIES)
+    except RetryLater as exc:
+        raise self.retry(countdown=_backoff(self.request.retries)) from exc
+
+
+@app.task(name=SWEEP_TASK)
+def sweep() -> dict[str, int]:
+    """Drop inputs and results past the retention window, and expired jobs from the owners' lists."""
+    s = stores()
+    cutoff = time.time() - settings.retention_hours * 3600
+    return {"objects": s.objects.delete_older_than(cutoff), "index_entries": s.store.sweep(s.store.owners())}
+
+
+def webhook_payload(record: JobRecord, deps: Deps) -> bytes:
+    result = None
+    if record.result is not None:
+        result = record.result.model_dump(exclude={"key"}) | {"url": deps.objects.url(record.result.key, 3600)}
+    body = {
+        "event": f"job.{record.status}",
+        "job": {
+            "id": record.id,
+            "status": record.status,
+            "error": record.error.model_dump() if record.error else None,
+            "result": result,
+            "seconds": record.seconds,
+            "created_at": record.created_at,
+            "finished_at": record.finished_at,
+        },
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def deliver_webhook(deps: Deps, job_id: str, final_attempt: bool) -> str:
+    """POST the signed terminal event once; returns 'delivered', 'failed' or raises RetryLater."""
+    store, settings = deps.store, deps.settings
+    record = store.get(job_id)
+    if record is None or record.webhook is None or not record.terminal or record.webhook.state == "delivered":
+        return "skipped"
+    url = record.webhook.url
+    status: int | None = None
+    error: str | None = None
+    try:
+        # resolved once and checked (unless allowed); the POST goes to that checked address, not to a new lookup
+        target = resolve_checked(url, settings.allow_private_webhooks)
+        body = webhook_payload(record, deps)
+        headers = signed_headers(settings.webhook_secret.get_secret_value(), body)
+        with httpx.Client(timeout=10.0, follow_redirects=False) as client:
+            response = send_pinned(client, client.build_request("POST", url, content=body, headers=headers), target)
+        status = response.status_code
+        delivered = 200 <= status < 300
+    except (ForbiddenAddress, OSError, httpx.HTTPError) as exc:
+        delivered, error = False, f"{type(exc).__name__}: {exc}"[:200]
+    state = "delivered" if delivered else ("failed" if final_attempt else "pending")
+
+    def change(r: JobRecord) -> JobRecord | None:
+        if r.webhook is None:
+            return None
+        hook = r.webhook.model_copy(
+            update={"state": state, "attempts": r.webhook.attempts + 1, "last_status": status, "last_error": error}
+        )
+        return r.model_copy(update={"webhook": hook})
+
+    store.update(job_id, change)
+    metrics.WEBHOOKS.labels("delivered" if delivered else "failed" if final_attempt else "retry").inc()
+    if not delivered and not final_attempt:
+        raise RetryLater(error or f"HTTP {status}")
+    return state
