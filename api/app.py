@@ -153,7 +153,18 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     # ---------------------------------------------------------------------------------------
     # jobs
 
-    @app.post("/v1/jobs", status_code=202, tags=["jobs"], openapi_extra=CREATE_DOCS)
+    @app.post(
+        "/v1/jobs",
+        status_code=202,
+        tags=["jobs"],
+        operation_id="createJob",
+        response_model=Job,
+        responses={
+            200: {"model": Job, "description": "an Idempotency-Key replay: the first job"},
+            **errors_doc(400, 401, 403, 408, 409, 413, 415, 422, 429, 503),
+        },
+        openapi_extra=CREATE_DOCS,
+    )
     async def create_job(request: Request) -> JSONResponse:
         """Queue a restoration: multipart (`image`, `params` JSON, `preset`, `webhook_url`) or JSON with `image_url`."""
         owner = await run_in_threadpool(authorize, request)  # Redis calls stay off the event loop
@@ -192,7 +203,13 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     def get_job(job_id: str, request: Request) -> dict[str, Any]:
         return _view(own_job(job_id, authorize(request)), services)
 
-    @app.post("/v1/jobs/{job_id}/cancel", tags=["jobs"])
+    @app.post(
+        "/v1/jobs/{job_id}/cancel",
+        tags=["jobs"],
+        operation_id="cancelJob",
+        response_model=Job,
+        responses=errors_doc(401, 404, 409, 429, 503),
+    )
     def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
         """Queued jobs end at once; running ones stop before their next sampler step."""
         record = own_job(job_id, authorize(request))
@@ -216,7 +233,19 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                     log.warning("job %s: its webhook could not be queued; the worker sends it later", job_id)
         return _view(services.store.get(job_id) or record, services)
 
-    @app.get("/v1/jobs/{job_id}/events", tags=["jobs"])
+    @app.get(
+        "/v1/jobs/{job_id}/events",
+        tags=["jobs"],
+        operation_id="streamJobEvents",
+        response_class=StreamingResponse,
+        responses={
+            200: {
+                "description": "Server-Sent Events: `event: job`, `id: <version>`, `data: <Job as JSON>`",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+            **errors_doc(401, 404, 429, 503),
+        },
+    )
     async def job_events(job_id: str, request: Request) -> StreamingResponse:
         """Server-Sent Events: the job after every change, until it ends; `id:` is the job's version, and
         `Last-Event-ID` resumes after it. See api.events."""
@@ -312,35 +341,54 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     return app
 
 
+PRESET_SCHEMA = {"type": "string", "enum": ["quality", "fidelity", "lightning"], "description": "named settings"}
+PARAMS_REF = {"$ref": "#/components/schemas/RestoreParams"}
 CREATE_DOCS: dict[str, Any] = {
     "requestBody": {
+        "required": True,
         "content": {
             "multipart/form-data": {
                 "schema": {
+                    "title": "JobUpload",
                     "type": "object",
                     "required": ["image"],
                     "properties": {
-                        "image": {"type": "string", "format": "binary"},
-                        "params": {"type": "string", "description": "JSON object of restoration parameters"},
-                        "preset": {"type": "string", "enum": ["quality", "fidelity", "lightning"]},
-                        "webhook_url": {"type": "string"},
+                        "image": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "PNG, JPEG, WebP, TIFF, BMP, GIF",
+                        },
+                        "params": PARAMS_REF,
+                        "preset": PRESET_SCHEMA,
+                        "webhook_url": {"type": "string", "description": "POSTed the job when it ends"},
                     },
-                }
+                },
+                "encoding": {"params": {"contentType": "application/json"}},
             },
             "application/json": {
                 "schema": {
+                    "title": "JobFromUrl",
                     "type": "object",
                     "required": ["image_url"],
                     "properties": {
-                        "image_url": {"type": "string"},
-                        "params": {"type": "object"},
-                        "preset": {"type": "string"},
-                        "webhook_url": {"type": "string"},
+                        "image_url": {"type": "string", "description": "an http(s) URL of the photo"},
+                        "params": PARAMS_REF,
+                        "preset": PRESET_SCHEMA,
+                        "webhook_url": {"type": "string", "description": "POSTed the job when it ends"},
                     },
                 }
             },
+        },
+    },
+    "parameters": [
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
+            "description": "the same key and request return the first job (200, Idempotent-Replayed: true)",
         }
-    }
+    ],
 }
 
 
