@@ -51,35 +51,36 @@ def test_a_generated_client_creates_reads_downloads_and_cancels(service: Service
     client = client_pkg.AuthenticatedClient(
         base_url=service.url, token=service.keys["carol"], timeout=httpx.Timeout(60)
     )
+    with client:  # the generated client's httpx connection pool is closed at the end
 
-    def upload(params: object) -> object:
-        photo = types.File(
-            payload=io.BytesIO((DATA / "chelsea_degraded.jpg").read_bytes()),
-            file_name="cat.jpg",
-            mime_type="image/jpeg",
-        )
-        return jobs_api.create_job.sync_detailed(
-            client=client, body=models.CreateJobFilesJobUpload(image=photo, params=params)
-        )
+        def upload(params: object) -> object:
+            photo = types.File(
+                payload=io.BytesIO((DATA / "chelsea_degraded.jpg").read_bytes()),
+                file_name="cat.jpg",
+                mime_type="image/jpeg",
+            )
+            return jobs_api.create_job.sync_detailed(
+                client=client, body=models.CreateJobFilesJobUpload(image=photo, params=params)
+            )
 
-    created = upload(models.RestoreParams(min_size=64, steps=3, seed=7))
-    assert created.status_code == 202 and isinstance(created.parsed, models.Job), created.content
-    job = created.parsed
-    deadline = time.monotonic() + 120
-    while job.status.value not in ("succeeded", "failed", "canceled") and time.monotonic() < deadline:
-        time.sleep(0.25)
-        job = jobs_api.get_job.sync(client=client, job_id=job.id)
-        assert isinstance(job, models.Job)
-    assert job.status.value == "succeeded" and job.params.seed == 7 and job.result.width == 150
-    png = jobs_api.get_job_result.sync_detailed(client=client, job_id=job.id)
-    assert png.status_code == 200
-    with Image.open(io.BytesIO(png.content)) as img:
-        assert img.size == (job.result.width, job.result.height)
+        created = upload(models.RestoreParams(min_size=64, steps=3, seed=7))
+        assert created.status_code == 202 and isinstance(created.parsed, models.Job), created.content
+        job = created.parsed
+        deadline = time.monotonic() + 120
+        while job.status.value not in ("succeeded", "failed", "canceled") and time.monotonic() < deadline:
+            time.sleep(0.25)
+            job = jobs_api.get_job.sync(client=client, job_id=job.id)
+            assert isinstance(job, models.Job)
+        assert job.status.value == "succeeded" and job.params.seed == 7 and job.result.width == 150
+        png = jobs_api.get_job_result.sync_detailed(client=client, job_id=job.id)
+        assert png.status_code == 200
+        with Image.open(io.BytesIO(png.content)) as img:
+            assert img.size == (job.result.width, job.result.height)
 
-    refused = upload(models.RestoreParams(min_size=64, steps=5000))
-    assert refused.status_code == 422 and isinstance(refused.parsed, models.Error)
-    assert refused.parsed.error.code == "invalid_parameter" and refused.parsed.error.field == "params.steps"
+        refused = upload(models.RestoreParams(min_size=64, steps=5000))
+        assert refused.status_code == 422 and isinstance(refused.parsed, models.Error)
+        assert refused.parsed.error.code == "invalid_parameter" and refused.parsed.error.field == "params.steps"
 
-    slow = upload(models.RestoreParams(min_size=128, steps=200, seed=1)).parsed
-    canceled = jobs_api.cancel_job.sync(client=client, job_id=slow.id)
-    assert isinstance(canceled, models.Job) and canceled.cancel_requested is True
+        slow = upload(models.RestoreParams(min_size=128, steps=200, seed=1)).parsed
+        canceled = jobs_api.cancel_job.sync(client=client, job_id=slow.id)
+        assert isinstance(canceled, models.Job) and canceled.cancel_requested is True
