@@ -104,7 +104,8 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
         message = "no such route" if exc.status_code == 404 else str(exc.detail)
-        return error_response(code, message)
+        headers = dict(exc.headers) if exc.headers else None  # a 405 carries Allow (RFC 9110)
+        return error_response(code, message, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -233,3 +233,10 @@ def test_a_failed_webhook_is_retried_with_backoff(service: Service) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_wrong_method_is_405_with_allow(service: Service) -> None:
+    """What schemathesis checks (RFC 9110): a 405 names the methods the route has."""
+    response = httpx.request("TRACE", f"{service.url}/healthz", timeout=30)
+    assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
+    assert "GET" in response.headers["allow"]
