@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -352,24 +352,6 @@ class JobStore:
     def take_lock(self, name: str, ttl_s: float) -> bool:
         """One holder cluster-wide for ttl_s (periodic work several processes offer to do)."""
         return bool(self.r.set(f"{self.p}:lock:{name}", 1, nx=True, px=int(ttl_s * 1000)))
-
-    # events
-    def events(self, job_id: str, timeout_s: float = 15.0) -> Iterator[JobRecord | None]:
-        """The record now, then after every change; None every timeout_s of silence (for keep-alives)."""
-        pubsub = self.r.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(self.channel(job_id))  # subscribe first so no change between get and listen is lost
-        try:
-            record = self.get(job_id)
-            yield record
-            while record is not None and not record.terminal:
-                message = pubsub.get_message(timeout=timeout_s)
-                if message is None:
-                    yield None
-                    continue
-                record = JobRecord.model_validate_json(message["data"])
-                yield record
-        finally:
-            pubsub.close()
 
 
 def _lost(record: JobRecord, lost: int) -> JobRecord:
