@@ -39,6 +39,8 @@ def svc(tmp_path_factory: pytest.TempPathFactory, fixture_a: Path) -> Iterator[S
         worker_health_port=ports[0],
         worker_lost_after_s=LOST_AFTER_S,
         ready_file=tmp / "ready-0",
+        # loading takes seconds here, as real weights take minutes: longer than Celery's default 4-s start-up timer
+        warmup_size=512,
     )
     service.health_ports = {}  # type: ignore[attr-defined]
     try:
