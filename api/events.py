@@ -92,6 +92,33 @@ class EventStreams:
         body = self.stream(job_id, last_seen, view)
         return _CountedStream(body, release, media_type="text/event-stream", headers=headers)
 
+    async def wait_for_end(self, job_id: str, owner: str, timeout_s: float) -> JobRecord | None:
+        """The job once it has ended, if it ends within timeout_s (`Prefer: wait`); None otherwise, or at once
+        when the owner already holds its cap of streams (a waiting request holds a subscription like one)."""
+        if self.open[owner] >= MAX_STREAMS_PER_KEY:
+            return None
+        self.open[owner] += 1
+        deadline = time.monotonic() + timeout_s
+        pubsub = self.client().pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.store.channel(job_id))  # before the read: no ending falls between
+            record, _ = await self._read(job_id)
+            while record is not None and not record.terminal and not self.shutting_down.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=min(left, WAKE_S))
+                if message is not None:
+                    data = json.loads(message["data"])
+                    data.pop("version", None)
+                    record = JobRecord.model_validate(data)
+            return record if record is not None and record.terminal else None
+        finally:
+            await pubsub.aclose()
+            self.open[owner] -= 1
+            if self.open[owner] <= 0:
+                del self.open[owner]
+
     async def _read(self, job_id: str) -> tuple[JobRecord | None, int]:
         """The record and its version, read together (one MULTI), so the pair is consistent."""
         async with self.client().pipeline(transaction=True) as pipe:

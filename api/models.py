@@ -1,6 +1,9 @@
-"""What the API sends and takes, as pydantic models: the OpenAPI document is generated from these, so a client
-generated from `/openapi.json` gets typed jobs, errors and parameters. The restoration parameters are the
-worker's own `RestoreParams` (one source for ranges and defaults)."""
+"""What the API sends and takes: pydantic models for responses (the OpenAPI document is generated from these, so
+a client generated from `/openapi.json` gets typed jobs, errors and parameters), and the create request's
+schema. The restoration parameters are the worker's own `RestoreParams` (one source for ranges and defaults).
+
+`POST /v1/jobs` reads its body by hand (multipart with a file, or JSON; bounded, with field-level error codes),
+so its request schema is declared here as OpenAPI rather than inferred from a signature."""
 
 from __future__ import annotations
 
@@ -8,10 +11,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from jobs.record import Status
+from jobs.record import Status, WebhookEvent
 from supir_core.params import RestoreParams
 
-__all__ = ["Error", "ErrorBody", "Job", "JobList", "RestoreParams"]
+__all__ = ["CREATE_JOB_DOCS", "Error", "ErrorBody", "Job", "JobList", "RestoreParams"]
 
 
 class Progress(BaseModel):
@@ -41,8 +44,11 @@ class JobResultInfo(BaseModel):
 
 class Webhook(BaseModel):
     url: str
-    state: Literal["pending", "delivered", "failed"]
-    attempts: int
+    events: list[WebhookEvent] = Field(["completed"], description="the events this webhook is sent")
+    state: Literal["pending", "delivered", "failed", "not_requested"] = Field(
+        description="of the `completed` delivery; not_requested when `events` leaves it out"
+    )
+    attempts: int = Field(description="POSTs of the `completed` event so far")
     last_status: int | None = None
     last_error: str | None = None
 
@@ -87,3 +93,75 @@ class Error(BaseModel):
     """Every error the API answers, whatever its status."""
 
     error: ErrorBody
+
+
+PRESET_SCHEMA = {"type": "string", "enum": ["quality", "fidelity", "lightning"], "description": "named settings"}
+PARAMS_REF = {"$ref": "#/components/schemas/RestoreParams"}
+WEBHOOK_FIELDS: dict[str, Any] = {
+    "webhook_url": {"type": "string", "description": "POSTed the job (signed) on the events asked for"},
+    "webhook_events": {
+        "type": "array",
+        "items": {"type": "string", "enum": ["started", "progress", "completed"]},
+        "minItems": 1,
+        "uniqueItems": True,
+        "description": "which events to POST (default: completed); progress is sent at most every few seconds",
+    },
+}
+CREATE_JOB_DOCS: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "title": "JobUpload",
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "PNG, JPEG, WebP, TIFF, BMP, GIF",
+                        },
+                        "params": PARAMS_REF,
+                        "preset": PRESET_SCHEMA,
+                        **WEBHOOK_FIELDS,
+                    },
+                },
+                "encoding": {
+                    "params": {"contentType": "application/json"},
+                    "webhook_events": {"contentType": "application/json"},
+                },
+            },
+            "application/json": {
+                "schema": {
+                    "title": "JobFromUrl",
+                    "type": "object",
+                    "required": ["image_url"],
+                    "properties": {
+                        "image_url": {"type": "string", "description": "an http(s) URL of the photo"},
+                        "params": PARAMS_REF,
+                        "preset": PRESET_SCHEMA,
+                        **WEBHOOK_FIELDS,
+                    },
+                }
+            },
+        },
+    },
+    "parameters": [
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
+            "description": "the same key and request return the first job (200, Idempotent-Replayed: true)",
+        },
+        {
+            "name": "Prefer",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "examples": ["wait=30"]},
+            "description": "`wait=N` (RFC 7240): hold the request up to N seconds (at most the server's limit, "
+            "60 by default) and answer 200 with the ended job if it ends in time; 202 otherwise",
+        },
+    ],
+}

@@ -7,7 +7,8 @@ from celery import Celery
 from .settings import Settings
 
 RESTORE_TASK = "supir.restore"
-WEBHOOK_TASK = "supir.webhook"
+WEBHOOK_TASK = "supir.webhook"  # the `completed` event, retried until delivered
+WEBHOOK_EVENT_TASK = "supir.webhook_event"  # `started` / `progress`: best effort
 SWEEP_TASK = "supir.sweep"
 
 
@@ -17,6 +18,7 @@ def webhook_queue(settings: Settings) -> str:
 
 
 def make_celery(settings: Settings) -> Celery:
+    light = webhook_queue(settings)
     app = Celery("supir", broker=settings.redis_url, backend=None)
     app.conf.update(
         task_default_queue=settings.queue,
@@ -39,7 +41,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         # whoever sends these (the API, a GPU worker, beat, a retry), they go to the light worker
-        task_routes={WEBHOOK_TASK: {"queue": webhook_queue(settings)}, SWEEP_TASK: {"queue": webhook_queue(settings)}},
+        task_routes={name: {"queue": light} for name in (WEBHOOK_TASK, WEBHOOK_EVENT_TASK, SWEEP_TASK)},
         beat_schedule={"sweep": {"task": SWEEP_TASK, "schedule": 3600.0}},
     )
     return app

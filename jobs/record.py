@@ -45,9 +45,18 @@ class JobResult(BaseModel):
     content_type: str = "image/png"
 
 
+WebhookEvent = Literal["started", "progress", "completed"]
+
+
+def _completed_only() -> list[WebhookEvent]:
+    return ["completed"]
+
+
 class WebhookState(BaseModel):
     url: str
-    state: Literal["pending", "delivered", "failed"] = "pending"
+    events: list[WebhookEvent] = Field(default_factory=_completed_only)  # what the owner asked to receive
+    # of the `completed` delivery (retried until delivered or failed); not_requested: events lacks it
+    state: Literal["pending", "delivered", "failed", "not_requested"] = "pending"
     attempts: int = 0
     last_status: int | None = None
     last_error: str | None = None

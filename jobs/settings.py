@@ -54,6 +54,7 @@ class Settings(BaseSettings):
         1200, ge=1, description="reads per key a minute (status, lists, results, event streams): polling is cheap"
     )
     max_active_jobs: int = Field(8, ge=1, description="queued + running jobs per key")
+    max_prefer_wait_s: float = Field(60.0, ge=0, description="the longest `Prefer: wait=N` holds a create request")
     max_upload_bytes: int = Field(25_000_000, ge=1)
     max_json_bytes: int = Field(1_000_000, ge=1, description="largest JSON request body")
     drain_bytes: int = Field(
@@ -75,6 +76,7 @@ class Settings(BaseSettings):
     job_time_limit_s: int = Field(1800, ge=1)
     visibility_margin_s: int = Field(600, ge=1, description="broker redelivery waits time limit + this")
     progress_interval_s: float = Field(0.25, ge=0)
+    webhook_progress_interval_s: float = Field(5.0, gt=0, description="`progress` webhooks at most this often a job")
     storage_retries: int = Field(5, ge=0, description="a job retries a failing storage call this many times")
     storage_backoff_s: float = Field(2.0, ge=0, description="first wait between storage tries; doubles each try")
     max_attempts: int = Field(3, ge=1, description="a job whose worker is lost this many times ends failed/worker_lost")

@@ -50,6 +50,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, fixture_a: Path):
         "rate_limit_per_minute": 100_000,
         "webhook_secret": WEBHOOK_SECRET,
         "allow_private_webhooks": "true",
+        "webhook_progress_interval_s": 0.3,  # progress webhooks within a job of seconds
         "max_upload_bytes": 2_000_000,
         "max_input_pixels": 4_000_000,
         "max_output_pixels": 16_000_000,

@@ -240,3 +240,92 @@ def test_a_wrong_method_is_405_with_allow(service: Service) -> None:
     response = httpx.request("TRACE", f"{service.url}/healthz", timeout=30)
     assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
     assert "GET" in response.headers["allow"]
+
+
+class EventReceiver(BaseHTTPRequestHandler):
+    received: ClassVar[list[tuple[dict[str, str], bytes]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        EventReceiver.received.append((dict(self.headers), body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_webhook_events_filter(service: Service) -> None:
+    """started, progress and completed as asked for; only started when only that is asked for."""
+    server = HTTPServer(("127.0.0.1", free_port()), EventReceiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/hook"
+    try:
+        with service.client("carol") as client:
+            every = json.dumps(["started", "progress", "completed"])
+            job = submit(client, {**FAST, "steps": 30}, webhook_url=url, webhook_events=every).json()
+            assert job["webhook"]["events"] == ["started", "progress", "completed"]
+
+            def of_job(job_id: str) -> list[str]:
+                names = []
+                for headers, body in list(EventReceiver.received):
+                    assert verify(WEBHOOK_SECRET, headers, body)
+                    event = json.loads(body)
+                    if event["job"]["id"] == job_id:
+                        names.append(event["event"])
+                return names
+
+            wait_until(lambda: "job.succeeded" in of_job(job["id"]), 120, 0.1, "the completed webhook")
+            names = of_job(job["id"])
+            assert names.count("job.started") == 1 and names.count("job.succeeded") == 1, names
+            assert "job.progress" in names, names
+            progress = [json.loads(b)["job"]["progress"] for _, b in EventReceiver.received if b"job.progress" in b]
+            assert all(p["stage"] and p["step"] <= p["steps"] for p in progress)
+
+            # only `started`: the ending is not posted, and the job says so
+            started_only = submit(client, FAST, webhook_url=url, webhook_events="started").json()
+            assert started_only["webhook"]["state"] == "not_requested"
+            wait_for_status(client, started_only["id"], {"succeeded"})
+            wait_until(lambda: of_job(started_only["id"]), 30, 0.1, "the started webhook")
+            time.sleep(2)  # a completed event, wrongly sent, would arrive within this on an idle light worker
+            assert of_job(started_only["id"]) == ["job.started"]
+
+            for fields, field in (
+                ({"webhook_events": "started"}, "webhook_events"),  # no webhook_url
+                ({"webhook_url": url, "webhook_events": "finished"}, "webhook_events"),
+                ({"webhook_url": url, "webhook_events": "[]"}, "webhook_events"),
+            ):
+                refused = submit(client, FAST, **fields)
+                assert refused.status_code == 400 and refused.json()["error"]["field"] == field, refused.text
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_prefer_wait_answers_with_the_ended_job(service: Service) -> None:
+    with service.client("carol") as client:
+        created = client.post(
+            "/v1/jobs",
+            files={"image": photo()},
+            data={"params": json.dumps(FAST)},
+            headers={"Prefer": "respond-async, wait=120"},
+        )
+        assert created.status_code == 200, created.text
+        assert created.json()["status"] == "succeeded" and created.json()["result"]["url"]
+        assert created.headers["preference-applied"] == "wait=60"  # capped at SUPIR_MAX_PREFER_WAIT_S
+
+        start = time.monotonic()
+        slow = client.post(
+            "/v1/jobs", files={"image": photo()}, data={"params": json.dumps(SLOW)}, headers={"Prefer": "wait=1"}
+        )
+        assert slow.status_code == 202 and slow.json()["status"] in ("queued", "running")
+        assert "preference-applied" not in slow.headers
+        assert time.monotonic() - start >= 1.0
+        client.post(f"/v1/jobs/{slow.json()['id']}/cancel")
+        wait_for_status(client, slow.json()["id"], {"canceled"})
+
+        ignored = client.post(
+            "/v1/jobs", files={"image": photo()}, data={"params": json.dumps(FAST)}, headers={"Prefer": "wait=soon"}
+        )
+        assert ignored.status_code == 202  # a preference the server cannot read is ignored, not an error
+        wait_for_status(client, ignored.json()["id"], {"succeeded"})

@@ -16,7 +16,7 @@ import redis
 import torch
 
 from jobs.reaper import reap
-from jobs.record import JobProgress, JobRecord
+from jobs.record import JobProgress, JobRecord, WebhookState
 from jobs.settings import Settings
 from jobs.storage import LocalStore
 from jobs.store import JobStore
@@ -188,9 +188,26 @@ def test_progress_is_throttled(runtime: Runtime) -> None:
     runtime.settings = runtime.settings.model_copy(update={"progress_interval_s": 3600})
     job = queued_job(runtime)
     runtime.store.start(job.id, runtime.name, 3)
-    write = execute._progress_writer(runtime, job.id)
+    write = execute._progress_writer(runtime, job)
     seen = []
     runtime.store.set_progress = lambda job_id, p, worker: seen.append(p.step)  # type: ignore[method-assign]
     for step in range(1, 11):
         write(SimpleNamespace(stage="sampling", step=step, steps=10))
     assert seen == [1, 10]  # the first of a stage and the last step; the rest fall inside the interval
+
+
+def test_progress_webhooks_follow_the_filter_and_their_own_interval(runtime: Runtime) -> None:
+    sent: list[tuple[str, str]] = []
+    runtime.announce = lambda job_id, event: sent.append((job_id, event))
+    runtime.store.set_progress = lambda job_id, p, worker: None  # type: ignore[method-assign]
+    job = queued_job(runtime)
+    hooked = job.model_copy(update={"webhook": WebhookState(url="http://hooks.example/", events=["progress"])})
+    for interval, record, expected in ((1e-9, hooked, 10), (3600, hooked, 0), (1e-9, job, 0)):
+        runtime.settings = runtime.settings.model_copy(
+            update={"progress_interval_s": 0, "webhook_progress_interval_s": interval}
+        )
+        sent.clear()
+        write = execute._progress_writer(runtime, record)
+        for step in range(1, 11):
+            write(SimpleNamespace(stage="sampling", step=step, steps=10))
+        assert sent == [(job.id, "progress")] * expected

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from jobs.record import JobError, JobProgress, JobResult, Status, output_key
+from jobs.record import JobError, JobProgress, JobRecord, JobResult, Status, output_key
 from supir_core.errors import Canceled, InvalidInput, ObjectMissing, StorageError, WeightsError
 from supir_core.params import RestoreParams
 
@@ -60,9 +60,21 @@ def _stored(runtime: Runtime, what: str, call: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def _progress_writer(runtime: Runtime, job_id: str) -> Callable[[Any], None]:
-    """Record progress at most every progress_interval_s (and at every stage change or last step)."""
-    last: dict[str, Any] = {"at": 0.0, "stage": ""}
+def _announce(runtime: Runtime, record: JobRecord, event: str) -> None:
+    """Queue a `started` / `progress` webhook if the job asked for it; best effort, never fails the job."""
+    if record.webhook is None or event not in record.webhook.events:
+        return
+    try:
+        runtime.announce(record.id, event)
+    except Exception:  # the broker is away: these events are informative, the ending is what must arrive
+        log.warning("job %s: its %s webhook could not be queued", record.id, event)
+
+
+def _progress_writer(runtime: Runtime, record: JobRecord) -> Callable[[Any], None]:
+    """Record progress at most every progress_interval_s (and at every stage change or last step); send a
+    `progress` webhook at most every webhook_progress_interval_s."""
+    job_id = record.id
+    last: dict[str, Any] = {"at": 0.0, "stage": "", "hook_at": time.monotonic()}
 
     def write(p: Any) -> None:
         now = time.monotonic()
@@ -75,6 +87,10 @@ def _progress_writer(runtime: Runtime, job_id: str) -> Callable[[Any], None]:
             runtime.store.set_progress(job_id, progress, worker=runtime.name)
         except redis.RedisError:
             log.warning("job %s: progress not recorded (Redis)", job_id)
+            return
+        if now - last["hook_at"] >= runtime.settings.webhook_progress_interval_s:
+            last["hook_at"] = now
+            _announce(runtime, record, "progress")
 
     return write
 
@@ -137,6 +153,7 @@ def _run(runtime: Runtime, job_id: str) -> str:
         return "skipped"
     if record.attempts == 1:
         metrics.STAGE_SECONDS.labels("queue_wait").observe(max(0.0, (record.started_at or 0) - record.created_at))
+    _announce(runtime, record, "started")
     started = time.perf_counter()
     try:
         params = RestoreParams.model_validate(record.params)
@@ -144,7 +161,7 @@ def _run(runtime: Runtime, job_id: str) -> str:
         result = runtime.pipeline(
             image,
             params,
-            on_progress=_progress_writer(runtime, job_id),
+            on_progress=_progress_writer(runtime, record),
             should_stop=lambda: _cancel_requested(runtime, job_id),
         )
         upload_start = time.perf_counter()

@@ -12,5 +12,5 @@ STEPS_PER_SECOND = Gauge("supir_sampler_steps_per_second", "sampler steps per se
 MODEL_LOAD_SECONDS = Gauge("supir_model_load_seconds", "seconds the worker took to load the weights")
 WARMUP_SECONDS = Gauge("supir_worker_warmup_seconds", "seconds of the warm-up restoration before taking jobs")
 GPU_MEMORY_BYTES = Gauge("supir_gpu_memory_bytes", "GPU memory", ["kind"])
-WEBHOOKS = Counter("supir_webhook_deliveries_total", "webhook delivery attempts", ["outcome"])
+WEBHOOKS = Counter("supir_webhook_deliveries_total", "webhook delivery attempts", ["event", "outcome"])
 READY = Gauge("supir_worker_ready", "1 when the weights are loaded on the device")

@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import redis
@@ -31,6 +32,8 @@ class Runtime:
         self.pipeline: Any = None
         self.state: State = "loading"
         self.name = f"{socket.gethostname()}:{os.getpid()}"  # one per worker process; jobs record it
+        # sends a job's `started` / `progress` webhook event (worker.tasks queues it for the light worker)
+        self.announce: Callable[[str, str], None] = lambda job_id, event: None
         self.job: str | None = None  # the job this process runs, named in every beat
         self._stop = threading.Event()
         self._beat_now = threading.Event()

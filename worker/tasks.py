@@ -19,7 +19,7 @@ import redis
 from celery import Task
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
-from jobs.queue import RESTORE_TASK, WEBHOOK_TASK, make_celery, webhook_queue
+from jobs.queue import RESTORE_TASK, WEBHOOK_EVENT_TASK, WEBHOOK_TASK, make_celery, webhook_queue
 from jobs.reaper import Reaper
 from jobs.record import JobRecord
 from jobs.settings import get_settings
@@ -41,6 +41,7 @@ def runtime() -> Runtime:
     global _runtime
     if _runtime is None:
         _runtime = Runtime(settings)
+        _runtime.announce = _send_webhook_event
         _runtime.load()
     return _runtime
 
@@ -93,6 +94,10 @@ def _stop_reaper(**_: object) -> None:
 def _after_reap(record: JobRecord) -> None:
     if record.terminal and record.webhook is not None and record.webhook.state == "pending":
         _send_webhook(record.id)
+
+
+def _send_webhook_event(job_id: str, event: str) -> None:
+    app.send_task(WEBHOOK_EVENT_TASK, args=[job_id, event], queue=webhook_queue(settings))
 
 
 def _send_webhook(job_id: str) -> None:

@@ -22,7 +22,7 @@ from celery import Task
 from celery.signals import worker_ready
 
 from jobs.netguard import ForbiddenAddress, resolve_checked, send_pinned
-from jobs.queue import SWEEP_TASK, WEBHOOK_TASK, make_celery
+from jobs.queue import SWEEP_TASK, WEBHOOK_EVENT_TASK, WEBHOOK_TASK, make_celery
 from jobs.record import JobRecord
 from jobs.settings import Settings, get_settings
 from jobs.storage import ObjectStore, make_store
@@ -37,6 +37,7 @@ app = make_celery(settings)
 # the thread pool cannot enforce Celery's time limits (they are for restorations); httpx's timeout bounds a POST
 app.conf.update(task_soft_time_limit=None, task_time_limit=None)
 MAX_RETRIES = 5
+EVENT_RETRIES = 2  # a `started` or `progress` event goes stale: a few quick tries, then dropped
 
 
 class RetryLater(Exception):
@@ -94,6 +95,14 @@ def deliver(self: Task, job_id: str) -> str:
         raise self.retry(countdown=_backoff(self.request.retries)) from exc
 
 
+@app.task(name=WEBHOOK_EVENT_TASK, bind=True, max_retries=EVENT_RETRIES)
+def deliver_event(self: Task, job_id: str, event: str) -> str:
+    try:
+        return deliver_webhook_event(stores(), job_id, event)
+    except RetryLater as exc:
+        raise self.retry(countdown=1.0 + self.request.retries) from exc
+
+
 @app.task(name=SWEEP_TASK)
 def sweep() -> dict[str, int]:
     """Drop inputs and results past the retention window, and expired jobs from the owners' lists."""
@@ -102,15 +111,17 @@ def sweep() -> dict[str, int]:
     return {"objects": s.objects.delete_older_than(cutoff), "index_entries": s.store.sweep(s.store.owners())}
 
 
-def webhook_payload(record: JobRecord, deps: Deps) -> bytes:
+def webhook_payload(record: JobRecord, deps: Deps, event: str | None = None) -> bytes:
+    """The signed body: `event` is job.started or job.progress, or for the ending job.<status>."""
     result = None
     if record.result is not None:
         result = record.result.model_dump(exclude={"key"}) | {"url": deps.objects.url(record.result.key, 3600)}
     body = {
-        "event": f"job.{record.status}",
+        "event": f"job.{event or record.status}",
         "job": {
             "id": record.id,
             "status": record.status,
+            "progress": record.progress.model_dump(),
             "error": record.error.model_dump() if record.error else None,
             "result": result,
             "seconds": record.seconds,
@@ -121,26 +132,42 @@ def webhook_payload(record: JobRecord, deps: Deps) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def deliver_webhook(deps: Deps, job_id: str, final_attempt: bool) -> str:
-    """POST the signed terminal event once; returns 'delivered', 'failed' or raises RetryLater."""
-    store, settings = deps.store, deps.settings
-    record = store.get(job_id)
-    if record is None or record.webhook is None or not record.terminal or record.webhook.state == "delivered":
-        return "skipped"
-    url = record.webhook.url
-    status: int | None = None
-    error: str | None = None
+def _post(deps: Deps, url: str, body: bytes) -> tuple[int | None, str | None]:
+    """(HTTP status, None) or (None, the error) of one signed POST."""
+    settings = deps.settings
     try:
         # resolved once and checked (unless allowed); the POST goes to that checked address, not to a new lookup
         target = resolve_checked(url, settings.allow_private_webhooks)
-        body = webhook_payload(record, deps)
         headers = signed_headers(settings.webhook_secret.get_secret_value(), body)
         with httpx.Client(timeout=10.0, follow_redirects=False) as client:
             response = send_pinned(client, client.build_request("POST", url, content=body, headers=headers), target)
-        status = response.status_code
-        delivered = 200 <= status < 300
+        return response.status_code, None
     except (ForbiddenAddress, OSError, httpx.HTTPError) as exc:
-        delivered, error = False, f"{type(exc).__name__}: {exc}"[:200]
+        return None, f"{type(exc).__name__}: {exc}"[:200]
+
+
+def deliver_webhook_event(deps: Deps, job_id: str, event: str) -> str:
+    """POST a `started` or `progress` event with the job as it is now; skipped once the job has ended (its
+    `completed` event tells the rest). Returns 'delivered' or 'skipped', or raises RetryLater."""
+    record = deps.store.get(job_id)
+    if record is None or record.webhook is None or event not in record.webhook.events or record.terminal:
+        return "skipped"
+    status, error = _post(deps, record.webhook.url, webhook_payload(record, deps, event))
+    delivered = status is not None and 200 <= status < 300
+    metrics.WEBHOOKS.labels(event, "delivered" if delivered else "retry").inc()
+    if not delivered:
+        raise RetryLater(error or f"HTTP {status}")
+    return "delivered"
+
+
+def deliver_webhook(deps: Deps, job_id: str, final_attempt: bool) -> str:
+    """POST the signed terminal event once; returns 'delivered', 'failed' or raises RetryLater."""
+    store = deps.store
+    record = store.get(job_id)
+    if record is None or record.webhook is None or not record.terminal or record.webhook.state != "pending":
+        return "skipped"  # gone, not ended, delivered or failed already, or `completed` not asked for
+    status, error = _post(deps, record.webhook.url, webhook_payload(record, deps))
+    delivered = status is not None and 200 <= status < 300
     state = "delivered" if delivered else ("failed" if final_attempt else "pending")
 
     def change(r: JobRecord) -> JobRecord | None:
@@ -152,7 +179,7 @@ def deliver_webhook(deps: Deps, job_id: str, final_attempt: bool) -> str:
         return r.model_copy(update={"webhook": hook})
 
     store.update(job_id, change)
-    metrics.WEBHOOKS.labels("delivered" if delivered else "failed" if final_attempt else "retry").inc()
+    metrics.WEBHOOKS.labels("completed", "delivered" if delivered else "failed" if final_attempt else "retry").inc()
     if not delivered and not final_attempt:
         raise RetryLater(error or f"HTTP {status}")
     return state

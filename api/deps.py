@@ -1,0 +1,69 @@
+"""The routes' dependencies, as `Annotated` types: the process's services and event streams, the caller (after
+authentication and its rate limit) and a job the caller owns. Sync dependencies run in the threadpool, so
+their Redis calls never block the event loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from jobs.record import JobRecord
+
+from . import metrics
+from .auth import authenticate
+from .errors import ApiError
+from .events import EventStreams
+from .services import Services
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def get_streams(request: Request) -> EventStreams:
+    streams: EventStreams = request.app.state.streams
+    return streams
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+StreamsDep = Annotated[EventStreams, Depends(get_streams)]
+
+
+@dataclass(frozen=True)
+class Caller:
+    id: str  # the API key's id: the owner of the jobs it creates
+    max_active_jobs: int  # queued + running jobs it may hold
+
+
+def authorize(request: Request, services: ServicesDep) -> Caller:
+    """The authenticated caller, after its per-minute rate limit: reads and writes are counted apart, so
+    polling a job never uses up the creates."""
+    settings = services.settings
+    key = authenticate(request, settings, services.store)
+    if request.method in ("GET", "HEAD"):
+        kind, bucket = "read", f"{key.id}:read"
+        limit = key.read_rate_limit_per_minute or settings.read_rate_limit_per_minute
+    else:
+        kind, bucket = "write", key.id
+        limit = key.rate_limit_per_minute or settings.rate_limit_per_minute
+    wait = services.store.hit_rate_limit(bucket, limit)
+    if wait is not None:
+        metrics.REJECTED.labels("rate_limited").inc()
+        raise ApiError("rate_limited", f"over {limit} {kind} requests a minute", headers={"Retry-After": str(wait)})
+    return Caller(key.id, key.max_active_jobs or settings.max_active_jobs)
+
+
+CallerDep = Annotated[Caller, Depends(authorize)]
+
+
+def owned_job(job_id: str, caller: CallerDep, services: ServicesDep) -> JobRecord:
+    record = services.store.get(job_id)
+    if record is None or record.owner != caller.id:  # another key's job does not exist for you
+        raise ApiError("not_found", f"no job {job_id}")
+    return record
+
+
+OwnedJobDep = Annotated[JobRecord, Depends(owned_job)]

@@ -1,0 +1,147 @@
+"""`/v1/jobs`: create, list, read, cancel, follow (Server-Sent Events) and download restoration jobs."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from jobs.record import JobRecord
+from jobs.storage import LocalStore
+
+from .. import events
+from ..creation import create, idempotency_key_of, read_job_request
+from ..deps import CallerDep, OwnedJobDep, ServicesDep, StreamsDep
+from ..errors import ApiError
+from ..models import CREATE_JOB_DOCS, Job, JobList
+from ..openapi import errors
+from ..services import RESULT_URL_TTL_S
+
+log = logging.getLogger("api.jobs")
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+PREFER_WAIT = re.compile(r"(?:^|[,;])\s*wait\s*=\s*(\d{1,6})\s*(?=$|[,;])", re.IGNORECASE)
+
+
+def preferred_wait(request: Request, limit_s: float) -> float:
+    """Seconds asked for with `Prefer: wait=N` (RFC 7240), capped; 0 when absent or unreadable (a preference
+    the server cannot honour is ignored, never an error)."""
+    match = PREFER_WAIT.search(request.headers.get("prefer", ""))
+    return min(float(match.group(1)), limit_s) if match else 0.0
+
+
+@router.post(
+    "",
+    status_code=202,
+    operation_id="createJob",
+    response_model=Job,
+    responses={
+        200: {"model": Job, "description": "the job ended within `Prefer: wait`, or an Idempotency-Key replay"},
+        **errors(400, 401, 403, 408, 409, 413, 415, 422, 429, 503),
+    },
+    openapi_extra=CREATE_JOB_DOCS,
+)
+async def create_job(request: Request, caller: CallerDep, services: ServicesDep, streams: StreamsDep) -> JSONResponse:
+    """Queue a restoration: multipart (`image`, `params` JSON, `preset`, `webhook_url`, `webhook_events`) or JSON
+    with `image_url`."""
+    idempotency_key = idempotency_key_of(request)
+    job = await read_job_request(request, services.settings)
+    record, replayed = await create(services, caller.id, caller.max_active_jobs, job, idempotency_key)
+    headers = {"Location": f"/v1/jobs/{record.id}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    wait_s = preferred_wait(request, services.settings.max_prefer_wait_s)
+    if wait_s > 0 and not record.terminal:
+        ended = await streams.wait_for_end(record.id, caller.id, wait_s)
+        if ended is not None:
+            record = ended
+            headers["Preference-Applied"] = f"wait={int(wait_s)}"
+    view = await run_in_threadpool(services.view, record)
+    return JSONResponse(view, status_code=200 if replayed or record.terminal else 202, headers=headers)
+
+
+@router.get("", operation_id="listJobs", response_model=JobList, responses=errors(400, 401, 429, 503))
+def list_jobs(
+    caller: CallerDep,
+    services: ServicesDep,
+    status: str | None = Query(None, pattern="^(queued|running|succeeded|failed|canceled)$"),
+    limit: int = Query(20, ge=1, le=100),
+    cursor: int = Query(0, ge=0, le=10**9),  # Redis ranges are 64-bit; a huge cursor would be a 500
+) -> dict[str, Any]:
+    page, next_cursor = services.store.list_jobs(caller.id, status, cursor, limit)
+    return {"jobs": [services.view(r) for r in page], "next_cursor": next_cursor}
+
+
+@router.get("/{job_id}", operation_id="getJob", response_model=Job, responses=errors(401, 404, 429, 503))
+def get_job(job: OwnedJobDep, services: ServicesDep) -> dict[str, Any]:
+    return services.view(job)
+
+
+@router.post(
+    "/{job_id}/cancel", operation_id="cancelJob", response_model=Job, responses=errors(401, 404, 409, 429, 503)
+)
+def cancel_job(job: OwnedJobDep, services: ServicesDep) -> dict[str, Any]:
+    """Queued jobs end at once; running ones stop before their next sampler step."""
+    if job.terminal:
+        raise ApiError("job_not_cancelable", f"job {job.id} has already {job.status}")
+    store = services.store
+    store.request_cancel(job.id)
+    if job.status == "queued":
+
+        def end_if_queued(r: JobRecord) -> JobRecord | None:
+            if r.status != "queued":
+                return None  # a worker took it meanwhile: it stops at its next step
+            return r.model_copy(update={"status": "canceled", "finished_at": time.time()})
+
+        ended = store.update(job.id, end_if_queued)
+        if ended is not None and ended.webhook is not None and ended.webhook.state == "pending":
+            # now, not when a GPU worker reaches the job's queued task (its safety net, if this send is lost)
+            try:
+                services.notify(job.id)
+            except Exception:
+                log.warning("job %s: its webhook could not be queued; the worker sends it later", job.id)
+    return services.view(store.get(job.id) or job)
+
+
+@router.get(
+    "/{job_id}/events",
+    operation_id="streamJobEvents",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "Server-Sent Events: `event: job`, `id: <version>`, `data: <Job as JSON>`",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **errors(401, 404, 429, 503),
+    },
+)
+async def job_events(job: OwnedJobDep, request: Request, services: ServicesDep, streams: StreamsDep) -> Response:
+    """Server-Sent Events: the job after every change, until it ends; `id:` is the job's version, and
+    `Last-Event-ID` resumes after it. See api.events."""
+    last_seen = events.parse_last_event_id(request.headers.get("last-event-id"))
+    return streams.response(job.id, job.owner, last_seen, services.view)
+
+
+@router.get(
+    "/{job_id}/result",
+    operation_id="getJobResult",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "the restored PNG",
+            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        307: {"description": "a redirect to a presigned URL of the PNG (S3 storage)"},
+        **errors(401, 404, 409, 429, 503),
+    },
+)
+def job_result(job: OwnedJobDep, services: ServicesDep) -> Response:
+    if job.status != "succeeded" or job.result is None:
+        raise ApiError("result_not_ready", f"job {job.id} is {job.status}; a result exists only when it has succeeded")
+    if isinstance(services.objects, LocalStore):
+        return Response(services.objects.get(job.result.key), media_type=job.result.content_type)
+    return RedirectResponse(services.objects.url(job.result.key, RESULT_URL_TTL_S), status_code=307)

@@ -1,0 +1,35 @@
+"""The web page (one static file, no build step, nothing fetched from elsewhere) and the signed links to files
+in local-disk storage. Not part of the documented API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import RedirectResponse, Response
+
+from jobs.storage import LocalStore
+
+from ..deps import ServicesDep
+from ..errors import ApiError
+
+router = APIRouter(include_in_schema=False)
+UI_PAGE = Path(__file__).parent.parent / "ui" / "index.html"
+
+
+@router.get("/")
+def root() -> RedirectResponse:
+    return RedirectResponse("/ui", status_code=307)
+
+
+@router.get("/ui")
+def ui() -> Response:
+    return Response(UI_PAGE.read_bytes(), media_type="text/html; charset=utf-8")
+
+
+@router.get("/v1/files/{key:path}")
+def signed_file(key: str, expires: int, signature: str, services: ServicesDep) -> Response:
+    objects = services.objects
+    if not isinstance(objects, LocalStore) or not objects.verify(key, expires, signature):
+        raise ApiError("not_found", "no such file, or the link has expired")
+    return Response(objects.get(key), media_type="image/png")

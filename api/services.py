@@ -1,0 +1,85 @@
+"""What the routes work with, built once per API process: the settings, the Redis job store, the object store,
+and the two ways out to the workers (the GPU queue and the light webhooks queue). Tests build the app against
+real servers through these seams, never by patching library internals."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from jobs.queue import RESTORE_TASK, WEBHOOK_TASK, make_celery, webhook_queue
+from jobs.record import TERMINAL, JobRecord
+from jobs.settings import Settings
+from jobs.storage import ObjectStore, make_store
+from jobs.store import JobStore
+
+RESULT_URL_TTL_S = 3600
+
+
+class Services:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        objects: ObjectStore,
+        enqueue: Callable[[str], None],
+        notify: Callable[[str], None] = lambda job_id: None,
+    ):
+        self.settings, self.store, self.objects, self.enqueue = settings, store, objects, enqueue
+        self.notify = notify  # sends a job's webhook (to the light worker), for jobs the API itself ends
+        # image_url downloads and full decodes run in the threadpool; these bound how many threads they take,
+        # so slow URLs or big images cannot starve the other routes of threads
+        self.fetches = asyncio.Semaphore(settings.max_concurrent_fetches)
+        self.decodes = asyncio.Semaphore(settings.max_concurrent_decodes)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Services:
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=30)
+        store = JobStore(client, settings.key_prefix, retention_s=settings.retention_hours * 3600)
+        celery = make_celery(settings)
+
+        def enqueue(job_id: str) -> None:
+            celery.send_task(RESTORE_TASK, args=[job_id], queue=settings.queue)
+
+        def notify(job_id: str) -> None:
+            celery.send_task(WEBHOOK_TASK, args=[job_id], queue=webhook_queue(settings))
+
+        return cls(settings, store, make_store(settings), enqueue, notify)
+
+    def view(self, record: JobRecord) -> dict[str, Any]:
+        """What a client sees of a job (never its owner, worker or storage keys); blocking (Redis, signing)."""
+        active = record.status not in TERMINAL
+        view: dict[str, Any] = {
+            "id": record.id,
+            "status": record.status,
+            "created_at": record.created_at,
+            "started_at": record.started_at,
+            "finished_at": record.finished_at,
+            "progress": record.progress.model_dump(),
+            "queue_position": self.store.queue_position(record.id) if record.status == "queued" else None,
+            "seconds": record.seconds,
+            "params": record.params,
+            "preset": record.preset,
+            "input": {
+                "width": record.input_width,
+                "height": record.input_height,
+                "content_type": record.input_content_type,
+            },
+            "caption": record.caption,
+            "positive_prompt": record.positive_prompt,
+            "negative_prompt": record.negative_prompt,
+            "attempts": record.attempts,
+            "error": record.error.model_dump() if record.error else None,
+            "result": None,
+            "webhook": record.webhook.model_dump() if record.webhook else None,
+            # the cancel was taken: a running job stops at its next step (one EXISTS, for active jobs only)
+            "cancel_requested": record.status == "canceled" or (active and self.store.cancel_requested(record.id)),
+        }
+        if record.status == "succeeded" and record.result is not None:
+            result = record.result.model_dump(exclude={"key"})
+            result["url"] = self.objects.url(record.result.key, RESULT_URL_TTL_S)
+            view["result"] = result
+        return view
