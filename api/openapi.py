@@ -11,6 +11,9 @@ from fastapi.openapi.utils import get_openapi
 
 from .models import Error
 
+# createJob's `image` part: the media types the API reads (api.intake.sniff), declared in the multipart encoding
+# so that clients and generators (schemathesis) send images, not arbitrary bytes the API must refuse with 415
+IMAGE_MEDIA_TYPES = "image/png, image/jpeg, image/webp, image/tiff, image/bmp, image/gif"
 PUBLIC = ("/healthz", "/readyz", "/metrics")  # no key needed
 REASONS = {
     400: "a malformed request (codes: invalid_request, invalid_json, missing_image, invalid_url, …)",
@@ -60,5 +63,16 @@ def _tidy(schema: dict[str, Any]) -> None:
                 del responses["422"]
             if not path.startswith(PUBLIC):
                 operation["security"] = [{"bearer": []}]
+    _declare_image_part(schema)
     for unused in ("HTTPValidationError", "ValidationError"):
         components.get("schemas", {}).pop(unused, None)
+
+
+def _declare_image_part(schema: dict[str, Any]) -> None:
+    """The createJob body is documented in api.app (CREATE_DOCS, moving to api.models); amended here, so the
+    document states which media types the `image` part may have."""
+    create = schema.get("paths", {}).get("/v1/jobs", {}).get("post", {})
+    multipart = create.get("requestBody", {}).get("content", {}).get("multipart/form-data")
+    if multipart is not None:
+        # a new dict: the one FastAPI copied in may be api.app's module-level constant
+        multipart["encoding"] = {**multipart.get("encoding", {}), "image": {"contentType": IMAGE_MEDIA_TYPES}}
