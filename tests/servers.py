@@ -86,7 +86,22 @@ class Service:
         self.webhooks: subprocess.Popen[bytes] | None = None  # the light worker: webhooks, on a queue of their own
         self._logs: list[object] = []
 
-    def start(self) -> Service:
+    def start(self, with_workers: bool = True) -> Service:
+        """with_workers=False: the API alone; jobs stay queued, and readiness is /healthz (/readyz needs a worker)."""
+        if with_workers:
+            self.start_workers()
+        log = open(self.tmp / f"api-{self.port}.log", "wb")  # noqa: SIM115 - lives as long as the server
+        self._logs.append(log)
+        self.api = subprocess.Popen(
+            [sys.executable, "-m", "api.server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", str(self.api_workers)],
+            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        path = "/readyz" if with_workers else "/healthz"
+        wait_until(lambda: self._answers(path), 90, 0.25, f"{path} to answer 200")
+        return self
+
+    def start_workers(self) -> None:
         self.start_worker()
         log = open(self.tmp / "webhooks.log", "wb")  # noqa: SIM115
         self._logs.append(log)
@@ -96,15 +111,6 @@ class Service:
              "-n", f"{self.prefix}-webhooks@%h"],
             cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        log = open(self.tmp / f"api-{self.port}.log", "wb")  # noqa: SIM115 - lives as long as the server
-        self._logs.append(log)
-        self.api = subprocess.Popen(
-            [sys.executable, "-m", "api.server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", str(self.api_workers)],
-            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        wait_until(self._ready, 90, 0.25, "the API and a ready worker")
-        return self
 
     def start_worker(self, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
@@ -125,9 +131,9 @@ class Service:
             os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(10)
 
-    def _ready(self) -> bool:
+    def _answers(self, path: str) -> bool:
         try:
-            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+            return httpx.get(f"{self.url}{path}", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -162,11 +168,12 @@ def running(
     keys: dict[str, dict],
     api_workers: int = 1,
     extra_env: dict[str, str] | None = None,
+    with_workers: bool = True,
     **settings: object,
 ) -> Iterator[Service]:
     service = Service(tmp, fixture, keys, api_workers, extra_env, **settings)
     try:
-        yield service.start()
+        yield service.start(with_workers)
     finally:
         service.stop()
 
