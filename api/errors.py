@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from supir_core.errors import InvalidInput, StorageError, SupirError
 
@@ -104,9 +105,25 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
         message = "no such route" if exc.status_code == 404 else str(exc.detail)
-        headers = dict(exc.headers) if exc.headers else None  # a 405 carries Allow (RFC 9110)
+        headers = dict(exc.headers) if exc.headers else None
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
         return error_response(code, message, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         return error_response("internal_error", "internal error; the request id is in the logs")
+
+
+def _allowed_methods(request: Request) -> str:
+    """A 405's Allow header (RFC 9110): every method some route on the path takes. Starlette's own names only
+    the first route that matched the path (`/v1/jobs` has a GET and a POST route); each method is asked of the
+    router's public `matches`, so included routers count too."""
+    allowed = [
+        method
+        for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL for route in request.app.router.routes
+        )
+    ]
+    return ", ".join(allowed)

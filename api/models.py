@@ -97,8 +97,12 @@ class Error(BaseModel):
 
 PRESET_SCHEMA = {"type": "string", "enum": ["quality", "fidelity", "lightning"], "description": "named settings"}
 PARAMS_REF = {"$ref": "#/components/schemas/RestoreParams"}
+# what api.creation accepts as a URL (other strings get 400 invalid_url / invalid_webhook_url)
+HTTP_URL = {"type": "string", "format": "uri", "pattern": "^https?://[^/?#]"}
+# the `image` part's media types: what api.intake reads, so clients and generators send images, not any bytes
+IMAGE_MEDIA_TYPES = "image/png, image/jpeg, image/webp, image/tiff, image/bmp, image/gif"
 WEBHOOK_FIELDS: dict[str, Any] = {
-    "webhook_url": {"type": "string", "description": "POSTed the job (signed) on the events asked for"},
+    "webhook_url": {**HTTP_URL, "description": "POSTed the job (signed) on the events asked for"},
     "webhook_events": {
         "type": "array",
         "items": {"type": "string", "enum": ["started", "progress", "completed"]},
@@ -107,6 +111,8 @@ WEBHOOK_FIELDS: dict[str, Any] = {
         "description": "which events to POST (default: completed); progress is sent at most every few seconds",
     },
 }
+# webhook_events without a (non-null) webhook_url is refused: 400 invalid_request
+NEEDS_WEBHOOK_URL = {"webhook_events": {"required": ["webhook_url"], "properties": {"webhook_url": {"type": "string"}}}}
 CREATE_JOB_DOCS: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -116,6 +122,8 @@ CREATE_JOB_DOCS: dict[str, Any] = {
                     "title": "JobUpload",
                     "type": "object",
                     "required": ["image"],
+                    "additionalProperties": False,  # other fields: 400 invalid_request
+                    "dependentSchemas": NEEDS_WEBHOOK_URL,
                     "properties": {
                         "image": {
                             "type": "string",
@@ -128,6 +136,7 @@ CREATE_JOB_DOCS: dict[str, Any] = {
                     },
                 },
                 "encoding": {
+                    "image": {"contentType": IMAGE_MEDIA_TYPES},
                     "params": {"contentType": "application/json"},
                     "webhook_events": {"contentType": "application/json"},
                 },
@@ -137,11 +146,15 @@ CREATE_JOB_DOCS: dict[str, Any] = {
                     "title": "JobFromUrl",
                     "type": "object",
                     "required": ["image_url"],
+                    "additionalProperties": False,
+                    "dependentSchemas": NEEDS_WEBHOOK_URL,
                     "properties": {
-                        "image_url": {"type": "string", "description": "an http(s) URL of the photo"},
+                        "image_url": {**HTTP_URL, "description": "an http(s) URL of the photo"},
                         "params": PARAMS_REF,
                         "preset": PRESET_SCHEMA,
                         **WEBHOOK_FIELDS,
+                        # JSON null is taken as no webhook
+                        "webhook_url": {**WEBHOOK_FIELDS["webhook_url"], "type": ["string", "null"]},
                     },
                 }
             },

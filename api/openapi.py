@@ -11,11 +11,6 @@ from fastapi.openapi.utils import get_openapi
 
 from .models import Error
 
-# createJob's `image` part: the media types the API reads (api.intake.sniff), declared in the multipart encoding
-# so that clients and generators (schemathesis) send images, not arbitrary bytes the API must refuse with 415
-IMAGE_MEDIA_TYPES = "image/png, image/jpeg, image/webp, image/tiff, image/bmp, image/gif"
-# createJob's image_url and webhook_url: what api.app._http_url accepts (other strings get 400 invalid_url)
-HTTP_URL = {"format": "uri", "pattern": "^https?://[^/?#]"}
 PUBLIC = ("/healthz", "/readyz", "/metrics")  # no key needed
 REASONS = {
     400: "a malformed request (codes: invalid_request, invalid_json, missing_image, invalid_url, …)",
@@ -65,32 +60,5 @@ def _tidy(schema: dict[str, Any]) -> None:
                 del responses["422"]
             if not path.startswith(PUBLIC):
                 operation["security"] = [{"bearer": []}]
-    _declare_create_body(schema)
     for unused in ("HTTPValidationError", "ValidationError"):
         components.get("schemas", {}).pop(unused, None)
-
-
-def _declare_create_body(schema: dict[str, Any]) -> None:
-    """The createJob body is documented in api.app (CREATE_DOCS, moving to api.models); amended here, so the
-    document states which media types the `image` part may have, which strings the URL fields accept, and that
-    other fields are refused (400 invalid_request: api.app.ALLOWED_FIELDS).
-    New dicts throughout: the ones FastAPI copied in may be api.app's module-level constants."""
-    create = schema.get("paths", {}).get("/v1/jobs", {}).get("post", {})
-    content = create.get("requestBody", {}).get("content", {})
-    multipart = content.get("multipart/form-data")
-    if multipart is not None:
-        multipart["encoding"] = {**multipart.get("encoding", {}), "image": {"contentType": IMAGE_MEDIA_TYPES}}
-    for body in content.values():
-        body["schema"] = {**body.get("schema", {}), "additionalProperties": False}
-        properties = body["schema"].get("properties", {})
-        for name in ("image_url", "webhook_url"):
-            if name in properties:
-                properties[name] = {**properties[name], **HTTP_URL}
-    json_properties = content.get("application/json", {}).get("schema", {}).get("properties", {})
-    if "webhook_url" in json_properties:  # JSON null is taken as no webhook
-        json_properties["webhook_url"] = {**json_properties["webhook_url"], "type": ["string", "null"]}
-    # RestoreParams' validator wants tile sizes in multiples of 8 (stride ≤ size has no JSON Schema spelling)
-    restore = schema.get("components", {}).get("schemas", {}).get("RestoreParams", {}).get("properties", {})
-    for name in ("tile_size", "tile_stride"):
-        if name in restore:
-            restore[name] = {**restore[name], "multipleOf": 8}

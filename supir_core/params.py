@@ -5,7 +5,8 @@ Torch-free, so the API process can validate a request before it queues it.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -95,8 +96,10 @@ class RestoreParams(BaseModel):
         description="auto: sample and run the VAE untiled when the planned memory fits the device, tiled otherwise; "
         "always: tile whatever is larger than a tile; never: untiled",
     )
-    tile_size: int = Field(128, ge=32, le=256, description="latent pixels per sampler tile (×8 image pixels)")
-    tile_stride: int = Field(64, ge=16, le=256)
+    tile_size: int = Field(
+        128, ge=32, le=256, multiple_of=8, description="latent pixels per sampler tile (×8 image pixels)"
+    )
+    tile_stride: int = Field(64, ge=16, le=256, multiple_of=8, description="at most tile_size")
     tiles_per_batch: int = Field(0, ge=0, le=64, description="tiles per UNet call; 0 = all, halved on GPU OOM")
     centered_tile_weights: bool = False
     vae_tile_size: int = Field(1024, ge=256, le=4096, description="image pixels per VAE tile")
@@ -105,8 +108,6 @@ class RestoreParams(BaseModel):
     def _consistent(self) -> RestoreParams:
         if self.tile_stride > self.tile_size:
             raise ValueError(f"tile_stride={self.tile_stride} must not exceed tile_size={self.tile_size}")
-        if self.tile_size % 8 or self.tile_stride % 8:
-            raise ValueError(f"tile_size={self.tile_size} and tile_stride={self.tile_stride} must be multiples of 8")
         return self
 
 
@@ -126,6 +127,40 @@ def _describe(error: Any, fields: dict[str, Any]) -> str:
     return f"{name}={value!r}: {detail}" if error["loc"] else detail
 
 
+def _json_types(annotation: Any) -> set[type]:
+    """The JSON kinds a field takes: bool, str (strings and Literal choices), int/float (numbers), NoneType."""
+    if get_origin(annotation) is Literal:
+        return {type(choice) for choice in get_args(annotation)}
+    if get_origin(annotation) in (Union, UnionType):
+        return set().union(*(_json_types(arg) for arg in get_args(annotation)))
+    return {annotation}
+
+
+def _check_json_type(name: str, value: Any) -> None:
+    """Refuse what pydantic's lax mode would coerce but JSON Schema calls another type: `true` as a seed, "5" as a
+    step count, a number as a switch, `null` for a field that has no such value. (Strict mode would go too far:
+    JSON Schema counts 347.0 as an integer.)"""
+    field = RestoreParams.model_fields.get(name)
+    if field is None:
+        return  # pydantic names it an unknown parameter
+    allowed = _json_types(field.annotation)
+    if isinstance(value, bool):
+        ok = bool in allowed
+    elif isinstance(value, int | float):
+        ok = bool(allowed & {int, float})
+    elif value is None:
+        ok = type(None) in allowed
+    else:
+        ok = type(value) in allowed
+    if not ok:
+        kinds = sorted({_JSON_NAMES.get(t, t.__name__) for t in allowed})
+        message = f"{name}={value!r}: must be {' or '.join(kinds)}"
+        raise InvalidInput(message, code="invalid_parameter", field=name)
+
+
+_JSON_NAMES = {bool: "true or false", str: "a string", int: "a number", float: "a number", type(None): "null"}
+
+
 def validate_params(raw: dict[str, Any] | None = None, preset: str | None = None) -> RestoreParams:
     """Build RestoreParams from user values over a named preset; every error names the parameter and range."""
     values: dict[str, Any] = {}
@@ -134,9 +169,11 @@ def validate_params(raw: dict[str, Any] | None = None, preset: str | None = None
             message = f"preset={preset!r} is unknown: choose one of {', '.join(PRESETS)}"
             raise InvalidInput(message, code="invalid_parameter", field="preset")
         values.update(PRESETS[preset])
-    values.update({k: v for k, v in (raw or {}).items() if v is not None or k == "seed"})
+    values.update(raw or {})
+    for name, value in (raw or {}).items():
+        _check_json_type(name, value)
     try:
-        return RestoreParams(**values)
+        return RestoreParams.model_validate(values)
     except ValidationError as exc:
         fields = RestoreParams.model_fields
         errors = exc.errors()

@@ -50,7 +50,12 @@ def test_the_defaults_take_the_official_untiled_path() -> None:
         ({"seed": -1}, "seed=-1 is out of range: allowed 0 to 2147483647"),
         ({"color_fix": "sepia"}, "color_fix='sepia'"),
         ({"tile_stride": 200}, "tile_stride=200 must not exceed tile_size=128"),
-        ({"tile_size": 100}, "must be multiples of 8"),
+        ({"tile_size": 100}, "tile_size=100: Input should be a multiple of 8"),
+        ({"seed": False}, "seed=False: must be a number or null"),  # JSON's types, no coercion
+        ({"steps": None}, "steps=None: must be a number"),  # null only where a field allows it
+        ({"steps": "5"}, "steps='5': must be a number"),
+        ({"linear_cfg": 1}, "linear_cfg=1: must be true or false"),
+        ({"steps": 7.5}, "steps=7.5: Input should be a valid integer"),
         ({"cfg_scale": "high"}, "cfg_scale='high'"),
         ({"strength": 1}, "strength: unknown parameter"),
     ],
@@ -59,6 +64,10 @@ def test_bad_values_are_named(raw: dict, message: str) -> None:
     with pytest.raises(InvalidInput) as info:
         validate_params(raw)
     assert message in info.value.message
+
+
+def test_integral_numbers_are_integers_as_in_json_schema() -> None:
+    assert validate_params({"min_size": 347.0, "upscale": 2}).min_size == 347
 
 
 def test_unknown_preset() -> None:

@@ -240,6 +240,10 @@ def test_a_wrong_method_is_405_with_allow(service: Service) -> None:
     response = httpx.request("TRACE", f"{service.url}/healthz", timeout=30)
     assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
     assert "GET" in response.headers["allow"]
+    # /v1/jobs has two routes (list and create): the header names both, not only the first that matched
+    jobs = httpx.request("DELETE", f"{service.url}/v1/jobs", timeout=30)
+    assert jobs.status_code == 405
+    assert {m.strip() for m in jobs.headers["allow"].split(",")} == {"GET", "POST"}
 
 
 class EventReceiver(BaseHTTPRequestHandler):
