@@ -1,9 +1,13 @@
 """API metrics (Prometheus names, base units). With PROMETHEUS_MULTIPROC_DIR set, several uvicorn workers
-share one view; queue depth is read from Redis at scrape time, so every replica reports the same."""
+share one view through files in that folder (made here if missing: on Kubernetes it sits on an empty /tmp;
+api.server clears files of an earlier life at start). Queue depth is read from Redis at scrape time, so every
+replica reports the same."""
 
 from __future__ import annotations
 
 import os
+import time
+from collections import Counter as Tally
 from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -12,6 +16,11 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from jobs.store import JobStore
+
+MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if MULTIPROC_DIR:
+    # before the first metric below: prometheus_client opens its per-process file in this folder at once
+    os.makedirs(MULTIPROC_DIR, exist_ok=True)
 
 REQUESTS = Counter("supir_http_requests_total", "HTTP requests", ["route", "method", "status"])
 REQUEST_SECONDS = Histogram(
@@ -25,26 +34,49 @@ REJECTED = Counter("supir_requests_rejected_total", "requests refused, by error 
 
 
 class QueueCollector(Collector):
+    """What Redis says at scrape time: queue depth and ages, worker processes by state, and whether Redis answers.
+    Every API replica reports the same values, so dashboards and alerts take `max` over replicas, never `sum`."""
+
     def __init__(self, store: JobStore) -> None:
         self.store = store
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
             waiting, running = self.store.queued_count(), self.store.running_count()
-        except Exception:  # a scrape must not fail because Redis is down; /readyz reports that
+            oldest_queued, oldest_running = self.store.oldest_queued_at(), self.store.oldest_running_since()
+            beats = self.store.worker_beats()
+        except Exception:  # a scrape must not fail because Redis is down: say so instead
+            yield GaugeMetricFamily("supir_redis_up", "1 when the API reached Redis at this scrape", value=0)
             return
+        yield GaugeMetricFamily("supir_redis_up", "1 when the API reached Redis at this scrape", value=1)
         yield GaugeMetricFamily("supir_jobs_waiting", "jobs queued, not yet started", value=waiting)
         yield GaugeMetricFamily("supir_jobs_running", "jobs a worker is running", value=running)
-        beat = self.store.last_heartbeat()
-        if beat is not None:
+        now = time.time()
+        yield GaugeMetricFamily(
+            "supir_oldest_queued_job_age_seconds",
+            "how long the job first in line has waited (0: none waiting)",
+            value=now - oldest_queued if oldest_queued is not None else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "supir_oldest_running_job_age_seconds",
+            "how long the longest run has gone on (0: none running)",
+            value=now - oldest_running if oldest_running is not None else 0.0,
+        )
+        workers = GaugeMetricFamily("supir_workers", "live GPU worker processes by state", labels=["state"])
+        states = Tally(str(beat.get("state")) for beat in beats.values())
+        for state in sorted(set(states) | {"ready", "loading", "failed"}):
+            workers.add_metric([state], states.get(state, 0))
+        yield workers
+        ready = [beat["at"] for beat in beats.values() if beat.get("state") == "ready"]
+        if ready:
             yield GaugeMetricFamily(
-                "supir_worker_last_heartbeat_timestamp_seconds", "newest worker heartbeat", value=beat
+                "supir_worker_last_heartbeat_timestamp_seconds", "newest ready worker heartbeat", value=max(ready)
             )
 
 
 def render(store: JobStore) -> tuple[bytes, str]:
     registry = CollectorRegistry()
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if MULTIPROC_DIR:
         MultiProcessCollector(registry)
     else:
         for collector in (REQUESTS, REQUEST_SECONDS, JOBS_CREATED, REJECTED):

@@ -11,7 +11,7 @@ from fastapi.openapi.utils import get_openapi
 
 from .models import Error
 
-PUBLIC = ("/healthz", "/readyz", "/metrics")  # no key needed
+PUBLIC = ("/healthz", "/readyz", "/status", "/metrics")  # no key needed
 REASONS = {
     400: "a malformed request (codes: invalid_request, invalid_json, missing_image, invalid_url, …)",
     401: "no key, or an unknown one (unauthorized)",

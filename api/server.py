@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -70,6 +72,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().shutdown()
 
 
+def _fresh_metrics_dir(path: str | None) -> None:
+    """The multiprocess metrics folder, made if missing and emptied of an earlier life's files (a restarted
+    container keeps its emptyDir: its dead processes' counters would be counted again), before any worker
+    process starts writing there."""
+    if not path:
+        return
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.db"):
+        stale.unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m api.server", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -82,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     settings = get_settings()
+    _fresh_metrics_dir(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
     uvicorn.run(
         "api.main:app",
         host=args.host,

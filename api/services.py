@@ -29,6 +29,9 @@ class Services:
         notify: Callable[[str], None] = lambda job_id: None,
     ):
         self.settings, self.store, self.objects, self.enqueue = settings, store, objects, enqueue
+        # readiness pings on a client of their own with short timeouts: a probe must answer within its own
+        # timeout (1 s by default) even when Redis hangs
+        self.probe = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
         self.notify = notify  # sends a job's webhook (to the light worker), for jobs the API itself ends
         # image_url downloads and full decodes run in the threadpool; these bound how many threads they take,
         # so slow URLs or big images cannot starve the other routes of threads

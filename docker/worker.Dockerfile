@@ -22,8 +22,8 @@ RUN pip install ".[worker]"
 
 USER 10001
 VOLUME ["/models"]
-ENV SUPIR_READY_FILE=/tmp/supir-worker-ready SUPIR_WORKER_METRICS_PORT=9100
-EXPOSE 9100
+ENV SUPIR_WORKER_HEALTH_PORT=8081 SUPIR_WORKER_METRICS_PORT=9100
+EXPOSE 9100 8081
 HEALTHCHECK --interval=30s --timeout=3s --start-period=300s --retries=3 CMD ["python", "-m", "worker.health"]
 # one process per GPU: the pool process loads the weights after the fork
 CMD ["celery", "-A", "worker.tasks", "worker", "--pool", "prefork", "--concurrency", "1", "--queues", "supir", "--loglevel", "INFO", "--without-mingle", "--without-gossip"]

@@ -10,7 +10,7 @@ Keys (all under the settings' key_prefix, `p`):
     p:events:<id>          pub/sub channel: the record after each change, with its "version"
     p:version:<id>         the record's change counter: +1 in the same transaction as each publish
     p:idem:<owner>:<key>   idempotency key → {job id, request hash, state pending|created, claimed at}
-    p:workers              sorted set of ready worker processes by last heartbeat
+    p:workers              sorted set of worker processes by last heartbeat (their beats say in what state)
     p:worker:<host:pid>    a worker process's beat {state, job, at}; expires unless renewed
     p:lock:<name>          cluster-wide lock of periodic work (the reaper)
 """
@@ -28,6 +28,9 @@ import redis
 from .record import ACTIVE, JobError, JobProgress, JobRecord, Status
 
 WATCH_RETRIES = 20
+
+
+WORKERS_KEPT_S = 3600.0  # how long a silent worker stays in p:workers (its beat expires far sooner)
 
 
 class JobStore:
@@ -60,6 +63,18 @@ class JobStore:
 
     def running_count(self) -> int:
         return int(self.r.scard(f"{self.p}:running"))
+
+    def oldest_queued_at(self) -> float | None:
+        """Creation time of the job longest in the queue."""
+        first = self.r.zrange(f"{self.p}:queued", 0, 0, withscores=True)
+        return float(first[0][1]) if first else None
+
+    def oldest_running_since(self) -> float | None:
+        """Start time of the run that has gone on longest (one read per running job: as many as workers)."""
+        ids = [i.decode() for i in self.r.smembers(f"{self.p}:running")]
+        raws = self.r.mget([self._job(i) for i in ids]) if ids else []
+        starts = [JobRecord.model_validate_json(raw).started_at for raw in raws if raw is not None]
+        return min((s for s in starts if s is not None), default=None)
 
     def active_count(self, owner: str) -> int:
         return int(self.r.zcard(self._slots(owner)))
@@ -327,15 +342,25 @@ class JobStore:
         return f"{self.p}:worker:{worker}"
 
     def heartbeat(self, worker: str, state: str = "ready", job: str | None = None, ttl_s: float = 30.0) -> None:
-        beat = json.dumps({"state": state, "job": job, "at": time.time()})
+        now = time.time()
+        beat = json.dumps({"state": state, "job": job, "at": now})
         with self.r.pipeline() as pipe:
             pipe.set(self._beat(worker), beat, px=int(ttl_s * 1000))
-            if state == "ready":
-                pipe.zadd(f"{self.p}:workers", {worker: time.time()})
+            pipe.zadd(f"{self.p}:workers", {worker: now})
+            pipe.zremrangebyscore(f"{self.p}:workers", 0, now - WORKERS_KEPT_S)  # long gone: forgotten
             pipe.execute()
 
     def drop_heartbeat(self, worker: str) -> None:
-        self.r.delete(self._beat(worker))
+        with self.r.pipeline() as pipe:
+            pipe.delete(self._beat(worker))
+            pipe.zrem(f"{self.p}:workers", worker)
+            pipe.execute()
+
+    def worker_beats(self) -> dict[str, dict[str, Any]]:
+        """The live worker processes (beat not expired) and their beats: {state, job, at}."""
+        names = [n.decode() for n in self.r.zrangebyscore(f"{self.p}:workers", time.time() - WORKERS_KEPT_S, "+inf")]
+        raws = self.r.mget([self._beat(n) for n in names]) if names else []
+        return {name: json.loads(raw) for name, raw in zip(names, raws, strict=True) if raw is not None}
 
     def running_job_of(self, worker: str) -> str | None:
         """The job `worker` says it runs, or None when it runs none or is gone (no beat, or a dead local pid)."""
@@ -346,8 +371,9 @@ class JobStore:
         return str(job) if job else None
 
     def last_heartbeat(self) -> float | None:
-        newest = self.r.zrevrange(f"{self.p}:workers", 0, 0, withscores=True)
-        return float(newest[0][1]) if newest else None
+        """When a live, ready worker last beat (None: no ready worker)."""
+        ready = [beat["at"] for beat in self.worker_beats().values() if beat.get("state") == "ready"]
+        return max(ready) if ready else None
 
     def take_lock(self, name: str, ttl_s: float) -> bool:
         """One holder cluster-wide for ttl_s (periodic work several processes offer to do)."""

@@ -18,11 +18,32 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import yaml
 
 from api.auth import hash_key
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+def manifest_command(manifest: str, container: str, options: dict[str, str] | None = None) -> list[str]:
+    """A container's command from deploy/k8s, so tests start processes exactly as the cluster does: the program
+    from this venv, and only the given options' values replaced (each service's own queue, say)."""
+    for doc in yaml.safe_load_all((REPO / "deploy" / "k8s" / manifest).read_text()):
+        if doc and doc["kind"] == "Deployment":
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                if c["name"] == container:
+                    command = [*c["command"], *c.get("args", [])]
+                    command[0] = str(BIN / command[0])
+                    for option, value in (options or {}).items():
+                        command = replace_option(command, option, value)
+                    return command
+    raise LookupError(f"no container {container} in {manifest}")
+
+
+def replace_option(command: list[str], option: str, value: str) -> list[str]:
+    at = command.index(option)  # ValueError: the manifest lost an option the tests rely on
+    return [*command[: at + 1], value, *command[at + 2 :]]
 
 
 def free_port() -> int:
@@ -87,7 +108,8 @@ class Service:
         self._logs: list[object] = []
 
     def start(self, with_workers: bool = True) -> Service:
-        """with_workers=False: the API alone; jobs stay queued, and readiness is /healthz (/readyz needs a worker)."""
+        """Returns once the API is ready and, with workers, a GPU worker has loaded (with_workers=False: the API
+        alone; jobs stay queued)."""
         if with_workers:
             self.start_workers()
         log = open(self.tmp / f"api-{self.port}.log", "wb")  # noqa: SIM115 - lives as long as the server
@@ -97,28 +119,28 @@ class Service:
              "--workers", str(self.api_workers)],
             cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        path = "/readyz" if with_workers else "/healthz"
-        wait_until(lambda: self._answers(path), 90, 0.25, f"{path} to answer 200")
+        wait_until(lambda: self._answers("/readyz"), 90, 0.25, "/readyz to answer 200")
+        if with_workers:
+            wait_until(lambda: self.ready_workers() >= 1, 90, 0.25, "a ready GPU worker in /status")
         return self
 
     def start_workers(self) -> None:
         self.start_worker()
         log = open(self.tmp / "webhooks.log", "wb")  # noqa: SIM115
         self._logs.append(log)
+        command = manifest_command("webhooks.yaml", "webhooks", {"--queues": f"{self.prefix}-webhooks"})
+        command = replace_option(command, "--schedule", str(self.tmp / "beat-schedule"))
         self.webhooks = subprocess.Popen(
-            [str(BIN / "celery"), "-A", "worker.webhooks", "worker", "--pool", "threads", "--concurrency", "8",
-             "--queues", f"{self.prefix}-webhooks", "--loglevel", "INFO", "--without-mingle", "--without-gossip",
-             "-n", f"{self.prefix}-webhooks@%h"],
+            [*command, "-n", f"{self.prefix}-webhooks@%h"],
             cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 
     def start_worker(self, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
         self._logs.append(log)
+        command = manifest_command("worker.yaml", "worker", {"--queues": self.prefix})
         worker = subprocess.Popen(
-            [str(BIN / "celery"), "-A", "worker.tasks", "worker", "--pool", "prefork", "--concurrency", "1",
-             "--queues", self.prefix, "--loglevel", "INFO", "--without-mingle", "--without-gossip",
-             "-n", f"{self.prefix}-{len(self.workers)}@%h"],
+            [*command, "-n", f"{self.prefix}-{len(self.workers)}@%h"],
             cwd=REPO, env={**self.env, **(extra_env or {})}, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
@@ -130,6 +152,13 @@ class Service:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(10)
+
+    def ready_workers(self) -> int:
+        try:
+            workers = httpx.get(f"{self.url}/status", timeout=30).json()["workers"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            return 0
+        return int(workers["ready"]) if workers else 0
 
     def _answers(self, path: str) -> bool:
         try:

@@ -192,8 +192,11 @@ def test_the_kustomization_renders_and_its_references_resolve() -> None:
     config = next(d for d in RENDERED if d["kind"] == "ConfigMap")["data"]
     time_limit = int(config["SUPIR_JOB_TIME_LIMIT_S"])
     assert pod["terminationGracePeriodSeconds"] > time_limit  # the job in flight finishes
-    assert container["startupProbe"]["exec"]["command"] == ["python", "-m", "worker.health"]
-    assert config["SUPIR_READY_FILE"].startswith("/tmp/")  # the pod's own emptyDir
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    health_port = {e["name"]: e["value"] for e in container["env"]}["SUPIR_WORKER_HEALTH_PORT"]
+    assert ports["health"] == int(health_port)
+    for probe, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/livez")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "health"}
     example = yaml.safe_load((K8S / "secret.example.yaml").read_text())
     kubernetes_validate.validate(example, K8S_VERSION, strict=True)
 
@@ -230,8 +233,14 @@ def exported_metrics() -> set[str]:
         def running_count(self) -> int:
             return 0
 
-        def last_heartbeat(self) -> float:
+        def oldest_queued_at(self) -> float:
             return 0.0
+
+        def oldest_running_since(self) -> float:
+            return 0.0
+
+        def worker_beats(self) -> dict:
+            return {"w:1": {"state": "ready", "job": None, "at": 0.0}}
 
     found.update(f.name for f in api.metrics.QueueCollector(Store()).collect())  # type: ignore[arg-type]
     return found

@@ -42,11 +42,6 @@ max-examples = {MAX_EXAMPLES}
 database = "none"
 
 [[operations]]
-include-operation-id = "readyz"
-# its documented 503 is the truth here: the test runs no worker, and readiness means one is seen
-checks.not_a_server_error.enabled = false
-
-[[operations]]
 include-operation-id = "createJob"
 # the coverage phase's boundary values skip filter_body (tests/schemathesis_hooks.py), so it sends params with
 # tile_stride > tile_size, which RestoreParams refuses by a rule JSON Schema cannot state; fuzzing still checks it

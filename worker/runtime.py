@@ -34,6 +34,7 @@ class Runtime:
         self.name = f"{socket.gethostname()}:{os.getpid()}"  # one per worker process; jobs record it
         # sends a job's `started` / `progress` webhook event (worker.tasks queues it for the light worker)
         self.announce: Callable[[str, str], None] = lambda job_id, event: None
+        self.on_beat: Callable[[], None] = lambda: None  # worker.tasks: tells the main process (liveness)
         self.job: str | None = None  # the job this process runs, named in every beat
         self._stop = threading.Event()
         self._beat_now = threading.Event()
@@ -74,8 +75,10 @@ class Runtime:
         self.state = "ready"
         self._beat_now.set()
         if self.settings.ready_file is not None:
-            # its content is this process's pid: `python -m worker.health` checks that it still lives
-            self.settings.ready_file.write_text(str(os.getpid()))
+            # names this process by pid and start time: `python -m worker.health` checks that it still lives
+            from .health import ready_file_text
+
+            self.settings.ready_file.write_text(ready_file_text(os.getpid()))
         log.info("weights loaded in %.1f s on %s", seconds, self.pipeline.device)
 
     def _captioner(self, device: str) -> Any:
@@ -115,6 +118,7 @@ class Runtime:
     def _beat(self) -> None:
         every = self.settings.worker_lost_after_s / 4
         while not self._stop.is_set():
+            self.on_beat()  # before Redis: liveness is about this process, not about Redis
             try:
                 self.beat()
             except redis.RedisError:

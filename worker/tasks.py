@@ -14,10 +14,11 @@ import contextlib
 import logging
 import multiprocessing.sharedctypes
 import os
+import time
 
 import redis
 from celery import Task
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
 from jobs.queue import RESTORE_TASK, WEBHOOK_EVENT_TASK, WEBHOOK_TASK, make_celery, webhook_queue
 from jobs.reaper import Reaper
@@ -33,8 +34,9 @@ settings = get_settings()
 app = make_celery(settings)
 _runtime: Runtime | None = None
 _reaper: Reaper | None = None
-# the pid of the pool process whose weights are loaded (0: none); created before the fork, so shared with it
-READY_PID = multiprocessing.sharedctypes.RawValue("i", 0)
+# created before the fork, so shared with the pool process (and gone with the container, unlike a file):
+READY_PID = multiprocessing.sharedctypes.RawValue("i", 0)  # the pool process whose weights are loaded (0: none)
+LAST_BEAT = multiprocessing.sharedctypes.RawValue("d", 0.0)  # when a pool process's heartbeat thread last beat
 
 
 def runtime() -> Runtime:
@@ -42,8 +44,21 @@ def runtime() -> Runtime:
     if _runtime is None:
         _runtime = Runtime(settings)
         _runtime.announce = _send_webhook_event
+        _runtime.on_beat = _note_beat
         _runtime.load()
     return _runtime
+
+
+def _note_beat() -> None:
+    LAST_BEAT.value = time.time()
+
+
+@worker_init.connect
+def _forget_an_earlier_life(**_: object) -> None:
+    """In the main process, before any pool process starts: a ready file left by an earlier container (an
+    emptyDir outlives a container restart) must not vouch for this one."""
+    if settings.ready_file is not None:
+        settings.ready_file.unlink(missing_ok=True)
 
 
 @worker_process_init.connect
@@ -69,7 +84,11 @@ def _start_main_process_services(**_: object) -> None:
     """In the main process: the health server and the reaper (neither touches torch or the weights)."""
     global _reaper
     if settings.worker_health_port:
-        health.serve(settings.worker_health_port, lambda: pid_alive(READY_PID.value))
+        health.serve(
+            settings.worker_health_port,
+            ready=lambda: pid_alive(READY_PID.value),
+            live=lambda: health.beating(LAST_BEAT.value, settings.worker_lost_after_s),
+        )
     store = JobStore(
         redis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=30),
         settings.key_prefix,

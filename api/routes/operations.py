@@ -1,47 +1,75 @@
-"""Health, readiness and metrics: no key needed (see api.openapi.PUBLIC)."""
+"""Health, readiness, status and metrics: no key needed (see api.openapi.PUBLIC). Keep them off the public
+ingress; the probes and Prometheus reach the pods directly.
+
+Readiness is about this process only (can it serve? Redis answers, it is not shutting down), so a gap in GPU
+workers (weights loading, scale to zero, a rollout) never takes the API out of its Service: clients can still
+create and poll jobs. Worker and storage health are in `/status` and the metrics, for people and alerts."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import redis
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .. import metrics
-from ..deps import ServicesDep
+from ..deps import ServicesDep, StreamsDep
 
 router = APIRouter(tags=["operations"])
-HEARTBEAT_FRESH_S = 60
 
 
 @router.get("/healthz", operation_id="healthz")
 def healthz() -> dict[str, str]:
+    """Liveness: the process answers."""
     return {"status": "ok"}
 
 
 @router.get(
     "/readyz",
     operation_id="readyz",
-    responses={503: {"description": "Redis or storage unreachable, or no ready worker seen"}},
+    responses={503: {"description": "Redis does not answer, or the process is shutting down"}},
 )
-def readyz(services: ServicesDep) -> JSONResponse:
+def readyz(services: ServicesDep, streams: StreamsDep) -> JSONResponse:
+    """Readiness: Redis answers within a fraction of a second, and the server is not shutting down."""
     checks: dict[str, str] = {}
     try:
-        services.store.r.ping()
+        services.probe.ping()
         checks["redis"] = "ok"
-        beat = services.store.last_heartbeat()
-        fresh = beat is not None and time.time() - beat < HEARTBEAT_FRESH_S
-        checks["worker"] = "ok" if fresh else "no ready worker seen in the last minute"
     except redis.RedisError as exc:
         checks["redis"] = f"unreachable: {type(exc).__name__}"
-    try:
-        services.objects.ping()
-        checks["storage"] = "ok"
-    except Exception as exc:  # the type only: messages name buckets, paths and hosts
-        checks["storage"] = f"unreachable: {type(exc).__name__}"
+    checks["server"] = "shutting down" if streams.shutting_down.is_set() else "ok"
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+
+@router.get("/status", operation_id="status")
+def status(services: ServicesDep) -> dict[str, Any]:
+    """The service as a whole, for people and dashboards: Redis, storage, GPU workers by state, the queue.
+    Always 200: each part says how it is."""
+    report: dict[str, Any] = {"redis": "ok", "storage": "ok", "workers": None, "jobs": None}
+    try:
+        beats = services.store.worker_beats()
+        report["workers"] = {
+            "ready": sum(1 for b in beats.values() if b.get("state") == "ready"),
+            "loading": sum(1 for b in beats.values() if b.get("state") == "loading"),
+            "failed": sum(1 for b in beats.values() if b.get("state") == "failed"),
+            "busy": sum(1 for b in beats.values() if b.get("job")),
+        }
+        oldest = services.store.oldest_queued_at()
+        report["jobs"] = {
+            "waiting": services.store.queued_count(),
+            "running": services.store.running_count(),
+            "oldest_waiting_s": round(time.time() - oldest, 1) if oldest is not None else None,
+        }
+    except redis.RedisError as exc:
+        report["redis"] = f"unreachable: {type(exc).__name__}"
+    try:
+        services.objects.ping()
+    except Exception as exc:  # the type only: messages name buckets, paths and hosts
+        report["storage"] = f"unreachable: {type(exc).__name__}"
+    return report
 
 
 @router.get(

@@ -70,11 +70,14 @@ def worker_ready(service: Service, worker_pid: int) -> bool:
         return False
 
 
-def probe_passes(service: Service, worker_pid: int) -> bool:
-    """The exec probe of the manifests: `python -m worker.health` on that worker's ready file."""
+def probe_passes(service: Service, worker_pid: int, *args: str, via_file: bool = False) -> bool:
+    """Compose's health check, `python -m worker.health [--live]`: it asks the worker's health port, or, with no
+    port, reads the worker's ready file."""
     index = [w.pid for w in service.workers].index(worker_pid)
-    env = {**service.env, "SUPIR_READY_FILE": str(service.tmp / f"ready-{index}")}
-    return subprocess.run([sys.executable, "-m", "worker.health"], env=env, cwd=REPO, timeout=60).returncode == 0
+    port = "0" if via_file else str(service.health_ports[worker_pid])  # type: ignore[attr-defined]
+    env = {**service.env, "SUPIR_READY_FILE": str(service.tmp / f"ready-{index}"), "SUPIR_WORKER_HEALTH_PORT": port}
+    command = [sys.executable, "-m", "worker.health", *args]
+    return subprocess.run(command, env=env, cwd=REPO, timeout=60).returncode == 0
 
 
 def redis_client() -> redis.Redis:
@@ -141,17 +144,20 @@ def test_sigkill_of_the_pool_process_mid_job_runs_the_job_once_on_a_fresh_proces
         job_id, events = submit_running(client, svc, SLOW)
         child = holder_pid(svc, job_id)
         worker = parent_of(child)
-        assert worker_ready(svc, worker) and probe_passes(svc, worker)
+        assert worker_ready(svc, worker) and probe_passes(svc, worker) and probe_passes(svc, worker, via_file=True)
+        assert probe_passes(svc, worker, "--live")
         os.kill(child, signal.SIGKILL)
         # not ready from the moment the process dies until a replacement has loaded (seconds at least)
         wait_until(lambda: not worker_ready(svc, worker), 30, 0.05, "the worker to report not ready")
-        assert not probe_passes(svc, worker) or worker_ready(svc, worker)  # the file outlives its process
+        assert not probe_passes(svc, worker) or worker_ready(svc, worker)
+        assert not probe_passes(svc, worker, via_file=True) or worker_ready(svc, worker)  # it names the dead pid
+        assert probe_passes(svc, worker, "--live")  # reloading is progress: not a reason to restart the pod
         job = wait_for_status(client, job_id, {"succeeded", "failed"}, timeout=90)
         assert job["status"] == "succeeded" and job["attempts"] == 2, job
         assert events.terminal() == ["succeeded"]
         assert client.get(f"/v1/jobs/{job_id}/result").status_code == 200
         wait_until(lambda: worker_ready(svc, worker), 120, 0.25, "the replacement pool process")
-        assert probe_passes(svc, worker)
+        assert probe_passes(svc, worker) and probe_passes(svc, worker, via_file=True)
 
 
 def test_a_photo_that_kills_its_worker_every_time_fails_worker_lost_and_the_next_job_runs(svc: Service) -> None:
