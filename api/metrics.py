@@ -37,10 +37,12 @@ class QueueCollector(Collector):
     """What Redis says at scrape time: queue depth and ages, worker processes by state, and whether Redis answers.
     Every API replica reports the same values, so dashboards and alerts take `max` over replicas, never `sum`."""
 
-    def __init__(self, store: JobStore) -> None:
-        self.store = store
+    def __init__(self, store: JobStore, job_time_limit_s: float = 0.0) -> None:
+        self.store, self.job_time_limit_s = store, job_time_limit_s
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        # a setting, exported so that alerts compare job times with the limit in force, not a number retyped
+        yield GaugeMetricFamily("supir_job_time_limit_seconds", "SUPIR_JOB_TIME_LIMIT_S", value=self.job_time_limit_s)
         try:
             waiting, running = self.store.queued_count(), self.store.running_count()
             oldest_queued, oldest_running = self.store.oldest_queued_at(), self.store.oldest_running_since()
@@ -74,12 +76,12 @@ class QueueCollector(Collector):
             )
 
 
-def render(store: JobStore) -> tuple[bytes, str]:
+def render(store: JobStore, job_time_limit_s: float = 0.0) -> tuple[bytes, str]:
     registry = CollectorRegistry()
     if MULTIPROC_DIR:
         MultiProcessCollector(registry)
     else:
         for collector in (REQUESTS, REQUEST_SECONDS, JOBS_CREATED, REJECTED):
             registry.register(collector)
-    registry.register(QueueCollector(store))
+    registry.register(QueueCollector(store, job_time_limit_s))
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -79,5 +79,5 @@ def status(services: ServicesDep) -> dict[str, Any]:
     responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}},
 )
 def prometheus(services: ServicesDep) -> Response:
-    body, content_type = metrics.render(services.store)
+    body, content_type = metrics.render(services.store, services.settings.job_time_limit_s)
     return Response(body, media_type=content_type)
