@@ -29,7 +29,7 @@ SHUTTING_DOWN = threading.Event()
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
     settings = settings or get_settings()
     services = services or Services.from_settings(settings)
-    streams = events.EventStreams(settings.redis_url, services.store, SHUTTING_DOWN)
+    streams = events.EventStreams(settings, services.store, SHUTTING_DOWN)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

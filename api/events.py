@@ -23,6 +23,8 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from jobs.record import JobRecord
+from jobs.redis_conn import async_store_client
+from jobs.settings import Settings
 from jobs.store import JobStore
 
 from . import metrics
@@ -50,8 +52,8 @@ def frame(view: dict[str, Any], version: int | None) -> str:
 class EventStreams:
     """The async Redis client (made on first use, closed at shutdown) and the per-key count of open streams."""
 
-    def __init__(self, redis_url: str, store: JobStore, shutting_down: threading.Event) -> None:
-        self.redis_url, self.store, self.shutting_down = redis_url, store, shutting_down
+    def __init__(self, settings: Settings, store: JobStore, shutting_down: threading.Event) -> None:
+        self.settings, self.store, self.shutting_down = settings, store, shutting_down
         self._client: aioredis.Redis | None = None
         self.open: Counter[str] = Counter()  # the event loop is single-threaded: no lock needed
 
@@ -59,9 +61,7 @@ class EventStreams:
         if self._client is None:
             # each open stream holds one connection (its subscription): redis-py's default pool of 100 would
             # refuse the 101st stream; Redis itself allows 10,000 clients by default
-            self._client = aioredis.Redis.from_url(
-                self.redis_url, health_check_interval=30, max_connections=MAX_REDIS_CONNECTIONS
-            )
+            self._client = async_store_client(self.settings, max_connections=MAX_REDIS_CONNECTIONS)
         return self._client
 
     async def aclose(self) -> None:

@@ -8,10 +8,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-import redis
-
 from jobs.queue import RESTORE_TASK, WEBHOOK_TASK, make_celery, webhook_queue
 from jobs.record import TERMINAL, JobRecord
+from jobs.redis_conn import store_client
 from jobs.settings import Settings
 from jobs.storage import ObjectStore, make_store
 from jobs.store import JobStore
@@ -31,7 +30,7 @@ class Services:
         self.settings, self.store, self.objects, self.enqueue = settings, store, objects, enqueue
         # readiness pings on a client of their own with short timeouts: a probe must answer within its own
         # timeout (1 s by default) even when Redis hangs
-        self.probe = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self.probe = store_client(settings, socket_timeout=0.5, connect_timeout=0.5)
         self.notify = notify  # sends a job's webhook (to the light worker), for jobs the API itself ends
         # image_url downloads and full decodes run in the threadpool; these bound how many threads they take,
         # so slow URLs or big images cannot starve the other routes of threads
@@ -40,8 +39,7 @@ class Services:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=30)
-        store = JobStore(client, settings.key_prefix, retention_s=settings.retention_hours * 3600)
+        store = JobStore(store_client(settings), settings.key_prefix, retention_s=settings.retention_hours * 3600)
         celery = make_celery(settings)
 
         def enqueue(job_id: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from .redis_conn import broker_transport_options, broker_url
 from .settings import Settings
 
 RESTORE_TASK = "supir.restore"
@@ -19,7 +20,7 @@ def webhook_queue(settings: Settings) -> str:
 
 def make_celery(settings: Settings) -> Celery:
     light = webhook_queue(settings)
-    app = Celery("supir", broker=settings.redis_url, backend=None)
+    app = Celery("supir", broker=broker_url(settings), backend=None)
     app.conf.update(
         task_default_queue=settings.queue,
         task_acks_late=True,  # a job is acknowledged when it ends, so a dead worker's job is redelivered
@@ -30,6 +31,7 @@ def make_celery(settings: Settings) -> Celery:
         task_soft_time_limit=settings.job_time_limit_s,
         task_time_limit=settings.job_time_limit_s + 60,
         broker_transport_options={
+            **broker_transport_options(settings),  # timeouts; the Sentinel master's name
             "visibility_timeout": settings.visibility_timeout_s,  # longer than any job: no double delivery
             # look for a dead worker's unacknowledged job every few seconds (a ZRANGEBYSCORE on one key)
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),

@@ -27,8 +27,20 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SUPIR_", extra="ignore")
 
     environment: Literal["dev", "production"] = "dev"
-    # Redis: broker, job records, progress, rate limits. Everything we write is under key_prefix.
+    # Redis: job records, progress, rate limits (the store) and Celery's broker; everything we write is under
+    # key_prefix. Clients are built in one place, jobs.redis_conn.
     redis_url: str = "redis://127.0.0.1:6379/0"
+    broker_url: str | None = Field(None, description="Celery's broker, when not the store's Redis (SUPIR_REDIS_URL)")
+    redis_password: SecretStr | None = Field(None, description="for store, broker and probes (from a Secret)")
+    redis_sentinels: str = Field(
+        "",
+        description="'host:port,host:port' of Redis Sentinels: the master is found through them (both URLs' "
+        "hosts are then ignored, their database numbers kept)",
+    )
+    redis_sentinel_master: str = "mymaster"
+    redis_sentinel_password: SecretStr | None = None
+    redis_socket_timeout_s: float = Field(10.0, gt=0, description="a Redis command waits at most this")
+    redis_connect_timeout_s: float = Field(5.0, gt=0)
     key_prefix: str = "supir"
     queue: str = "supir"
     # storage of inputs and results

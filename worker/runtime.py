@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import redis
 
+from jobs.redis_conn import store_client
 from jobs.settings import Settings
 from jobs.storage import ObjectStore, make_store
 from jobs.store import JobStore
@@ -26,7 +27,7 @@ State = Literal["loading", "ready", "failed"]
 class Runtime:
     def __init__(self, settings: Settings, store: JobStore | None = None, objects: ObjectStore | None = None) -> None:
         self.settings = settings
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, health_check_interval=30)
+        client = store_client(settings, socket_timeout=30)
         self.store = store or JobStore(client, settings.key_prefix, retention_s=settings.retention_hours * 3600)
         self.objects = objects or make_store(settings)
         self.pipeline: Any = None

@@ -23,6 +23,7 @@ from celery.signals import worker_init, worker_process_init, worker_process_shut
 from jobs.queue import RESTORE_TASK, WEBHOOK_EVENT_TASK, WEBHOOK_TASK, make_celery, webhook_queue
 from jobs.reaper import Reaper
 from jobs.record import JobRecord
+from jobs.redis_conn import store_client
 from jobs.settings import get_settings
 from jobs.store import JobStore, pid_alive
 
@@ -90,7 +91,7 @@ def _start_main_process_services(**_: object) -> None:
             live=lambda: health.beating(LAST_BEAT.value, settings.worker_lost_after_s),
         )
     store = JobStore(
-        redis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=30),
+        store_client(settings),
         settings.key_prefix,
         retention_s=settings.retention_hours * 3600,
     )

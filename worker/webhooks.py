@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import httpx
-import redis
 from celery import Task
 from celery.signals import worker_ready
 
 from jobs.netguard import ForbiddenAddress, resolve_checked, send_pinned
 from jobs.queue import SWEEP_TASK, WEBHOOK_EVENT_TASK, WEBHOOK_TASK, make_celery
 from jobs.record import JobRecord
+from jobs.redis_conn import store_client
 from jobs.settings import Settings, get_settings
 from jobs.storage import ObjectStore, make_store
 from jobs.store import JobStore
@@ -68,8 +68,11 @@ def stores() -> Stores:
     global _stores
     with _lock:
         if _stores is None:
-            client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, health_check_interval=30)
-            store = JobStore(client, settings.key_prefix, retention_s=settings.retention_hours * 3600)
+            store = JobStore(
+                store_client(settings, socket_timeout=30),
+                settings.key_prefix,
+                retention_s=settings.retention_hours * 3600,
+            )
             _stores = Stores(settings, store, make_store(settings))
         return _stores
 
