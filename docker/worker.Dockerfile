@@ -1,24 +1,24 @@
-# The GPU worker image: CUDA runtime, a CUDA build of torch, supir_core and the Celery worker.
+# The GPU worker image: Python and torch at the versions the tests run (tests/test_deploy_policies.py keeps them
+# equal to constraints/cpu.txt and the test interpreter), a CUDA build of torch (its wheels carry the CUDA runtime;
+# the host's driver comes in through the NVIDIA container toolkit), supir_core and the Celery worker.
 # Weights are not inside: mount them read-only at /models and point SUPIR_SDXL_CHECKPOINT / SUPIR_CHECKPOINT there.
-FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+FROM python:3.11-slim-bookworm
 
-ARG TORCH_VERSION=2.7.1
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cu126
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH \
-    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=/tmp/hf
-RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
-    && rm -rf /var/lib/apt/lists/* \
-    && python3 -m venv $VIRTUAL_ENV \
-    && pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=/tmp/hf \
+    NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
+RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin supir
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY constraints ./constraints
 COPY supir_core ./supir_core
 COPY jobs ./jobs
 COPY api ./api
 COPY worker ./worker
-RUN pip install ".[worker]"
+RUN pip install -c constraints/cpu.txt ".[worker]"
 
 USER 10001
 VOLUME ["/models"]

@@ -11,6 +11,12 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRET = "dev-only-secret-change-me"
+MIN_SECRET_CHARS = 32
+
+
+def _placeholder(value: str) -> bool:
+    """The development default, or an example file's `change-me…` value."""
+    return value == PLACEHOLDER_SECRET or "change-me" in value.lower()
 
 
 class ApiKey(BaseModel):
@@ -48,6 +54,9 @@ class Settings(BaseSettings):
     local_dir: Path = Path("data")
     s3_bucket: str = "supir"
     s3_endpoint_url: str | None = None
+    s3_public_endpoint_url: str | None = Field(
+        None, description="the endpoint clients reach, for result URLs, when it differs (compose: MinIO on localhost)"
+    )
     s3_region: str = "us-east-1"
     s3_path_style: bool = False
     s3_access_key_id: str | None = None
@@ -145,8 +154,15 @@ class Settings(BaseSettings):
     def _safe_for_production(self) -> Settings:
         if self.environment == "production":
             for name in ("signing_secret", "webhook_secret"):
-                if getattr(self, name).get_secret_value() == PLACEHOLDER_SECRET:
-                    raise ValueError(f"SUPIR_{name.upper()} must be set to a real secret in production")
+                value = getattr(self, name).get_secret_value()
+                if _placeholder(value) or len(value) < MIN_SECRET_CHARS:
+                    message = f"SUPIR_{name.upper()} must be a real secret of at least {MIN_SECRET_CHARS} characters"
+                    raise ValueError(message + " in production (e.g. `openssl rand -base64 48`)")
+            for name in ("s3_access_key_id", "s3_secret_access_key", "redis_password", "redis_sentinel_password"):
+                value = getattr(self, name)
+                text = value.get_secret_value() if isinstance(value, SecretStr) else value
+                if text is not None and _placeholder(text):
+                    raise ValueError(f"SUPIR_{name.upper()} is the example's placeholder: set the real value")
             if self.dev_mode:
                 raise ValueError("SUPIR_DEV_MODE (no API keys) is not allowed in production")
         return self

@@ -114,8 +114,10 @@ class LocalStore:
 class S3Store:
     """A bucket of any S3 API (AWS, MinIO, moto), through boto3; URLs are presigned GETs."""
 
-    def __init__(self, client: Any, bucket: str) -> None:
+    def __init__(self, client: Any, bucket: str, signer: Any = None) -> None:
         self.client = client
+        # presigned URLs are for clients outside: signed for the public endpoint (the signature covers the host)
+        self.signer = signer or client
         self.bucket = bucket
 
     @classmethod
@@ -132,15 +134,20 @@ class S3Store:
             read_timeout=settings.s3_read_timeout_s,
         )
         secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
-        client = boto3.client(
-            "s3",
-            endpoint_url=settings.s3_endpoint_url,
-            region_name=settings.s3_region,
-            aws_access_key_id=settings.s3_access_key_id,
-            aws_secret_access_key=secret,
-            config=config,
-        )
-        return cls(client, settings.s3_bucket)
+
+        def client_for(endpoint: str | None) -> Any:
+            return boto3.client(
+                "s3",
+                endpoint_url=endpoint,
+                region_name=settings.s3_region,
+                aws_access_key_id=settings.s3_access_key_id,
+                aws_secret_access_key=secret,
+                config=config,
+            )
+
+        public = settings.s3_public_endpoint_url
+        signer = client_for(public) if public and public != settings.s3_endpoint_url else None
+        return cls(client_for(settings.s3_endpoint_url), settings.s3_bucket, signer)
 
     def _call(self, what: str, fn: Any, read_body: bool = False, **kwargs: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -168,7 +175,7 @@ class S3Store:
 
     def url(self, key: str, expires_s: int) -> str:
         params = {"Bucket": self.bucket, "Key": key}
-        return str(self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s))
+        return str(self.signer.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s))
 
     def delete_older_than(self, cutoff: float) -> int:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -197,8 +197,8 @@ def test_the_kustomization_renders_and_its_references_resolve() -> None:
     assert ports["health"] == int(health_port)
     for probe, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/livez")):
         assert container[probe]["httpGet"] == {"path": path, "port": "health"}
-    example = yaml.safe_load((K8S / "secret.example.yaml").read_text())
-    kubernetes_validate.validate(example, K8S_VERSION, strict=True)
+    for example in yaml.safe_load_all((K8S / "secret.example.yaml").read_text()):
+        kubernetes_validate.validate(example, K8S_VERSION, strict=True)
 
 
 def test_prometheus_config_and_rules_pass_promtool() -> None:
@@ -255,6 +255,7 @@ def test_every_metric_in_the_dashboard_and_rules_is_exported() -> None:
     dashboard = json.loads((REPO / "deploy/grafana/dashboards/supir.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
     rules = (REPO / "deploy/prometheus/rules.yml").read_text() + (K8S / "keda.yaml").read_text()
+    rules += "".join(p.read_text() for p in (REPO / "deploy/prometheus/tests").glob("*.yml"))  # promtool tests
     used = used_metrics(exprs) | used_metrics(rules)
     assert len(used) >= 10
     suffixes = ("", "_total", "_bucket", "_count", "_sum")
@@ -281,7 +282,7 @@ def test_compose_commands_exist_in_their_images() -> None:
         if not build:
             continue
         dockerfile = (REPO / build["dockerfile"]).read_text()
-        extras = re.search(r'pip install "\.\[([\w,]+)\]"', dockerfile).group(1).split(",")  # type: ignore[union-attr]
+        extras = re.search(r'pip install (?:-c \S+ )?"\.\[([\w,]+)\]"', dockerfile).group(1).split(",")  # type: ignore[union-attr]
         copied = set(re.findall(r"^COPY (\w+) ", dockerfile, re.MULTILINE))
         command = service.get("command") or json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, re.MULTILINE).group(1))  # type: ignore[union-attr]
         program = command[0]

@@ -45,7 +45,7 @@ def manifest_env(c: dict, mounts: dict[str, Path]) -> dict[str, str]:
         if "configMapRef" in source:
             env.update(yaml.safe_load((K8S / "configmap.yaml").read_text())["data"])
         if "secretRef" in source:
-            env.update(operator_secret())
+            env.update(operator_secret(source["secretRef"]["name"]))
     env.update({e["name"]: str(e["value"]) for e in c.get("env", []) if "value" in e})
     for key, value in env.items():
         for mount, folder in mounts.items():
@@ -58,11 +58,17 @@ def manifest_env(c: dict, mounts: dict[str, Path]) -> dict[str, str]:
 API_KEY = "sk_" + secrets.token_urlsafe(32)
 
 
-def operator_secret() -> dict[str, str]:
-    """secret.example.yaml with its placeholders filled in, as its comment tells an operator to."""
-    example = yaml.safe_load((K8S / "secret.example.yaml").read_text())["stringData"]
-    filled = {key: secrets.token_urlsafe(48) for key in example}
-    filled["SUPIR_API_KEYS"] = f'[{{"id": "app", "sha256": "{hashlib.sha256(API_KEY.encode()).hexdigest()}"}}]'
+def operator_secret(name: str) -> dict[str, str]:
+    """A Secret of secret.example.yaml with its placeholders filled in, as its comment tells an operator to (no
+    S3 keys: the pod's identity would serve; no Redis password: the local Redis has none)."""
+    examples = {
+        doc["metadata"]["name"]: doc["stringData"]
+        for doc in yaml.safe_load_all((K8S / "secret.example.yaml").read_text())
+    }
+    filled = {key: secrets.token_urlsafe(48) for key in examples[name]}
+    filled.pop("SUPIR_REDIS_PASSWORD", None)
+    if "SUPIR_API_KEYS" in filled:
+        filled["SUPIR_API_KEYS"] = f'[{{"id": "app", "sha256": "{hashlib.sha256(API_KEY.encode()).hexdigest()}"}}]'
     return filled
 
 

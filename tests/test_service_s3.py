@@ -88,3 +88,27 @@ def test_s3_storage_and_image_url(tmp_path: Path, fixture_a: Path, s3_endpoint) 
     finally:
         photos.shutdown()
         photos.server_close()
+
+
+def test_result_urls_are_signed_for_the_public_endpoint(s3_endpoint) -> None:
+    """Compose: the services reach MinIO as http://minio:9000, a browser as http://localhost:9000. Here the
+    services' endpoint is 127.0.0.1 and the public one `localhost`: links name the public host, and work."""
+    from jobs.settings import Settings
+    from jobs.storage import S3Store
+
+    endpoint, _ = s3_endpoint
+    public = endpoint.replace("127.0.0.1", "localhost")
+    settings = Settings(
+        storage="s3",
+        s3_bucket="supir-test",
+        s3_endpoint_url=endpoint,
+        s3_public_endpoint_url=public,
+        s3_path_style=True,
+        s3_access_key_id="test",
+        s3_secret_access_key="test",
+    )
+    store = S3Store.from_settings(settings)
+    store.put("results/public-link.png", b"\x89PNG-bytes", "image/png")
+    url = store.url("results/public-link.png", 60)
+    assert url.startswith(f"{public}/supir-test/results/public-link.png?")
+    assert httpx.get(url).content == b"\x89PNG-bytes"

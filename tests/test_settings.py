@@ -35,6 +35,26 @@ def test_production_refuses_placeholder_secrets_and_dev_mode() -> None:
     )
 
 
+def test_production_refuses_the_example_secrets_and_short_ones() -> None:
+    """Every value of deploy/k8s/secret.example.yaml is refused as it stands, and so is a short secret."""
+    import yaml
+
+    from tests.servers import REPO
+
+    example: dict[str, str] = {}
+    for doc in yaml.safe_load_all((REPO / "deploy/k8s/secret.example.yaml").read_text()):
+        example |= doc["stringData"]
+    real = {"signing_secret": "s" * 32, "webhook_secret": "w" * 32}
+    for name, value in example.items():
+        field = name.removeprefix("SUPIR_").lower()
+        if field == "api_keys":
+            continue  # its placeholder is no valid hash: refused by its own validation
+        with pytest.raises(ValidationError, match=name):
+            Settings(environment="production", **{**real, field: value})
+    with pytest.raises(ValidationError, match="at least 32 characters"):
+        Settings(environment="production", signing_secret="short-but-not-a-placeholder", webhook_secret="w" * 32)
+
+
 def test_webhook_signatures_expire() -> None:
     body = b'{"event":"job.succeeded"}'
     headers = signed_headers("secret", body, now=1000)

@@ -14,3 +14,9 @@ WARMUP_SECONDS = Gauge("supir_worker_warmup_seconds", "seconds of the warm-up re
 GPU_MEMORY_BYTES = Gauge("supir_gpu_memory_bytes", "GPU memory", ["kind"])
 WEBHOOKS = Counter("supir_webhook_deliveries_total", "webhook delivery attempts", ["event", "outcome"])
 READY = Gauge("supir_worker_ready", "1 when the weights are loaded on the device")
+
+# Series that alerts watch with increase(): made at 0 up front, so the first such event is an increase from 0
+# (a series born at 1 shows no increase)
+JOBS_FINISHED.labels("failed", "gpu_out_of_memory")
+JOBS_FINISHED.labels("failed", "worker_lost")
+WEBHOOKS.labels("completed", "failed")
