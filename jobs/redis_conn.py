@@ -68,16 +68,8 @@ def store_client(
     options = _common(settings, socket_timeout, connect_timeout)
     options["retry"] = Retry(ExponentialBackoff(cap=1.0, base=0.1), RETRIES, supported_errors=tuple(RETRY_ERRORS))
     options["retry_on_error"] = RETRY_ERRORS
-    password = _password(settings)
-    if sentinels(settings):
-        watcher = Sentinel(sentinels(settings), sentinel_kwargs=_sentinel_kwargs(settings))
-        client: redis.Redis = watcher.master_for(
-            settings.redis_sentinel_master, db=_db(settings.redis_url), password=password, **options
-        )
-        return client
-    if password and not urlsplit(settings.redis_url).password:
-        options["password"] = password
-    return redis.Redis.from_url(settings.redis_url, **options)
+    client: redis.Redis = _connect(settings, options, Sentinel, redis.Redis)
+    return client
 
 
 def async_store_client(settings: Settings, max_connections: int) -> aioredis.Redis:
@@ -88,16 +80,20 @@ def async_store_client(settings: Settings, max_connections: int) -> aioredis.Red
     options["socket_timeout"] = None
     options["retry"] = AsyncRetry(ExponentialBackoff(cap=1.0, base=0.1), RETRIES, supported_errors=tuple(RETRY_ERRORS))
     options["max_connections"] = max_connections
+    client: aioredis.Redis = _connect(settings, options, AsyncSentinel, aioredis.Redis)
+    return client
+
+
+def _connect(settings: Settings, options: dict[str, Any], sentinel_class: Any, client_class: Any) -> Any:
+    """Through the Sentinels when there are any (the master, found again after a failover), else the URL."""
     password = _password(settings)
     if sentinels(settings):
-        watcher = AsyncSentinel(sentinels(settings), sentinel_kwargs=_sentinel_kwargs(settings))
-        client: aioredis.Redis = watcher.master_for(
-            settings.redis_sentinel_master, db=_db(settings.redis_url), password=password, **options
-        )
-        return client
+        watcher = sentinel_class(sentinels(settings), sentinel_kwargs=_sentinel_kwargs(settings))
+        db = _db(settings.redis_url)
+        return watcher.master_for(settings.redis_sentinel_master, db=db, password=password, **options)
     if password and not urlsplit(settings.redis_url).password:
         options["password"] = password
-    return aioredis.Redis.from_url(settings.redis_url, **options)
+    return client_class.from_url(settings.redis_url, **options)
 
 
 def broker_url(settings: Settings) -> str:
