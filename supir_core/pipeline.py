@@ -88,6 +88,42 @@ class Stages:
 
 
 @dataclass
+class Stage1:
+    """Stage 1's products at the processing size: the robust encoder's latent (the adaptor's control) and its
+    decoding (the colour reference and the guidance anchor's source). A preview keeps them, so that a later run
+    with an edited prompt skips stage 1 and, with the same seed, gives exactly what a single run would."""
+
+    lq_latent: torch.Tensor
+    x_stage1: torch.Tensor
+
+    def to_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        tensors = {"lq_latent": self.lq_latent, "x_stage1": self.x_stage1}
+        return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Stage1:
+        from safetensors.torch import load
+
+        try:
+            tensors = load(data)
+            return cls(tensors["lq_latent"], tensors["x_stage1"])
+        except Exception as exc:  # truncated or foreign bytes: the caller's input, not our bug
+            raise InvalidInput(f"the stored stage-1 result is unreadable ({type(exc).__name__})") from exc
+
+
+@dataclass
+class Preview:
+    """Stage 1 and its caption, without sampling: what the official demo shows before stage 2."""
+
+    stage1_image: Image.Image  # at the processing size
+    caption: str
+    stage1: Stage1
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class RestorationResult:
     image: Image.Image  # the input's size × upscale, and its kind (grayscale, alpha)
     stage1: Image.Image  # the robust encoder's reconstruction at the processing size
@@ -147,8 +183,10 @@ class RestorationPipeline:
         on_progress: Callable[[Progress], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         tile_captions: Mapping[Window, str] | None = None,
+        stage1: Stage1 | None = None,
     ) -> RestorationResult:
-        """Restore one image file (or decoded image); the recipe on tensors is `restore_tensor`."""
+        """Restore one image file (or decoded image); the recipe on tensors is `restore_tensor`. With `stage1`
+        (a preview's), stage 1 is not run again."""
         timings: dict[str, float] = {}
         prompts: dict[str, Any] = {}
         with torch.inference_mode():
@@ -168,6 +206,7 @@ class RestorationPipeline:
                 on_progress=on_progress,
                 should_stop=should_stop,
                 timings=timings,
+                stage1=_checked(stage1, sizes.process, self.device) if stage1 is not None else None,
             )
 
             # 3. Back to the input's size and kind
@@ -203,6 +242,7 @@ class RestorationPipeline:
         on_progress: Callable[[Progress], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         timings: dict[str, float] | None = None,
+        stage1: Stage1 | None = None,
     ) -> Stages:
         """SUPIR's recipe on an LQ image tensor [B, 3, H, W] in [−1, 1], sides multiples of 64 (spec §4.2)."""
         report = on_progress or (lambda p: None)
@@ -218,10 +258,10 @@ class RestorationPipeline:
                 raise Canceled(f"canceled before {stage}")
 
         # 1. Stage 1: the robust encoder's latent steers the adaptor; its decoding is the colour reference
-        report(Progress("stage1"))
-        with _timed(timings, "stage1", self.device):
-            lq_latent = vae.encode_lq(lq, tile=vae_tile)
-            x_stage1 = vae.decode(lq_latent, tile=vae_tile)
+        if stage1 is not None:
+            lq_latent, x_stage1 = stage1.lq_latent, stage1.x_stage1
+        else:
+            lq_latent, x_stage1 = self.stage1(lq, vae_tile, timings, report)
 
         # 2. Conditioning for both sides of CFG (prompt text → CLIP-L + bigG + sizes); control = LQ latent.
         #    Tiled sampling with a captioner captions every tile of the stage-1 image for its own prompt.
@@ -235,7 +275,7 @@ class RestorationPipeline:
         tile_conds = self._tile_conditions(tile_captions, params, lq_latent)
 
         # 3. Guidance anchor: a posterior sample of the stage-1 image under the plain SDXL encoder
-        with _timed(timings, "stage1", self.device):
+        with _timed(timings, "encode", self.device):
             x_center = vae.encode(x_stage1, noise=noise.posterior(lq_latent.shape), tile=vae_tile)
 
         # 4. Sample from noise (in tiles if the plan says so)
@@ -258,6 +298,52 @@ class RestorationPipeline:
         stages = Stages(lq_latent, x_stage1, x_center, sampled, decoded, restored, tiling)
         stages.tile_captions = dict(tile_captions or {})
         return stages
+
+    def stage1(
+        self,
+        lq: torch.Tensor,
+        vae_tile: int | None,
+        timings: dict[str, float],
+        report: Callable[[Progress], None],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lq_latent, x_stage1): the robust encoder's latent and its decoding."""
+        report(Progress("stage1"))
+        with _timed(timings, "stage1", self.device):
+            lq_latent = self.model.vae.encode_lq(lq, tile=vae_tile)
+            return lq_latent, self.model.vae.decode(lq_latent, tile=vae_tile)
+
+    def preview(
+        self,
+        image: LoadedImage | Image.Image | str | Path | bytes,
+        params: RestoreParams,
+        *,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> Preview:
+        """Stage 1 and the caption of its image (as a full run would caption it), no sampling: the official
+        demo's first step, after which a person corrects the caption and runs stage 2 (`stage1=`)."""
+        report = on_progress or (lambda p: None)
+        timings: dict[str, float] = {}
+        with torch.inference_mode():
+            loaded = _as_loaded(image)
+            sizes = plan_sizes(loaded.size, params.upscale, params.min_size)
+            lq = to_model_input(loaded.rgb, sizes.process).to(self.device)
+            tiling = self.plan_tiling(params, (lq.shape[-2], lq.shape[-1]), lq.shape[0])
+            vae_tile = params.vae_tile_size if tiling.vae else None
+            self.model.vae.map_device = "cpu" if tiling.vae and self.device.type == "cuda" else None
+            lq_latent, x_stage1 = self.stage1(lq, vae_tile, timings, report)
+            caption = ""
+            if self._captions(params):
+                assert self.captioner is not None
+                report(Progress("caption"))
+                with _timed(timings, "caption", self.device):
+                    caption = self.captioner(self.caption_image(loaded, x_stage1, params), params.caption_question)
+            stage1_image = to_pil(x_stage1, sizes.process)
+        metadata = {
+            "caption": caption,
+            "process_size": list(sizes.process),
+            "seconds": {k: round(v, 4) for k, v in timings.items()},
+        }
+        return Preview(stage1_image, caption, Stage1(lq_latent, x_stage1), metadata)
 
     def _captions(self, params: RestoreParams) -> bool:
         return params.caption == "auto" and self.captioner is not None
@@ -463,3 +549,13 @@ def _timed(timings: dict[str, float], stage: str, device: torch.device) -> Itera
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def _checked(stage1: Stage1, process: tuple[int, int], device: torch.device) -> Stage1:
+    """A stored stage 1 fits this run only at the same processing size (same input, min_size and upscale)."""
+    width, height = process
+    if tuple(stage1.x_stage1.shape[-2:]) != (height, width):
+        found = f"{stage1.x_stage1.shape[-1]}×{stage1.x_stage1.shape[-2]}"
+        message = f"the stage-1 result is {found}; this run processes at {width}×{height} (same min_size and upscale)"
+        raise InvalidInput(message, code="invalid_parameter", field="stage1_job")
+    return Stage1(stage1.lq_latent.to(device), stage1.x_stage1.to(device))  # in the dtype they were made in

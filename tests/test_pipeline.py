@@ -289,3 +289,26 @@ def test_warm_up_restores_a_throwaway_image(tiny_model) -> None:
     pipeline = RestorationPipeline(tiny_model)
     assert pipeline.warm_up(64, steps=2) > 0
     assert pipeline.prompts.encoded == 2  # the default prompts, now cached for the first job
+
+
+def test_a_preview_then_stage_two_is_exactly_one_run(pipeline: RestorationPipeline) -> None:
+    """The official demo's two steps: stage 1 (and its caption) first, then sampling with an edited prompt from the
+    kept stage 1, with no stage 1 run again; same seed and prompt → the very image a single run gives."""
+    params = validate_params({**FAST, "caption": "none", "prompt": "my grandmother in her garden"})
+    preview = pipeline.preview(DATA / "chelsea_degraded.jpg", params)
+    assert preview.stage1_image.size == tuple(preview.metadata["process_size"])
+    assert set(preview.metadata["seconds"]) == {"stage1"}
+    kept = type(preview.stage1).from_bytes(preview.stage1.to_bytes())  # as stored between the two jobs
+    resumed = pipeline(DATA / "chelsea_degraded.jpg", params, stage1=kept)
+    assert "stage1" not in resumed.metadata["seconds"]
+    single = pipeline(DATA / "chelsea_degraded.jpg", params)
+    assert np.array_equal(pixels(resumed.image), pixels(single.image))
+    assert np.array_equal(pixels(single.stage1), pixels(preview.stage1_image))
+
+
+def test_a_stage_one_of_another_size_is_refused(pipeline: RestorationPipeline) -> None:
+    from supir_core.errors import InvalidInput
+
+    preview = pipeline.preview(DATA / "chelsea_degraded.jpg", validate_params(FAST))
+    with pytest.raises(InvalidInput, match="same min_size and upscale"):
+        pipeline(DATA / "chelsea_degraded.jpg", validate_params({**FAST, "upscale": 2}), stage1=preview.stage1)
