@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, get_args
 from urllib.parse import urlsplit
 
@@ -23,7 +23,7 @@ from starlette.datastructures import UploadFile
 from jobs.record import JobRecord, WebhookEvent, WebhookState, input_key, new_job_id
 from jobs.settings import Settings
 from jobs.store import JobStore
-from supir_core.errors import InvalidInput
+from supir_core.errors import InvalidInput, ObjectMissing
 from supir_core.params import MAX_SEED, RestoreParams, validate_params
 
 from . import metrics
@@ -38,7 +38,8 @@ IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no space
 IDEMPOTENCY_WAIT_S = 30.0  # how long a repeat waits for the first create's job to exist
 IDEMPOTENCY_POLL_S = 0.1
 IDEMPOTENCY_STALE_S = 300.0  # a claim this old with no job: its API process died; the next request takes it
-ALLOWED_FIELDS = {"params", "preset", "webhook_url", "webhook_events", "image_url"}
+ALLOWED_FIELDS = {"params", "preset", "webhook_url", "webhook_events", "image_url", "preview", "stage1_job"}
+SIZE_PARAMS = ("min_size", "upscale")  # fix the processing size: a run from a kept stage 1 must share them
 WEBHOOK_EVENTS: tuple[str, ...] = get_args(WebhookEvent)
 
 
@@ -53,6 +54,9 @@ class JobRequest:
     image_url: str | None
     webhook_url: str | None
     webhook_events: tuple[str, ...]
+    raw_params: dict[str, Any]
+    preview: bool = False  # stop after stage 1 and its caption
+    stage1_job: str | None = None  # sample from this preview job's stage 1 (its photo too)
 
     def digest(self) -> str:
         """Over the validated request (params with their defaults, so `2` and `2.0` or an omitted default match)."""
@@ -63,6 +67,8 @@ class JobRequest:
             "webhook_url": self.webhook_url,
             "webhook_events": sorted(self.webhook_events),
             "image": hashlib.sha256(self.image).hexdigest() if self.image else None,
+            "preview": self.preview,
+            "stage1_job": self.stage1_job,
         }
         return hashlib.sha256(json.dumps(normalised, sort_keys=True).encode()).hexdigest()
 
@@ -89,10 +95,12 @@ async def read_job_request(request: Request, settings: Settings) -> JobRequest:
             fields["params"] = _parse_json(fields["params"], "the params field", field="params")
         if isinstance(fields.get("webhook_events"), str):
             fields["webhook_events"] = _event_list(fields["webhook_events"])
+        if isinstance(fields.get("preview"), str):
+            fields["preview"] = {"true": True, "false": False}.get(fields["preview"].strip().lower(), fields["preview"])
         if isinstance(upload, UploadFile):
             data = await upload.read(settings.max_upload_bytes + 1)
             declared = upload.content_type
-        elif "image_url" not in fields:
+        elif "image_url" not in fields and "stage1_job" not in fields:
             raise ApiError(
                 "missing_image", "send the photo as the multipart file field 'image' (or JSON image_url)", field="image"
             )
@@ -151,12 +159,18 @@ def _validated(fields: dict[str, Any], data: bytes | None, declared: str | None)
     raw_params = {} if raw_params is None else raw_params
     if not isinstance(raw_params, dict):
         raise ApiError("invalid_request", "params must be a JSON object", field="params")
-    if data is not None and image_url:
-        raise ApiError(
-            "conflicting_image_sources", "send either an image file or image_url, not both", field="image_url"
-        )
-    if data is None and not image_url:
-        raise ApiError("missing_image", "send an image file or image_url", field="image")
+    preview, stage1_job = fields.get("preview", False), fields.get("stage1_job")
+    if not isinstance(preview, bool):
+        raise ApiError("invalid_request", "preview must be true or false", field="preview")
+    if stage1_job is not None and not isinstance(stage1_job, str):
+        raise ApiError("invalid_request", "stage1_job must be a job id", field="stage1_job")
+    if "preview" in fields and stage1_job:
+        raise ApiError("invalid_request", "a preview runs stage 1 itself: no stage1_job", field="stage1_job")
+    if sum(source is not None and source != "" for source in (data, image_url, stage1_job)) > 1:
+        message = "send one of an image file, image_url or stage1_job (its photo is used)"
+        raise ApiError("conflicting_image_sources", message, field="image_url" if image_url else "stage1_job")
+    if data is None and not image_url and not stage1_job:
+        raise ApiError("missing_image", "send an image file, image_url, or the stage1_job of a preview", field="image")
     if image_url is not None and not _http_url(image_url):
         raise ApiError("invalid_url", "image_url must be an http or https URL", field="image_url")
     if webhook_url is not None and not _http_url(webhook_url):
@@ -168,7 +182,7 @@ def _validated(fields: dict[str, Any], data: bytes | None, declared: str | None)
         raise ApiError(
             exc.code, exc.message, field=f"params.{exc.field}" if exc.field and exc.field != "preset" else exc.field
         ) from None
-    return JobRequest(params, preset, data, declared, image_url, webhook_url, events)
+    return JobRequest(params, preset, data, declared, image_url, webhook_url, events, raw_params, preview, stage1_job)
 
 
 def _webhook_events(raw: Any, webhook_url: str | None) -> tuple[str, ...]:
@@ -224,10 +238,13 @@ async def create(
         if not claimed:
             message = f"at most {quota} jobs may be queued or running at once"
             raise ApiError("quota_exceeded", message, headers={"Retry-After": "10"})
-        if job.image is not None:
+        declared: str | None
+        if job.stage1_job is not None:
+            job, image, declared = await _from_stage1(services, owner, job)
+        elif job.image is not None:
             image, declared = job.image, job.declared_type
         else:
-            assert job.image_url is not None  # _validated: one of the two
+            assert job.image_url is not None  # _validated: one of the three
             async with services.fetches:
                 image, declared = await run_in_threadpool(fetch_image, job.image_url, settings)
         async with services.decodes:
@@ -259,6 +276,30 @@ async def create(
     return record, False
 
 
+async def _from_stage1(services: Services, owner: str, job: JobRequest) -> tuple[JobRequest, bytes, str]:
+    """The preview job's photo, and the params with its processing size (a kept stage 1 fits only that size)."""
+    assert job.stage1_job is not None
+    source = await run_in_threadpool(services.store.get, job.stage1_job)
+    if source is None or source.owner != owner:
+        raise ApiError("not_found", f"no job {job.stage1_job[:80]}", field="stage1_job")
+    if source.kind != "preview" or source.status != "succeeded":
+        message = f"job {source.id} is no finished preview (a job created with preview: true that has succeeded)"
+        raise ApiError("stage1_unavailable", message, field="stage1_job")
+    for name in SIZE_PARAMS:
+        if name in job.raw_params and job.raw_params[name] != source.params.get(name):
+            message = f"{name} must be the stage-1 job's ({source.params.get(name)}): it fixes the processing size"
+            raise ApiError("invalid_parameter", message, field=f"params.{name}")
+    try:
+        params = validate_params({**job.raw_params, **{n: source.params[n] for n in SIZE_PARAMS}}, preset=job.preset)
+    except InvalidInput as exc:
+        raise ApiError(exc.code, exc.message, field=f"params.{exc.field}" if exc.field else None) from None
+    try:
+        image = await run_in_threadpool(services.objects.get, source.input_key)
+    except ObjectMissing:
+        raise ApiError("stage1_unavailable", f"job {source.id}'s photo is past retention", field="stage1_job") from None
+    return replace(job, params=params), image, source.input_content_type
+
+
 def _record(job: JobRequest, job_id: str, owner: str, info: Any, request_hash: str) -> JobRecord:
     # no seed given: one derived from the job id, so every job records the seed that reproduces it
     seed = (
@@ -282,6 +323,8 @@ def _record(job: JobRequest, job_id: str, owner: str, info: Any, request_hash: s
         input_height=info.height,
         webhook=webhook,
         request_hash=request_hash,
+        kind="preview" if job.preview else "restore",
+        stage1_job=job.stage1_job,
     )
 
 

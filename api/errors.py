@@ -30,6 +30,7 @@ STATUS: dict[str, int] = {
     "request_timeout": 408,
     "job_not_cancelable": 409,
     "result_not_ready": 409,
+    "stage1_unavailable": 409,
     "idempotency_conflict": 409,
     "idempotency_in_progress": 409,
     "file_too_large": 413,

@@ -76,6 +76,10 @@ class Job(BaseModel):
     result: JobResultInfo | None
     webhook: Webhook | None
     cancel_requested: bool = False
+    kind: Literal["restore", "preview"] = Field(
+        "restore", description="preview: stage 1 and its caption only; `result` is the stage-1 image"
+    )
+    stage1_job: str | None = Field(None, description="the preview whose stage 1 this job sampled from")
 
 
 class JobList(BaseModel):
@@ -101,6 +105,18 @@ PARAMS_REF = {"$ref": "#/components/schemas/RestoreParams"}
 HTTP_URL = {"type": "string", "format": "uri", "pattern": "^https?://[^/?#]"}
 # the `image` part's media types: what api.intake reads, so clients and generators send images, not any bytes
 IMAGE_MEDIA_TYPES = "image/png, image/jpeg, image/webp, image/tiff, image/bmp, image/gif"
+TWO_STAGE_FIELDS: dict[str, Any] = {
+    "preview": {
+        "type": "boolean",
+        "description": "stop after stage 1 and its caption (as the official demo's first step): the result is the "
+        "stage-1 image, `caption` what the captioner saw; correct it and run a job with `stage1_job`",
+    },
+}
+STAGE1_JOB = {
+    "type": "string",
+    "description": "a finished preview job of yours: its photo and stage 1 are used (not recomputed); min_size and "
+    "upscale are its own. Put the corrected caption in params.prompt with params.caption = none",
+}
 WEBHOOK_FIELDS: dict[str, Any] = {
     "webhook_url": {**HTTP_URL, "description": "POSTed the job (signed) on the events asked for"},
     "webhook_events": {
@@ -132,6 +148,7 @@ CREATE_JOB_DOCS: dict[str, Any] = {
                         },
                         "params": PARAMS_REF,
                         "preset": PRESET_SCHEMA,
+                        **TWO_STAGE_FIELDS,
                         **WEBHOOK_FIELDS,
                     },
                 },
@@ -145,13 +162,21 @@ CREATE_JOB_DOCS: dict[str, Any] = {
                 "schema": {
                     "title": "JobFromUrl",
                     "type": "object",
-                    "required": ["image_url"],
+                    "oneOf": [  # the photo: from a URL, or the stage-1 job's
+                        {"required": ["image_url"], "not": {"required": ["stage1_job"]}},
+                        {
+                            "required": ["stage1_job"],
+                            "not": {"anyOf": [{"required": ["image_url"]}, {"required": ["preview"]}]},
+                        },
+                    ],
                     "additionalProperties": False,
                     "dependentSchemas": NEEDS_WEBHOOK_URL,
                     "properties": {
                         "image_url": {**HTTP_URL, "description": "an http(s) URL of the photo"},
+                        "stage1_job": STAGE1_JOB,
                         "params": PARAMS_REF,
                         "preset": PRESET_SCHEMA,
+                        **TWO_STAGE_FIELDS,
                         **WEBHOOK_FIELDS,
                         # JSON null is taken as no webhook
                         "webhook_url": {**WEBHOOK_FIELDS["webhook_url"], "type": ["string", "null"]},

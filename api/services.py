@@ -78,6 +78,8 @@ class Services:
             "webhook": record.webhook.model_dump() if record.webhook else None,
             # the cancel was taken: a running job stops at its next step (one EXISTS, for active jobs only)
             "cancel_requested": record.status == "canceled" or (active and self.store.cancel_requested(record.id)),
+            "kind": record.kind,
+            "stage1_job": record.stage1_job,
         }
         if record.status == "succeeded" and record.result is not None:
             result = record.result.model_dump(exclude={"key"})

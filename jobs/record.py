@@ -26,6 +26,11 @@ def output_key(job_id: str) -> str:
     return f"results/{job_id}.png"
 
 
+def stage1_key(job_id: str) -> str:
+    """A preview job's stage-1 tensors, which a later job (`stage1_job`) samples from."""
+    return f"stage1/{job_id}.safetensors"
+
+
 class JobProgress(BaseModel):
     stage: str = "queued"
     step: int = 0
@@ -87,6 +92,9 @@ class JobRecord(BaseModel):
     result: JobResult | None = None
     webhook: WebhookState | None = None
     request_hash: str = ""
+    # preview: stop after stage 1 and its caption (the result is the stage-1 image); restore: the whole recipe
+    kind: Literal["restore", "preview"] = "restore"
+    stage1_job: str | None = None  # a preview job whose stage 1 this job samples from
 
     @property
     def terminal(self) -> bool:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from jobs.record import JobError, JobProgress, JobRecord, JobResult, Status, output_key
+from jobs.record import JobError, JobProgress, JobRecord, JobResult, Status, output_key, stage1_key
 from supir_core.errors import Canceled, InvalidInput, ObjectMissing, StorageError, WeightsError
 from supir_core.params import RestoreParams
 
@@ -21,6 +21,7 @@ from . import metrics
 from .runtime import Runtime
 
 log = logging.getLogger("supir.worker")
+_TENSORS = "application/octet-stream"
 T = TypeVar("T")
 
 
@@ -158,19 +159,34 @@ def _run(runtime: Runtime, job_id: str) -> str:
     try:
         params = RestoreParams.model_validate(record.params)
         image = _stored(runtime, "reading the input", lambda: runtime.objects.get(record.input_key))
-        result = runtime.pipeline(
-            image,
-            params,
-            on_progress=_progress_writer(runtime, record),
-            should_stop=lambda: _cancel_requested(runtime, job_id),
-        )
+        on_progress = _progress_writer(runtime, record)
+        if record.kind == "preview":
+            result: Any = runtime.pipeline.preview(image, params, on_progress=on_progress)
+            output, meta = result.stage1_image, {**result.metadata, "positive_prompt": None, "negative_prompt": None}
+            kept = result.stage1.to_bytes()
+            _stored(runtime, "keeping stage 1", lambda: runtime.objects.put(stage1_key(job_id), kept, _TENSORS))
+        else:
+            stage1 = None
+            if record.stage1_job is not None:
+                from supir_core.pipeline import Stage1  # torch: only ever in the pool process
+
+                source = stage1_key(record.stage1_job)
+                stage1 = Stage1.from_bytes(_stored(runtime, "reading stage 1", lambda: runtime.objects.get(source)))
+            result = runtime.pipeline(
+                image,
+                params,
+                on_progress=on_progress,
+                should_stop=lambda: _cancel_requested(runtime, job_id),
+                stage1=stage1,
+            )
+            output, meta = result.image, result.metadata
         upload_start = time.perf_counter()
         buffer = io.BytesIO()
-        result.image.save(buffer, format="PNG")
+        output.save(buffer, format="PNG")
         png = buffer.getvalue()
         key = output_key(job_id)  # fixed per job: a redelivered job overwrites, never duplicates
         _stored(runtime, "writing the result", lambda: runtime.objects.put(key, png, "image/png"))
-        seconds = {**result.metadata["seconds"], "upload": time.perf_counter() - upload_start}
+        seconds = {**meta["seconds"], "upload": time.perf_counter() - upload_start}
         seconds["total"] = time.perf_counter() - started
     except Canceled:
         return _end(runtime, job_id, "canceled")
@@ -198,23 +214,23 @@ def _run(runtime: Runtime, job_id: str) -> str:
         message = f"an internal error ({type(exc).__name__}) stopped the job; the worker's log has the details"
         return _end(runtime, job_id, "failed", "internal_error", message)
 
-    meta = result.metadata
     for stage, value in seconds.items():
-        if stage in ("stage1", "caption", "sampling", "decoding", "upload", "total"):
+        if stage in ("stage1", "caption", "encode", "sampling", "decoding", "upload", "total"):
             metrics.STAGE_SECONDS.labels("decode" if stage == "decoding" else stage).observe(value)
     if meta["seconds"].get("sampling"):
         metrics.STEPS_PER_SECOND.set(params.steps / meta["seconds"]["sampling"])
     _record_gpu_memory()
+    steps = 0 if record.kind == "preview" else params.steps
     return _end(
         runtime,
         job_id,
         "succeeded",
-        result=JobResult(key=key, width=result.image.width, height=result.image.height, bytes=len(png)),
+        result=JobResult(key=key, width=output.width, height=output.height, bytes=len(png)),
         seconds={k: round(v, 4) for k, v in seconds.items()},
         caption=meta.get("caption"),
         positive_prompt=meta.get("positive_prompt"),
         negative_prompt=meta.get("negative_prompt"),
-        progress=JobProgress(stage="done", step=params.steps, steps=params.steps),
+        progress=JobProgress(stage="done", step=steps, steps=steps),
     )
 
 
