@@ -35,10 +35,12 @@ MAX_JSON_DEPTH = 32  # nesting allowed in a JSON body or the params field
 FORM_FIELD_BYTES = 64_000  # largest non-file multipart field (params is small)
 MAX_URL_CHARS = 8192
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no spaces
+JOB_ID = re.compile(r"job_[0-9a-f]{32}")
 IDEMPOTENCY_WAIT_S = 30.0  # how long a repeat waits for the first create's job to exist
 IDEMPOTENCY_POLL_S = 0.1
 IDEMPOTENCY_STALE_S = 300.0  # a claim this old with no job: its API process died; the next request takes it
 ALLOWED_FIELDS = {"params", "preset", "webhook_url", "webhook_events", "image_url", "preview", "stage1_job"}
+# stage1_job is set from the path of POST /v1/jobs/{id}/restore, never read from a create body
 SIZE_PARAMS = ("min_size", "upscale")  # fix the processing size: a run from a kept stage 1 must share them
 WEBHOOK_EVENTS: tuple[str, ...] = get_args(WebhookEvent)
 
@@ -81,10 +83,13 @@ def idempotency_key_of(request: Request) -> str | None:
     return key
 
 
-async def read_job_request(request: Request, settings: Settings) -> JobRequest:
+async def read_job_request(request: Request, settings: Settings, stage1_job: str | None = None) -> JobRequest:
     """The request's fields from multipart or JSON, checked. Body size is bounded by the BodyLimits middleware
-    before any of this reads it."""
+    before any of this reads it. With `stage1_job` (`POST /v1/jobs/{id}/restore`): a JSON body (or none) with
+    what the run is told; the photo and stage 1 are the preview's."""
     content_type = request.headers.get("content-type", "")
+    if stage1_job is not None:
+        return await _from_preview_request(request, stage1_job, content_type)
     data: bytes | None = None
     declared: str | None = None
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
@@ -100,7 +105,7 @@ async def read_job_request(request: Request, settings: Settings) -> JobRequest:
         if isinstance(upload, UploadFile):
             data = await upload.read(settings.max_upload_bytes + 1)
             declared = upload.content_type
-        elif "image_url" not in fields and "stage1_job" not in fields:
+        elif "image_url" not in fields:
             raise ApiError(
                 "missing_image", "send the photo as the multipart file field 'image' (or JSON image_url)", field="image"
             )
@@ -110,7 +115,22 @@ async def read_job_request(request: Request, settings: Settings) -> JobRequest:
             raise ApiError("invalid_json", "the request body must be a JSON object")
     else:
         raise ApiError("unsupported_media_type", "send multipart/form-data with an image, or JSON with image_url")
+    if "stage1_job" in fields:  # only from the path of POST /v1/jobs/{id}/restore
+        raise ApiError("invalid_request", "unknown field 'stage1_job'", field="stage1_job")
     return _validated(fields, data, declared)
+
+
+async def _from_preview_request(request: Request, stage1_job: str, content_type: str) -> JobRequest:
+    body = await request.body()
+    if body.strip() and not content_type.startswith("application/json"):
+        raise ApiError("unsupported_media_type", "send JSON (params, preset, webhook_url, webhook_events) or nothing")
+    fields = _parse_json(body, "the request body") if body.strip() else {}
+    if not isinstance(fields, dict):
+        raise ApiError("invalid_json", "the request body must be a JSON object")
+    for name in ("image_url", "preview", "stage1_job"):
+        if name in fields:  # the photo and stage 1 are the preview's
+            raise ApiError("invalid_request", f"unknown field {name!r}", field=name)
+    return _validated({**fields, "stage1_job": stage1_job}, None, None)
 
 
 def _event_list(raw: str) -> Any:
@@ -162,15 +182,14 @@ def _validated(fields: dict[str, Any], data: bytes | None, declared: str | None)
     preview, stage1_job = fields.get("preview", False), fields.get("stage1_job")
     if not isinstance(preview, bool):
         raise ApiError("invalid_request", "preview must be true or false", field="preview")
-    if stage1_job is not None and not isinstance(stage1_job, str):
-        raise ApiError("invalid_request", "stage1_job must be a job id", field="stage1_job")
-    if "preview" in fields and stage1_job:
-        raise ApiError("invalid_request", "a preview runs stage 1 itself: no stage1_job", field="stage1_job")
-    if sum(source is not None and source != "" for source in (data, image_url, stage1_job)) > 1:
-        message = "send one of an image file, image_url or stage1_job (its photo is used)"
-        raise ApiError("conflicting_image_sources", message, field="image_url" if image_url else "stage1_job")
+    if stage1_job is not None and not (isinstance(stage1_job, str) and JOB_ID.fullmatch(stage1_job)):
+        raise ApiError("not_found", f"no job {str(stage1_job)[:80]}")
+    if data is not None and image_url:
+        raise ApiError(
+            "conflicting_image_sources", "send either an image file or image_url, not both", field="image_url"
+        )
     if data is None and not image_url and not stage1_job:
-        raise ApiError("missing_image", "send an image file, image_url, or the stage1_job of a preview", field="image")
+        raise ApiError("missing_image", "send an image file or image_url", field="image")
     if image_url is not None and not _http_url(image_url):
         raise ApiError("invalid_url", "image_url must be an http or https URL", field="image_url")
     if webhook_url is not None and not _http_url(webhook_url):
@@ -281,10 +300,10 @@ async def _from_stage1(services: Services, owner: str, job: JobRequest) -> tuple
     assert job.stage1_job is not None
     source = await run_in_threadpool(services.store.get, job.stage1_job)
     if source is None or source.owner != owner:
-        raise ApiError("not_found", f"no job {job.stage1_job[:80]}", field="stage1_job")
+        raise ApiError("not_found", f"no job {job.stage1_job[:80]}")
     if source.kind != "preview" or source.status != "succeeded":
         message = f"job {source.id} is no finished preview (a job created with preview: true that has succeeded)"
-        raise ApiError("stage1_unavailable", message, field="stage1_job")
+        raise ApiError("stage1_unavailable", message)
     for name in SIZE_PARAMS:
         if name in job.raw_params and job.raw_params[name] != source.params.get(name):
             message = f"{name} must be the stage-1 job's ({source.params.get(name)}): it fixes the processing size"
@@ -296,7 +315,7 @@ async def _from_stage1(services: Services, owner: str, job: JobRequest) -> tuple
     try:
         image = await run_in_threadpool(services.objects.get, source.input_key)
     except ObjectMissing:
-        raise ApiError("stage1_unavailable", f"job {source.id}'s photo is past retention", field="stage1_job") from None
+        raise ApiError("stage1_unavailable", f"job {source.id}'s photo is past retention") from None
     return replace(job, params=params), image, source.input_content_type
 
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from jobs.record import Status, WebhookEvent
 from supir_core.params import RestoreParams
 
-__all__ = ["CREATE_JOB_DOCS", "Error", "ErrorBody", "Job", "JobList", "RestoreParams"]
+__all__ = ["CREATE_JOB_DOCS", "FROM_PREVIEW_DOCS", "Error", "ErrorBody", "Job", "JobList", "RestoreParams"]
 
 
 class Progress(BaseModel):
@@ -109,13 +109,8 @@ TWO_STAGE_FIELDS: dict[str, Any] = {
     "preview": {
         "type": "boolean",
         "description": "stop after stage 1 and its caption (as the official demo's first step): the result is the "
-        "stage-1 image, `caption` what the captioner saw; correct it and run a job with `stage1_job`",
+        "stage-1 image, `caption` what the captioner saw; correct it and run `POST /v1/jobs/{id}/restore`",
     },
-}
-STAGE1_JOB = {
-    "type": "string",
-    "description": "a finished preview job of yours: its photo and stage 1 are used (not recomputed); min_size and "
-    "upscale are its own. Put the corrected caption in params.prompt with params.caption = none",
 }
 WEBHOOK_FIELDS: dict[str, Any] = {
     "webhook_url": {**HTTP_URL, "description": "POSTed the job (signed) on the events asked for"},
@@ -162,18 +157,11 @@ CREATE_JOB_DOCS: dict[str, Any] = {
                 "schema": {
                     "title": "JobFromUrl",
                     "type": "object",
-                    "oneOf": [  # the photo: from a URL, or the stage-1 job's
-                        {"required": ["image_url"], "not": {"required": ["stage1_job"]}},
-                        {
-                            "required": ["stage1_job"],
-                            "not": {"anyOf": [{"required": ["image_url"]}, {"required": ["preview"]}]},
-                        },
-                    ],
+                    "required": ["image_url"],
                     "additionalProperties": False,
                     "dependentSchemas": NEEDS_WEBHOOK_URL,
                     "properties": {
                         "image_url": {**HTTP_URL, "description": "an http(s) URL of the photo"},
-                        "stage1_job": STAGE1_JOB,
                         "params": PARAMS_REF,
                         "preset": PRESET_SCHEMA,
                         **TWO_STAGE_FIELDS,
@@ -202,4 +190,28 @@ CREATE_JOB_DOCS: dict[str, Any] = {
             "60 by default) and answer 200 with the ended job if it ends in time; 202 otherwise",
         },
     ],
+}
+
+
+FROM_PREVIEW_DOCS: dict[str, Any] = {
+    "requestBody": {
+        "required": False,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "title": "RestoreFromPreview",
+                    "type": "object",
+                    "additionalProperties": False,
+                    "dependentSchemas": NEEDS_WEBHOOK_URL,
+                    "properties": {
+                        "params": PARAMS_REF,
+                        "preset": PRESET_SCHEMA,
+                        **WEBHOOK_FIELDS,
+                        "webhook_url": {**WEBHOOK_FIELDS["webhook_url"], "type": ["string", "null"]},
+                    },
+                }
+            }
+        },
+    },
+    "parameters": CREATE_JOB_DOCS["parameters"],
 }

@@ -18,7 +18,8 @@ REASONS = {
     403: "an image_url or webhook_url to a private address (url_forbidden)",
     404: "no such job for this key (not_found)",
     408: "the request body stalled (request_timeout)",
-    409: "conflict (idempotency_conflict, idempotency_in_progress, job_not_cancelable, result_not_ready)",
+    409: "a conflict (idempotency_conflict, idempotency_in_progress, job_not_cancelable, result_not_ready, "
+    "stage1_unavailable)",
     413: "the upload or body is too large (file_too_large, url_too_large)",
     415: "not an image format the service reads (unsupported_media_type)",
     422: "the image or a parameter is unusable (invalid_image, invalid_parameter, image_too_large, …)",

@@ -55,5 +55,5 @@ def filter_body(ctx: schemathesis.HookContext, body: object) -> bool:
     if not isinstance(params, dict):
         return True
     size, stride = params.get("tile_size", 128), params.get("tile_stride", 64)
-    both_ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (size, stride))
-    return not both_ints or stride <= size
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (size, stride))  # 128.0 too
+    return not numbers or stride <= size

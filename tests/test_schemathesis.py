@@ -46,6 +46,11 @@ include-operation-id = "createJob"
 # the coverage phase's boundary values skip filter_body (tests/schemathesis_hooks.py), so it sends params with
 # tile_stride > tile_size, which RestoreParams refuses by a rule JSON Schema cannot state; fuzzing still checks it
 phases.coverage.checks.positive_data_acceptance.enabled = false
+
+[[operations]]
+include-operation-id = "restoreFromPreview"
+# the same params, the same unstated rule
+phases.coverage.checks.positive_data_acceptance.enabled = false
 """
 
 

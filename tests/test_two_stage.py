@@ -29,7 +29,7 @@ def test_preview_correct_the_caption_then_restore(tmp_path: Path, fixture_a: Pat
         assert client.get(f"/v1/jobs/{shown['id']}/result").content[:8] == b"\x89PNG\r\n\x1a\n"
 
         corrected = {"steps": 3, "seed": 7, "caption": "none", "prompt": "my grandmother's cat on a rug"}
-        second = client.post("/v1/jobs", json={"stage1_job": shown["id"], "params": corrected})
+        second = client.post(f"/v1/jobs/{shown['id']}/restore", json={"params": corrected})
         assert second.status_code == 202, second.text
         restored = wait_for_status(client, second.json()["id"], {"succeeded", "failed"}, timeout=120)
         assert restored["status"] == "succeeded", restored["error"]
@@ -45,12 +45,12 @@ def test_preview_correct_the_caption_then_restore(tmp_path: Path, fixture_a: Pat
         two_steps = client.get(f"/v1/jobs/{restored['id']}/result").content
         assert two_steps == client.get(f"/v1/jobs/{once['id']}/result").content
 
-        # mistakes are named: another size, a job that is no preview, someone else's preview, two photo sources
-        other_size = client.post("/v1/jobs", json={"stage1_job": shown["id"], "params": {"upscale": 1}})
+        # mistakes are named: another size, a job that is no preview, someone else's preview, another photo
+        other_size = client.post(f"/v1/jobs/{shown['id']}/restore", json={"params": {"upscale": 1}})
         assert other_size.status_code == 422 and other_size.json()["error"]["field"] == "params.upscale"
-        not_preview = client.post("/v1/jobs", json={"stage1_job": once["id"]})
+        not_preview = client.post(f"/v1/jobs/{once['id']}/restore")
         assert not_preview.status_code == 409 and not_preview.json()["error"]["code"] == "stage1_unavailable"
         with svc.client("bob") as bob:
-            assert bob.post("/v1/jobs", json={"stage1_job": shown["id"]}).status_code == 404
-        both = client.post("/v1/jobs", json={"stage1_job": shown["id"], "image_url": "https://example.com/a.png"})
-        assert both.status_code == 400 and both.json()["error"]["code"] == "conflicting_image_sources"
+            assert bob.post(f"/v1/jobs/{shown['id']}/restore").status_code == 404
+        photo = client.post(f"/v1/jobs/{shown['id']}/restore", json={"image_url": "https://example.com/a.png"})
+        assert photo.status_code == 400 and photo.json()["error"]["field"] == "image_url"

@@ -18,7 +18,7 @@ from .. import events
 from ..creation import create, idempotency_key_of, read_job_request
 from ..deps import CallerDep, OwnedJobDep, ServicesDep, StreamsDep
 from ..errors import ApiError
-from ..models import CREATE_JOB_DOCS, Job, JobList
+from ..models import CREATE_JOB_DOCS, FROM_PREVIEW_DOCS, Job, JobList
 from ..openapi import errors
 from ..services import RESULT_URL_TTL_S
 
@@ -46,10 +46,35 @@ def preferred_wait(request: Request, limit_s: float) -> float:
     openapi_extra=CREATE_JOB_DOCS,
 )
 async def create_job(request: Request, caller: CallerDep, services: ServicesDep, streams: StreamsDep) -> JSONResponse:
-    """Queue a restoration: multipart (`image`, `params` JSON, `preset`, `webhook_url`, `webhook_events`) or JSON
-    with `image_url`."""
+    """Queue a restoration: multipart (`image`, `params` JSON, `preset`, `preview`, `webhook_url`,
+    `webhook_events`) or JSON with `image_url`. With `preview`, only stage 1 and its caption run."""
+    return await _create(request, caller, services, streams)
+
+
+@router.post(
+    "/{job_id}/restore",
+    status_code=202,
+    operation_id="restoreFromPreview",
+    response_model=Job,
+    responses={
+        200: {"model": Job, "description": "the job ended within `Prefer: wait`, or an Idempotency-Key replay"},
+        **errors(400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 503),
+    },
+    openapi_extra=FROM_PREVIEW_DOCS,
+)
+async def restore_from_preview(
+    job_id: str, request: Request, caller: CallerDep, services: ServicesDep, streams: StreamsDep
+) -> JSONResponse:
+    """The official demo's second step: restore a finished preview's photo from its stage 1 (not run again), with
+    the caption corrected in `params.prompt` (and `params.caption: none`). Sizes are the preview's."""
+    return await _create(request, caller, services, streams, stage1_job=job_id)
+
+
+async def _create(
+    request: Request, caller: CallerDep, services: ServicesDep, streams: StreamsDep, stage1_job: str | None = None
+) -> JSONResponse:
     idempotency_key = idempotency_key_of(request)
-    job = await read_job_request(request, services.settings)
+    job = await read_job_request(request, services.settings, stage1_job)
     record, replayed = await create(services, caller.id, caller.max_active_jobs, job, idempotency_key)
     headers = {"Location": f"/v1/jobs/{record.id}"}
     if replayed:
