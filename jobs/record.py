@@ -26,6 +26,11 @@ def output_key(job_id: str) -> str:
     return f"results/{job_id}.png"
 
 
+def thumbnail_key(job_id: str, size: int) -> str:
+    """A result's thumbnail, made on first request and kept (until retention) for the next."""
+    return f"thumbs/{job_id}-{size}.jpg"
+
+
 def stage1_key(job_id: str) -> str:
     """A preview job's stage-1 tensors, which a later job (`stage1_job`) samples from."""
     return f"stage1/{job_id}.safetensors"

@@ -336,3 +336,22 @@ def test_prefer_wait_answers_with_the_ended_job(service: Service) -> None:
         )
         assert ignored.status_code == 202  # a preference the server cannot read is ignored, not an error
         wait_for_status(client, ignored.json()["id"], {"succeeded"})
+
+
+def test_thumbnails_are_small_jpegs_made_once(service: Service) -> None:
+    with service.client("carol") as client:
+        job = submit(client, FAST, "coffee_rgba.png").json()
+        wait_for_status(client, job["id"], {"succeeded"})
+        first = client.get(f"/v1/jobs/{job['id']}/thumbnail", params={"size": 64})
+        assert first.status_code == 200 and first.headers["content-type"] == "image/jpeg"
+        with Image.open(io.BytesIO(first.content)) as thumb:
+            assert thumb.format == "JPEG" and max(thumb.size) == 64 and thumb.size == (64, 43)  # 120×80 → 64 wide
+        kept = list(service.tmp.glob(f"objects/thumbs/{job['id']}-64.jpg"))
+        assert len(kept) == 1 and kept[0].read_bytes() == first.content  # made once, then served from storage
+        assert client.get(f"/v1/jobs/{job['id']}/thumbnail", params={"size": 64}).content == first.content
+        assert client.get(f"/v1/jobs/{job['id']}/thumbnail", params={"size": 5}).status_code == 400
+        queued = submit(client, SLOW).json()
+        not_yet = client.get(f"/v1/jobs/{queued['id']}/thumbnail")
+        assert not_yet.status_code == 409 and not_yet.json()["error"]["code"] == "result_not_ready"
+        client.post(f"/v1/jobs/{queued['id']}/cancel")
+        wait_for_status(client, queued["id"], {"canceled"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import time
@@ -9,10 +10,12 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from jobs.record import JobRecord
+from jobs.record import JobRecord, thumbnail_key
 from jobs.storage import LocalStore
+from supir_core.errors import ObjectMissing
 
 from .. import events
 from ..creation import create, idempotency_key_of, read_job_request
@@ -170,3 +173,42 @@ def job_result(job: OwnedJobDep, services: ServicesDep) -> Response:
     if isinstance(services.objects, LocalStore):
         return Response(services.objects.get(job.result.key), media_type=job.result.content_type)
     return RedirectResponse(services.objects.url(job.result.key, RESULT_URL_TTL_S), status_code=307)
+
+
+@router.get(
+    "/{job_id}/thumbnail",
+    operation_id="getJobThumbnail",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "a JPEG of the result, its longer side `size` pixels (made once, then kept)",
+            "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **errors(400, 401, 404, 409, 429, 503),
+    },
+)
+async def job_thumbnail(job: OwnedJobDep, services: ServicesDep, size: int = Query(256, ge=32, le=1024)) -> Response:
+    """A small picture of the result for lists (the web page's history), instead of the full image."""
+    if job.status != "succeeded" or job.result is None:
+        raise ApiError("result_not_ready", f"job {job.id} is {job.status}; a result exists only when it has succeeded")
+    key = thumbnail_key(job.id, size)
+    try:
+        data = await run_in_threadpool(services.objects.get, key)
+    except ObjectMissing:  # the first request for this size makes it: one decode, bounded like the API's others
+        result = await run_in_threadpool(services.objects.get, job.result.key)
+        async with services.decodes:
+            data = await run_in_threadpool(_thumbnail, result, size)
+        await run_in_threadpool(services.objects.put, key, data, "image/jpeg")
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+
+def _thumbnail(image: bytes, size: int) -> bytes:
+    """The result scaled to fit size×size, on white where it was transparent, as a JPEG."""
+    with Image.open(io.BytesIO(image)) as source:
+        source.thumbnail((size, size), Image.Resampling.LANCZOS)
+        rgba = source.convert("RGBA")
+    flat = Image.new("RGB", rgba.size, (255, 255, 255))
+    flat.paste(rgba, mask=rgba.getchannel("A"))
+    out = io.BytesIO()
+    flat.save(out, format="JPEG", quality=85, optimize=True)
+    return out.getvalue()
