@@ -27,6 +27,18 @@ def ui() -> Response:
     return Response(UI_PAGE.read_bytes(), media_type="text/html; charset=utf-8")
 
 
+FAVICON = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">'
+    b'<rect width="32" height="32" rx="6" fill="#0b57d0"/>'
+    b'<path d="M9 21l5-6 4 4 3-3 3 5z" fill="#fff"/><circle cx="21" cy="11" r="3" fill="#fff"/></svg>'
+)
+
+
+@router.get("/favicon.ico")
+def favicon() -> Response:
+    return Response(FAVICON, media_type="image/svg+xml", headers={"Cache-Control": "public, max-age=86400"})
+
+
 @router.get("/v1/files/{key:path}")
 def signed_file(key: str, expires: int, signature: str, services: ServicesDep) -> Response:
     objects = services.objects
