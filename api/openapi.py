@@ -9,6 +9,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from supir_core.params import PRESETS
+
 from .models import Error
 
 PUBLIC = ("/healthz", "/readyz", "/status", "/metrics")  # no key needed
@@ -63,3 +65,6 @@ def _tidy(schema: dict[str, Any]) -> None:
                 operation["security"] = [{"bearer": []}]
     for unused in ("HTTPValidationError", "ValidationError"):
         components.get("schemas", {}).pop(unused, None)
+    restore = components.get("schemas", {}).get("RestoreParams")
+    if restore is not None:  # what each named preset sets: clients (the web page) show it, one source
+        restore["x-presets"] = PRESETS

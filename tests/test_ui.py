@@ -102,6 +102,13 @@ def test_the_form_is_generated_from_the_schema_and_passes_axe(browser, service: 
         if "maximum" in s:
             assert field.get_attribute("max") == str(s["maximum"]).removesuffix(".0"), name
     assert "slow on a CPU" in page.inner_text("#p-min_size-hint")
+    # a preset fills the fields with the values the API says it sets, and the defaults come back without one
+    presets = httpx.get(f"{service.url}/openapi.json").json()["components"]["schemas"]["RestoreParams"]["x-presets"]
+    page.select_option("#preset", "lightning")
+    for name, value in presets["lightning"].items():
+        assert page.input_value(f"#p-{name}") == str(value).removesuffix(".0"), name
+    page.select_option("#preset", "")
+    assert page.input_value("#p-steps") == "" and page.input_value("#p-sampler") == schema["sampler"]["default"]
     page.keyboard.press("Tab")  # focus is visible
     assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") != "none"
     no_horizontal_overflow(page)
