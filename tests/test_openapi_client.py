@@ -18,7 +18,7 @@ from tests.servers import BIN, Service
 
 DATA = Path(__file__).parent / "data"
 # the generator's own knob for media types it has no reader for: a PNG answer is read as bytes
-CONFIG = "content_type_overrides:\n  image/png: application/octet-stream\n"
+CONFIG = "content_type_overrides:\n  image/png: application/octet-stream\n  image/jpeg: application/octet-stream\n"
 
 
 def generate(service: Service, where: Path) -> str:
@@ -44,7 +44,7 @@ def test_a_generated_client_creates_reads_downloads_and_cancels(service: Service
         jobs_api = importlib.import_module("supir_client.api.jobs")
         models = importlib.import_module("supir_client.models")
         types = importlib.import_module("supir_client.types")
-        for name in ("create_job", "get_job", "get_job_result", "cancel_job"):
+        for name in ("create_job", "get_job", "get_job_result", "get_job_thumbnail", "cancel_job"):
             importlib.import_module(f"supir_client.api.jobs.{name}")
     finally:
         sys.path.remove(str(tmp_path))
@@ -76,6 +76,9 @@ def test_a_generated_client_creates_reads_downloads_and_cancels(service: Service
         assert png.status_code == 200
         with Image.open(io.BytesIO(png.content)) as img:
             assert img.size == (job.result.width, job.result.height)
+        thumb = jobs_api.get_job_thumbnail.sync_detailed(client=client, job_id=job.id, size=32)
+        with Image.open(io.BytesIO(thumb.content)) as img:
+            assert img.format == "JPEG" and max(img.size) == 32
 
         refused = upload(models.RestoreParams(min_size=64, steps=5000))
         assert refused.status_code == 422 and isinstance(refused.parsed, models.Error)
