@@ -36,7 +36,7 @@ def test_output_is_upscale_times_input(pipeline: RestorationPipeline) -> None:
     assert result.image.size == (300, 226) and result.image.mode == "RGB"
     assert result.metadata["process_size"] == [320, 256]
     assert result.stage1.size == (320, 256)
-    assert set(result.metadata["seconds"]) == {"stage1", "conditioning", "sampling", "decoding"}
+    assert set(result.metadata["seconds"]) == {"stage1", "conditioning", "encode", "sampling", "decoding"}
 
 
 def test_rgba_and_grayscale_keep_their_kind(pipeline: RestorationPipeline) -> None:
