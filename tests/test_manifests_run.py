@@ -96,7 +96,11 @@ class Api:
         with open(self.log, "ab") as log:
             argv = manifest_command("api.yaml", "api", {"--port": str(self.port)})
             self.proc = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=log, stderr=log)
-        wait_until(self.answers, 90, 0.2, f"the API to answer /healthz; log:\n{self.logs()}")
+        try:
+            wait_until(self.answers, 90, 0.2, "the API to answer /healthz")
+        except BaseException:
+            self.stop()  # a server that never came up must not outlive the test
+            raise AssertionError(f"the API did not come up; log:\n{self.logs()}") from None
 
     def answers(self) -> bool:
         assert self.proc is not None and self.proc.poll() is None, f"the API exited:\n{self.logs()}"
