@@ -77,27 +77,31 @@ class EventStreams:
         view: Callable[[JobRecord], dict[str, Any]],
     ) -> StreamingResponse:
         """The stream's response, counted against the owner's cap from now until it ends (however it ends)."""
-        if self.open[owner] >= MAX_STREAMS_PER_KEY:
+        if not self._take_slot(owner):
             metrics.REJECTED.labels("rate_limited").inc()
             message = f"over {MAX_STREAMS_PER_KEY} open event streams for this key"
             raise ApiError("rate_limited", message, headers={"Retry-After": "5"})
-        self.open[owner] += 1
-
-        def release() -> None:
-            self.open[owner] -= 1
-            if self.open[owner] <= 0:
-                del self.open[owner]
-
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         body = self.stream(job_id, last_seen, view)
-        return _CountedStream(body, release, media_type="text/event-stream", headers=headers)
+        return _CountedStream(body, lambda: self._give_slot(owner), media_type="text/event-stream", headers=headers)
+
+    def _take_slot(self, owner: str) -> bool:
+        """One of the owner's MAX_STREAMS_PER_KEY subscriptions on this process (False: all are taken)."""
+        if self.open[owner] >= MAX_STREAMS_PER_KEY:
+            return False
+        self.open[owner] += 1
+        return True
+
+    def _give_slot(self, owner: str) -> None:
+        self.open[owner] -= 1
+        if self.open[owner] <= 0:
+            del self.open[owner]
 
     async def wait_for_end(self, job_id: str, owner: str, timeout_s: float) -> JobRecord | None:
         """The job once it has ended, if it ends within timeout_s (`Prefer: wait`); None otherwise, or at once
         when the owner already holds its cap of streams (a waiting request holds a subscription like one)."""
-        if self.open[owner] >= MAX_STREAMS_PER_KEY:
+        if not self._take_slot(owner):
             return None
-        self.open[owner] += 1
         deadline = time.monotonic() + timeout_s
         pubsub = self.client().pubsub(ignore_subscribe_messages=True)
         try:
@@ -115,9 +119,7 @@ class EventStreams:
             return record if record is not None and record.terminal else None
         finally:
             await pubsub.aclose()
-            self.open[owner] -= 1
-            if self.open[owner] <= 0:
-                del self.open[owner]
+            self._give_slot(owner)
 
     async def _read(self, job_id: str) -> tuple[JobRecord | None, int]:
         """The record and its version, read together (one MULTI), so the pair is consistent."""

@@ -37,15 +37,18 @@ def preferred_wait(request: Request, limit_s: float) -> float:
     return min(float(match.group(1)), limit_s) if match else 0.0
 
 
+def created(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` of a route that makes a job: 202 (the route's own), 200, and these errors."""
+    ended = {"model": Job, "description": "the job ended within `Prefer: wait`, or an Idempotency-Key replay"}
+    return {200: ended, **errors(*statuses)}
+
+
 @router.post(
     "",
     status_code=202,
     operation_id="createJob",
     response_model=Job,
-    responses={
-        200: {"model": Job, "description": "the job ended within `Prefer: wait`, or an Idempotency-Key replay"},
-        **errors(400, 401, 403, 408, 409, 413, 415, 422, 429, 503),
-    },
+    responses=created(400, 401, 403, 408, 409, 413, 415, 422, 429, 503),
     openapi_extra=CREATE_JOB_DOCS,
 )
 async def create_job(request: Request, caller: CallerDep, services: ServicesDep, streams: StreamsDep) -> JSONResponse:
@@ -59,10 +62,7 @@ async def create_job(request: Request, caller: CallerDep, services: ServicesDep,
     status_code=202,
     operation_id="restoreFromPreview",
     response_model=Job,
-    responses={
-        200: {"model": Job, "description": "the job ended within `Prefer: wait`, or an Idempotency-Key replay"},
-        **errors(400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 503),
-    },
+    responses=created(400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 503),
     openapi_extra=FROM_PREVIEW_DOCS,
 )
 async def restore_from_preview(
