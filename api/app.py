@@ -18,7 +18,7 @@ from jobs.settings import Settings, get_settings
 
 from . import docs, errors, events, metrics, openapi
 from .limits import BodyLimits
-from .routes import jobs, operations, pages
+from .routes import jobs, operations, pages, usage
 from .services import Services
 
 # Set when the server starts shutting down (api.server's protocol) or the app's lifespan ends: open event
@@ -49,8 +49,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.state.services, app.state.streams = services, streams
     errors.install(app)
     docs.install(app)
-    openapi.install(app)
-    for router in (jobs.router, pages.router, operations.router):
+    openapi.install(app, tuple(settings.variant_files))
+    for router in (jobs.router, usage.router, pages.router, operations.router):
         app.include_router(router)
 
     @app.middleware("http")
