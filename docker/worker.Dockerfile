@@ -25,5 +25,5 @@ VOLUME ["/models"]
 ENV SUPIR_WORKER_HEALTH_PORT=8081 SUPIR_WORKER_METRICS_PORT=9100
 EXPOSE 9100 8081
 HEALTHCHECK --interval=30s --timeout=3s --start-period=300s --retries=3 CMD ["python", "-m", "worker.health"]
-# one process per GPU: the pool process loads the weights after the fork
-CMD ["celery", "-A", "worker.tasks", "worker", "--pool", "prefork", "--concurrency", "1", "--queues", "supir", "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
+# one process per GPU: the pool process loads the weights after the fork; its queues follow SUPIR_WORKER_VARIANTS
+CMD ["celery", "-A", "worker.tasks", "worker", "--pool", "prefork", "--concurrency", "1", "--loglevel", "INFO", "--without-mingle", "--without-gossip"]

@@ -32,8 +32,8 @@ stop() {
 }
 trap stop INT TERM EXIT
 
-"$VENV/bin/celery" -A worker.tasks worker --pool prefork --concurrency 1 --queues "${SUPIR_QUEUE:-supir}" \
-  --loglevel INFO -n "gpu@%h" &
+# no --queues: the worker consumes <SUPIR_QUEUE>-<variant> for each variant it serves (its settings name them)
+"$VENV/bin/celery" -A worker.tasks worker --pool prefork --concurrency 1 --loglevel INFO -n "gpu@%h" &
 pids+=($!)
 # the light worker: webhooks (never behind restorations) and, with --beat, the hourly retention sweep; no weights
 "$VENV/bin/celery" -A worker.webhooks worker --pool threads --concurrency 8 --queues "${SUPIR_QUEUE:-supir}-webhooks" \

@@ -1,15 +1,18 @@
-"""Deployment files: Kubernetes schemas, CRD shapes, the kustomization, promtool, the compose spec, and every
-metric the dashboard and the alert rules name is one the API or the worker exports."""
+"""Deployment files: Kubernetes schemas, CRD shapes, the kustomization, promtool, the compose spec, every metric the
+dashboard and the alert rules name is one the API or the worker exports, and compose's SUPIR variants: the API
+accepts exactly the variants its workers serve."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+from unittest import mock
 
 import jsonschema
 import kubernetes_validate
@@ -174,6 +177,18 @@ def test_crd_objects_match_their_shapes(doc: dict) -> None:
     jsonschema.validate(doc, CRD_SCHEMAS[doc["kind"]])
 
 
+def test_the_v0f_component_objects_match_their_shapes(tmp_path: Path) -> None:
+    from tests.test_deploy_policies import rendered
+
+    docs = rendered(["components/v0f"], tmp_path)
+    for doc in docs:
+        if doc["kind"] in CRD_KINDS:
+            jsonschema.validate(doc, CRD_SCHEMAS[doc["kind"]])
+        elif doc["metadata"]["name"] == "supir-worker-v0f":
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    assert {d["kind"] for d in docs if d["metadata"]["name"] == "supir-worker-v0f"} == {"Deployment", "ScaledObject"}
+
+
 def test_the_kustomization_renders_and_its_references_resolve() -> None:
     kinds = [(d["kind"], d["metadata"]["name"]) for d in RENDERED]
     assert len(kinds) == len(set(kinds))
@@ -227,10 +242,10 @@ def exported_metrics() -> set[str]:
         found.update(s.name for s in family.samples)
 
     class Store:
-        def queued_count(self) -> int:
+        def queued_count(self, variant: str | None = None) -> int:
             return 0
 
-        def running_count(self) -> int:
+        def running_count(self, variant: str | None = None) -> int:
             return 0
 
         def oldest_queued_at(self) -> float:
@@ -240,9 +255,10 @@ def exported_metrics() -> set[str]:
             return 0.0
 
         def worker_beats(self) -> dict:
-            return {"w:1": {"state": "ready", "job": None, "at": 0.0}}
+            return {"w:1": {"state": "ready", "job": None, "at": 0.0, "variants": ["v0Q"]}}
 
-    found.update(f.name for f in api.metrics.QueueCollector(Store()).collect())  # type: ignore[arg-type]
+    collector = api.metrics.QueueCollector(Store(), variants=("v0Q", "v0F"))  # type: ignore[arg-type]
+    found.update(f.name for f in collector.collect())
     return found
 
 
@@ -312,3 +328,84 @@ def test_compose_commands_exist_in_their_images() -> None:
         assert providers & wanted, f"{name}: {program!r} is not installed by the image's {extras} extras"
         checked += 1
     assert checked >= 3  # api, worker, worker-cpu
+
+
+# --- compose: one worker per SUPIR variant, and the API accepts exactly those -------------------------------
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default}, ${VAR-default} and ${VAR:?error} (defaults may hold braces), and $$."""
+    out, i = [], 0
+    while i < len(value):
+        if value.startswith("$$", i):
+            out.append("$")
+            i += 2
+        elif value.startswith("${", i):
+            depth, j = 1, i + 2
+            while depth:
+                depth += {"{": 1, "}": -1}.get(value[j], 0)
+                j += 1
+            name, op, rest = re.match(r"(\w+)(:?[-?])?(.*)", value[i + 2 : j - 1], re.DOTALL).groups()  # type: ignore[union-attr]
+            found = env.get(name)
+            if op in (":-", "-") and (found is None or (op == ":-" and not found)):
+                found = interpolate(rest, env)
+            assert found is not None or op is None, f"compose would stop: {rest}"
+            out.append(found or "")
+            i = j
+        else:
+            out.append(value[i])
+            i += 1
+    return "".join(out)
+
+
+def compose_up(tmp_path: Path, gpus: int, v0f_file: bool) -> dict[str, str]:
+    """deploy/compose-up.sh with `docker` and `nvidia-smi` stand-ins: the environment compose would start with."""
+    weights, bin_dir = tmp_path / "weights", tmp_path / "bin"
+    weights.mkdir()
+    bin_dir.mkdir()
+    for name in ["sd_xl_base_1.0_0.9vae.safetensors", "SUPIR-v0Q.ckpt"] + ["SUPIR-v0F.ckpt"] * v0f_file:
+        (weights / name).touch()
+    (bin_dir / "docker").write_text(f"#!/bin/sh\nenv > {tmp_path}/env\n")
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\n" + "".join(f"echo 'GPU {i}: H200'\n" for i in range(gpus)))
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SUPIR_WEIGHTS_DIR": str(weights)}
+    subprocess.run(["bash", str(REPO / "deploy/compose-up.sh")], env=env, check=True, timeout=30, capture_output=True)
+    return dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines() if "=" in line)
+
+
+@pytest.mark.parametrize(("gpus", "v0f_file", "workers"), [
+    (2, False, {"worker": ["v0Q"]}),
+    (2, True, {"worker": ["v0Q"], "worker-v0f": ["v0F"]}),
+    (1, True, {"worker": ["v0Q", "v0F"]}),  # one GPU: one process serves both, one SDXL base in memory
+])  # fmt: skip
+def test_compose_runs_a_worker_for_each_variant_it_offers(
+    tmp_path: Path, gpus: int, v0f_file: bool, workers: dict[str, list[str]]
+) -> None:
+    from jobs.settings import Settings
+
+    shell = compose_up(tmp_path, gpus, v0f_file)
+    shell |= {k: "x" * 40 for k in ("MINIO_ROOT_PASSWORD", "SUPIR_SIGNING_SECRET", "SUPIR_WEBHOOK_SECRET")}
+    shell |= {"SUPIR_API_KEYS": "[]", "GRAFANA_ADMIN_PASSWORD": "x"}
+    profiles = set(filter(None, shell.get("COMPOSE_PROFILES", "").split(",")))
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    running = {n: s for n, s in services.items() if not s.get("profiles") or profiles & set(s["profiles"])}
+
+    def settings(service: dict) -> Settings:
+        env = {k: interpolate(str(v), shell) for k, v in service["environment"].items()}
+        with mock.patch.dict(os.environ, env, clear=True):
+            return Settings()  # production, as compose runs it: the same validation
+
+    gpu_workers = {n: s for n, s in running.items() if "gpu" in json.dumps(s.get("deploy", {}))}
+    served = {n: settings(s).worker_variant_names for n, s in gpu_workers.items()}
+    assert served == workers
+    for name, service in gpu_workers.items():
+        assert "--queues" not in service["command"]
+        files = settings(service).variant_files
+        volume = next(interpolate(v, shell) for v in service["volumes"] if v.endswith(":/models:ro"))
+        for variant in served[name]:  # the file it loads is on its /models volume
+            path = Path(volume.removesuffix(":/models:ro")) / Path(str(files[variant])).relative_to("/models")
+            assert path.is_file(), path
+    accepted = set(settings(running["api"]).variant_files)
+    assert accepted == {v for names in served.values() for v in names}, "the API accepts exactly what is served"
+    assert set(settings(running["webhooks"]).variant_files) == accepted

@@ -1,30 +1,60 @@
-"""What an operator checks before a first rollout, on the rendered manifests (`kubectl kustomize`), the compose
-file and the images: pinned versions, autoscaled counts left to the autoscalers, one identity per component,
-egress closed to the metadata endpoint and private networks, a weights volume that can be shared, and the same
-commands wherever a process is started."""
+"""What an operator checks before a first rollout, on the rendered manifests (`kubectl kustomize`, as shipped and
+with the v0F component), the compose file and the images: pinned versions, autoscaled counts left to the
+autoscalers, one identity per component, egress closed to the metadata endpoint and private networks, a weights
+volume that can be shared, the same commands wherever a process is started, and one worker pool per SUPIR variant."""
 
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
 
+from jobs.settings import Settings
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def rendered() -> list[dict]:
-    out = subprocess.run(["kubectl", "kustomize", str(REPO / "deploy/k8s")], capture_output=True, text=True, check=True)
+COMPONENTS = {"base": [], "v0f": ["components/v0f"]}  # what `kubectl apply -k` renders, and with v0F enabled
+
+
+def rendered(components: list[str] | None = None, tmp: Path | None = None) -> list[dict]:
+    """`kubectl kustomize deploy/k8s`; with components, of a copy whose kustomization lists them (the documented
+    way to enable one: a component listed there gets the namespace, labels and images too)."""
+    root = REPO / "deploy/k8s"
+    if components:
+        assert tmp is not None
+        root = Path(shutil.copytree(root, tmp / "k8s"))
+        kustomization = yaml.safe_load((root / "kustomization.yaml").read_text())
+        kustomization["components"] = components
+        (root / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    out = subprocess.run(["kubectl", "kustomize", str(root)], capture_output=True, text=True, check=True)
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
-@pytest.fixture(scope="module")
-def docs() -> list[dict]:
-    return rendered()
+@pytest.fixture(scope="module", params=sorted(COMPONENTS))
+def docs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return rendered(COMPONENTS[request.param], tmp_path_factory.mktemp(request.param))
+
+
+def gpu_workers(docs: list[dict]) -> dict[str, dict]:
+    """The GPU worker Deployments by name: the pods that ask for a GPU."""
+    return {
+        d["metadata"]["name"]: d
+        for d in docs
+        if d["kind"] == "Deployment"
+        and any(
+            "nvidia.com/gpu" in c["resources"].get("limits", {}) for c in d["spec"]["template"]["spec"]["containers"]
+        )
+    }
 
 
 def pods(docs: list[dict]) -> dict[str, dict]:
@@ -42,7 +72,7 @@ def test_autoscaled_deployments_leave_the_count_to_the_autoscaler(docs: list[dic
     targets = {
         d["spec"]["scaleTargetRef"]["name"] for d in docs if d["kind"] in ("HorizontalPodAutoscaler", "ScaledObject")
     }
-    assert targets == {"supir-api", "supir-worker"}
+    assert targets == {"supir-api", *gpu_workers(docs)} and "supir-worker" in targets
     for d in docs:
         if d["kind"] == "Deployment" and d["metadata"]["name"] in targets:
             assert "replicas" not in d["spec"], d["metadata"]["name"]
@@ -52,7 +82,8 @@ def test_each_component_has_its_own_service_account(docs: list[dict]) -> None:
     accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
     deployments = {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"}
     assert {spec["serviceAccountName"] for spec in deployments.values()} == accounts
-    assert len(accounts) == len(deployments) == 3
+    assert len(accounts) == 3  # api, webhooks, GPU workers: every variant's pool is the one component
+    assert {deployments[name]["serviceAccountName"] for name in gpu_workers(docs)} == {"supir-worker"}
     api_secrets = {
         s["secretRef"]["name"] for c in deployments["supir-api"]["containers"] for s in c["envFrom"] if "secretRef" in s
     }
@@ -98,6 +129,10 @@ def test_processes_start_the_same_way_in_compose_and_kubernetes(docs: list[dict]
     assert services["api"]["command"] == k8s["supir-api"]
     assert services["worker"]["command"] == k8s["supir-worker"]
     assert services["webhooks"]["command"] == k8s["supir-webhooks"]
+    if "supir-worker-v0f" in k8s:
+        assert services["worker-v0f"]["command"] == k8s["supir-worker-v0f"]
+    image = re.search(r"^CMD (\[.*\])$", (REPO / "docker/worker.Dockerfile").read_text(), re.MULTILINE)
+    assert image and json.loads(image.group(1)) == k8s["supir-worker"]  # the image run bare: the same worker
 
 
 def test_the_worker_image_runs_the_tested_python_and_torch() -> None:
@@ -110,3 +145,86 @@ def test_the_worker_image_runs_the_tested_python_and_torch() -> None:
     assert "-c constraints/cpu.txt" in dockerfile  # the other packages at the tested versions too
     api = (REPO / "docker/api.Dockerfile").read_text()
     assert re.search(r"^FROM python:(\d+\.\d+)", api, re.MULTILINE).group(1) == base.group(1)  # type: ignore[union-attr]
+
+
+# --- SUPIR variants: one worker pool per variant -----------------------------------------------------------
+
+
+def pod_env(docs: list[dict], container: dict) -> dict[str, str]:
+    """A container's environment as the pod gets it: the ConfigMaps it names, then its own env."""
+    maps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(maps[source["configMapRef"]["name"]])
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    return env
+
+
+def settings_of(env: dict[str, str]) -> Settings:
+    """The real settings model on that environment alone (dev: the Secret's values are not here)."""
+    with mock.patch.dict(os.environ, env, clear=True):
+        return Settings(environment="dev")
+
+
+def test_each_variant_has_one_worker_pool_that_loads_its_file(docs: list[dict]) -> None:
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "supir-config")["data"]
+    served = settings_of(config).variant_files  # what the API accepts: SUPIR_VARIANTS, or the one default
+    assert "SUPIR_VARIANTS" in config or set(served) == {"v0Q"}
+    assert not ("SUPIR_VARIANTS" in config and "SUPIR_CHECKPOINT" in config)  # one source of truth
+    pools: dict[str, str] = {}
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    for name, deployment in gpu_workers(docs).items():
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        env = pod_env(docs, container)
+        (variant,) = env["SUPIR_WORKER_VARIANTS"].split(",")  # one variant per pool: it scales on that one's jobs
+        assert variant not in pools, f"{name} and {pools[variant]} both serve {variant}"
+        pools[variant] = name
+        settings = settings_of(env)  # the worker's own validation: its variants are among SUPIR_VARIANTS
+        assert settings.worker_variant_names == [variant]
+        path = str(settings.variant_files[variant])
+        shared = {v["name"] for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") in claims}
+        mounts = [m["mountPath"] for m in container["volumeMounts"] if m["name"] in shared]
+        assert any(path.startswith(m.rstrip("/") + "/") for m in mounts), f"{name}: {path} is on no weights volume"
+        assert deployment["metadata"]["labels"]["supir-serve/variant"] == variant
+        assert "--queues" not in container["command"]  # the worker derives its queues from its variants
+        assert container["lifecycle"]["preStop"]["exec"]["command"] == ["python", "-m", "worker.drain"]
+    assert set(pools) == set(served), "a Deployment per variant the API accepts, and none for others"
+    job = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["name"] == "supir-weights")
+    script = " ".join(job["spec"]["template"]["spec"]["containers"][0]["args"])
+    for file in served.values():  # the Job fills and checks every file a worker loads
+        assert f"supir weights check {config['SUPIR_SDXL_CHECKPOINT']} {file}" in script
+
+
+def test_each_pool_scales_on_its_own_variant(docs: list[dict]) -> None:
+    workers = gpu_workers(docs)
+    variants = {name: d["metadata"]["labels"]["supir-serve/variant"] for name, d in workers.items()}
+    scalers = [d for d in docs if d["kind"] == "ScaledObject"]
+    assert sorted(s["spec"]["scaleTargetRef"]["name"] for s in scalers) == sorted(workers)  # exactly one each
+    base = next(s for s in scalers if s["metadata"]["name"] == "supir-worker")
+    for scaler in scalers:
+        variant = variants[scaler["spec"]["scaleTargetRef"]["name"]]
+        (trigger,) = scaler["spec"]["triggers"]
+        query = trigger["metadata"]["query"]
+        assert set(re.findall(r'variant="([^"]+)"', query)) == {variant}, query
+        # the base pool's policy and trigger, only aimed elsewhere
+        assert query == base["spec"]["triggers"][0]["metadata"]["query"].replace('"v0Q"', f'"{variant}"')
+        same = {k: v for k, v in scaler["spec"].items() if k not in ("scaleTargetRef", "triggers")}
+        assert same == {k: v for k, v in base["spec"].items() if k not in ("scaleTargetRef", "triggers")}
+
+
+def test_worker_pools_are_disjoint_and_all_monitored(docs: list[dict]) -> None:
+    workers = gpu_workers(docs)
+    pod_labels = {name: d["spec"]["template"]["metadata"]["labels"] for name, d in workers.items()}
+
+    def selects(selector: dict, labels: dict) -> bool:
+        return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+    for name, deployment in workers.items():  # a Deployment's selector matches its own pods only
+        matched = {other for other, labels in pod_labels.items() if selects(deployment["spec"]["selector"], labels)}
+        assert matched == {name}
+    monitor = next(d for d in docs if d["kind"] == "PodMonitor" and d["metadata"]["name"] == "supir-worker")
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "supir-worker")
+    for labels in pod_labels.values():
+        assert selects(monitor["spec"]["selector"], labels) and selects(policy["spec"]["podSelector"], labels)

@@ -1,7 +1,7 @@
-"""Monitoring and scaling, checked with the real tools: promtool's unit tests for every alert and the scaling query
-(two API replicas), every PromQL expression (rules, KEDA trigger, dashboard) parsed by promtool, `kubectl kustomize`
-rendered and validated, the selector label on exactly the Prometheus Operator objects, the compose Alertmanager,
-and docs that agree with the manifests."""
+"""Monitoring and scaling, checked with the real tools: promtool's unit tests for every alert and each variant's
+scaling query (two variants, two API replicas), every PromQL expression (rules, KEDA triggers, dashboard) parsed by
+promtool, `kubectl kustomize` rendered (as shipped and with the v0F component) and validated, the selector label on
+exactly the Prometheus Operator objects, the compose Alertmanager, and docs that agree with the manifests."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+
+from tests.test_deploy_policies import rendered as kustomize
 
 REPO = Path(__file__).resolve().parents[1]
 PROM = REPO / "deploy" / "prometheus"
@@ -29,6 +31,21 @@ KEDA = yaml.safe_load((K8S / "keda.yaml").read_text())
 TRIGGER = KEDA["spec"]["triggers"][0]
 DASHBOARD = json.loads((REPO / "deploy/grafana/dashboards/supir.json").read_text())
 OPERATIONS = (REPO / "docs/operations.md").read_text()
+# the gauges with one series per SUPIR variant: max over API replicas by variant, never across variants
+VARIANT_GAUGES = ("supir_jobs_waiting", "supir_jobs_running", "supir_variant_workers")
+
+
+@pytest.fixture(scope="module")
+def with_v0f(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return kustomize(["components/v0f"], tmp_path_factory.mktemp("v0f"))
+
+
+def scaling_queries(docs: list[dict]) -> dict[str, str]:
+    return {
+        d["metadata"]["name"]: d["spec"]["triggers"][0]["metadata"]["query"]
+        for d in docs
+        if d["kind"] == "ScaledObject"
+    }
 
 
 def promtool(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
@@ -53,7 +70,7 @@ def test_promtool_unit_tests_pass() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
+def test_every_alert_has_a_firing_and_a_quiet_unit_test(with_v0f: list[dict]) -> None:
     fired, quiet, exprs = set(), set(), set()
     for path in (PROM / "tests").glob("*.yml"):
         for case in yaml.safe_load(path.read_text())["tests"]:
@@ -62,7 +79,10 @@ def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
             exprs.update(check["expr"] for check in case.get("promql_expr_test", []))
     assert set(ALERTS) == fired, f"alerts without a test where they fire: {set(ALERTS) - fired}"
     assert set(ALERTS) == quiet, f"alerts without a test where they stay quiet: {set(ALERTS) - quiet}"
-    assert {"supir:jobs_outstanding", TRIGGER["metadata"]["query"], "supir:jobs_per_worker_per_minute"} <= exprs
+    assert {"supir:jobs_outstanding", "supir:jobs_per_worker_per_minute", "supir:gpu_seconds_per_image"} <= exprs
+    queries = scaling_queries(with_v0f)
+    assert len(queries) == 2 and TRIGGER["metadata"]["query"] in queries.values()
+    assert set(queries.values()) <= exprs, "every variant's rendered KEDA query has its promtool test"
 
 
 def test_every_alert_says_how_bad_what_and_where_to_look() -> None:
@@ -87,21 +107,34 @@ def test_time_limit_alerts_follow_the_exported_limit() -> None:
         assert "1800" not in ALERTS[name]["expr"], name
 
 
-def test_queue_gauges_are_never_summed_over_api_replicas() -> None:
+def test_queue_gauges_are_never_summed_over_api_replicas(with_v0f: list[dict]) -> None:
     """Every API replica reports the same queue gauges: a sum counts each job once per replica."""
-    gauges = r"supir_(jobs_waiting|jobs_running|oldest_\w+|workers|redis_up|job_time_limit_seconds)\b"
-    exprs = [r["expr"] for r in (*ALERTS.values(), *RECORDS.values())]
-    exprs += [TRIGGER["metadata"]["query"]] + [t["expr"] for p in DASHBOARD["panels"] for t in p["targets"]]
-    for expr in exprs:
+    gauges = r"supir_(jobs_waiting|jobs_running|variant_workers|oldest_\w+|workers|redis_up|job_time_limit_seconds)\b"
+    for expr in all_expressions(with_v0f).values():
         assert not re.search(r"\bsum\s*(?:(?:by|without)\s*\([^)]*\)\s*)?\(\s*" + gauges, expr), expr
+
+
+def test_variant_gauges_are_never_maxed_across_variants(with_v0f: list[dict]) -> None:
+    """max(supir_jobs_waiting) would be the longest variant's queue, not the total: each use keeps the variant,
+    by `max by (variant)` or a `variant="…"` matcher."""
+    uses = 0
+    for name, expr in all_expressions(with_v0f).items():
+        for gauge in VARIANT_GAUGES:
+            for match in re.finditer(rf"\b{gauge}\b(\{{[^}}]*\}})?", expr):
+                before = expr[: match.start()]
+                kept = re.search(r"max by \(variant\) \($", before) or 'variant="' in (match.group(1) or "")
+                assert kept, f"{name}: {expr}"
+                uses += 1
+    assert uses >= 10
 
 
 # --- every PromQL expression parses -------------------------------------------------------------------------
 
 
-def all_expressions() -> dict[str, str]:
+def all_expressions(docs: list[dict]) -> dict[str, str]:
+    """Every PromQL expression: rules, every rendered ScaledObject's query (docs), dashboard targets."""
     exprs = {f"rules_{name}": rule["expr"] for name, rule in {**ALERTS, **RECORDS}.items()}
-    exprs["keda_trigger"] = TRIGGER["metadata"]["query"]
+    exprs |= {f"keda_{name}": query for name, query in scaling_queries(docs).items()}
     for panel in DASHBOARD["panels"]:
         for target in panel["targets"]:
             exprs[f"dashboard_panel{panel['id']}_{target['refId']}"] = target["expr"]
@@ -116,9 +149,10 @@ def check_parse(exprs: dict[str, str], tmp_path: Path) -> subprocess.CompletedPr
     return promtool("check", "rules", str(path))
 
 
-def test_every_promql_expression_parses(tmp_path: Path) -> None:
-    exprs = all_expressions()
-    assert len([e for e in exprs if e.startswith("dashboard_")]) >= 29
+def test_every_promql_expression_parses(tmp_path: Path, with_v0f: list[dict]) -> None:
+    exprs = all_expressions(with_v0f)
+    assert len([e for e in exprs if e.startswith("dashboard_")]) >= 35
+    assert len([e for e in exprs if e.startswith("keda_")]) == 2
     proc = check_parse(exprs, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -134,7 +168,9 @@ def test_the_parse_check_catches_a_broken_query(tmp_path: Path) -> None:
 
 def test_keda_scales_on_each_job_once_with_a_fallback() -> None:
     spec = KEDA["spec"]
-    assert TRIGGER["metadata"]["query"] == RECORDS["supir:jobs_outstanding"]["expr"]  # unit-tested: 4, not 8
+    # the recording rule's expression, for v0Q alone (unit-tested: 4, not 8, and not v0F's jobs)
+    record = RECORDS["supir:jobs_outstanding"]["expr"]
+    assert TRIGGER["metadata"]["query"] == re.sub(r"max by \(variant\) \((\w+)\)", r'max(\1{variant="v0Q"})', record)
     assert TRIGGER.get("metricType", "AverageValue") == "AverageValue"  # fallback works for AverageValue only
     assert TRIGGER["metadata"]["ignoreNullValues"] == "false"  # no gauges → fallback, not zero jobs
     assert spec["fallback"]["failureThreshold"] >= 1 and spec["fallback"]["replicas"] >= 1
@@ -148,7 +184,7 @@ def test_keda_scales_on_each_job_once_with_a_fallback() -> None:
 def test_the_docs_agree_with_the_scaling_manifest() -> None:
     scaling = section("Scaling")
     spec = KEDA["spec"]
-    assert "`max(supir_jobs_waiting) + max(supir_jobs_running)`" in scaling
+    assert f"`{TRIGGER['metadata']['query']}`" in scaling
     assert f"`minReplicaCount: {spec['minReplicaCount']}`" in scaling and "`minReplicaCount: 1`" in scaling
     assert "supir_model_load_seconds" in scaling and "supir:jobs_per_worker_per_minute" in scaling
     assert f"threshold {TRIGGER['metadata']['threshold']}" in scaling.lower()
@@ -159,6 +195,18 @@ def test_the_docs_agree_with_the_scaling_manifest() -> None:
     assert pod["containers"][0]["lifecycle"]["preStop"]  # what makes fast scale-in safe
     comment = (K8S / "keda.yaml").read_text().split("apiVersion")[0]
     assert re.search(rf"minReplicaCount:? {spec['minReplicaCount']} scales to zero", comment)  # the comment agrees
+
+
+def test_the_docs_say_how_to_run_variants(with_v0f: list[dict]) -> None:
+    variants = section("Variants")
+    for setting in ("SUPIR_VARIANTS", "SUPIR_DEFAULT_VARIANT", "SUPIR_WORKER_VARIANTS"):
+        assert f"`{setting}`" in variants
+    assert "`components: [components/v0f]`" in variants and (K8S / "components/v0f/kustomization.yaml").is_file()
+    assert "variant_unavailable" in variants and "python -m worker.drain" in variants
+    assert "deploy/compose-up.sh" in variants and (REPO / "deploy/compose-up.sh").is_file()
+    for name in scaling_queries(with_v0f):
+        assert f"`{name}`" in variants or name == "supir-worker"
+    assert "supir_variant_workers" in variants and "SDXL base" in variants  # who serves; shared memory
 
 
 # --- Kubernetes rendering -----------------------------------------------------------------------------------
@@ -173,12 +221,18 @@ def rendered() -> list[dict]:
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
 
-def test_the_kustomize_rendering_validates(rendered: list[dict]) -> None:
-    standard = [d for d in rendered if d["kind"] not in CRD_KINDS]
-    assert {"Deployment", "Service", "ConfigMap"} <= {d["kind"] for d in standard}
-    for doc in standard:
-        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-    assert {d["kind"] for d in rendered} >= CRD_KINDS  # their shapes: tests/test_deploy.py
+def test_the_kustomize_rendering_validates(rendered: list[dict], with_v0f: list[dict]) -> None:
+    for docs in (rendered, with_v0f):
+        standard = [d for d in docs if d["kind"] not in CRD_KINDS]
+        assert {"Deployment", "Service", "ConfigMap"} <= {d["kind"] for d in standard}
+        for doc in standard:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        assert {d["kind"] for d in docs} >= CRD_KINDS  # their shapes: tests/test_deploy.py
+
+    def ids(docs: list[dict]) -> set[tuple[str, str]]:
+        return {(d["kind"], d["metadata"]["name"]) for d in docs}
+
+    assert ids(with_v0f) - ids(rendered) == {("Deployment", "supir-worker-v0f"), ("ScaledObject", "supir-worker-v0f")}
 
 
 def test_only_the_operator_objects_get_the_selector_label(rendered: list[dict]) -> None:
