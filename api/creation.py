@@ -20,9 +20,11 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from jobs.record import JobRecord, WebhookEvent, WebhookState, input_key, new_job_id
+from jobs.cache import cacheable, record_key
+from jobs.record import JobRecord, JobResult, WebhookEvent, WebhookState, input_key, new_job_id, output_key
 from jobs.settings import Settings
 from jobs.store import JobStore
+from jobs.usage import UsageBook
 from supir_core.errors import InvalidInput, ObjectMissing
 from supir_core.params import MAX_SEED, RestoreParams, validate_params
 
@@ -39,7 +41,9 @@ JOB_ID = re.compile(r"job_[0-9a-f]{32}")
 IDEMPOTENCY_WAIT_S = 30.0  # how long a repeat waits for the first create's job to exist
 IDEMPOTENCY_POLL_S = 0.1
 IDEMPOTENCY_STALE_S = 300.0  # a claim this old with no job: its API process died; the next request takes it
-ALLOWED_FIELDS = {"params", "preset", "webhook_url", "webhook_events", "image_url", "preview", "stage1_job"}
+ALLOWED_FIELDS = {
+    "params", "preset", "webhook_url", "webhook_events", "image_url", "preview", "stage1_job", "variant"
+}  # fmt: skip
 # stage1_job is set from the path of POST /v1/jobs/{id}/restore, never read from a create body
 SIZE_PARAMS = ("min_size", "upscale")  # fix the processing size: a run from a kept stage 1 must share them
 WEBHOOK_EVENTS: tuple[str, ...] = get_args(WebhookEvent)
@@ -59,6 +63,7 @@ class JobRequest:
     raw_params: dict[str, Any]
     preview: bool = False  # stop after stage 1 and its caption
     stage1_job: str | None = None  # sample from this preview job's stage 1 (its photo too)
+    variant: str | None = None  # the SUPIR variant asked for (None: the service's default)
 
     def digest(self) -> str:
         """Over the validated request (params with their defaults, so `2` and `2.0` or an omitted default match)."""
@@ -71,6 +76,7 @@ class JobRequest:
             "image": hashlib.sha256(self.image).hexdigest() if self.image else None,
             "preview": self.preview,
             "stage1_job": self.stage1_job,
+            "variant": self.variant,
         }
         return hashlib.sha256(json.dumps(normalised, sort_keys=True).encode()).hexdigest()
 
@@ -117,7 +123,19 @@ async def read_job_request(request: Request, settings: Settings, stage1_job: str
         raise ApiError("unsupported_media_type", "send multipart/form-data with an image, or JSON with image_url")
     if "stage1_job" in fields:  # only from the path of POST /v1/jobs/{id}/restore
         raise ApiError("invalid_request", "unknown field 'stage1_job'", field="stage1_job")
-    return _validated(fields, data, declared)
+    return _served(_validated(fields, data, declared), settings)
+
+
+def _served(job: JobRequest, settings: Settings) -> JobRequest:
+    """Refuse, before anything is queued, a variant no worker pool of this deployment serves (its queue would
+    wait forever); a request naming none gets the default, so the digest and the record name the variant."""
+    if job.variant is None:
+        return job if job.stage1_job else replace(job, variant=settings.default_variant)
+    if job.variant not in settings.variant_files:
+        served = ", ".join(settings.variant_files)
+        message = f"variant {job.variant[:40]!r} is not served here; choose one of {served}"
+        raise ApiError("variant_unavailable", message, field="variant")
+    return job
 
 
 async def _from_preview_request(request: Request, stage1_job: str, content_type: str) -> JobRequest:
@@ -130,7 +148,7 @@ async def _from_preview_request(request: Request, stage1_job: str, content_type:
     for name in ("image_url", "preview", "stage1_job"):
         if name in fields:  # the photo and stage 1 are the preview's
             raise ApiError("invalid_request", f"unknown field {name!r}", field=name)
-    return _validated({**fields, "stage1_job": stage1_job}, None, None)
+    return _served(_validated({**fields, "stage1_job": stage1_job}, None, None), request.app.state.services.settings)
 
 
 def _event_list(raw: str) -> Any:
@@ -180,6 +198,9 @@ def _validated(fields: dict[str, Any], data: bytes | None, declared: str | None)
     if not isinstance(raw_params, dict):
         raise ApiError("invalid_request", "params must be a JSON object", field="params")
     preview, stage1_job = fields.get("preview", False), fields.get("stage1_job")
+    variant = fields.get("variant")
+    if variant is not None and not isinstance(variant, str):
+        raise ApiError("invalid_request", "variant must be a string", field="variant")
     if not isinstance(preview, bool):
         raise ApiError("invalid_request", "preview must be true or false", field="preview")
     if stage1_job is not None and not (isinstance(stage1_job, str) and JOB_ID.fullmatch(stage1_job)):
@@ -201,7 +222,9 @@ def _validated(fields: dict[str, Any], data: bytes | None, declared: str | None)
         raise ApiError(
             exc.code, exc.message, field=f"params.{exc.field}" if exc.field and exc.field != "preset" else exc.field
         ) from None
-    return JobRequest(params, preset, data, declared, image_url, webhook_url, events, raw_params, preview, stage1_job)
+    return JobRequest(
+        params, preset, data, declared, image_url, webhook_url, events, raw_params, preview, stage1_job, variant
+    )
 
 
 def _webhook_events(raw: Any, webhook_url: str | None) -> tuple[str, ...]:
@@ -266,12 +289,18 @@ async def create(
             assert job.image_url is not None  # _validated: one of the three
             async with services.fetches:
                 image, declared = await run_in_threadpool(fetch_image, job.image_url, settings)
-        async with services.decodes:
-            info = await run_in_threadpool(check_image, image, settings, job.params.upscale, declared)
-        record = _record(job, job_id, owner, info, request_hash)
-        # input first, record second, task last: a failure leaves no record pointing at a missing input
-        await run_in_threadpool(services.objects.put, record.input_key, image, info.content_type)
-        await run_in_threadpool(store.create, record)  # the record keeps the claimed slot
+        image_sha256 = await run_in_threadpool(lambda: hashlib.sha256(image).hexdigest())
+        hit = await run_in_threadpool(_answer_from_cache, services, owner, job, job_id, image_sha256, request_hash)
+        if hit is not None:
+            await run_in_threadpool(store.release_slot, owner, job_id)  # it ended at birth: no slot held
+            claimed = False
+        else:
+            async with services.decodes:
+                info = await run_in_threadpool(check_image, image, settings, job.params.upscale, declared)
+            record = _record(job, job_id, owner, info, request_hash, image_sha256)
+            # input first, record second, task last: a failure leaves no record pointing at a missing input
+            await run_in_threadpool(services.objects.put, record.input_key, image, info.content_type)
+            await run_in_threadpool(store.create, record)  # the record keeps the claimed slot
     except BaseException as exc:  # any failure, a cancelled request too, gives back the slot and the key
         with anyio.CancelScope(shield=True):
             await run_in_threadpool(_undo_claims, store, owner, job_id, job_id if claimed else None, idempotency_key)
@@ -281,8 +310,13 @@ async def create(
     if idempotency_key:
         with contextlib.suppress(redis.RedisError):  # only informative: waiters look for the record itself
             await run_in_threadpool(store.confirm_idempotency_key, owner, idempotency_key, job_id, request_hash)
+    if hit is not None:
+        if hit.webhook is not None and hit.webhook.state == "pending":
+            with contextlib.suppress(Exception):  # as for a job canceled while queued: the light worker posts it
+                await run_in_threadpool(services.notify, job_id)
+        return hit, False
     try:
-        await run_in_threadpool(services.enqueue, job_id)
+        await run_in_threadpool(services.enqueue, job_id, record.variant)
     except Exception as exc:
         error = {"code": "queue_unavailable", "message": "the job queue is unavailable"}
         await run_in_threadpool(store.finish, job_id, "failed", error=error)  # ends it and frees its slot
@@ -312,25 +346,111 @@ async def _from_stage1(services: Services, owner: str, job: JobRequest) -> tuple
         params = validate_params({**job.raw_params, **{n: source.params[n] for n in SIZE_PARAMS}}, preset=job.preset)
     except InvalidInput as exc:
         raise ApiError(exc.code, exc.message, field=f"params.{exc.field}" if exc.field else None) from None
+    if job.variant is not None and source.variant and job.variant != source.variant:
+        message = f"variant must be the stage-1 job's ({source.variant}): stage 1 ran that variant's encoder"
+        raise ApiError("invalid_parameter", message, field="variant")
     try:
         image = await run_in_threadpool(services.objects.get, source.input_key)
     except ObjectMissing:
         raise ApiError("stage1_unavailable", f"job {source.id}'s photo is past retention") from None
-    return replace(job, params=params), image, source.input_content_type
+    variant = source.variant or services.settings.default_variant
+    return replace(job, params=params, variant=variant), image, source.input_content_type
 
 
-def _record(job: JobRequest, job_id: str, owner: str, info: Any, request_hash: str) -> JobRecord:
+def _answer_from_cache(
+    services: Services, owner: str, job: JobRequest, job_id: str, image_sha256: str, request_hash: str
+) -> JobRecord | None:
+    """A job born `succeeded` with copies of an earlier identical job's results (no GPU work), or None."""
+    settings, store = services.settings, services.store
+    probe = JobRecord(
+        id=job_id,
+        owner=owner,
+        params=job.params.model_dump(),
+        input_sha256=image_sha256,
+        seed_given=job.params.seed is not None,
+        variant=job.variant or "",
+        kind="preview" if job.preview else "restore",
+        stage1_job=job.stage1_job,
+    )
+    if not cacheable(settings, probe):
+        return None
+    model = store.variant_info(probe.variant)  # what this variant's workers load (None before any has)
+    if model is None:
+        metrics.RESULT_CACHE.labels("miss").inc()
+        return None
+    key = record_key(settings, probe, model["model_id"])
+    source_id = store.cached_job(key)
+    source = store.get(source_id) if source_id else None
+    if source is None or source.status != "succeeded" or not source.results:
+        if source_id:
+            store.forget_result(key, source_id)
+        metrics.RESULT_CACHE.labels("miss").inc()
+        return None
+    try:
+        results = [_copied(services, r, job_id, i) for i, r in enumerate(source.results)]
+    except ObjectMissing:  # swept before its record expired: run it again
+        store.forget_result(key, source.id)
+        metrics.RESULT_CACHE.labels("miss").inc()
+        return None
+    now = time.time()
+    webhook = _webhook_state(job)
+    record = source.model_copy(
+        update={
+            "id": job_id,
+            "owner": owner,
+            "status": "succeeded",
+            "params": probe.params,
+            "preset": job.preset,
+            "input_key": "",  # nothing to restore: the photo is not kept again
+            "created_at": now,
+            "started_at": now,
+            "finished_at": now,
+            "attempts": 0,
+            "lost": 0,
+            "worker": None,
+            "seconds": {},
+            "error": None,
+            "result": results[0],
+            "results": results,
+            "webhook": webhook,
+            "request_hash": request_hash,
+            "cached": True,
+            "cached_from": source.id,
+            "gpu_seconds": 0.0,
+        }
+    )
+    store.create_finished(record)
+    usage = UsageBook(store.r, store.p, store.retention_s)
+    with contextlib.suppress(redis.RedisError):  # informative: the job itself is made
+        usage.record(owner, images=len(results), gpu_seconds=0.0, cached=True)
+    metrics.RESULT_CACHE.labels("hit").inc()
+    return record
+
+
+def _copied(services: Services, result: JobResult, job_id: str, index: int) -> JobResult:
+    """The job's own copy of a result, so each job's files live and expire with it."""
+    key = output_key(job_id, index, result.key.rsplit(".", 1)[-1])
+    services.objects.put(key, services.objects.get(result.key), result.content_type)
+    return result.model_copy(update={"key": key})
+
+
+def _webhook_state(job: JobRequest) -> WebhookState | None:
+    if not job.webhook_url:
+        return None
+    # the state follows the `completed` delivery; without it there is none to wait for
+    state = "pending" if "completed" in job.webhook_events else "not_requested"
+    return WebhookState(url=job.webhook_url, events=list(job.webhook_events), state=state)
+
+
+def _record(
+    job: JobRequest, job_id: str, owner: str, info: Any, request_hash: str, image_sha256: str = ""
+) -> JobRecord:
     # no seed given: one derived from the job id, so every job records the seed that reproduces it
     seed = (
         job.params.seed
         if job.params.seed is not None
         else int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:4]) % (MAX_SEED + 1)
     )
-    webhook = None
-    if job.webhook_url:
-        # the state follows the `completed` delivery; without it there is none to wait for
-        state = "pending" if "completed" in job.webhook_events else "not_requested"
-        webhook = WebhookState(url=job.webhook_url, events=list(job.webhook_events), state=state)
     return JobRecord(
         id=job_id,
         owner=owner,
@@ -340,10 +460,13 @@ def _record(job: JobRequest, job_id: str, owner: str, info: Any, request_hash: s
         input_content_type=info.content_type,
         input_width=info.width,
         input_height=info.height,
-        webhook=webhook,
+        webhook=_webhook_state(job),
         request_hash=request_hash,
         kind="preview" if job.preview else "restore",
         stage1_job=job.stage1_job,
+        variant=job.variant or "",
+        input_sha256=image_sha256,
+        seed_given=job.params.seed is not None,
     )
 
 

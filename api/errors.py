@@ -42,6 +42,7 @@ STATUS: dict[str, int] = {
     "decompression_bomb": 422,
     "image_too_small": 422,
     "invalid_parameter": 422,
+    "variant_unavailable": 422,
     "unknown_parameter": 422,
     "url_fetch_failed": 422,
     "rate_limited": 429,

@@ -31,28 +31,46 @@ REQUEST_SECONDS = Histogram(
 )
 JOBS_CREATED = Counter("supir_jobs_created_total", "jobs accepted into the queue")
 REJECTED = Counter("supir_requests_rejected_total", "requests refused, by error code", ["code"])
+RESULT_CACHE = Counter(
+    "supir_result_cache_total", "cacheable requests: answered from a stored result or not", ["outcome"]
+)
 
 
 class QueueCollector(Collector):
     """What Redis says at scrape time: queue depth and ages, worker processes by state, and whether Redis answers.
     Every API replica reports the same values, so dashboards and alerts take `max` over replicas, never `sum`."""
 
-    def __init__(self, store: JobStore, job_time_limit_s: float = 0.0) -> None:
-        self.store, self.job_time_limit_s = store, job_time_limit_s
+    def __init__(self, store: JobStore, job_time_limit_s: float = 0.0, variants: tuple[str, ...] = ()) -> None:
+        self.store, self.job_time_limit_s, self.variants = store, job_time_limit_s, variants
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         # a setting, exported so that alerts compare job times with the limit in force, not a number retyped
         yield GaugeMetricFamily("supir_job_time_limit_seconds", "SUPIR_JOB_TIME_LIMIT_S", value=self.job_time_limit_s)
         try:
-            waiting, running = self.store.queued_count(), self.store.running_count()
+            waiting = {v: self.store.queued_count(v) for v in self.variants}
+            running = {v: self.store.running_count(v) for v in self.variants}
             oldest_queued, oldest_running = self.store.oldest_queued_at(), self.store.oldest_running_since()
             beats = self.store.worker_beats()
         except Exception:  # a scrape must not fail because Redis is down: say so instead
             yield GaugeMetricFamily("supir_redis_up", "1 when the API reached Redis at this scrape", value=0)
             return
         yield GaugeMetricFamily("supir_redis_up", "1 when the API reached Redis at this scrape", value=1)
-        yield GaugeMetricFamily("supir_jobs_waiting", "jobs queued, not yet started", value=waiting)
-        yield GaugeMetricFamily("supir_jobs_running", "jobs a worker is running", value=running)
+        # per variant: each has its own queue and worker pool, scaled on its own outstanding jobs
+        for name, counts, help_text in (
+            ("supir_jobs_waiting", waiting, "jobs queued, not yet started, by SUPIR variant"),
+            ("supir_jobs_running", running, "jobs a worker is running, by SUPIR variant"),
+        ):
+            family = GaugeMetricFamily(name, help_text, labels=["variant"])
+            for variant, count in counts.items():
+                family.add_metric([variant], count)
+            yield family
+        serving = GaugeMetricFamily(
+            "supir_variant_workers", "ready worker processes serving a variant", labels=["variant"]
+        )
+        for variant in self.variants:
+            ready_for = [b for b in beats.values() if b.get("state") == "ready" and variant in b.get("variants", [])]
+            serving.add_metric([variant], len(ready_for))
+        yield serving
         now = time.time()
         yield GaugeMetricFamily(
             "supir_oldest_queued_job_age_seconds",
@@ -76,12 +94,12 @@ class QueueCollector(Collector):
             )
 
 
-def render(store: JobStore, job_time_limit_s: float = 0.0) -> tuple[bytes, str]:
+def render(store: JobStore, job_time_limit_s: float = 0.0, variants: tuple[str, ...] = ()) -> tuple[bytes, str]:
     registry = CollectorRegistry()
     if MULTIPROC_DIR:
         MultiProcessCollector(registry)
     else:
-        for collector in (REQUESTS, REQUEST_SECONDS, JOBS_CREATED, REJECTED):
+        for collector in (REQUESTS, REQUEST_SECONDS, JOBS_CREATED, REJECTED, RESULT_CACHE):
             registry.register(collector)
-    registry.register(QueueCollector(store, job_time_limit_s))
+    registry.register(QueueCollector(store, job_time_limit_s, variants))
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -35,11 +35,12 @@ class JobErrorInfo(BaseModel):
 
 
 class JobResultInfo(BaseModel):
-    url: str = Field(description="a signed link to the restored PNG, valid for an hour")
+    url: str = Field(description="a signed link to the restored image, valid for an hour")
     width: int
     height: int
     bytes: int
-    content_type: str
+    content_type: str = Field(description="image/png, image/jpeg or image/webp (params.output_format)")
+    seed: int | None = Field(None, description="this sample's seed (the job's seed + its index)")
 
 
 class Webhook(BaseModel):
@@ -73,13 +74,21 @@ class Job(BaseModel):
     negative_prompt: str | None
     attempts: int = Field(description="runs started; more than 1 after a worker was lost")
     error: JobErrorInfo | None
-    result: JobResultInfo | None
+    result: JobResultInfo | None = Field(description="the first sample's result (also `results[0]`)")
+    results: list[JobResultInfo] = Field(
+        [], description="every sample's result, in order (`params.num_samples`); empty until the job succeeds"
+    )
     webhook: Webhook | None
     cancel_requested: bool = False
     kind: Literal["restore", "preview"] = Field(
         "restore", description="preview: stage 1 and its caption only; `result` is the stage-1 image"
     )
     stage1_job: str | None = Field(None, description="the preview whose stage 1 this job sampled from")
+    variant: str | None = Field(None, description="the SUPIR variant (checkpoint) that runs the job")
+    model_sha256: str | None = Field(None, description="sha256 of that variant's SUPIR file, once a worker ran it")
+    gpu_seconds: float = Field(0.0, description="the worker's pipeline seconds (what usage counts); 0 when cached")
+    cached: bool = Field(False, description="answered from the result cache (an identical earlier request): no GPU")
+    cached_from: str | None = Field(None, description="the earlier job whose result a cached job copied")
 
 
 class JobList(BaseModel):
@@ -111,6 +120,15 @@ TWO_STAGE_FIELDS: dict[str, Any] = {
         "description": "stop after stage 1 and its caption (as the official demo's first step): the result is the "
         "stage-1 image, `caption` what the captioner saw; correct it and run `POST /v1/jobs/{id}/restore`",
     },
+}
+VARIANT_FIELD: dict[str, Any] = {
+    "variant": {
+        "type": "string",
+        "pattern": "^[A-Za-z0-9_.]{1,32}$",
+        "description": "the SUPIR checkpoint: v0Q (heavy degradation) or v0F (fidelity), as this service serves "
+        "them (`GET /status` lists them); default: the service's. One no worker pool serves: 422 "
+        "variant_unavailable",
+    }
 }
 WEBHOOK_FIELDS: dict[str, Any] = {
     "webhook_url": {**HTTP_URL, "description": "POSTed the job (signed) on the events asked for"},
@@ -144,6 +162,7 @@ CREATE_JOB_DOCS: dict[str, Any] = {
                         "params": PARAMS_REF,
                         "preset": PRESET_SCHEMA,
                         **TWO_STAGE_FIELDS,
+                        **VARIANT_FIELD,
                         **WEBHOOK_FIELDS,
                     },
                 },
@@ -165,6 +184,7 @@ CREATE_JOB_DOCS: dict[str, Any] = {
                         "params": PARAMS_REF,
                         "preset": PRESET_SCHEMA,
                         **TWO_STAGE_FIELDS,
+                        **VARIANT_FIELD,
                         **WEBHOOK_FIELDS,
                         # JSON null is taken as no webhook
                         "webhook_url": {**WEBHOOK_FIELDS["webhook_url"], "type": ["string", "null"]},
@@ -206,6 +226,7 @@ FROM_PREVIEW_DOCS: dict[str, Any] = {
                     "properties": {
                         "params": PARAMS_REF,
                         "preset": PRESET_SCHEMA,
+                        **VARIANT_FIELD,  # only the preview's own: stage 1 ran that variant's encoder
                         **WEBHOOK_FIELDS,
                         "webhook_url": {**WEBHOOK_FIELDS["webhook_url"], "type": ["string", "null"]},
                     },

@@ -24,7 +24,8 @@ REASONS = {
     "stage1_unavailable)",
     413: "the upload or body is too large (file_too_large, url_too_large)",
     415: "not an image format the service reads (unsupported_media_type)",
-    422: "the image or a parameter is unusable (invalid_image, invalid_parameter, image_too_large, …)",
+    422: "the image or a parameter is unusable (invalid_image, invalid_parameter, image_too_large, "
+    "variant_unavailable, …)",
     429: "over a rate limit or the active-job quota (rate_limited, quota_exceeded); see Retry-After",
     503: "Redis or storage unavailable (queue_unavailable, storage_error); see Retry-After",
 }
@@ -35,13 +36,15 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": Error, "description": REASONS[status]} for status in statuses}
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, variants: tuple[str, ...] = ()) -> None:
     def build() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(
                 title=app.title, version=app.version, description=app.description, routes=app.routes, tags=None
             )
             _tidy(schema)
+            if variants:
+                _served_variants(schema, variants)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -68,3 +71,15 @@ def _tidy(schema: dict[str, Any]) -> None:
     restore = components.get("schemas", {}).get("RestoreParams")
     if restore is not None:  # what each named preset sets: clients (the web page) show it, one source
         restore["x-presets"] = PRESETS
+
+
+def _served_variants(schema: dict[str, Any], variants: tuple[str, ...]) -> None:
+    """The `variant` request fields list the variants this deployment serves (its settings), so generated
+    clients and the web page offer exactly those."""
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for media in operation.get("requestBody", {}).get("content", {}).values():
+                properties = media.get("schema", {}).get("properties", {})
+                if "variant" in properties:
+                    field = {k: v for k, v in properties["variant"].items() if k != "pattern"}
+                    properties["variant"] = {**field, "enum": list(variants)}

@@ -8,8 +8,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from jobs.queue import RESTORE_TASK, WEBHOOK_TASK, make_celery, webhook_queue
-from jobs.record import TERMINAL, JobRecord
+from jobs.queue import RESTORE_TASK, WEBHOOK_TASK, make_celery, variant_queue, webhook_queue
+from jobs.record import TERMINAL, JobRecord, JobResult
 from jobs.redis_conn import store_client
 from jobs.settings import Settings
 from jobs.storage import ObjectStore, make_store
@@ -24,7 +24,7 @@ class Services:
         settings: Settings,
         store: JobStore,
         objects: ObjectStore,
-        enqueue: Callable[[str], None],
+        enqueue: Callable[[str, str], None],
         notify: Callable[[str], None] = lambda job_id: None,
     ):
         self.settings, self.store, self.objects, self.enqueue = settings, store, objects, enqueue
@@ -42,8 +42,9 @@ class Services:
         store = JobStore(store_client(settings), settings.key_prefix, retention_s=settings.retention_hours * 3600)
         celery = make_celery(settings)
 
-        def enqueue(job_id: str) -> None:
-            celery.send_task(RESTORE_TASK, args=[job_id], queue=settings.queue)
+        def enqueue(job_id: str, variant: str) -> None:
+            # each variant's queue is read only by workers that loaded its file
+            celery.send_task(RESTORE_TASK, args=[job_id], queue=variant_queue(settings, variant))
 
         def notify(job_id: str) -> None:
             celery.send_task(WEBHOOK_TASK, args=[job_id], queue=webhook_queue(settings))
@@ -60,7 +61,9 @@ class Services:
             "started_at": record.started_at,
             "finished_at": record.finished_at,
             "progress": record.progress.model_dump(),
-            "queue_position": self.store.queue_position(record.id) if record.status == "queued" else None,
+            "queue_position": (
+                self.store.queue_position(record.id, record.variant or None) if record.status == "queued" else None
+            ),
             "seconds": record.seconds,
             "params": record.params,
             "preset": record.preset,
@@ -80,9 +83,23 @@ class Services:
             "cancel_requested": record.status == "canceled" or (active and self.store.cancel_requested(record.id)),
             "kind": record.kind,
             "stage1_job": record.stage1_job,
+            "variant": record.variant or None,
+            "cached": record.cached,
+            "cached_from": record.cached_from,
+            "model_sha256": record.model_sha256,
+            "gpu_seconds": record.gpu_seconds,
+            "results": [],
         }
-        if record.status == "succeeded" and record.result is not None:
-            result = record.result.model_dump(exclude={"key"})
-            result["url"] = self.objects.url(record.result.key, RESULT_URL_TTL_S)
-            view["result"] = result
+        if record.status == "succeeded":
+            results = [self._result(r) for r in results_of(record)]
+            view["results"] = results
+            view["result"] = results[0] if results else None
         return view
+
+    def _result(self, result: JobResult) -> dict[str, Any]:
+        return {**result.model_dump(exclude={"key"}), "url": self.objects.url(result.key, RESULT_URL_TTL_S)}
+
+
+def results_of(record: JobRecord) -> list[JobResult]:
+    """Every sample's result; a record from before several samples has only `result`."""
+    return record.results or ([record.result] if record.result is not None else [])

@@ -18,6 +18,11 @@ def webhook_queue(settings: Settings) -> str:
     return f"{settings.queue}-webhooks"
 
 
+def variant_queue(settings: Settings, variant: str) -> str:
+    """The GPU queue of one SUPIR variant: its workers consume only it, and it scales on its own."""
+    return f"{settings.queue}-{variant}"
+
+
 def make_celery(settings: Settings) -> Celery:
     light = webhook_queue(settings)
     app = Celery("supir", broker=broker_url(settings), backend=None)

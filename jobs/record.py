@@ -21,14 +21,15 @@ def input_key(job_id: str) -> str:
     return f"inputs/{job_id}"
 
 
-def output_key(job_id: str) -> str:
-    """Derived from the id alone, so a redelivered job overwrites its result instead of adding one."""
-    return f"results/{job_id}.png"
+def output_key(job_id: str, index: int = 0, extension: str = "png") -> str:
+    """Derived from the id (and the sample's index) alone, so a redelivered job overwrites its results instead
+    of adding some. The first sample keeps the name a one-sample job has always had."""
+    return f"results/{job_id}.{extension}" if index == 0 else f"results/{job_id}-{index}.{extension}"
 
 
-def thumbnail_key(job_id: str, size: int) -> str:
+def thumbnail_key(job_id: str, size: int, index: int = 0) -> str:
     """A result's thumbnail, made on first request and kept (until retention) for the next."""
-    return f"thumbs/{job_id}-{size}.jpg"
+    return f"thumbs/{job_id}-{size}.jpg" if index == 0 else f"thumbs/{job_id}-{index}-{size}.jpg"
 
 
 def stage1_key(job_id: str) -> str:
@@ -53,6 +54,7 @@ class JobResult(BaseModel):
     height: int
     bytes: int
     content_type: str = "image/png"
+    seed: int | None = None  # the sample's own seed (seed + its index)
 
 
 WebhookEvent = Literal["started", "progress", "completed"]
@@ -100,6 +102,15 @@ class JobRecord(BaseModel):
     # preview: stop after stage 1 and its caption (the result is the stage-1 image); restore: the whole recipe
     kind: Literal["restore", "preview"] = "restore"
     stage1_job: str | None = None  # a preview job whose stage 1 this job samples from
+    results: list[JobResult] = Field(default_factory=list)  # every sample; `result` is the first
+    variant: str = ""  # the SUPIR checkpoint (v0Q, v0F, …) that runs it; its own Celery queue
+    model_sha256: str | None = None  # the worker's SUPIR file of that variant (sha256)
+    model_id: str | None = None  # the identity of SDXL + SUPIR files the result came from (cache keys use it)
+    input_sha256: str = ""
+    seed_given: bool = False  # the request named its seed: the result is reproducible, so it may be cached
+    cached: bool = False  # answered from the result cache: no GPU work
+    cached_from: str | None = None  # the job whose result this one copied
+    gpu_seconds: float = 0.0  # the pipeline's stage seconds on the worker (usage)
 
     @property
     def terminal(self) -> bool:

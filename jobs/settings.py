@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -11,6 +12,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRET = "dev-only-secret-change-me"
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9_.]{1,32}$")
 MIN_SECRET_CHARS = 32
 
 
@@ -93,6 +95,13 @@ class Settings(BaseSettings):
     url_timeout_s: float = Field(15.0, gt=0)
     webhook_secret: SecretStr = SecretStr(PLACEHOLDER_SECRET)
     allow_private_webhooks: bool = False
+    # results
+    strip_metadata: bool = Field(False, description="never write a photo's EXIF or ICC profile into its result")
+    result_cache: Literal["owner", "shared", "off"] = Field(
+        "owner",
+        description="a repeated request with an explicit seed is answered from the stored result: owner: only the "
+        "same key's earlier jobs; shared: any key's (the same photo bytes); off: always run",
+    )
     # jobs
     job_time_limit_s: int = Field(1800, ge=1)
     visibility_margin_s: int = Field(600, ge=1, description="broker redelivery waits time limit + this")
@@ -110,7 +119,12 @@ class Settings(BaseSettings):
     worker_health_port: int = Field(0, ge=0, le=65535, description="0: none; else /livez and /readyz of the worker")
     # weights and device (the same names as the CLI)
     sdxl_checkpoint: Path | None = None
-    checkpoint: Path | None = None
+    checkpoint: Path | None = Field(None, description="the SUPIR file of default_variant when `variants` is empty")
+    # SUPIR variants (v0Q for heavy degradation, v0F for fidelity, …): name → SUPIR file, shared by the API (which
+    # names it accepts, each with a queue of its own) and the workers (the files); the SDXL base is shared
+    variants: dict[str, Path | None] = Field(default_factory=dict)
+    default_variant: str = Field("v0Q", description="the variant of a job that names none")
+    worker_variants: str = Field("", description="the variants this worker serves, comma-separated; empty: all")
     model_config_file: Path | None = Field(None, alias="SUPIR_MODEL_CONFIG")
     device: str | None = None
     dtype: str | None = None
@@ -149,6 +163,34 @@ class Settings(BaseSettings):
     @classmethod
     def _keys_from_json(cls, value: object) -> object:
         return json.loads(value) if isinstance(value, str) and value.strip() else value or []
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _variants_from_json(cls, value: object) -> object:
+        return json.loads(value) if isinstance(value, str) and value.strip() else value or {}
+
+    @model_validator(mode="after")
+    def _variants_named(self) -> Settings:
+        for name in [*self.variants, self.default_variant, *self.worker_variant_names]:
+            if not VARIANT_NAME.fullmatch(name):
+                raise ValueError(f"variant name {name!r}: 1-32 letters, digits, '_' or '.'")
+        if self.variants and self.default_variant not in self.variants:
+            raise ValueError(f"SUPIR_DEFAULT_VARIANT={self.default_variant} is not in SUPIR_VARIANTS")
+        unknown = set(self.worker_variant_names) - set(self.variant_files)
+        if unknown:
+            raise ValueError(f"SUPIR_WORKER_VARIANTS names {', '.join(sorted(unknown))}, not in SUPIR_VARIANTS")
+        return self
+
+    @property
+    def variant_files(self) -> dict[str, Path | None]:
+        """Every variant the deployment serves and its SUPIR file (None where this process was not told)."""
+        return dict(self.variants) or {self.default_variant: self.checkpoint}
+
+    @property
+    def worker_variant_names(self) -> list[str]:
+        """What this worker loads and consumes: SUPIR_WORKER_VARIANTS, or every variant."""
+        chosen = [n.strip() for n in self.worker_variants.split(",") if n.strip()]
+        return chosen or list(self.variants) or [self.default_variant]
 
     @model_validator(mode="after")
     def _safe_for_production(self) -> Settings:

@@ -4,8 +4,13 @@ Keys (all under the settings' key_prefix, `p`):
     p:job:<id>             the JobRecord as JSON (expires `retention` after it ends)
     p:owner:<owner>        sorted set of the owner's job ids by creation time
     p:slots:<owner>        sorted set of the owner's queued + running job ids by claim time (quota)
-    p:queued               sorted set of queued ids by creation time (queue position)
+    p:queued               sorted set of queued ids by creation time
+    p:queued:<variant>     the same, per SUPIR variant (each has its own Celery queue: positions and depth)
     p:running              set of running ids
+    p:running:<variant>    the same, per variant
+    p:cache:<key>          result cache: the id of the job whose stored result answers a repeated request
+    p:variant:<name>       what the workers of a variant load: {model_id, supir_sha256, sdxl_sha256, at}
+    p:filehash:<digest>    sha256 of a weights file by path, size and mtime (hashed once per cluster)
     p:cancel:<id>          cancel flag, read by the worker between sampler steps
     p:events:<id>          pub/sub channel: the record after each change, with its "version"
     p:version:<id>         the record's change counter: +1 in the same transaction as each publish
@@ -54,15 +59,22 @@ class JobStore:
         raw = self.r.get(self._job(job_id))
         return JobRecord.model_validate_json(raw) if raw else None
 
-    def queue_position(self, job_id: str) -> int | None:
-        rank = self.r.zrank(f"{self.p}:queued", job_id)
+    def _queued(self, variant: str | None = None) -> str:
+        return f"{self.p}:queued:{variant}" if variant else f"{self.p}:queued"
+
+    def _running(self, variant: str | None = None) -> str:
+        return f"{self.p}:running:{variant}" if variant else f"{self.p}:running"
+
+    def queue_position(self, job_id: str, variant: str | None = None) -> int | None:
+        """Jobs ahead of this one in its variant's queue (the only queue its workers read)."""
+        rank = self.r.zrank(self._queued(variant), job_id)
         return None if rank is None else int(rank)
 
-    def queued_count(self) -> int:
-        return int(self.r.zcard(f"{self.p}:queued"))
+    def queued_count(self, variant: str | None = None) -> int:
+        return int(self.r.zcard(self._queued(variant)))
 
-    def running_count(self) -> int:
-        return int(self.r.scard(f"{self.p}:running"))
+    def running_count(self, variant: str | None = None) -> int:
+        return int(self.r.scard(self._running(variant)))
 
     def oldest_queued_at(self) -> float | None:
         """Creation time of the job longest in the queue."""
@@ -133,6 +145,15 @@ class JobStore:
             pipe.zadd(f"{self.p}:owner:{record.owner}", {record.id: record.created_at})
             pipe.zadd(self._slots(record.owner), {record.id: record.created_at})
             pipe.zadd(f"{self.p}:queued", {record.id: record.created_at})
+            if record.variant:
+                pipe.zadd(self._queued(record.variant), {record.id: record.created_at})
+            pipe.execute()
+
+    def create_finished(self, record: JobRecord) -> None:
+        """A job that is born ended (answered from the result cache): listed, never queued, kept for retention."""
+        with self.r.pipeline() as pipe:
+            pipe.set(self._job(record.id), record.model_dump_json(), ex=self.retention_s)
+            pipe.zadd(f"{self.p}:owner:{record.owner}", {record.id: record.created_at})
             pipe.execute()
 
     def update(self, job_id: str, change: Callable[[JobRecord], JobRecord | None]) -> JobRecord | None:
@@ -166,14 +187,15 @@ class JobStore:
         raise RuntimeError(f"job {job_id}: too many concurrent updates")
 
     def _index(self, pipe: redis.client.Pipeline, record: JobRecord) -> None:
-        if record.status == "queued":
-            pipe.zadd(f"{self.p}:queued", {record.id: record.created_at})  # a requeued job keeps its place
-        else:
-            pipe.zrem(f"{self.p}:queued", record.id)
-        if record.status == "running":
-            pipe.sadd(f"{self.p}:running", record.id)
-        else:
-            pipe.srem(f"{self.p}:running", record.id)
+        for variant in {None, record.variant or None}:
+            if record.status == "queued":  # a requeued job keeps its place
+                pipe.zadd(self._queued(variant), {record.id: record.created_at})
+            else:
+                pipe.zrem(self._queued(variant), record.id)
+            if record.status == "running":
+                pipe.sadd(self._running(variant), record.id)
+            else:
+                pipe.srem(self._running(variant), record.id)
         if record.status not in ACTIVE:
             pipe.zrem(self._slots(record.owner), record.id)
             pipe.expire(self._job(record.id), self.retention_s)
@@ -341,9 +363,16 @@ class JobStore:
     def _beat(self, worker: str) -> str:
         return f"{self.p}:worker:{worker}"
 
-    def heartbeat(self, worker: str, state: str = "ready", job: str | None = None, ttl_s: float = 30.0) -> None:
+    def heartbeat(
+        self,
+        worker: str,
+        state: str = "ready",
+        job: str | None = None,
+        ttl_s: float = 30.0,
+        variants: list[str] | None = None,
+    ) -> None:
         now = time.time()
-        beat = json.dumps({"state": state, "job": job, "at": now})
+        beat = json.dumps({"state": state, "job": job, "at": now, "variants": variants or []})
         with self.r.pipeline() as pipe:
             pipe.set(self._beat(worker), beat, px=int(ttl_s * 1000))
             pipe.zadd(f"{self.p}:workers", {worker: now})
@@ -374,6 +403,34 @@ class JobStore:
         """When a live, ready worker last beat (None: no ready worker)."""
         ready = [beat["at"] for beat in self.worker_beats().values() if beat.get("state") == "ready"]
         return max(ready) if ready else None
+
+    # result cache: a request's key → the job whose result answers it, for the retention window
+    def cached_job(self, key: str) -> str | None:
+        raw = self.r.get(f"{self.p}:cache:{key}")
+        return None if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    def remember_result(self, key: str, job_id: str) -> None:
+        self.r.set(f"{self.p}:cache:{key}", job_id, ex=self.retention_s)
+
+    def forget_result(self, key: str, job_id: str) -> None:
+        """Drop an entry whose job or result has gone (only if it still names that job)."""
+        if self.cached_job(key) == job_id:
+            self.r.delete(f"{self.p}:cache:{key}")
+
+    # variants: what the workers of each load, so the API can key the cache on the model before any job runs
+    def publish_variant(self, name: str, info: dict[str, Any]) -> None:
+        self.r.set(f"{self.p}:variant:{name}", json.dumps({**info, "at": time.time()}))
+
+    def variant_info(self, name: str) -> dict[str, Any] | None:
+        raw = self.r.get(f"{self.p}:variant:{name}")
+        return None if raw is None else dict(json.loads(raw))
+
+    def file_hash(self, digest: str) -> dict[str, Any] | None:
+        raw = self.r.get(f"{self.p}:filehash:{digest}")
+        return None if raw is None else dict(json.loads(raw))
+
+    def remember_file_hash(self, digest: str, info: dict[str, Any]) -> None:
+        self.r.set(f"{self.p}:filehash:{digest}", json.dumps(info))
 
     def take_lock(self, name: str, ttl_s: float) -> bool:
         """One holder cluster-wide for ttl_s (periodic work several processes offer to do)."""

@@ -26,6 +26,7 @@ NEGATIVE_PROMPT = (
     "jpeg artifacts, deformed, lowres, over-smooth"
 )
 MAX_SEED = 2**31 - 1
+MAX_SAMPLES = 4
 # dtype names the CLI and the worker accept (SUPIR_DTYPE, --dtype) → torch attribute names
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}  # fmt: skip
@@ -72,6 +73,12 @@ class RestoreParams(BaseModel):
     s_noise: float = Field(1.01, ge=0.0, le=1.2)
     dpmpp_full_guidance: bool = Field(False, description="DPM++: also apply restoration guidance and the control ramp")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="None picks one at random (reported back)")
+    num_samples: int = Field(
+        1,
+        ge=1,
+        le=MAX_SAMPLES,
+        description="restorations of the photo from one batched sampler run; sample i has seed + i",
+    )
     # prompts (spec §3.7, §5)
     caption: Literal["auto", "none"] = Field("auto", description="caption the stage-1 image when a captioner is loaded")
     caption_question: str = Field(DEFAULT_QUESTION, max_length=1000, description="what the captioner is asked")
@@ -90,6 +97,14 @@ class RestoreParams(BaseModel):
     negative_prompt: str = Field(NEGATIVE_PROMPT, max_length=2000)
     # post-processing (spec §4.3)
     color_fix: Literal["wavelet", "adain", "none"] = "wavelet"
+    # the result file
+    output_format: Literal["png", "jpeg", "webp"] = Field("png", description="png: lossless; jpeg, webp: smaller")
+    output_quality: int = Field(95, ge=1, le=100, description="JPEG and WebP quality (PNG ignores it)")
+    keep_metadata: bool = Field(
+        True,
+        description="write the photo's EXIF (orientation reset) and ICC profile into the result, unless the "
+        "service strips metadata",
+    )
     # tiling (spec §3.8, §4.4)
     tiling: Literal["auto", "always", "never"] = Field(
         "auto",
@@ -159,6 +174,12 @@ def _check_json_type(name: str, value: Any) -> None:
 
 
 _JSON_NAMES = {bool: "true or false", str: "a string", int: "a number", float: "a number", type(None): "null"}
+
+
+def sample_seeds(seed: int, num_samples: int) -> list[int]:
+    """Each sample's seed: seed, seed + 1, … (wrapping past MAX_SEED), so sample i of a batch is the single run
+    with seed + i."""
+    return [(seed + i) % (MAX_SEED + 1) for i in range(num_samples)]
 
 
 def validate_params(raw: dict[str, Any] | None = None, preset: str | None = None) -> RestoreParams:

@@ -96,7 +96,9 @@ class Service:
             "SUPIR_DTYPE": "float32",
             "SUPIR_PROGRESS_INTERVAL_S": "0",
             "SUPIR_READ_RATE_LIMIT_PER_MINUTE": "1000000",  # tests poll; test_rate_limit uses a key of its own
-            "SUPIR_WARMUP_SIZE": "64",  # the warm-up path runs in every service test (a fraction of a second)
+            "SUPIR_WARMUP_SIZE": "64",
+            # tests repeat requests and expect them to run; tests of the cache turn it on
+            "SUPIR_RESULT_CACHE": "off",  # the warm-up path runs in every service test (a fraction of a second)
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
             **{f"SUPIR_{k.upper()}": str(v) for k, v in settings.items()},
@@ -138,7 +140,9 @@ class Service:
     def start_worker(self, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
         self._logs.append(log)
-        command = manifest_command("worker.yaml", "worker", {"--queues": self.prefix})
+        # no queue on the command line: the worker consumes its variants' queues, named from SUPIR_QUEUE (the
+        # prefix) by its settings, exactly as in the cluster
+        command = manifest_command("worker.yaml", "worker")
         worker = subprocess.Popen(
             [*command, "-n", f"{self.prefix}-{len(self.workers)}@%h"],
             cwd=REPO, env={**self.env, **(extra_env or {})}, stdout=log, stderr=subprocess.STDOUT,
@@ -153,12 +157,15 @@ class Service:
             os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(10)
 
-    def ready_workers(self) -> int:
+    def ready_workers(self, variant: str | None = None) -> int:
+        """Ready GPU worker processes (serving `variant`, when named), as /status reports them."""
         try:
-            workers = httpx.get(f"{self.url}/status", timeout=30).json()["workers"]
-        except (httpx.HTTPError, ValueError, KeyError):
+            status = httpx.get(f"{self.url}/status", timeout=30).json()
+        except (httpx.HTTPError, ValueError):
             return 0
-        return int(workers["ready"]) if workers else 0
+        if variant is not None:
+            return sum(int(v["workers"]) for v in status.get("variants") or [] if v["name"] == variant)
+        return int(status["workers"]["ready"]) if status.get("workers") else 0
 
     def _answers(self, path: str) -> bool:
         try:

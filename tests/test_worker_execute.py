@@ -3,6 +3,7 @@ happen here (a GPU running out of memory) and the real tiny one for the rest."""
 
 from __future__ import annotations
 
+import io
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import redis
 import torch
+from PIL import Image
 
 from jobs.reaper import reap
 from jobs.record import JobProgress, JobRecord, WebhookState
@@ -211,3 +213,28 @@ def test_progress_webhooks_follow_the_filter_and_their_own_interval(runtime: Run
         for step in range(1, 11):
             write(SimpleNamespace(stage="sampling", step=step, steps=10))
         assert sent == [(job.id, "progress")] * expected
+
+
+def _photo_with_date(tmp_path: Path) -> bytes:
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9003] = "2001:02:03 04:05:06"  # DateTimeOriginal
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), (120, 90, 60)).save(out, format="JPEG", exif=exif.tobytes())
+    return out.getvalue()
+
+
+def test_the_service_can_strip_every_results_metadata(runtime: Runtime, tmp_path: Path) -> None:
+    """keep_metadata asks for the photo's EXIF; SUPIR_STRIP_METADATA overrides it for the whole service."""
+    photo = _photo_with_date(tmp_path)
+    dates = {}
+    for strip in (False, True):
+        runtime.settings = runtime.settings.model_copy(update={"strip_metadata": strip})
+        record = JobRecord(owner="t", params={**FAST, "output_format": "jpeg"}, input_key=f"inputs/{strip}")
+        runtime.objects.put(record.input_key, photo, "image/jpeg")
+        runtime.store.create(record)
+        assert execute.run_job(runtime, record.id) == "succeeded"
+        done = runtime.store.get(record.id)
+        assert done is not None and done.result is not None and done.result.content_type == "image/jpeg"
+        with Image.open(io.BytesIO(runtime.objects.get(done.result.key))) as result:
+            dates[strip] = result.getexif().get_ifd(0x8769).get(0x9003)
+    assert dates == {False: "2001:02:03 04:05:06", True: None}

@@ -4,7 +4,6 @@ deliveries live in worker.webhooks (a light worker of their own)."""
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import re
 import time
@@ -13,6 +12,7 @@ from typing import Any, TypeVar
 
 import redis
 
+from jobs.cache import cacheable, record_key
 from jobs.record import JobError, JobProgress, JobRecord, JobResult, Status, output_key, stage1_key
 from supir_core.errors import Canceled, InvalidInput, ObjectMissing, StorageError, WeightsError
 from supir_core.params import RestoreParams
@@ -158,11 +158,17 @@ def _run(runtime: Runtime, job_id: str) -> str:
     started = time.perf_counter()
     try:
         params = RestoreParams.model_validate(record.params)
-        image = _stored(runtime, "reading the input", lambda: runtime.objects.get(record.input_key))
+        pipeline = runtime.pipeline_for(record.variant)
+        if pipeline is None:  # a message on the wrong queue: this worker has not loaded that file
+            message = f"this worker does not serve variant {record.variant}"
+            return _end(runtime, job_id, "failed", "variant_unavailable", message)
+        data = _stored(runtime, "reading the input", lambda: runtime.objects.get(record.input_key))
+        loaded = _load_image(data)
         on_progress = _progress_writer(runtime, record)
         if record.kind == "preview":
-            result: Any = runtime.pipeline.preview(image, params, on_progress=on_progress)
-            output, meta = result.stage1_image, {**result.metadata, "positive_prompt": None, "negative_prompt": None}
+            result: Any = pipeline.preview(loaded, params, on_progress=on_progress)
+            images = [result.stage1_image]
+            meta = {**result.metadata, "positive_prompt": None, "negative_prompt": None, "seeds": [None]}
             kept = result.stage1.to_bytes()
             _stored(runtime, "keeping stage 1", lambda: runtime.objects.put(stage1_key(job_id), kept, _TENSORS))
         else:
@@ -172,20 +178,16 @@ def _run(runtime: Runtime, job_id: str) -> str:
 
                 source = stage1_key(record.stage1_job)
                 stage1 = Stage1.from_bytes(_stored(runtime, "reading stage 1", lambda: runtime.objects.get(source)))
-            result = runtime.pipeline(
-                image,
+            result = pipeline(
+                loaded,
                 params,
                 on_progress=on_progress,
                 should_stop=lambda: _cancel_requested(runtime, job_id),
                 stage1=stage1,
             )
-            output, meta = result.image, result.metadata
+            images, meta = list(getattr(result, "images", [result.image])), result.metadata
         upload_start = time.perf_counter()
-        buffer = io.BytesIO()
-        output.save(buffer, format="PNG")
-        png = buffer.getvalue()
-        key = output_key(job_id)  # fixed per job: a redelivered job overwrites, never duplicates
-        _stored(runtime, "writing the result", lambda: runtime.objects.put(key, png, "image/png"))
+        results = _write_results(runtime, record, params, images, meta.get("seeds") or [meta.get("seed")], loaded)
         seconds = {**meta["seconds"], "upload": time.perf_counter() - upload_start}
         seconds["total"] = time.perf_counter() - started
     except Canceled:
@@ -221,17 +223,68 @@ def _run(runtime: Runtime, job_id: str) -> str:
         metrics.STEPS_PER_SECOND.set(params.steps / meta["seconds"]["sampling"])
     _record_gpu_memory()
     steps = 0 if record.kind == "preview" else params.steps
-    return _end(
+    gpu_seconds = round(sum(meta["seconds"].values()), 4)  # the pipeline's stages: upload and waits excluded
+    model = runtime.models.get(record.variant, {})
+    status = _end(
         runtime,
         job_id,
         "succeeded",
-        result=JobResult(key=key, width=output.width, height=output.height, bytes=len(png)),
+        result=results[0],
+        results=results,
         seconds={k: round(v, 4) for k, v in seconds.items()},
         caption=meta.get("caption"),
         positive_prompt=meta.get("positive_prompt"),
         negative_prompt=meta.get("negative_prompt"),
         progress=JobProgress(stage="done", step=steps, steps=steps),
+        gpu_seconds=gpu_seconds,
+        model_sha256=model.get("supir_sha256"),
+        model_id=model.get("model_id"),
     )
+    if status == "succeeded":  # this run's ending stands: count it once
+        _after_success(runtime, record, len(results), gpu_seconds, model.get("model_id"))
+    return status
+
+
+def _load_image(data: bytes) -> Any:
+    from supir_core.imageio import load_image  # torch: only ever in the pool process
+
+    return load_image(data)
+
+
+def _write_results(
+    runtime: Runtime, record: JobRecord, params: RestoreParams, images: list[Any], seeds: list[Any], loaded: Any
+) -> list[JobResult]:
+    """Encode every sample in the asked format (with the photo's metadata unless stripped) and store it under a
+    key fixed by the job and the sample, so a redelivered job overwrites rather than adds."""
+    from supir_core.imageio import CONTENT_TYPES, EXTENSIONS, encode_image
+
+    keep = params.keep_metadata and not runtime.settings.strip_metadata
+    metadata = loaded.result_metadata() if keep else None
+    results = []
+    for index, (image, seed) in enumerate(zip(images, seeds, strict=False)):
+        data = encode_image(image, params.output_format, params.output_quality, metadata)
+        key = output_key(record.id, index, EXTENSIONS[params.output_format])
+        content_type = CONTENT_TYPES[params.output_format]
+        _stored(runtime, "writing the result", lambda: runtime.objects.put(key, data, content_type))  # noqa: B023
+        results.append(
+            JobResult(
+                key=key, width=image.width, height=image.height, bytes=len(data), content_type=content_type, seed=seed
+            )
+        )
+    return results
+
+
+def _after_success(runtime: Runtime, record: JobRecord, images: int, gpu_seconds: float, model_id: str | None) -> None:
+    """Usage, metrics and the result cache: informative, so a Redis hiccup here never fails the finished job."""
+    variant = record.variant or runtime.variants[0]
+    metrics.GPU_SECONDS.labels(variant).inc(gpu_seconds)
+    metrics.IMAGES.labels(variant).inc(images)
+    try:
+        runtime.usage.record(record.owner, images=images, gpu_seconds=gpu_seconds, cached=False)
+        if model_id is not None and cacheable(runtime.settings, record):
+            runtime.store.remember_result(record_key(runtime.settings, record, model_id), record.id)
+    except redis.RedisError:
+        log.warning("job %s: usage or cache entry not recorded (Redis)", record.id)
 
 
 def _is_out_of_memory(exc: Exception) -> bool:

@@ -13,6 +13,8 @@ MODEL_LOAD_SECONDS = Gauge("supir_model_load_seconds", "seconds the worker took 
 WARMUP_SECONDS = Gauge("supir_worker_warmup_seconds", "seconds of the warm-up restoration before taking jobs")
 GPU_MEMORY_BYTES = Gauge("supir_gpu_memory_bytes", "GPU memory", ["kind"])
 WEBHOOKS = Counter("supir_webhook_deliveries_total", "webhook delivery attempts", ["event", "outcome"])
+GPU_SECONDS = Counter("supir_gpu_seconds_total", "pipeline seconds of succeeded jobs (usage)", ["variant"])
+IMAGES = Counter("supir_images_restored_total", "results delivered by succeeded jobs (samples)", ["variant"])
 READY = Gauge("supir_worker_ready", "1 when the weights are loaded on the device")
 
 # Series that alerts watch with increase(): made at 0 up front, so the first such event is an increase from 0

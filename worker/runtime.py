@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import redis
@@ -17,6 +19,7 @@ from jobs.redis_conn import store_client
 from jobs.settings import Settings
 from jobs.storage import ObjectStore, make_store
 from jobs.store import JobStore
+from jobs.usage import UsageBook
 
 from . import metrics
 
@@ -30,7 +33,11 @@ class Runtime:
         client = store_client(settings, socket_timeout=30)
         self.store = store or JobStore(client, settings.key_prefix, retention_s=settings.retention_hours * 3600)
         self.objects = objects or make_store(settings)
-        self.pipeline: Any = None
+        self.usage = UsageBook(self.store.r, self.store.p, self.store.retention_s)
+        self.pipeline: Any = None  # the first served variant's (tests may set it alone)
+        self.pipelines: dict[str, Any] = {}  # variant → its pipeline (the SDXL parts shared between them)
+        self.models: dict[str, dict[str, str]] = {}  # variant → {model_id, supir_sha256, sdxl_sha256}
+        self.variants: list[str] = settings.worker_variant_names
         self.state: State = "loading"
         self.name = f"{socket.gethostname()}:{os.getpid()}"  # one per worker process; jobs record it
         # sends a job's `started` / `progress` webhook event (worker.tasks queues it for the light worker)
@@ -43,7 +50,6 @@ class Runtime:
     def load(self) -> None:
         """Weights → device. Imported here so that nothing torch-related runs before the fork."""
         from supir_core.checkpoints import ModelOptions, load_model_options
-        from supir_core.pipeline import RestorationPipeline
 
         s = self.settings
         if s.ready_file is not None:
@@ -51,16 +57,24 @@ class Runtime:
         threading.Thread(target=self._beat, name="supir-heartbeat", daemon=True).start()
         start = time.perf_counter()
         try:
-            if s.sdxl_checkpoint is None or s.checkpoint is None:
-                raise RuntimeError("set SUPIR_SDXL_CHECKPOINT and SUPIR_CHECKPOINT")
+            files = {name: s.variant_files[name] for name in self.variants}
+            missing = [name for name, path in files.items() if path is None]
+            if s.sdxl_checkpoint is None or missing:
+                raise RuntimeError("set SUPIR_SDXL_CHECKPOINT and SUPIR_CHECKPOINT (or SUPIR_VARIANTS)")
             options = load_model_options(s.model_config_file) if s.model_config_file else ModelOptions()
             from supir_core.speed import SpeedSettings
+            from supir_core.variants import load_variants
 
             speed = SpeedSettings.from_attributes(s)
-            self.pipeline = RestorationPipeline.from_checkpoints(
-                s.sdxl_checkpoint, s.checkpoint, device=s.device, dtype=_dtype(s.dtype), options=options, speed=speed
+            paths = {name: Path(str(path)) for name, path in files.items()}
+            self.pipelines = load_variants(
+                s.sdxl_checkpoint, paths, device=s.device, dtype=_dtype(s.dtype), options=options, speed=speed
             )
-            self.pipeline.captioner = self._captioner(str(self.pipeline.device))
+            self.pipeline = self.pipelines[self.variants[0]]
+            captioner = self._captioner(str(self.pipeline.device))
+            for pipeline in self.pipelines.values():
+                pipeline.captioner = captioner  # one LLaVA for every variant
+            self._identify(s.sdxl_checkpoint, paths)
             if s.warmup_size:
                 seconds = self.pipeline.warm_up(s.warmup_size)
                 metrics.WARMUP_SECONDS.set(seconds)
@@ -81,6 +95,40 @@ class Runtime:
 
             self.settings.ready_file.write_text(ready_file_text(os.getpid()))
         log.info("weights loaded in %.1f s on %s", seconds, self.pipeline.device)
+
+    def pipeline_for(self, variant: str) -> Any:
+        """The pipeline of a job's variant; None when this worker does not serve it."""
+        if not self.pipelines:
+            return self.pipeline
+        return self.pipelines.get(variant or self.variants[0])
+
+    def _identify(self, sdxl: Path, supir: dict[str, Path]) -> None:
+        """Hash the files (once per cluster: the hashes are kept in Redis by path, size and mtime) and publish
+        each variant's model identity, which jobs record and the API keys its result cache on."""
+        from supir_core.variants import model_identity
+
+        sdxl_sha256 = self._file_sha256(sdxl)
+        for name, path in supir.items():
+            supir_sha256 = self._file_sha256(path)
+            info = {
+                "model_id": model_identity(sdxl_sha256, supir_sha256),
+                "supir_sha256": supir_sha256,
+                "sdxl_sha256": sdxl_sha256,
+            }
+            self.models[name] = info
+            self.store.publish_variant(name, info)
+
+    def _file_sha256(self, path: Path) -> str:
+        from supir_core.weights import sha256_of
+
+        stat = path.stat()
+        where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()
+        known = self.store.file_hash(where)
+        if known and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns:
+            return str(known["sha256"])
+        digest = sha256_of(path)
+        self.store.remember_file_hash(where, {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest})
+        return digest
 
     def _captioner(self, device: str) -> Any:
         s = self.settings
@@ -114,7 +162,7 @@ class Runtime:
 
     def beat(self) -> None:
         ttl = self.settings.worker_lost_after_s
-        self.store.heartbeat(self.name, self.state, self.job, ttl_s=ttl)
+        self.store.heartbeat(self.name, self.state, self.job, ttl_s=ttl, variants=self.variants)
 
     def _beat(self) -> None:
         every = self.settings.worker_lost_after_s / 4

@@ -1,8 +1,10 @@
 """Celery tasks: thin wrappers mapping a job id to `execute` and back. Start a worker with
 
-    celery -A worker.tasks worker --pool prefork --concurrency 1 --queues supir
+    celery -A worker.tasks worker --pool prefork --concurrency 1
 
-(one such process per GPU). The weights load in the pool process, after the fork (CUDA cannot cross a fork),
+(one such process per GPU). It consumes the queue of each SUPIR variant it serves (`SUPIR_WORKER_VARIANTS`, all of
+`SUPIR_VARIANTS` by default; `jobs.queue.variant_queue`), derived from the settings so that no command line can
+disagree with the weights it loads. The weights load in the pool process, after the fork (CUDA cannot cross a fork),
 and Celery waits `SUPIR_WORKER_LOAD_TIMEOUT_S` for it, so a replacement process is not killed while it loads.
 The main process stays light: it serves /livez and /readyz (`SUPIR_WORKER_HEALTH_PORT`) and runs the reaper.
 Webhooks and the retention sweep run on the light worker (worker.webhooks), on a queue of their own.
@@ -19,8 +21,9 @@ import time
 import redis
 from celery import Task
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
+from kombu import Queue
 
-from jobs.queue import RESTORE_TASK, WEBHOOK_EVENT_TASK, WEBHOOK_TASK, make_celery, webhook_queue
+from jobs.queue import RESTORE_TASK, WEBHOOK_EVENT_TASK, WEBHOOK_TASK, make_celery, variant_queue, webhook_queue
 from jobs.reaper import Reaper
 from jobs.record import JobRecord
 from jobs.redis_conn import store_client
@@ -33,6 +36,7 @@ from .runtime import Runtime
 log = logging.getLogger("supir.worker")
 settings = get_settings()
 app = make_celery(settings)
+app.conf.task_queues = [Queue(variant_queue(settings, name)) for name in settings.worker_variant_names]
 _runtime: Runtime | None = None
 _reaper: Reaper | None = None
 # created before the fork, so shared with the pool process (and gone with the container, unlike a file):
@@ -97,7 +101,7 @@ def _start_main_process_services(**_: object) -> None:
     )
     _reaper = Reaper(
         store,
-        enqueue=lambda job_id: restore.apply_async(args=[job_id], queue=settings.queue),
+        enqueue=lambda job_id: _requeue(store, job_id),
         max_attempts=settings.max_attempts,
         lost_after_s=settings.worker_lost_after_s,
         every_s=min(5.0, settings.worker_lost_after_s / 4),
@@ -109,6 +113,13 @@ def _start_main_process_services(**_: object) -> None:
 def _stop_reaper(**_: object) -> None:
     if _reaper is not None:
         _reaper.stop()
+
+
+def _requeue(store: JobStore, job_id: str) -> None:
+    """A lost job back on its own variant's queue (the reaper of any worker may find any variant's job)."""
+    record = store.get(job_id)
+    variant = record.variant if record is not None and record.variant else settings.default_variant
+    restore.apply_async(args=[job_id], queue=variant_queue(settings, variant))
 
 
 def _after_reap(record: JobRecord) -> None:

@@ -13,9 +13,10 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response, Streamin
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from jobs.record import JobRecord, thumbnail_key
+from jobs.record import JobRecord, JobResult, thumbnail_key
 from jobs.storage import LocalStore
 from supir_core.errors import ObjectMissing
+from supir_core.params import MAX_SAMPLES
 
 from .. import events
 from ..creation import create, idempotency_key_of, read_job_request
@@ -23,10 +24,12 @@ from ..deps import CallerDep, OwnedJobDep, ServicesDep, StreamsDep
 from ..errors import ApiError
 from ..models import CREATE_JOB_DOCS, FROM_PREVIEW_DOCS, Job, JobList
 from ..openapi import errors
-from ..services import RESULT_URL_TTL_S
+from ..services import RESULT_URL_TTL_S, results_of
 
 log = logging.getLogger("api.jobs")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+RESULT_MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp")
+SAMPLE_INDEX = Query(0, ge=0, le=MAX_SAMPLES - 1, description="which sample (0: the first)")
 PREFER_WAIT = re.compile(r"(?:^|[,;])\s*wait\s*=\s*(\d{1,6})\s*(?=$|[,;])", re.IGNORECASE)
 
 
@@ -160,19 +163,29 @@ async def job_events(job: OwnedJobDep, request: Request, services: ServicesDep, 
     response_class=Response,
     responses={
         200: {
-            "description": "the restored PNG",
-            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "the restored image (params.output_format)",
+            "content": {media: {"schema": {"type": "string", "format": "binary"}} for media in RESULT_MEDIA_TYPES},
         },
-        307: {"description": "a redirect to a presigned URL of the PNG (S3 storage)"},
-        **errors(401, 404, 409, 429, 503),
+        307: {"description": "a redirect to a presigned URL of the image (S3 storage)"},
+        **errors(400, 401, 404, 409, 422, 429, 503),
     },
 )
-def job_result(job: OwnedJobDep, services: ServicesDep) -> Response:
-    if job.status != "succeeded" or job.result is None:
-        raise ApiError("result_not_ready", f"job {job.id} is {job.status}; a result exists only when it has succeeded")
+def job_result(job: OwnedJobDep, services: ServicesDep, index: int = SAMPLE_INDEX) -> Response:
+    """One sample's image (`index`, 0 = the first; `params.num_samples` of them)."""
+    result = _sample(job, index)
     if isinstance(services.objects, LocalStore):
-        return Response(services.objects.get(job.result.key), media_type=job.result.content_type)
-    return RedirectResponse(services.objects.url(job.result.key, RESULT_URL_TTL_S), status_code=307)
+        return Response(services.objects.get(result.key), media_type=result.content_type)
+    return RedirectResponse(services.objects.url(result.key, RESULT_URL_TTL_S), status_code=307)
+
+
+def _sample(job: JobRecord, index: int) -> JobResult:
+    results = results_of(job) if job.status == "succeeded" else []
+    if not results:
+        raise ApiError("result_not_ready", f"job {job.id} is {job.status}; a result exists only when it has succeeded")
+    if index >= len(results):
+        message = f"index={index}: job {job.id} has {len(results)} result(s), numbered from 0"
+        raise ApiError("invalid_parameter", message, field="index")
+    return results[index]
 
 
 @router.get(
@@ -184,18 +197,19 @@ def job_result(job: OwnedJobDep, services: ServicesDep) -> Response:
             "description": "a JPEG of the result, its longer side `size` pixels (made once, then kept)",
             "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
         },
-        **errors(400, 401, 404, 409, 429, 503),
+        **errors(400, 401, 404, 409, 422, 429, 503),
     },
 )
-async def job_thumbnail(job: OwnedJobDep, services: ServicesDep, size: int = Query(256, ge=32, le=1024)) -> Response:
-    """A small picture of the result for lists (the web page's history), instead of the full image."""
-    if job.status != "succeeded" or job.result is None:
-        raise ApiError("result_not_ready", f"job {job.id} is {job.status}; a result exists only when it has succeeded")
-    key = thumbnail_key(job.id, size)
+async def job_thumbnail(
+    job: OwnedJobDep, services: ServicesDep, size: int = Query(256, ge=32, le=1024), index: int = SAMPLE_INDEX
+) -> Response:
+    """A small picture of a result for lists (the web page's history), instead of the full image."""
+    sample = _sample(job, index)
+    key = thumbnail_key(job.id, size, index)
     try:
         data = await run_in_threadpool(services.objects.get, key)
     except ObjectMissing:  # the first request for this size makes it: one decode, bounded like the API's others
-        result = await run_in_threadpool(services.objects.get, job.result.key)
+        result = await run_in_threadpool(services.objects.get, sample.key)
         async with services.decodes:
             data = await run_in_threadpool(_thumbnail, result, size)
         await run_in_threadpool(services.objects.put, key, data, "image/jpeg")

@@ -48,7 +48,7 @@ def readyz(services: ServicesDep, streams: StreamsDep) -> JSONResponse:
 def status(services: ServicesDep) -> dict[str, Any]:
     """The service as a whole, for people and dashboards: Redis, storage, GPU workers by state, the queue.
     Always 200: each part says how it is."""
-    report: dict[str, Any] = {"redis": "ok", "storage": "ok", "workers": None, "jobs": None}
+    report: dict[str, Any] = {"redis": "ok", "storage": "ok", "workers": None, "jobs": None, "variants": None}
     try:
         beats = services.store.worker_beats()
         report["workers"] = {
@@ -63,6 +63,19 @@ def status(services: ServicesDep) -> dict[str, Any]:
             "running": services.store.running_count(),
             "oldest_waiting_s": round(time.time() - oldest, 1) if oldest is not None else None,
         }
+        default = services.settings.default_variant
+        report["variants"] = [
+            {
+                "name": name,
+                "default": name == default,
+                "queued": services.store.queued_count(name),
+                "running": services.store.running_count(name),
+                "workers": sum(
+                    1 for b in beats.values() if b.get("state") == "ready" and name in b.get("variants", [])
+                ),
+            }
+            for name in services.settings.variant_files
+        ]
     except redis.RedisError as exc:
         report["redis"] = f"unreachable: {type(exc).__name__}"
     try:
@@ -79,5 +92,6 @@ def status(services: ServicesDep) -> dict[str, Any]:
     responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}},
 )
 def prometheus(services: ServicesDep) -> Response:
-    body, content_type = metrics.render(services.store, services.settings.job_time_limit_s)
+    settings = services.settings
+    body, content_type = metrics.render(services.store, settings.job_time_limit_s, tuple(settings.variant_files))
     return Response(body, media_type=content_type)

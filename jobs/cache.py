@@ -1,0 +1,43 @@
+"""The result cache's key: which earlier job's stored result answers a request without running it again.
+
+A restoration with an explicit seed is deterministic for the same photo bytes, validated parameters, variant
+and model files, so those (and, unless the cache is shared, the key's owner) name the result. The API looks the
+key up before queueing; the worker records it when such a job succeeds. Both compute it here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from .record import JobRecord
+from .settings import Settings
+
+KEY_VERSION = 1  # bump when what a result depends on changes (a new parameter's meaning, the encoder, …)
+
+
+def cache_key(owner: str | None, input_sha256: str, params: dict[str, Any], variant: str, model_id: str) -> str:
+    """params: validated and normalised (RestoreParams.model_dump(mode="json"), the seed included)."""
+    material = {
+        "v": KEY_VERSION,
+        "owner": owner,
+        "input": input_sha256,
+        "params": params,
+        "variant": variant,
+        "model": model_id,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def cacheable(settings: Settings, record: JobRecord) -> bool:
+    """Only full restorations whose request named the seed; never when the cache is off."""
+    return settings.result_cache != "off" and record.seed_given and record.kind == "restore" and not record.stage1_job
+
+
+def scope(settings: Settings, owner: str) -> str | None:
+    """The owner the key is private to; None when keys share results (the same photo bytes are needed)."""
+    return None if settings.result_cache == "shared" else owner
+
+
+def record_key(settings: Settings, record: JobRecord, model_id: str) -> str:
+    return cache_key(scope(settings, record.owner), record.input_sha256, record.params, record.variant, model_id)
