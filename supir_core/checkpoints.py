@@ -598,3 +598,44 @@ def check_manifest(manifest_path: str | Path, options: ModelOptions = ModelOptio
         "unused": plan.unused,
         "mismatched": plan.mismatched,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Variants: another SUPIR file over an SDXL base already in memory
+
+
+def load_supir_variant(
+    base: SupirModel,
+    sdxl_path: str | Path,
+    supir_path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> SupirModel:
+    """SUPIR from `supir_path` whose SDXL-sourced modules (UNet base, VAE autoencoder, text encoders) are `base`'s
+    own objects, so the SDXL weights stay in memory once; only the SUPIR file's tensors are read.
+
+    The plan is load_supir's, made on an empty model of base's spec, so a broken or wrong-kind SUPIR file fails
+    with the same WeightsError. `base` is load_supir's model of the same SDXL file, on `device`; speed settings
+    (speed.optimize) go on after every variant is loaded.
+    """
+    sdxl = open_checkpoint(sdxl_path)
+    _expect_kind(sdxl, "sdxl")
+    supir = open_checkpoint(supir_path)
+    _expect_kind(supir, "supir")
+    model = build_empty(base.spec)
+    plan = plan_loading(model, sdxl, supir)  # every module still on meta: the checks of a load from scratch
+    plan.raise_if_broken()
+    for comp in plan.components:
+        if comp.source is sdxl:
+            model.set_submodule(comp.name, base.get_submodule(comp.name))
+            continue
+        expected = comp.module.state_dict(keep_vars=True)
+        state = {}
+        for entry in comp.entries:
+            tensor = _fitted(entry, comp.source.load(entry.source), expected[entry.target].shape)
+            state[entry.target] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        comp.module.load_state_dict(state, strict=True, assign=True)
+        del state
+    model.to(device)  # buffers built on the CPU; the shared modules are there already
+    return model.eval().requires_grad_(False)
