@@ -83,12 +83,13 @@ def run(
     device: str,
     tile: int = 128,
     tiled: bool = False,
+    num_samples: int = 1,
 ) -> dict:
     with Image.open(PHOTO) as img:
         photo = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
     params = validate_params(
         {"min_size": size, "steps": steps, "seed": 0, "caption": "none", "tile_size": tile, "tile_stride": tile // 2,
-         "tiling": "always" if tiled else "auto"}  # the tiled size measures the tiled path even where it would fit
+         "tiling": "always" if tiled else "auto", "num_samples": num_samples}  # tiled: that path, even where it fits
     )  # fmt: skip
     pipeline(photo, params)  # warm-up: kernels, compilation, allocator
     results = []
@@ -102,7 +103,9 @@ def run(
     sampling = meta["seconds"]["sampling"]
     out = {
         "size": size,
+        "num_samples": num_samples,
         "total_s": round(total, 3),
+        "s_per_image": round(total / num_samples, 3),  # what a batch of samples saves over separate jobs
         "stages_s": meta["seconds"],
         "steps_per_s": round(steps / sampling, 2),
         "tiled_sampling": meta["tiled_sampling"],
@@ -163,6 +166,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--compile", default="regional", choices=["none", "regional", "full"])
     parser.add_argument("--tile-size", type=int, default=128, help="sampler tile in latent pixels (official: 128)")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples per run, one batched sampler run")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated keys (ablation: {ABLATION})")
     args = parser.parse_args()
 
@@ -179,7 +183,9 @@ def main() -> None:
         report["configs"][name] = entry
         try:
             pipeline, entry["load_s"] = build(args, device, dtype, speed)
-            entry["runs"].append(run(pipeline, args.size, args.steps, args.repeats, device))
+            entry["runs"].append(
+                run(pipeline, args.size, args.steps, args.repeats, device, num_samples=args.num_samples)
+            )
             if tiled:
                 entry["runs"].append(run(pipeline, args.tiled_size, args.steps, 1, device, args.tile_size, tiled=True))
         except Exception as exc:  # one failing configuration (a missing package, OOM) must not lose the others
