@@ -25,18 +25,23 @@ def _inputs(paths: list[Path]) -> list[Path]:
     return found
 
 
-def _output_names(inputs: list[Path]) -> list[str]:
-    """`<stem>.png`, made unique when two inputs share a stem."""
-    names, seen = [], set()
+def _output_names(inputs: list[Path], extension: str = "png", num_samples: int = 1) -> list[list[str]]:
+    """Per input, a file name per sample: `<stem>.<ext>`, then `<stem>-1.<ext>`, `<stem>-2.<ext>`…; made unique
+    when two inputs share a stem or one's sample names would take another's (`a.jpg` with 2 samples, `a-1.png`)."""
+    names: list[list[str]] = []
+    seen: set[str] = set()
+
+    def files(base: str) -> list[str]:
+        return [f"{base}.{extension}"] + [f"{base}-{i}.{extension}" for i in range(1, num_samples)]
+
     for path in inputs:
-        name = f"{path.stem}.png"
-        if name in seen:
-            name = f"{path.stem}_{path.suffix.lstrip('.') or 'img'}.png"
-        n = 2
-        while name in seen:
-            name, n = f"{path.stem}_{n}.png", n + 1
-        seen.add(name)
-        names.append(name)
+        base, n = path.stem, 2
+        if seen.intersection(files(base)):
+            base = f"{path.stem}_{path.suffix.lstrip('.') or 'img'}"
+        while seen.intersection(files(base)):
+            base, n = f"{path.stem}_{n}", n + 1
+        seen.update(files(base))
+        names.append(files(base))
     return names
 
 
@@ -55,7 +60,7 @@ def _restore(args: argparse.Namespace) -> int:
 
     from .checkpoints import ModelOptions, load_model_options
     from .errors import Canceled, InvalidInput
-    from .imageio import save_png
+    from .imageio import EXTENSIONS, encode_image, load_image
     from .params import dtype_name as dtype_name_of
     from .params import validate_params
 
@@ -110,9 +115,8 @@ def _restore(args: argparse.Namespace) -> int:
     done = 0
     quiet = args.quiet
     try:
-        for path, name in tqdm(
-            list(zip(inputs, _output_names(inputs), strict=True)), desc="images", unit="img", disable=quiet
-        ):
+        names = _output_names(inputs, EXTENSIONS[params.output_format], params.num_samples)
+        for path, files in tqdm(list(zip(inputs, names, strict=True)), desc="images", unit="img", disable=quiet):
             bar = tqdm(total=params.steps, desc=path.name, unit="step", leave=False, disable=quiet)
 
             def progress(p: object, bar: tqdm = bar) -> None:
@@ -122,10 +126,14 @@ def _restore(args: argparse.Namespace) -> int:
                     bar.refresh()
 
             try:
-                result = pipeline(path, params, on_progress=progress, should_stop=lambda: interrupted)
-                save_png(result.image, args.out / name)
+                loaded = load_image(path)  # decoded here so the result files can carry its EXIF and profile
+                result = pipeline(loaded, params, on_progress=progress, should_stop=lambda: interrupted)
+                kept = loaded.result_metadata() if params.keep_metadata else None
+                for image, name in zip(result.images, files, strict=True):
+                    data = encode_image(image, params.output_format, params.output_quality, kept)
+                    (args.out / name).write_bytes(data)
                 if args.metadata:
-                    (args.out / name).with_suffix(".json").write_text(json.dumps(result.metadata, indent=1))
+                    (args.out / files[0]).with_suffix(".json").write_text(json.dumps(result.metadata, indent=1))
                 done += 1
             except Canceled:
                 break
@@ -303,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     restore = commands.add_parser("restore", help="restore image files or folders of images")
     restore.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")
-    restore.add_argument("-o", "--out", type=Path, required=True, help="output folder (PNG files)")
+    restore.add_argument("-o", "--out", type=Path, required=True, help="output folder (--output-format files)")
     restore.add_argument("--preset", choices=["quality", "fidelity", "lightning"], help="named settings")
     restore.add_argument("--sdxl", help="SDXL single file (default $SUPIR_SDXL_CHECKPOINT)")
     restore.add_argument("--supir", help="SUPIR-v0Q/F file (default $SUPIR_CHECKPOINT)")
