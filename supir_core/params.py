@@ -98,7 +98,9 @@ class RestoreParams(BaseModel):
     # post-processing (spec §4.3)
     color_fix: Literal["wavelet", "adain", "none"] = "wavelet"
     # the result file
-    output_format: Literal["png", "jpeg", "webp"] = Field("png", description="png: lossless; jpeg, webp: smaller")
+    output_format: Literal["png", "jpeg", "webp"] = Field(
+        "png", description="PNG is lossless; JPEG and WebP are smaller"
+    )
     output_quality: int = Field(95, ge=1, le=100, description="JPEG and WebP quality (PNG ignores it)")
     keep_metadata: bool = Field(
         True,

@@ -96,9 +96,8 @@ class Service:
             "SUPIR_DTYPE": "float32",
             "SUPIR_PROGRESS_INTERVAL_S": "0",
             "SUPIR_READ_RATE_LIMIT_PER_MINUTE": "1000000",  # tests poll; test_rate_limit uses a key of its own
-            "SUPIR_WARMUP_SIZE": "64",
-            # tests repeat requests and expect them to run; tests of the cache turn it on
-            "SUPIR_RESULT_CACHE": "off",  # the warm-up path runs in every service test (a fraction of a second)
+            "SUPIR_WARMUP_SIZE": "64",  # the warm-up path runs in every service test (a fraction of a second)
+            "SUPIR_RESULT_CACHE": "off",  # tests repeat requests and expect them to run; tests of the cache turn it on
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
             **{f"SUPIR_{k.upper()}": str(v) for k, v in settings.items()},

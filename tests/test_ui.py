@@ -1,6 +1,7 @@
 """The web page in a real headless Chromium against the running service (tiny weights): the whole flow by keyboard,
-the two-stage flow (preview, edit the caption, restore), no horizontal scrolling on a phone or a desktop, an axe-core
-scan, errors as sentences, and the screenshots in docs/."""
+the two-stage flow (preview, edit the caption, restore), several samples side by side, the output format, the model
+(SUPIR variant) choice, no horizontal scrolling on a phone or a desktop, an axe-core scan, errors as sentences, and the
+screenshots in docs/."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
+from PIL import Image
 from playwright.sync_api import Page, expect
 
-from tests.servers import Service
+from tests.servers import Service, running, wait_until
 
 DATA = Path(__file__).parent / "data"
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -23,6 +26,8 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 JOB_DONE = 180_000  # ms: a slow CPU, a shared worker
+PNG = b"\x89PNG\r\n\x1a\n"
+JPEG = b"\xff\xd8\xff"
 
 # every text the live region announces and every value the progress bar takes, in order (test instrumentation only)
 RECORDER = """
@@ -109,6 +114,21 @@ def test_the_form_is_generated_from_the_schema_and_passes_axe(browser, service: 
         assert page.input_value(f"#p-{name}") == str(value).removesuffix(".0"), name
     page.select_option("#preset", "")
     assert page.input_value("#p-steps") == "" and page.input_value("#p-sampler") == schema["sampler"]["default"]
+    # the new result-file fields: a select for the format, a checkbox for the metadata, the quality only for JPEG/WebP
+    assert page.locator("#p-output_format").evaluate("el => el.tagName") == "SELECT"
+    assert page.locator("#p-keep_metadata").get_attribute("type") == "checkbox"
+    expect(page.locator("#p-keep_metadata")).to_be_checked()
+    expect(page.locator("#p-output_quality")).to_be_disabled()
+    page.select_option("#p-output_format", "webp")
+    expect(page.locator("#p-output_quality")).to_be_enabled()
+    page.select_option("#preset", "lightning")  # a preset puts the format back to the default: PNG
+    assert page.input_value("#p-output_format") == "png"
+    expect(page.locator("#p-output_quality")).to_be_disabled()
+    page.select_option("#preset", "")
+    # the service runs one SUPIR variant: no model to choose
+    variants = httpx.get(f"{service.url}/status").json()["variants"]
+    assert len(variants) == 1 and variants[0]["default"], variants
+    expect(page.locator("#variant-box")).to_be_hidden()
     page.keyboard.press("Tab")  # focus is visible
     assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") != "none"
     no_horizontal_overflow(page)
@@ -183,7 +203,6 @@ def test_the_whole_flow_by_keyboard(browser, service: Service, tmp_path: Path) -
     details = page.inner_text("#details")
     assert "seed" in details and "sampling (s)" in details
 
-    page.screenshot(path=str(DOCS / "ui.png"), full_page=True)
     assert serious_violations(page) == []
 
     # another job made elsewhere shows up in the history and follows its status; opened by keyboard
@@ -240,6 +259,143 @@ def test_preview_edit_the_caption_then_restore_on_a_phone(browser, service: Serv
     expect(page.locator("#result")).to_be_hidden()
     assert page.locator("#restore-caption").get_attribute("data-job") == preview_id
     page.context.close()
+
+
+def test_three_samples_side_by_side_each_downloadable_and_comparable(browser, service: Service, tmp_path: Path) -> None:
+    page = open_page(browser, service, DESKTOP)
+    page.set_input_files("#file", str(PHOTO))
+    for field, value in (("#p-min_size", "64"), ("#p-steps", "2"), ("#p-seed", "7301"), ("#p-num_samples", "3")):
+        page.fill(field, value)
+    page.click("#submit")
+    cards = page.locator("#samples li")
+    expect(cards).to_have_count(3, timeout=JOB_DONE)
+    expect(page.locator("#result")).to_be_visible()
+    job_id = page.inner_text("#job-id")
+    for i in range(3):
+        expect(cards.nth(i).locator("img")).to_have_js_property("complete", True)
+    assert [cards.nth(i).get_attribute("data-seed") for i in range(3)] == ["7301", "7302", "7303"]
+    boxes = [cards.nth(i).bounding_box() for i in range(3)]
+    assert len({round(b["y"]) for b in boxes}) == 1 and boxes[0]["x"] < boxes[1]["x"] < boxes[2]["x"], boxes
+    expect(page.locator("#download")).to_be_hidden()  # each sample has its own link instead
+    with api(service) as client:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+    assert [r["seed"] for r in job["results"]] == [7301, 7302, 7303] and job["result"] == job["results"][0]
+    assert not job["cached"]
+
+    files = []
+    for i in range(3):  # every sample downloads as its own picture
+        with page.expect_download() as download:
+            cards.nth(i).get_by_role("link").click()
+        saved = tmp_path / download.value.suggested_filename
+        download.value.save_as(saved)
+        assert saved.name == f"{job_id}-{i + 1}.png" and saved.read_bytes()[:8] == PNG, saved.name
+        with Image.open(saved) as image:
+            assert image.size == (job["results"][i]["width"], job["results"][i]["height"])
+        files.append(saved.read_bytes())
+    assert len(set(files)) == 3  # three seeds, three different pictures
+
+    # the slider compares the first; the second is chosen by keyboard
+    buttons = [cards.nth(i).locator("button") for i in range(3)]
+    expect(buttons[0]).to_have_attribute("aria-pressed", "true")
+    tab_to(page, '#samples li[data-index="1"] button')
+    page.keyboard.press("Enter")
+    expect(buttons[1]).to_have_attribute("aria-pressed", "true")
+    expect(buttons[0]).to_have_attribute("aria-pressed", "false")
+    assert page.get_attribute("#after", "src") == cards.nth(1).locator("img").get_attribute("src")
+    assert "sample 2 of 3, seed 7302" in page.get_attribute("#after", "alt")
+    expect(page.locator("#compare-box")).to_be_visible()
+    assert "7301, 7302, 7303" in page.inner_text("#details")
+
+    no_horizontal_overflow(page)
+    assert serious_violations(page) == []
+    page.screenshot(path=str(DOCS / "ui.png"), full_page=True)
+    page.set_viewport_size(PHONE)  # one column on a phone
+    boxes = [cards.nth(i).bounding_box() for i in range(3)]
+    assert len({round(b["x"]) for b in boxes}) == 1 and boxes[0]["y"] < boxes[1]["y"] < boxes[2]["y"], boxes
+    no_horizontal_overflow(page)
+    assert serious_violations(page) == []
+    page.set_viewport_size({"width": 360, "height": 800})
+    no_horizontal_overflow(page)
+    page.context.close()
+
+
+def test_the_same_request_again_is_answered_from_the_cache_and_says_so(
+    browser, fixture_a: Path, tmp_path: Path
+) -> None:
+    """A service of its own: the shared one runs with the result cache off (its tests repeat requests)."""
+    with running(tmp_path, fixture_a, {"alice": {}}, result_cache="owner") as cached:
+        page = open_page(browser, cached, DESKTOP)
+        page.set_input_files("#file", str(PHOTO))
+        for field, value in (("#p-min_size", "64"), ("#p-steps", "2"), ("#p-seed", "7411")):  # a seed: reproducible
+            page.fill(field, value)
+        page.click("#submit")
+        expect(page.locator("#result")).to_be_visible(timeout=JOB_DONE)
+        first = page.inner_text("#job-id")
+        expect(page.locator("#cached")).to_be_hidden()
+        # the worker files the result under its cache key just after the job ends: the second request waits for it
+        store = redis.Redis.from_url(cached.env["SUPIR_REDIS_URL"])
+        wait_until(lambda: next(store.scan_iter(f"{cached.prefix}:cache:*"), None), 30, what="the cache entry")
+        page.click("#submit")  # the same photo, parameters and seed
+        expect(page.locator("#job-id")).not_to_have_text(first, timeout=JOB_DONE)
+        expect(page.locator("#cached")).to_be_visible(timeout=30_000)
+        expect(page.locator("#status")).to_have_text("Restoration done, from the cache.")
+        assert first in page.inner_text("#details")  # the job whose result it is
+        expect(page.locator("#compare-box")).to_be_visible()
+        assert serious_violations(page) == []
+        page.context.close()
+
+
+def test_jpeg_output_downloads_a_jpg(browser, service: Service, tmp_path: Path) -> None:
+    page = open_page(browser, service, PHONE)
+    page.set_input_files("#file", str(PHOTO))
+    page.fill("#p-min_size", "64")
+    page.fill("#p-steps", "2")
+    page.select_option("#p-output_format", "jpeg")
+    page.click("#advanced summary")
+    page.fill("#p-output_quality", "80")
+    page.click("#submit")
+    expect(page.locator("#result")).to_be_visible(timeout=JOB_DONE)
+    expect(page.locator("#samples")).to_be_hidden()  # one result looks as it always has
+    job_id = page.inner_text("#job-id")
+    with page.expect_download() as download:
+        page.click("#download")
+    saved = tmp_path / download.value.suggested_filename
+    download.value.save_as(saved)
+    assert saved.name == f"{job_id}.jpg" and saved.read_bytes()[:3] == JPEG
+    with api(service) as client:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["params"]["output_format"] == "jpeg" and job["params"]["output_quality"] == 80
+    assert job["result"]["content_type"] == "image/jpeg"
+    assert "JPEG, quality 80" in page.inner_text("#details")
+    page.context.close()
+
+
+def test_the_model_choice_where_the_service_runs_two_variants(browser, fixture_a: Path, tmp_path: Path) -> None:
+    """The API alone (no worker: the job stays queued) with two variants: the page offers them, the default first."""
+    checkpoint = str(fixture_a / "supir.ckpt")
+    variants = json.dumps({"v0Q": checkpoint, "v0F": checkpoint})
+    with running(tmp_path, fixture_a, {"alice": {}}, with_workers=False, variants=variants) as two:
+        page = open_page(browser, two, PHONE)
+        expect(page.locator("#variant")).to_be_visible()
+        assert page.input_value("#variant") == "v0Q"
+        assert page.locator("#variant option").all_inner_texts() == [
+            "v0Q · quality, for heavy degradation",
+            "v0F · fidelity, for light degradation",
+        ]
+        assert page.locator('label[for="variant"]').inner_text() == "Model"
+        page.select_option("#variant", "v0F")
+        expect(page.locator("#variant-hint")).to_contain_text("v0F: 0 workers, 0 queued")
+        no_horizontal_overflow(page)
+        assert serious_violations(page) == []
+        page.set_input_files("#file", str(PHOTO))
+        page.fill("#p-min_size", "64")
+        page.click("#submit")
+        expect(page.locator("#status")).to_contain_text("queued", timeout=30_000)
+        with two.client("alice") as client:
+            jobs = client.get("/v1/jobs").json()["jobs"]
+            assert len(jobs) == 1, jobs
+            assert client.get(f"/v1/jobs/{jobs[0]['id']}").json()["variant"] == "v0F"
+        page.context.close()
 
 
 def test_progress_is_weighted_by_stage_and_never_goes_backwards(browser, service: Service) -> None:

@@ -225,6 +225,7 @@ def _run(runtime: Runtime, job_id: str) -> str:
     steps = 0 if record.kind == "preview" else params.steps
     gpu_seconds = round(sum(meta["seconds"].values()), 4)  # the pipeline's stages: upload and waits excluded
     model = runtime.models.get(record.variant, {})
+    _remember_result(runtime, record, model.get("model_id"))  # before the ending: a repeat right after it hits
     status = _end(
         runtime,
         job_id,
@@ -241,7 +242,7 @@ def _run(runtime: Runtime, job_id: str) -> str:
         model_id=model.get("model_id"),
     )
     if status == "succeeded":  # this run's ending stands: count it once
-        _after_success(runtime, record, len(results), gpu_seconds, model.get("model_id"))
+        _after_success(runtime, record, len(results), gpu_seconds)
     return status
 
 
@@ -274,17 +275,26 @@ def _write_results(
     return results
 
 
-def _after_success(runtime: Runtime, record: JobRecord, images: int, gpu_seconds: float, model_id: str | None) -> None:
-    """Usage, metrics and the result cache: informative, so a Redis hiccup here never fails the finished job."""
+def _remember_result(runtime: Runtime, record: JobRecord, model_id: str | None) -> None:
+    """The result cache's entry for a reproducible job. Written before the job ends: the API answers from it only
+    once the job it names has succeeded with its results, so an entry whose run did not end it is never used."""
+    if model_id is None or not cacheable(runtime.settings, record):
+        return
+    try:
+        runtime.store.remember_result(record_key(runtime.settings, record, model_id), record.id)
+    except redis.RedisError:
+        log.warning("job %s: no result cache entry (Redis)", record.id)
+
+
+def _after_success(runtime: Runtime, record: JobRecord, images: int, gpu_seconds: float) -> None:
+    """Usage and metrics, counted once (by the run whose ending stood); a Redis hiccup never fails the job."""
     variant = record.variant or runtime.variants[0]
     metrics.GPU_SECONDS.labels(variant).inc(gpu_seconds)
     metrics.IMAGES.labels(variant).inc(images)
     try:
         runtime.usage.record(record.owner, images=images, gpu_seconds=gpu_seconds, cached=False)
-        if model_id is not None and cacheable(runtime.settings, record):
-            runtime.store.remember_result(record_key(runtime.settings, record, model_id), record.id)
     except redis.RedisError:
-        log.warning("job %s: usage or cache entry not recorded (Redis)", record.id)
+        log.warning("job %s: usage not recorded (Redis)", record.id)
 
 
 def _is_out_of_memory(exc: Exception) -> bool:
