@@ -81,9 +81,10 @@ class StageBytes:
     decode: float
 
     def at(self, pixels: int, batch: int = 1) -> dict[str, float]:
-        """Planned bytes of each stage for `batch` images of `pixels` pixels."""
+        """Planned bytes of each stage for `batch` samples of one image of `pixels` pixels: stage 1 runs once per
+        image (the samples share it), sampling (CFG batch 2·batch) and decoding run on every sample at once."""
         scale = pixels * batch
-        return {"stage1": self.stage1 * scale, "sampling": self.sampling * scale, "decode": self.decode * scale}
+        return {"stage1": self.stage1 * pixels, "sampling": self.sampling * scale, "decode": self.decode * scale}
 
 
 _traced: weakref.WeakKeyDictionary[SupirModel, dict[tuple[Any, ...], StageBytes]] = weakref.WeakKeyDictionary()

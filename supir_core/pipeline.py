@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ from .errors import Canceled, InvalidInput
 from .imageio import LoadedImage, finish, load_image, plan_caption_sizes, plan_sizes, to_model_input, to_pil
 from .memory import StageBytes, TilingDecision, decide_tiling, memory_budget, trace_stage_bytes
 from .models.supir import SupirModel
-from .params import MAX_SEED, RestoreParams, validate_params
+from .params import MAX_SEED, RestoreParams, sample_seeds, validate_params
 from .prompts import PromptEmbeddings
 from .sampling import (
     NoiseFn,
@@ -55,18 +55,24 @@ PromptEncoder = Callable[
 class PipelineNoise:
     """Every random draw of a run, in the official order: posterior sample, initial noise, per-step noise."""
 
-    posterior: Callable[[torch.Size], torch.Tensor]
-    initial: Callable[[torch.Size], torch.Tensor]
+    posterior: Callable[[tuple[int, ...]], torch.Tensor]  # shape → N(0, I)
+    initial: Callable[[tuple[int, ...]], torch.Tensor]
     step: NoiseFn
 
     @classmethod
-    def seeded(cls, seed: int, device: torch.device) -> PipelineNoise:
-        generator = torch.Generator(device).manual_seed(seed)
+    def seeded(cls, seed: int | Sequence[int], device: torch.device) -> PipelineNoise:
+        """One generator per sample (row of the batch): sample i draws its rows from seeds[i] in a single run's
+        order, so it is the single run with that seed whatever the batch."""
+        seeds = [seed] if isinstance(seed, int) else list(seed)
+        generators = [torch.Generator(device).manual_seed(s) for s in seeds]
 
-        def draw(shape: torch.Size) -> torch.Tensor:
-            return torch.randn(shape, generator=generator, device=device)
+        def draw(shape: tuple[int, ...]) -> torch.Tensor:
+            if shape[0] != len(generators):
+                raise ValueError(f"{len(generators)} seed(s) for a draw of {shape[0]} samples: one seed per sample")
+            rows = [torch.randn((1, *shape[1:]), generator=g, device=device) for g in generators]
+            return rows[0] if len(rows) == 1 else torch.cat(rows)
 
-        return cls(draw, draw, noise_from(generator))
+        return cls(draw, draw, lambda i, like: draw(like.shape).to(like))
 
     @classmethod
     def recorded(cls, posterior: torch.Tensor, initial: torch.Tensor, steps: torch.Tensor | None) -> PipelineNoise:
@@ -75,7 +81,8 @@ class PipelineNoise:
 
 @dataclass
 class Stages:
-    """The tensors of one run (scaled latents; images in about [−1, 1])."""
+    """The tensors of one run (scaled latents; images in about [−1, 1]). Stage 1 is one image; x_center and what
+    follows hold every sample."""
 
     lq_latent: torch.Tensor
     x_stage1: torch.Tensor
@@ -125,9 +132,14 @@ class Preview:
 
 @dataclass
 class RestorationResult:
-    image: Image.Image  # the input's size × upscale, and its kind (grayscale, alpha)
+    image: Image.Image  # the input's size × upscale, and its kind (grayscale, alpha); the first sample
     stage1: Image.Image  # the robust encoder's reconstruction at the processing size
     metadata: dict[str, Any] = field(default_factory=dict)
+    images: list[Image.Image] = field(default_factory=list)  # every sample, in the order of metadata["seeds"]
+
+    def __post_init__(self) -> None:
+        if not self.images:
+            self.images = [self.image]
 
 
 def default_device() -> str:
@@ -195,12 +207,13 @@ class RestorationPipeline:
             sizes = plan_sizes(loaded.size, params.upscale, params.min_size)
             lq = to_model_input(loaded.rgb, sizes.process).to(self.device)
             seed = params.seed if params.seed is not None else random.randint(0, MAX_SEED)
+            seeds = sample_seeds(seed, params.num_samples)
 
-            # 2. The recipe, with noise from the seed and prompts from the user or the captioner
+            # 2. The recipe, with noise from each sample's seed and prompts from the user or the captioner
             stages = self.restore_tensor(
                 lq,
                 params,
-                noise=PipelineNoise.seeded(seed, self.device),
+                noise=PipelineNoise.seeded(seeds, self.device),
                 encode_prompts=self._prompt_encoder(params, loaded, prompts, timings, on_progress),
                 tile_captions=tile_captions,
                 on_progress=on_progress,
@@ -209,12 +222,13 @@ class RestorationPipeline:
                 stage1=_checked(stage1, sizes.process, self.device) if stage1 is not None else None,
             )
 
-            # 3. Back to the input's size and kind
-            output = finish(to_pil(stages.restored, sizes.output), loaded)
+            # 3. Back to the input's size and kind, every sample
+            outputs = [finish(to_pil(sample[None], sizes.output), loaded) for sample in stages.restored]
             stage1_image = to_pil(stages.x_stage1, sizes.process)
 
         metadata = {
             "seed": seed,
+            "seeds": seeds,
             **prompts,
             "input_size": list(sizes.input),
             "process_size": list(sizes.process),
@@ -229,7 +243,7 @@ class RestorationPipeline:
             "device": str(self.device),
             "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
         }
-        return RestorationResult(output, stage1_image, metadata)
+        return RestorationResult(outputs[0], stage1_image, metadata, outputs)
 
     def restore_tensor(
         self,
@@ -244,11 +258,17 @@ class RestorationPipeline:
         timings: dict[str, float] | None = None,
         stage1: Stage1 | None = None,
     ) -> Stages:
-        """SUPIR's recipe on an LQ image tensor [B, 3, H, W] in [−1, 1], sides multiples of 64 (spec §4.2)."""
+        """SUPIR's recipe on an LQ image tensor [B, 3, H, W] in [−1, 1], sides multiples of 64 (spec §4.2).
+
+        With params.num_samples > 1 (B = 1), stage 1 and the prompts run once and the sampler runs on num_samples
+        rows; `noise` then draws num_samples rows."""
         report = on_progress or (lambda p: None)
         timings = timings if timings is not None else {}
         vae = self.model.vae
-        tiling = self.plan_tiling(params, (lq.shape[-2], lq.shape[-1]), lq.shape[0])
+        if params.num_samples > 1 and lq.shape[0] != 1:
+            raise ValueError(f"num_samples={params.num_samples} restores one image; got a batch of {lq.shape[0]}")
+        batch = lq.shape[0] * params.num_samples  # the rows the sampler and the decoder run on
+        tiling = self.plan_tiling(params, (lq.shape[-2], lq.shape[-1]), batch)
         vae_tile = params.vae_tile_size if tiling.vae else None
         # a tiled VAE keeps full-size maps between its layers: on a GPU short of memory they wait in host memory
         vae.map_device = "cpu" if tiling.vae and self.device.type == "cuda" else None
@@ -270,17 +290,19 @@ class RestorationPipeline:
         if tile_captions is None and windows and self._captions(params) and params.caption_tiles:
             tile_captions = self._caption_tiles(x_stage1, windows, params, timings, report)
         (c_crossattn, c_vector), (uc_crossattn, uc_vector) = encode_prompts(x_stage1, bool(tile_captions))
-        cond = Conditioning(c_crossattn, c_vector, lq_latent)
-        uncond = Conditioning(uc_crossattn, uc_vector, lq_latent)
-        tile_conds = self._tile_conditions(tile_captions, params, lq_latent)
+        cond = _expanded(Conditioning(c_crossattn, c_vector, lq_latent), batch)
+        uncond = _expanded(Conditioning(uc_crossattn, uc_vector, lq_latent), batch)
+        tile_conds = self._tile_conditions(tile_captions, params, lq_latent, batch)
 
-        # 3. Guidance anchor: a posterior sample of the stage-1 image under the plain SDXL encoder
+        # 3. Guidance anchor: a posterior sample of the stage-1 image under the plain SDXL encoder, one per sample
+        #    (one encode: the noise's rows broadcast over the posterior's one row)
+        latent_shape = (batch, *lq_latent.shape[1:])
         with _timed(timings, "encode", self.device):
-            x_center = vae.encode(x_stage1, noise=noise.posterior(lq_latent.shape), tile=vae_tile)
+            x_center = vae.encode(x_stage1, noise=noise.posterior(latent_shape), tile=vae_tile)
 
-        # 4. Sample from noise (in tiles if the plan says so)
+        # 4. Sample from noise (in tiles if the plan says so), all samples in each network call
         check_stop("sampling")
-        initial = noise.initial(lq_latent.shape)
+        initial = noise.initial(latent_shape)
 
         def on_step(info: dict[str, Any]) -> None:
             report(Progress("sampling", info["i"] + 1, info["steps"]))
@@ -290,7 +312,7 @@ class RestorationPipeline:
                 params, tiling.sampling, initial, cond, uncond, tile_conds, x_center, noise.step, on_step, should_stop
             )
 
-        # 5. Decode and pull the colours back to the stage-1 image
+        # 5. Decode and pull each sample's colours back to the (one) stage-1 image
         report(Progress("decoding"))
         with _timed(timings, "decoding", self.device):
             decoded = vae.decode(sampled, tile=vae_tile)
@@ -425,14 +447,14 @@ class RestorationPipeline:
         return captions
 
     def _tile_conditions(
-        self, tile_captions: Mapping[Window, str] | None, params: RestoreParams, lq_latent: torch.Tensor
+        self, tile_captions: Mapping[Window, str] | None, params: RestoreParams, lq_latent: torch.Tensor, batch: int
     ) -> dict[Window, Conditioning] | None:
         if not tile_captions:
             return None
         conds = {}
         for window, text in tile_captions.items():
             crossattn, vector = self.prompts(self.positive_prompt(text, params))
-            conds[window] = Conditioning(crossattn, vector, lq_latent)
+            conds[window] = _expanded(Conditioning(crossattn, vector, lq_latent), batch)
         return conds
 
     def _sample(
@@ -497,7 +519,8 @@ class RestorationPipeline:
         )
 
     def plan_tiling(self, params: RestoreParams, image_hw: tuple[int, int], batch: int = 1) -> TilingDecision:
-        """Which parts of a run on an image of this processing size (pixels) are tiled, per `params.tiling`."""
+        """Which parts of a run on an image of this processing size (pixels) are tiled, per `params.tiling`; batch:
+        the rows sampled and decoded together (num_samples)."""
         latent_hw = (image_hw[0] // 8, image_hw[1] // 8)
         return decide_tiling(
             params.tiling,
@@ -521,7 +544,7 @@ class RestorationPipeline:
     def windows(self, image_size: tuple[int, int], params: RestoreParams) -> list[Window]:
         """The sampler tiles of an image of this size (before upscale and the size plan); [] when it runs untiled."""
         sizes = plan_sizes(image_size, params.upscale, params.min_size)
-        if not self.plan_tiling(params, (sizes.process[1], sizes.process[0])).sampling:
+        if not self.plan_tiling(params, (sizes.process[1], sizes.process[0]), params.num_samples).sampling:
             return []
         return self.sampler_windows((sizes.process[1] // 8, sizes.process[0] // 8), params)
 
@@ -540,6 +563,15 @@ def _as_loaded(image: LoadedImage | Image.Image | str | Path | bytes) -> LoadedI
             source_mode=image.mode,
         )
     return load_image(image)
+
+
+def _expanded(cond: Conditioning, batch: int) -> Conditioning:
+    """The one photo's conditioning for every sample (views, no copies: linear_cfg's concatenation copies)."""
+    if cond.control.shape[0] == batch:
+        return cond
+    return Conditioning(
+        cond.crossattn.expand(batch, -1, -1), cond.vector.expand(batch, -1), cond.control.expand(batch, -1, -1, -1)
+    )
 
 
 @contextmanager
