@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from jobs.queue import RESTORE_TASK, make_celery
+from jobs.queue import RESTORE_TASK, make_celery, variant_queue
 from jobs.record import JobRecord
 from jobs.settings import Settings
 from tests.servers import Service, wait_for_status
@@ -136,12 +136,13 @@ def test_bad_jobs_do_not_kill_the_worker(service: Service) -> None:
         ("impossible params", {**FAST, "steps": "many"}, jpeg()),
         ("missing input", FAST, None),
     ]:
-        record = JobRecord(owner="mallory", params=params, input_key=f"inputs/poison-{name.replace(' ', '-')}")
+        key = f"inputs/poison-{name.replace(' ', '-')}"
+        record = JobRecord(owner="mallory", params=params, input_key=key, variant=settings.default_variant)
         if data is not None:
             (objects / "inputs").mkdir(parents=True, exist_ok=True)
             (objects / record.input_key).write_bytes(data)
         store.create(record)
-        celery.send_task(RESTORE_TASK, args=[record.id], queue=service.prefix)
+        celery.send_task(RESTORE_TASK, args=[record.id], queue=variant_queue(settings, record.variant))
         poisoned.append(record.id)
     with service.client("mallory") as client:
         codes = [
