@@ -566,15 +566,19 @@ def load_supir(
     plan = plan_loading(model, sdxl, supir)
     plan.raise_if_broken()
     for comp in plan.components:
-        expected = comp.module.state_dict(keep_vars=True)
-        state = {}
-        for entry in comp.entries:
-            tensor = _fitted(entry, comp.source.load(entry.source), expected[entry.target].shape)
-            state[entry.target] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-        comp.module.load_state_dict(state, strict=True, assign=True)
-        del state
+        _load_component(comp, device, dtype)
     model.to(device)  # buffers built on the CPU
     return model.eval().requires_grad_(False)
+
+
+def _load_component(comp: Component, device: str | torch.device, dtype: torch.dtype) -> None:
+    """Fill one component's module from its file, strictly, one tensor at a time (cast to dtype on device)."""
+    expected = comp.module.state_dict(keep_vars=True)
+    state = {}
+    for entry in comp.entries:
+        tensor = _fitted(entry, comp.source.load(entry.source), expected[entry.target].shape)
+        state[entry.target] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    comp.module.load_state_dict(state, strict=True, assign=True)
 
 
 def check_manifest(manifest_path: str | Path, options: ModelOptions = ModelOptions()) -> dict[str, Any]:
@@ -630,12 +634,6 @@ def load_supir_variant(
         if comp.source is sdxl:
             model.set_submodule(comp.name, base.get_submodule(comp.name))
             continue
-        expected = comp.module.state_dict(keep_vars=True)
-        state = {}
-        for entry in comp.entries:
-            tensor = _fitted(entry, comp.source.load(entry.source), expected[entry.target].shape)
-            state[entry.target] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-        comp.module.load_state_dict(state, strict=True, assign=True)
-        del state
+        _load_component(comp, device, dtype)
     model.to(device)  # buffers built on the CPU; the shared modules are there already
     return model.eval().requires_grad_(False)

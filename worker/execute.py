@@ -262,7 +262,7 @@ def _write_results(
     keep = params.keep_metadata and not runtime.settings.strip_metadata
     metadata = loaded.result_metadata() if keep else None
     results = []
-    for index, (image, seed) in enumerate(zip(images, seeds, strict=False)):
+    for index, (image, seed) in enumerate(zip(images, seeds, strict=True)):
         data = encode_image(image, params.output_format, params.output_quality, metadata)
         key = output_key(record.id, index, EXTENSIONS[params.output_format])
         content_type = CONTENT_TYPES[params.output_format]
