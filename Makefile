@@ -32,7 +32,8 @@ lint: install
 	$(VENV)/bin/mypy supir_core api jobs worker
 
 conformance: install
-	$(VENV)/bin/supir conformance ../shared/conformance/A --out out/conformance-A.safetensors --check
+	$(PY) -c 'from supir_core.conformance import write_ckpt_twin; write_ckpt_twin("tests/data/conformance/A")'
+	$(VENV)/bin/supir conformance tests/data/conformance/A --out out/conformance-A.safetensors --check
 
 serve: install
 	@VENV=$(VENV) bash scripts/serve.sh

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What `bench/gpu_session.sh` needs on the GPU machine beyond the checkout, gathered here into .whl/ (git-ignored,
 # carried to the device): wheels its image lacks (it has torch, transformers, accelerate, safetensors, pillow, tqdm;
-# it cannot reach PyPI), and the key manifest of the full-size files from ../shared, which does not travel.
+# it cannot reach PyPI). The key manifest of the full-size files is in tests/data/conformance and travels with the tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
@@ -9,7 +9,4 @@ pip=(python3 -m pip download --quiet --no-deps --only-binary=:all: --python-vers
      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl)
 "${pip[@]}" diffusers==0.42.1 importlib_metadata==10.2.0 pydantic==2.14.4 pydantic_core==2.50.5 \
     annotated-types==0.8.0 typing-inspection==0.4.5 ftfy==6.3.1 wcwidth==0.9.4
-SHARED=${SUPIR_SHARED:-../shared}
-mkdir -p .whl/shared/conformance
-cp "$SHARED/conformance/manifest_full.json" .whl/shared/conformance/
 du -sh .whl

@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from stages import PHOTO, SHARED, randomize  # noqa: E402
+from stages import FIXTURE_A, MANIFEST, PHOTO, randomize  # noqa: E402
 
 from supir_core.checkpoints import TensorSource, build_empty, load_supir, spec_from_checkpoint  # noqa: E402
 from supir_core.params import validate_params  # noqa: E402
@@ -46,12 +46,12 @@ def build(
     if args.tiny:
         from supir_core.conformance import Fixture
 
-        fixture = Fixture.open(SHARED / "conformance" / "A")
+        fixture = Fixture.open(FIXTURE_A)
         model = fixture.load_model().to(device=device, dtype=dtype)
     elif args.sdxl and args.supir:
         model = load_supir(args.sdxl, args.supir, device=device, dtype=dtype)
     else:
-        keys = json.loads((SHARED / "conformance" / "manifest_full.json").read_text())["keys"]
+        keys = json.loads(MANIFEST.read_text())["keys"]
         model = randomize(build_empty(spec_from_checkpoint(TensorSource.from_shapes("manifest", keys))), device, dtype)
     if dtype == torch.float16:
         model.vae.to(torch.bfloat16)

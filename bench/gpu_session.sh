@@ -19,7 +19,6 @@ if [ -z "${SKIP_WHEELS:-}" ]; then  # SKIP_WHEELS=1: a machine that has the pack
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache  # configurations share kernels of equal blocks
-[ -d .whl/shared ] && export SUPIR_SHARED=$PWD/.whl/shared  # the key manifest (bench/device_wheels.sh)
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, diffusers, transformers; print(torch.__version__, torch.version.cuda, diffusers.__version__, transformers.__version__)"
   date -u; } > "$OUT/env.txt" 2>&1

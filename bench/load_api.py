@@ -108,7 +108,7 @@ def spawned(workers: int) -> Iterator[tuple[str, str]]:
     sys.path.insert(0, str(REPO))
     from tests.servers import running
 
-    fixture = REPO.parent / "shared" / "conformance" / "A"
+    fixture = REPO / "tests" / "data" / "conformance" / "A"
     # the per-key limits are raised (and docs/service.md says so): the bench measures the service, not the limiter
     settings = {
         "rate_limit_per_minute": 10**7,

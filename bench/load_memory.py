@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SHARED = Path(os.environ.get("SUPIR_SHARED", HERE.parent.parent / "shared"))
-FIXTURE_A = SHARED / "conformance" / "A"
-MANIFEST = SHARED / "conformance" / "manifest_full.json"
+CONFORMANCE = HERE.parent / "tests" / "data" / "conformance"
+FIXTURE_A = CONFORMANCE / "A"
+MANIFEST = CONFORMANCE / "manifest_full.json"
 SUPIR_PREFIXES = (
     "model.control_model.",
     "model.diffusion_model.project_modules.",
@@ -106,9 +106,9 @@ def main() -> None:
         sdxl, supir = synthesise_full_size(args.workdir)
         options: dict = {}
     else:
-        from supir_core.conformance import Fixture
+        from supir_core.conformance import Fixture, write_ckpt_twin
 
-        sdxl, supir = FIXTURE_A / "sdxl.safetensors", FIXTURE_A / "supir.ckpt"
+        sdxl, supir = FIXTURE_A / "sdxl.safetensors", write_ckpt_twin(FIXTURE_A)
         options = Fixture.open(FIXTURE_A).model_options().__dict__
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

@@ -32,7 +32,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from supir_core.memory import peak_bytes  # noqa: E402  (after the path insert)
 
-SHARED = Path(os.environ.get("SUPIR_SHARED", HERE.parent.parent / "shared"))
+CONFORMANCE = HERE.parent / "tests" / "data" / "conformance"
+FIXTURE_A = CONFORMANCE / "A"
+MANIFEST = CONFORMANCE / "manifest_full.json"
 
 GB = 1e9
 
@@ -86,9 +88,9 @@ def model_spec(tiny: bool) -> Any:
     if tiny:
         from supir_core.conformance import Fixture
 
-        fixture = Fixture.open(SHARED / "conformance" / "A")
+        fixture = Fixture.open(FIXTURE_A)
         return spec_from_checkpoint(open_checkpoint(fixture.root / "sdxl.safetensors"), fixture.model_options())
-    keys = json.loads((SHARED / "conformance" / "manifest_full.json").read_text())["keys"]
+    keys = json.loads(MANIFEST.read_text())["keys"]
     return spec_from_checkpoint(TensorSource.from_shapes("manifest", keys), ModelOptions())
 
 

@@ -136,7 +136,7 @@ async def run(url: str, keys: list[str], streams: int, seconds: float) -> dict:
 def spawned(keys: int) -> Iterator[tuple[str, list[str]]]:
     from tests.servers import running
 
-    fixture = REPO.parent / "shared" / "conformance" / "A"
+    fixture = REPO / "tests" / "data" / "conformance" / "A"
     settings: dict[str, Any] = {"rate_limit_per_minute": 10**7, "read_rate_limit_per_minute": 10**7}
     names: dict[str, dict] = {f"bench{i}": {} for i in range(keys)}
     with running(Path(tempfile.mkdtemp()), fixture, names, api_workers=1, **settings) as svc:

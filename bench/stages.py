@@ -22,7 +22,9 @@ import torch
 from PIL import Image
 
 HERE = Path(__file__).resolve().parent
-SHARED = Path(os.environ.get("SUPIR_SHARED", HERE.parent.parent / "shared"))
+CONFORMANCE = HERE.parent / "tests" / "data" / "conformance"  # the tiny model and the full-size key manifest
+FIXTURE_A = CONFORMANCE / "A"
+MANIFEST = CONFORMANCE / "manifest_full.json"
 PHOTO = HERE.parent / "tests" / "data" / "chelsea_degraded.jpg"
 
 
@@ -30,7 +32,7 @@ def tiny_pipeline(device: str):
     from supir_core.conformance import Fixture
     from supir_core.pipeline import RestorationPipeline
 
-    fixture = Fixture.open(SHARED / "conformance" / "A")
+    fixture = Fixture.open(FIXTURE_A)
     return RestorationPipeline(fixture.load_model().to(device))
 
 
@@ -58,7 +60,7 @@ def full_size_pipeline(device: str, dtype: torch.dtype):
     from supir_core.checkpoints import TensorSource, build_empty, spec_from_checkpoint
     from supir_core.pipeline import RestorationPipeline
 
-    keys = json.loads((SHARED / "conformance" / "manifest_full.json").read_text())["keys"]
+    keys = json.loads(MANIFEST.read_text())["keys"]
     model = build_empty(spec_from_checkpoint(TensorSource.from_shapes("manifest", keys)))
     return RestorationPipeline(randomize(model, device, dtype))
 

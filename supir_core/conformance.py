@@ -1,4 +1,4 @@
-"""Run conformance fixture cases (shared/conformance/FORMAT.md) through the production code and compare.
+"""Run conformance fixture cases (tests/data/conformance/FORMAT.md) through the production code and compare.
 
 A fixture folder is a complete tiny SUPIR install: the model is built from its checkpoint files by
 `load_supir`, exactly as from the real files. Sizes and settings come from its `config.json`.
@@ -7,6 +7,8 @@ A fixture folder is a complete tiny SUPIR install: the model is built from its c
 from __future__ import annotations
 
 import json
+import os
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +80,30 @@ class Fixture:
         return load_supir(
             self.root / "sdxl.safetensors", supir_file or self.supir_file(), dtype=dtype, options=self.model_options()
         )
+
+
+def write_ckpt_twin(root: str | Path) -> Path:
+    """`supir.ckpt` of a fixture folder, written from `supir.safetensors` when absent, and its path.
+
+    The official SUPIR files are `torch.save` pickles of a flat float32 OrderedDict; a fixture ships only the fp16
+    safetensors twin (every value exact in fp16, so the float32 copy holds the same numbers) to stay small, and the
+    pickle form the loader must also read is made here. Written to a temporary name and renamed, so concurrent
+    callers never see half a file.
+    """
+    root = Path(root)
+    target = root / "supir.ckpt"
+    if target.is_file():
+        return target
+    source = root / "supir.safetensors"
+    if not source.is_file():
+        raise WeightsError(f"{root}: neither supir.ckpt nor supir.safetensors to write it from")
+    weights = OrderedDict(
+        (name, tensor.float() if tensor.is_floating_point() else tensor) for name, tensor in load_file(source).items()
+    )
+    partial = root / f".supir.ckpt.{os.getpid()}.partial"
+    torch.save(weights, partial)
+    partial.replace(target)
+    return target
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Shared test fixtures. Tests run offline on the CPU; the conformance fixtures live in ../shared/."""
+"""Shared test fixtures. Tests run offline on the CPU; the conformance fixtures live in tests/data/conformance/."""
 
 from __future__ import annotations
 
@@ -13,15 +13,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SUPIR_SHARED", REPO.parent / "shared"))
-FIXTURE_A = SHARED / "conformance" / "A"
-MANIFEST = SHARED / "conformance" / "manifest_full.json"
+CONFORMANCE = REPO / "tests" / "data" / "conformance"
+FIXTURE_A = CONFORMANCE / "A"
+MANIFEST = CONFORMANCE / "manifest_full.json"
 
 
 @pytest.fixture(scope="session")
 def fixture_a() -> Path:
-    if not (FIXTURE_A / "config.json").is_file():
-        pytest.fail(f"conformance fixture set A not found at {FIXTURE_A} (set SUPIR_SHARED)")
+    """Fixture set A, with its supir.ckpt written from the safetensors twin the repository ships."""
+    from supir_core.conformance import write_ckpt_twin
+
+    write_ckpt_twin(FIXTURE_A)
     return FIXTURE_A
 
 
