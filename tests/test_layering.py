@@ -41,3 +41,22 @@ def test_supir_core_knows_nothing_of_the_service() -> None:
             words = line.split()
             if words[:1] in (["import"], ["from"]) and len(words) > 1:
                 assert words[1].split(".")[0] not in forbidden, f"{path.name}: {line}"
+
+
+def test_the_repository_needs_nothing_beside_it() -> None:
+    """A plain clone has no shared folder beside it: no tracked file may read one (fixtures: tests/data/conformance)."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=repo, capture_output=True, check=True).stdout
+    needles = ("../" + "shared", "SUPIR_" + "SHARED")  # spelt in two parts, so this file is not a reader
+    readers = []
+    for name in tracked.decode().split("\0"):
+        path = repo / name
+        if not name or not path.is_file() or path.suffix in {".safetensors", ".png", ".jpg"}:
+            continue
+        text = path.read_text(errors="replace")
+        if any(needle in text for needle in needles):
+            readers.append(name)
+    assert not readers, f"these files read the folder beside the checkout, which a clone lacks: {readers}"
+    assert (repo / "tests" / "data" / "conformance" / "A" / "sdxl.safetensors").is_file()
