@@ -31,19 +31,23 @@ def caller_of(request: Request, settings: Settings) -> ApiKey:
     if settings.dev_mode:
         client = request.client.host if request.client else ""
         if client not in ("127.0.0.1", "::1", "localhost", "testclient"):
-            raise ApiError("unauthorized", "dev mode (no API keys) serves only localhost")
+            message = "dev mode (SUPIR_DEV_MODE, no API keys) serves only localhost: send a key from SUPIR_API_KEYS"
+            raise ApiError("unauthorized", message)
         return ApiKey(id=DEV_OWNER, sha256="0" * 64)
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise ApiError(
-            "unauthorized", "send an API key as 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
+            "unauthorized",
+            "send an API key as 'Authorization: Bearer <key>' (keys are the service's SUPIR_API_KEYS)",
+            headers={"WWW-Authenticate": "Bearer"},
         )
     digest = hash_key(token.strip())
     for key in settings.api_keys:
         if hmac.compare_digest(key.sha256, digest):
             return key
-    raise ApiError("unauthorized", "unknown API key", headers={"WWW-Authenticate": "Bearer"})
+    message = "unknown API key (keys are the service's SUPIR_API_KEYS)"
+    raise ApiError("unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
 
 
 def authenticate(request: Request, settings: Settings, store: JobStore) -> ApiKey:
@@ -64,5 +68,8 @@ def authenticate(request: Request, settings: Settings, store: JobStore) -> ApiKe
         wait = store.hit_rate_limit(f"authfail:{address}", settings.auth_failures_per_minute)
         if wait is None:
             raise
-        message = f"over {settings.auth_failures_per_minute} failed authentications a minute from your address"
+        message = (
+            f"over {settings.auth_failures_per_minute} failed authentications a minute from your address "
+            "(SUPIR_AUTH_FAILURES_PER_MINUTE)"
+        )
         raise ApiError("rate_limited", message, headers={"Retry-After": str(wait)}) from None

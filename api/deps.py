@@ -52,7 +52,11 @@ def authorize(request: Request, services: ServicesDep) -> Caller:
     wait = services.store.hit_rate_limit(bucket, limit)
     if wait is not None:
         metrics.REJECTED.labels("rate_limited").inc()
-        raise ApiError("rate_limited", f"over {limit} {kind} requests a minute", headers={"Retry-After": str(wait)})
+        setting = "SUPIR_READ_RATE_LIMIT_PER_MINUTE" if kind == "read" else "SUPIR_RATE_LIMIT_PER_MINUTE"
+        field = "read_rate_limit_per_minute" if kind == "read" else "rate_limit_per_minute"
+        message = f"over {limit} {kind} requests a minute (the service's {setting}, or the key's {field} in "
+        message += "SUPIR_API_KEYS)"
+        raise ApiError("rate_limited", message, headers={"Retry-After": str(wait)})
     return Caller(key.id, key.max_active_jobs or settings.max_active_jobs)
 
 

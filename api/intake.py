@@ -107,7 +107,8 @@ def check_image(data: bytes, settings: Settings, upscale: float, declared_type: 
     if len(data) > settings.max_upload_bytes:
         raise ApiError(
             "file_too_large",
-            f"the image is {len(data):,} bytes; at most {settings.max_upload_bytes:,} are accepted",
+            f"the image is {len(data):,} bytes; at most {settings.max_upload_bytes:,} are accepted "
+            "(SUPIR_MAX_UPLOAD_BYTES)",
             field="image",
         )
     found = sniff(data)
@@ -153,7 +154,8 @@ def _check_limits(width: int, height: int, size: int, settings: Settings, upscal
     pixels = width * height
     if pixels > settings.max_input_pixels:
         code = "decompression_bomb" if pixels > 50 * size * 8 else "image_too_large"
-        raise ApiError(code, f"the image has {pixels:,} pixels; at most {settings.max_input_pixels:,}", field="image")
+        message = f"the image has {pixels:,} pixels; at most {settings.max_input_pixels:,} (SUPIR_MAX_INPUT_PIXELS)"
+        raise ApiError(code, message, field="image")
     if min(width, height) < MIN_SIDE:
         raise ApiError(
             "image_too_small",
@@ -164,7 +166,8 @@ def _check_limits(width: int, height: int, size: int, settings: Settings, upscal
     if out_pixels > settings.max_output_pixels:
         raise ApiError(
             "output_too_large",
-            f"upscale {upscale} makes {out_pixels:,} output pixels; at most {settings.max_output_pixels:,}",
+            f"upscale {upscale} makes {out_pixels:,} output pixels; at most {settings.max_output_pixels:,} "
+            "(SUPIR_MAX_OUTPUT_PIXELS)",
             field="params.upscale",
         )
 
@@ -311,7 +314,8 @@ def _check_addresses(
         raise ApiError(code, f"{field} must be an http or https URL", field=field) from None
     except ForbiddenAddress:
         # no resolved address in the message: the client learns nothing about our network it did not send
-        message = f"{field} points to a private, loopback or link-local address"
+        setting = "SUPIR_ALLOW_PRIVATE_URLS" if field == "image_url" else "SUPIR_ALLOW_PRIVATE_WEBHOOKS"
+        message = f"{field} points to a private, loopback or link-local address (allowed with {setting}=true)"
         raise ApiError("url_forbidden", message, field=field) from None
     except OSError:
         raise ApiError("url_fetch_failed", f"cannot resolve the host of {field}", field=field) from None
@@ -356,7 +360,8 @@ def fetch_image(url: str, settings: Settings, resolver: Resolver = system_resolv
                     if declared and declared.isdigit() and int(declared) > limit:
                         raise ApiError(
                             "url_too_large",
-                            f"image_url is {int(declared):,} bytes; at most {limit:,} are accepted",
+                            f"image_url is {int(declared):,} bytes; at most {limit:,} are accepted "
+                            "(SUPIR_MAX_UPLOAD_BYTES)",
                             field="image_url",
                         )
                     body = bytearray()
@@ -365,11 +370,14 @@ def fetch_image(url: str, settings: Settings, resolver: Resolver = system_resolv
                         if time.monotonic() > deadline:
                             raise httpx.ReadTimeout("download too slow")
                         if len(body) > limit:
-                            raise ApiError("url_too_large", f"image_url is over {limit:,} bytes", field="image_url")
+                            message = f"image_url is over {limit:,} bytes (SUPIR_MAX_UPLOAD_BYTES)"
+                            raise ApiError("url_too_large", message, field="image_url")
                     return bytes(body), response.headers.get("content-type")
             except httpx.TimeoutException:
                 raise ApiError(
-                    "url_fetch_failed", f"image_url did not answer within {settings.url_timeout_s} s", field="image_url"
+                    "url_fetch_failed",
+                    f"image_url did not answer within {settings.url_timeout_s} s (SUPIR_URL_TIMEOUT_S)",
+                    field="image_url",
                 ) from None
             except httpx.HTTPError as exc:
                 raise ApiError(

@@ -85,7 +85,8 @@ class _Guarded:
             with anyio.fail_after(self.settings.body_timeout_s):
                 message = await self.raw_receive()
         except TimeoutError:
-            await self.answer("request_timeout", f"no request body data for {self.settings.body_timeout_s:g} s")
+            silence = f"no request body data for {self.settings.body_timeout_s:g} s (SUPIR_BODY_TIMEOUT_S)"
+            await self.answer("request_timeout", silence)
             raise BodyRefused from None
         if message["type"] == "http.request":
             self.received += len(message.get("body", b""))
@@ -118,9 +119,13 @@ class _Guarded:
         size = f"{self.declared:,} bytes" if self.declared is not None else f"over {self.limit:,} bytes"
         upload = self.limit > self.settings.max_json_bytes and self.content_type.startswith("multipart/")
         if upload:
-            message = f"the request is {size}; images of at most {self.settings.max_upload_bytes:,} bytes are accepted"
+            message = (
+                f"the request is {size}; images of at most {self.settings.max_upload_bytes:,} bytes are accepted "
+                "(SUPIR_MAX_UPLOAD_BYTES)"
+            )
         else:
-            message = f"the request body is {size}; at most {self.limit:,} bytes are accepted"
+            setting = "SUPIR_MAX_UPLOAD_BYTES" if self.limit > self.settings.max_json_bytes else "SUPIR_MAX_JSON_BYTES"
+            message = f"the request body is {size}; at most {self.limit:,} bytes are accepted ({setting})"
         await self.answer("file_too_large", message, field="image" if upload else None, drain=drain)
 
     async def answer(self, code: str, message: str, field: str | None = None, drain: bool = False) -> None:
