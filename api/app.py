@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.state.services, app.state.streams = services, streams
     errors.install(app)
     docs.install(app)
-    openapi.install(app, tuple(settings.variant_files))
+    openapi.install(app, tuple(settings.variant_files), settings.default_params)
     for router in (jobs.router, usage.router, pages.router, operations.router):
         app.include_router(router)
 

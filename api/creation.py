@@ -26,7 +26,7 @@ from jobs.settings import Settings
 from jobs.store import JobStore
 from jobs.usage import UsageBook
 from supir_core.errors import InvalidInput, ObjectMissing
-from supir_core.params import MAX_SEED, RestoreParams, validate_params
+from supir_core.params import MAX_SEED, PRESETS, RestoreParams, validate_params
 
 from . import metrics
 from .errors import ApiError
@@ -123,7 +123,7 @@ async def read_job_request(request: Request, settings: Settings, stage1_job: str
         raise ApiError("unsupported_media_type", "send multipart/form-data with an image, or JSON with image_url")
     if "stage1_job" in fields:  # only from the path of POST /v1/jobs/{id}/restore
         raise ApiError("invalid_request", "unknown field 'stage1_job'", field="stage1_job")
-    return _served(_validated(fields, data, declared), settings)
+    return _served(_validated(fields, data, declared, settings.default_params), settings)
 
 
 def _served(job: JobRequest, settings: Settings) -> JobRequest:
@@ -133,7 +133,10 @@ def _served(job: JobRequest, settings: Settings) -> JobRequest:
         return job if job.stage1_job else replace(job, variant=settings.default_variant)
     if job.variant not in settings.variant_files:
         served = ", ".join(settings.variant_files)
-        message = f"variant {job.variant[:40]!r} is not served here; choose one of {served}"
+        message = (
+            f"variant {job.variant[:40]!r} is not served here; choose one of {served} (the variants served are the "
+            "service's SUPIR_VARIANTS setting, name → SUPIR file; without it, SUPIR_DEFAULT_VARIANT alone)"
+        )
         raise ApiError("variant_unavailable", message, field="variant")
     return job
 
@@ -148,7 +151,8 @@ async def _from_preview_request(request: Request, stage1_job: str, content_type:
     for name in ("image_url", "preview", "stage1_job"):
         if name in fields:  # the photo and stage 1 are the preview's
             raise ApiError("invalid_request", f"unknown field {name!r}", field=name)
-    return _served(_validated({**fields, "stage1_job": stage1_job}, None, None), request.app.state.services.settings)
+    settings: Settings = request.app.state.services.settings
+    return _served(_validated({**fields, "stage1_job": stage1_job}, None, None, settings.default_params), settings)
 
 
 def _event_list(raw: str) -> Any:
@@ -181,7 +185,16 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-def _validated(fields: dict[str, Any], data: bytes | None, declared: str | None) -> JobRequest:
+def with_defaults(raw: dict[str, Any], preset: str | None, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The request's params over this deployment's defaults (SUPIR_DEFAULT_PARAMS), less what its preset sets:
+    official defaults < deployment defaults < preset < request. The job's params then show every value used."""
+    preset_sets = PRESETS.get(preset, {}) if isinstance(preset, str) else {}
+    return {**{k: v for k, v in defaults.items() if k not in preset_sets}, **raw}
+
+
+def _validated(
+    fields: dict[str, Any], data: bytes | None, declared: str | None, defaults: dict[str, Any] | None = None
+) -> JobRequest:
     unknown = set(fields) - ALLOWED_FIELDS
     if unknown:
         raise ApiError("invalid_request", f"unknown field {sorted(unknown)[0]!r}", field=sorted(unknown)[0])
@@ -217,7 +230,7 @@ def _validated(fields: dict[str, Any], data: bytes | None, declared: str | None)
         raise ApiError("invalid_webhook_url", "webhook_url must be an http or https URL", field="webhook_url")
     events = _webhook_events(fields.get("webhook_events"), webhook_url)
     try:
-        params = validate_params(raw_params, preset=preset)
+        params = validate_params(with_defaults(raw_params, preset, defaults or {}), preset=preset)
     except InvalidInput as exc:
         raise ApiError(
             exc.code, exc.message, field=f"params.{exc.field}" if exc.field and exc.field != "preset" else exc.field
@@ -278,7 +291,10 @@ async def create(
         # one atomic check-and-claim: concurrent creates cannot all pass a separate count
         claimed = await run_in_threadpool(store.claim_slot, owner, job_id, quota)
         if not claimed:
-            message = f"at most {quota} jobs may be queued or running at once"
+            message = (
+                f"at most {quota} jobs may be queued or running at once for this key (the service's "
+                "SUPIR_MAX_ACTIVE_JOBS, or the key's max_active_jobs in SUPIR_API_KEYS)"
+            )
             raise ApiError("quota_exceeded", message, headers={"Retry-After": "10"})
         declared: str | None
         if job.stage1_job is not None:
@@ -343,7 +359,9 @@ async def _from_stage1(services: Services, owner: str, job: JobRequest) -> tuple
             message = f"{name} must be the stage-1 job's ({source.params.get(name)}): it fixes the processing size"
             raise ApiError("invalid_parameter", message, field=f"params.{name}")
     try:
-        params = validate_params({**job.raw_params, **{n: source.params[n] for n in SIZE_PARAMS}}, preset=job.preset)
+        sizes = {n: source.params[n] for n in SIZE_PARAMS}
+        raw = with_defaults({**job.raw_params, **sizes}, job.preset, services.settings.default_params)
+        params = validate_params(raw, preset=job.preset)
     except InvalidInput as exc:
         raise ApiError(exc.code, exc.message, field=f"params.{exc.field}" if exc.field else None) from None
     if job.variant is not None and source.variant and job.variant != source.variant:

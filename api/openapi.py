@@ -36,7 +36,7 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": Error, "description": REASONS[status]} for status in statuses}
 
 
-def install(app: FastAPI, variants: tuple[str, ...] = ()) -> None:
+def install(app: FastAPI, variants: tuple[str, ...] = (), default_params: dict[str, Any] | None = None) -> None:
     def build() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(
@@ -45,6 +45,8 @@ def install(app: FastAPI, variants: tuple[str, ...] = ()) -> None:
             _tidy(schema)
             if variants:
                 _served_variants(schema, variants)
+            if default_params:
+                _deployment_defaults(schema, default_params)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -83,3 +85,17 @@ def _served_variants(schema: dict[str, Any], variants: tuple[str, ...]) -> None:
                 if "variant" in properties:
                     field = {k: v for k, v in properties["variant"].items() if k != "pattern"}
                     properties["variant"] = {**field, "enum": list(variants)}
+
+
+def _deployment_defaults(schema: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """The parameters' defaults are this deployment's where it sets its own (SUPIR_DEFAULT_PARAMS), so clients and
+    the web page show what a request that leaves them out gets; `x-official-default` keeps the official value."""
+    restore = schema.get("components", {}).get("schemas", {}).get("RestoreParams")
+    if restore is None:
+        return
+    restore["x-deployment-defaults"] = defaults
+    for name, value in defaults.items():
+        field = restore.get("properties", {}).get(name)
+        if field is not None:
+            field["x-official-default"] = field.get("default")
+            field["default"] = value

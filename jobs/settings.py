@@ -6,7 +6,7 @@ import json
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -102,6 +102,12 @@ class Settings(BaseSettings):
         description="a repeated request with an explicit seed is answered from the stored result: owner: only the "
         "same key's earlier jobs; shared: any key's (the same photo bytes); off: always run",
     )
+    default_params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="this deployment's defaults for restoration parameters a request leaves unset (JSON, e.g. "
+        '{"min_size": 256, "steps": 8}: `make serve` sets it for the tiny test model on a CPU): above the official '
+        "defaults, below a preset and the request; a job's params show every value used",
+    )
     # jobs
     job_time_limit_s: int = Field(1800, ge=1)
     visibility_margin_s: int = Field(600, ge=1, description="broker redelivery waits time limit + this")
@@ -163,6 +169,23 @@ class Settings(BaseSettings):
     @classmethod
     def _keys_from_json(cls, value: object) -> object:
         return json.loads(value) if isinstance(value, str) and value.strip() else value or []
+
+    @field_validator("default_params", mode="before")
+    @classmethod
+    def _defaults_from_json(cls, value: object) -> object:
+        return json.loads(value) if isinstance(value, str) and value.strip() else value or {}
+
+    @field_validator("default_params")
+    @classmethod
+    def _defaults_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from supir_core.errors import InvalidInput
+        from supir_core.params import validate_params
+
+        try:
+            validate_params(value)
+        except InvalidInput as exc:
+            raise ValueError(f"SUPIR_DEFAULT_PARAMS: {exc.message}") from None
+        return value
 
     @field_validator("variants", mode="before")
     @classmethod

@@ -25,6 +25,8 @@ from . import metrics
 
 log = logging.getLogger("supir.worker")
 State = Literal["loading", "ready", "failed"]
+# any SDXL UNet (the base, a fine-tune) has 2,567,463,684 parameters; fewer than this is a test model
+REAL_UNET_PARAMETERS = 1_000_000_000
 
 
 class Runtime:
@@ -36,7 +38,7 @@ class Runtime:
         self.usage = UsageBook(self.store.r, self.store.p, self.store.retention_s)
         self.pipeline: Any = None  # the first served variant's (tests may set it alone)
         self.pipelines: dict[str, Any] = {}  # variant → its pipeline (the SDXL parts shared between them)
-        self.models: dict[str, dict[str, str]] = {}  # variant → {model_id, supir_sha256, sdxl_sha256}
+        self.models: dict[str, dict[str, Any]] = {}  # variant → {model_id, supir_sha256, sdxl_sha256, test_model…}
         self.variants: list[str] = settings.worker_variant_names
         self.state: State = "loading"
         self.name = f"{socket.gethostname()}:{os.getpid()}"  # one per worker process; jobs record it
@@ -108,12 +110,17 @@ class Runtime:
         from supir_core.variants import model_identity
 
         sdxl_sha256 = self._file_sha256(sdxl)
+        # the size of what was loaded says whether it is the real model: the SDXL UNet has 2.57 B parameters, the
+        # tiny test model (random weights, tests/data/conformance) far fewer; the API and the page tell people
+        unet = sum(p.numel() for p in self.pipeline.model.unet.parameters())
         for name, path in supir.items():
             supir_sha256 = self._file_sha256(path)
             info = {
                 "model_id": model_identity(sdxl_sha256, supir_sha256),
                 "supir_sha256": supir_sha256,
                 "sdxl_sha256": sdxl_sha256,
+                "unet_parameters": unet,
+                "test_model": unet < REAL_UNET_PARAMETERS,
             }
             self.models[name] = info
             self.store.publish_variant(name, info)

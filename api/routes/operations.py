@@ -18,6 +18,11 @@ from .. import metrics
 from ..deps import ServicesDep, StreamsDep
 
 router = APIRouter(tags=["operations"])
+TEST_MODEL_NOTICE = (
+    "this service runs the tiny test model (random weights, for trying the service out): every result is noise. "
+    "For real restorations set SUPIR_SDXL_CHECKPOINT and SUPIR_CHECKPOINT to the official weights "
+    "(`supir weights list`; a GPU with about 12 GB)."
+)
 
 
 @router.get("/healthz", operation_id="healthz")
@@ -46,9 +51,20 @@ def readyz(services: ServicesDep, streams: StreamsDep) -> JSONResponse:
 
 @router.get("/status", operation_id="status")
 def status(services: ServicesDep) -> dict[str, Any]:
-    """The service as a whole, for people and dashboards: Redis, storage, GPU workers by state, the queue.
-    Always 200: each part says how it is."""
-    report: dict[str, Any] = {"redis": "ok", "storage": "ok", "workers": None, "jobs": None, "variants": None}
+    """The service as a whole, for people and dashboards: Redis, storage, GPU workers by state, the queue, the
+    model served (`test_model`: true when the workers loaded the tiny test model, whose results are noise) and
+    this deployment's parameter defaults (`default_params`, SUPIR_DEFAULT_PARAMS). Always 200: each part says how
+    it is."""
+    report: dict[str, Any] = {
+        "redis": "ok",
+        "storage": "ok",
+        "workers": None,
+        "jobs": None,
+        "variants": None,
+        "test_model": None,
+        "notice": None,
+        "default_params": services.settings.default_params,
+    }
     try:
         beats = services.store.worker_beats()
         report["workers"] = {
@@ -64,10 +80,14 @@ def status(services: ServicesDep) -> dict[str, Any]:
             "oldest_waiting_s": round(time.time() - oldest, 1) if oldest is not None else None,
         }
         default = services.settings.default_variant
+        models = {name: services.store.variant_info(name) or {} for name in services.settings.variant_files}
         report["variants"] = [
             {
                 "name": name,
                 "default": name == default,
+                # what this variant's workers last published they loaded (null before any has)
+                "test_model": models[name].get("test_model"),
+                "unet_parameters": models[name].get("unet_parameters"),
                 "queued": services.store.queued_count(name),
                 "running": services.store.running_count(name),
                 "workers": sum(
@@ -76,6 +96,10 @@ def status(services: ServicesDep) -> dict[str, Any]:
             }
             for name in services.settings.variant_files
         ]
+        known = [bool(m["test_model"]) for m in models.values() if m.get("test_model") is not None]
+        report["test_model"] = any(known) if known else None
+        if report["test_model"]:
+            report["notice"] = TEST_MODEL_NOTICE
     except redis.RedisError as exc:
         report["redis"] = f"unreachable: {type(exc).__name__}"
     try:
