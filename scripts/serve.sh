@@ -1,28 +1,91 @@
 #!/usr/bin/env bash
-# `make serve`: Redis (started if needed), one GPU worker, the light webhook worker (worker.webhooks) and the API
-# on 127.0.0.1:8000, local storage, dev auth.
-# Weights come from SUPIR_SDXL_CHECKPOINT / SUPIR_CHECKPOINT; without them, the tiny conformance model of
-# ../shared/conformance/A is used so the service can be tried (its pictures are noise). One Ctrl-C stops all.
+# `make serve`: Redis (started where SUPIR_REDIS_URL points, if it is this machine), one GPU (here CPU) worker, the
+# light webhook worker (worker.webhooks) and the API on 127.0.0.1:$PORT (default 8000), local storage, dev auth.
+# Everything the service writes goes under data/ (uploads and results in data/objects, the beat schedule in
+# data/celery). Weights come from SUPIR_SDXL_CHECKPOINT + SUPIR_CHECKPOINT (or SUPIR_VARIANTS); without them, the
+# tiny random test model in tests/data/conformance/A is served, so the service can be tried (its pictures are
+# noise): both variants (v0Q and, derived from it once, v0F) and small default parameters (SUPIR_DEFAULT_PARAMS),
+# so each request finishes in seconds on a CPU. One Ctrl-C stops all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
+PORT=${PORT:-8000}
+DATA=data  # the service's own folder (in .gitignore)
+TINY=tests/data/conformance/A
 
+fail() {
+  echo "serve: $*" >&2
+  exit 2
+}
+
+# --- weights: the user's, or the tiny test model ---------------------------------------------------------------
+sdxl=${SUPIR_SDXL_CHECKPOINT:-}
+supir=${SUPIR_CHECKPOINT:-}
+variants=${SUPIR_VARIANTS:-}
+tiny=false
+if [ -z "$sdxl" ] && [ -z "$supir" ] && [ -z "$variants" ]; then
+  tiny=true
+elif [ -z "$sdxl" ]; then
+  fail "SUPIR_CHECKPOINT${variants:+ (or SUPIR_VARIANTS)} is set but SUPIR_SDXL_CHECKPOINT is not: set both" \
+    "SUPIR_SDXL_CHECKPOINT (the SDXL file) and SUPIR_CHECKPOINT (the SUPIR file), or neither to try the tiny" \
+    "test model"
+elif [ -z "$supir" ] && [ -z "$variants" ]; then
+  fail "SUPIR_SDXL_CHECKPOINT is set but SUPIR_CHECKPOINT is not: set both SUPIR_SDXL_CHECKPOINT (the SDXL file)" \
+    "and SUPIR_CHECKPOINT (the SUPIR file, or SUPIR_VARIANTS for several), or neither to try the tiny test model"
+fi
+if ! $tiny; then
+  for f in "$sdxl" "$supir"; do
+    [ -z "$f" ] || [ -f "$f" ] || fail "no such weight file: $f"
+  done
+fi
+
+if $tiny; then
+  [ -f "$TINY/sdxl.safetensors" ] || fail "the tiny test model is missing from $TINY (a partial clone?)"
+  cat >&2 <<EOF
+serve: ================================================================================================
+serve: SUPIR_SDXL_CHECKPOINT and SUPIR_CHECKPOINT are not set: serving the TINY TEST MODEL
+serve: ($TINY, random weights). Every restored picture will be NOISE; this only shows the service working.
+serve: Defaults suited to it (SUPIR_DEFAULT_PARAMS) keep each job to seconds on a CPU; the page and /status
+serve: say "test model", and both variants (v0Q, v0F) are served.
+serve:
+serve: For real restorations you need an NVIDIA GPU with about 12 GB of memory (8 GB with SUPIR_FP8=weights and
+serve: SUPIR_OFFLOAD_TEXT=true) and the official weights, 12.3 GB (see \`$VENV/bin/supir weights list\`):
+serve:   $VENV/bin/supir weights download sdxl-base --dir models                              # 6.9 GB
+serve:   $VENV/bin/supir weights download supir-v0q --dir models --revision <hub commit>      # 5.3 GB
+serve: (SUPIR's licence is non-commercial; its hub revision is not pinned here: check the repository and pass
+serve: the commit with --revision, as \`supir weights list\` says), then:
+serve:   SUPIR_SDXL_CHECKPOINT=models/sd_xl_base_1.0_0.9vae.safetensors \\
+serve:   SUPIR_CHECKPOINT=models/SUPIR-v0Q.ckpt make serve
+serve: ================================================================================================
+EOF
+  # a second SUPIR file, so `variant=v0F` works as documented: the tiny one's tensors moved by seeded noise
+  # (tests/variant_files.py), made once (about a second) and remade when the tiny model changes
+  v0f=$DATA/tiny-model/supir-v0F.safetensors
+  if [ ! -f "$v0f" ] || [ "$v0f" -ot "$TINY/supir.safetensors" ]; then
+    mkdir -p "$(dirname "$v0f")"
+    "$VENV/bin/python" -c 'import sys; from tests.variant_files import make_variant_checkpoint as m
+m(sys.argv[1], sys.argv[2] + ".part.safetensors", seed=1)' "$TINY/supir.safetensors" "$v0f"
+    mv "$v0f.part.safetensors" "$v0f"
+  fi
+  export SUPIR_SDXL_CHECKPOINT=$TINY/sdxl.safetensors SUPIR_MODEL_CONFIG=$TINY/config.json
+  export SUPIR_VARIANTS="{\"v0Q\": \"$TINY/supir.safetensors\", \"v0F\": \"$v0f\"}"
+  export SUPIR_DEFAULT_VARIANT=v0Q
+  # the tiny model at the official 1024-px / 50-step defaults takes 25+ minutes on a 2-core CPU; with these a
+  # job takes seconds. Only what a request leaves unset: the job's params show every value used.
+  export SUPIR_DEFAULT_PARAMS=${SUPIR_DEFAULT_PARAMS:-'{"min_size": 256, "steps": 8}'}
+fi
+
+# --- Redis: where SUPIR_REDIS_URL points (REDIS_PORT on this machine when it is unset) ---------------------------
+export SUPIR_REDIS_URL=${SUPIR_REDIS_URL:-redis://127.0.0.1:${REDIS_PORT:-6379}/0}
 bash scripts/ensure-redis.sh
+
 export SUPIR_DEV_MODE=${SUPIR_DEV_MODE:-true}
 export SUPIR_STORAGE=${SUPIR_STORAGE:-local}
-export SUPIR_LOCAL_DIR=${SUPIR_LOCAL_DIR:-data}
-export SUPIR_PUBLIC_URL=${SUPIR_PUBLIC_URL:-http://127.0.0.1:8000}
+export SUPIR_LOCAL_DIR=${SUPIR_LOCAL_DIR:-$DATA/objects}
+# result links are signed for the address the API listens on
+export SUPIR_PUBLIC_URL=${SUPIR_PUBLIC_URL:-http://127.0.0.1:$PORT}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
-if [ -z "${SUPIR_SDXL_CHECKPOINT:-}" ] || [ -z "${SUPIR_CHECKPOINT:-}" ]; then
-  demo=../shared/conformance/A
-  if [ -f "$demo/sdxl.safetensors" ]; then
-    echo "serve: SUPIR_SDXL_CHECKPOINT / SUPIR_CHECKPOINT not set: using the tiny random test model in $demo" >&2
-    export SUPIR_SDXL_CHECKPOINT=$demo/sdxl.safetensors SUPIR_CHECKPOINT=$demo/supir.ckpt SUPIR_MODEL_CONFIG=$demo/config.json
-  else
-    echo "serve: set SUPIR_SDXL_CHECKPOINT and SUPIR_CHECKPOINT to the weight files" >&2
-    exit 2
-  fi
-fi
+mkdir -p "$DATA/celery"
 
 pids=()
 stop() {
@@ -37,9 +100,9 @@ trap stop INT TERM EXIT
 pids+=($!)
 # the light worker: webhooks (never behind restorations) and, with --beat, the hourly retention sweep; no weights
 "$VENV/bin/celery" -A worker.webhooks worker --pool threads --concurrency 8 --queues "${SUPIR_QUEUE:-supir}-webhooks" \
-  --beat --schedule "${TMPDIR:-/tmp}/supir-beat-schedule" --loglevel INFO -n "webhooks@%h" &
+  --beat --schedule "$DATA/celery/beat-schedule" --loglevel INFO -n "webhooks@%h" &
 pids+=($!)
-"$VENV/bin/python" -m api.server --host 127.0.0.1 --port "${PORT:-8000}" &
+"$VENV/bin/python" -m api.server --host 127.0.0.1 --port "$PORT" &
 pids+=($!)
-echo "serve: API on http://127.0.0.1:${PORT:-8000} (docs at /docs); Ctrl-C stops everything" >&2
+echo "serve: API on http://127.0.0.1:$PORT (docs at /docs); Ctrl-C stops everything" >&2
 wait -n "${pids[@]}"
