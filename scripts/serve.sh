@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `make serve`: Redis (started where SUPIR_REDIS_URL points, if it is this machine), one GPU (here CPU) worker, the
 # light webhook worker (worker.webhooks) and the API on 127.0.0.1:$PORT (default 8000), local storage, dev auth.
-# Everything the service writes goes under data/ (uploads and results in data/objects, the beat schedule in
-# data/celery). Weights come from SUPIR_SDXL_CHECKPOINT + SUPIR_CHECKPOINT (or SUPIR_VARIANTS); without them, the
+# Everything the service writes goes under data/ (SERVE_DATA_DIR): uploads and results in data/objects, the beat
+# schedule in data/celery. Weights come from SUPIR_SDXL_CHECKPOINT + SUPIR_CHECKPOINT (or SUPIR_VARIANTS); without them, the
 # tiny random test model in tests/data/conformance/A is served, so the service can be tried (its pictures are
 # noise): both variants (v0Q and, derived from it once, v0F) and small default parameters (SUPIR_DEFAULT_PARAMS),
 # so each request finishes in seconds on a CPU. One Ctrl-C stops all.
@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PORT=${PORT:-8000}
-DATA=data  # the service's own folder (in .gitignore)
+DATA=${SERVE_DATA_DIR:-data}  # the service's own folder (data/ is in .gitignore)
 TINY=tests/data/conformance/A
 
 fail() {
