@@ -9,12 +9,12 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac1
 # --- dependencies: a venv at /opt/venv from the lock alone (this layer is rebuilt only when the lock changes) ---
 FROM ${BASE_IMAGE} AS deps
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
-# the lock, and scripts/images.sh's ignored folder .docker-build (extra CA certificates for a TLS-intercepting proxy,
+# the lock, and the certificates in scripts/images.sh's ignored folder .docker-build/certs (extra CA certificates for a TLS-intercepting proxy,
 # trusted by pip in this stage only; absent on a plain `docker compose build`)
-COPY constraints/api.lock .docker-buil[d] /tmp/build/
+COPY constraints/api.lock .docker-build/cert[s] /tmp/build/
 RUN set -eu; \
     cat /etc/ssl/certs/ca-certificates.crt > /tmp/build/ca.pem; \
-    for c in /tmp/build/certs/*.crt; do [ -f "$c" ] && cat "$c" >> /tmp/build/ca.pem; done; \
+    for c in /tmp/build/*.crt; do [ -f "$c" ] && cat "$c" >> /tmp/build/ca.pem; done; \
     python3 -m venv /opt/venv; \
     /opt/venv/bin/python -m pip install --cert /tmp/build/ca.pem --require-hashes --no-deps --only-binary :all: \
         -r /tmp/build/api.lock; \

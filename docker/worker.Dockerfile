@@ -20,10 +20,11 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 # The lock, and what scripts/images.sh puts in the ignored folder .docker-build (absent on a plain `docker compose
 # build`): certs/*.crt, extra CA certificates for a TLS-intercepting proxy, trusted by pip in this stage only, and
 # wheels/, local wheels the lock pins by hash (the CPU torch). Neither reaches the final image.
-COPY constraints/worker-${TORCH_FLAVOUR}.lock .docker-buil[d] /tmp/build/
+COPY constraints/worker-${TORCH_FLAVOUR}.lock .docker-build/cert[s] /tmp/build/
+COPY constraints/worker-${TORCH_FLAVOUR}.lock .docker-build/wheel[s] /tmp/build/wheels/
 RUN set -eu; \
     cat /etc/ssl/certs/ca-certificates.crt > /tmp/build/ca.pem; \
-    for c in /tmp/build/certs/*.crt; do [ -f "$c" ] && cat "$c" >> /tmp/build/ca.pem; done; \
+    for c in /tmp/build/*.crt; do [ -f "$c" ] && cat "$c" >> /tmp/build/ca.pem; done; \
     python3 -m venv /opt/venv; \
     /opt/venv/bin/python -m pip install --cert /tmp/build/ca.pem --require-hashes --no-deps --only-binary :all: \
         --find-links /tmp/build/wheels -r "/tmp/build/worker-${TORCH_FLAVOUR}.lock"; \

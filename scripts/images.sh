@@ -57,7 +57,9 @@ for name in "$@"; do
       for have in "$ctx"/wheels/*.whl; do [ "$(basename "$have")" = "$(basename "$wheel")" ] || rm -f "$have"; done
       [ -f "$ctx/wheels/$(basename "$wheel")" ] || ln -f "$wheel" "$ctx/wheels/" 2>/dev/null || cp -p "$wheel" "$ctx/wheels/"
       build "supir-serve-worker:$version-cpu" docker/worker.Dockerfile --build-arg TORCH_FLAVOUR=cpu ;;
-    worker-cuda) build "supir-serve-worker:$version" docker/worker.Dockerfile --build-arg TORCH_FLAVOUR=cuda ;;
+    worker-cuda)
+      rm -f "$ctx"/wheels/*.whl  # the CUDA lock takes everything from PyPI
+      build "supir-serve-worker:$version" docker/worker.Dockerfile --build-arg TORCH_FLAVOUR=cuda ;;
     redis) build "supir-serve-redis:local" docker/redis.Dockerfile ;;
     s3) build "supir-serve-s3:local" docker/s3.Dockerfile ;;
     *) log "unknown image $name (api, worker-cpu, worker-cuda, redis, s3)"; exit 2 ;;

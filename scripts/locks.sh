@@ -32,6 +32,8 @@ compile() {  # out extra in [uv options...]
 compile constraints/api.lock api constraints/api.in
 compile constraints/worker-cpu.lock worker constraints/worker-cpu.in --find-links "$(dirname "$wheel")"
 compile constraints/worker-cuda.lock worker constraints/worker-cuda.in
+"$tools/bin/uv" pip compile --quiet --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+  --emit-index-url --custom-compile-command "scripts/locks.sh" -c "$tested" -o constraints/s3.lock constraints/s3.in
 # the CUDA lock resolves and its hashes are complete, without downloading the multi-GB wheels
 "$tools/bin/uv" pip install --dry-run --require-hashes --no-deps --python-version 3.11 \
   --python-platform x86_64-manylinux_2_28 --target "$(mktemp -d)" -r constraints/worker-cuda.lock >&2
