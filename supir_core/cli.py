@@ -257,35 +257,62 @@ def _licence_line(entry: object) -> str:
 
 
 def _weights_list(args: argparse.Namespace) -> int:
-    from .weights import load_manifest
+    from .weights import load_table
 
-    for entry in load_manifest(args.manifest):
-        source = entry.hub or "-"
+    for entry in load_table(args.table):
+        source = f"{entry.hub}@{entry.revision or 'UNPINNED'}" if entry.hub else "-"
         print(f"{entry.name:<16} {entry.slot:<6} {entry.filename:<38} {source}")
         print(f"{'':<16} licence: {_licence_line(entry)}")
+        pins = [f"sha256 {entry.sha256}" if entry.sha256 else "sha256 not pinned"]
+        pins.append(f"{entry.size} bytes" if entry.size is not None else "size not pinned")
+        if entry.hub and not entry.revision:
+            pins.append("revision NOT PINNED: pass --revision or set SUPIR_WEIGHTS_REVISIONS to download")
+        print(f"{'':<16} pins: {'; '.join(pins)}")
+        if entry.provenance:
+            print(f"{'':<16} provenance: {entry.provenance}")
     return EXIT_OK
 
 
-def _weights_download(args: argparse.Namespace) -> int:
-    from .weights import download, find, load_manifest, verify
+def _print_problems(report: dict) -> None:
+    for problem in report.get("problems", []):
+        print(f"supir: {report['file']}: {problem}", file=sys.stderr)
 
-    entry = find(load_manifest(args.manifest), args.name)
+
+def _weights_download(args: argparse.Namespace) -> int:
+    from .weights import download, find, load_table
+
+    entry = find(load_table(args.table), args.name)
     print(f"{entry.filename}: {_licence_line(entry)}", file=sys.stderr)
-    path = download(entry, args.dir, url=args.url)
-    report = verify(path, entry)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    report = download(entry, args.dir, url=args.url, revision=args.revision, endpoint=args.endpoint)
     print(json.dumps(report, indent=1))
-    return EXIT_OK if report["hash"] != "mismatch" and report["structure"] == "ok" else EXIT_FAILED
+    _print_problems(report)
+    return EXIT_OK if report["ok"] else EXIT_FAILED
 
 
 def _weights_verify(args: argparse.Namespace) -> int:
-    from .weights import find, load_manifest, verify
+    from .errors import WeightsError
+    from .weights import MANIFEST_NAME, find, load_table, read_manifest, verify, verify_directory
 
-    manifest = load_manifest(args.manifest)
-    by_file = next((e for e in manifest if e.filename == args.file.name), None)
-    entry = find(manifest, args.name) if args.name else by_file
-    report = verify(args.file, entry, sha256=args.sha256)
+    table = load_table(args.table)
+    if args.dir:
+        if args.file:
+            raise WeightsError("give a FILE or --dir, not both")
+        reports = verify_directory(args.dir, table)
+        print(json.dumps(reports, indent=1))
+        for report in reports:
+            _print_problems(report)
+        return EXIT_OK if all(r["ok"] for r in reports) else EXIT_FAILED
+    if not args.file:
+        raise WeightsError("give a FILE to verify, or --dir DIR for every file of DIR's manifest")
+    by_file = next((e for e in table if e.filename == args.file.name), None)
+    entry = find(table, args.name) if args.name else by_file
+    manifest = args.manifest or args.file.parent / MANIFEST_NAME
+    record = read_manifest(manifest)["files"].get(args.file.name) if manifest.exists() or args.manifest else None
+    report = verify(args.file, entry, sha256=args.sha256, record=record)
     print(json.dumps(report, indent=1))
-    return EXIT_OK if report["hash"] != "mismatch" and report["structure"] == "ok" else EXIT_FAILED
+    _print_problems(report)
+    return EXIT_OK if report["ok"] else EXIT_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,20 +381,30 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("supir", type=Path)
     check.add_argument("--model-config", type=Path, help="JSON of head widths for non-SDXL-sized weights")
     check.set_defaults(run=_check_files)
-    listing = weights.add_parser("list", help="the official files, where they live and their licences")
-    listing.add_argument("--manifest", type=Path, help="a manifest of your own (default: the shipped one)")
+    table_help = "a JSON table of your own instead of the official one (same fields as `supir weights list`)"
+    listing = weights.add_parser("list", help="the official files, their pinned revisions and hashes, licences")
+    listing.add_argument("--table", type=Path, help=table_help)
     listing.set_defaults(run=_weights_list)
-    get = weights.add_parser("download", help="fetch an official file (resumable) and verify it")
+    get = weights.add_parser(
+        "download",
+        help="fetch an official file at its pinned revision (resumable), verify it, record it in DIR's manifest",
+    )
     get.add_argument("name", help="a name from `supir weights list`")
     get.add_argument("--dir", type=Path, default=Path("models"), help="where to put it (default ./models)")
-    get.add_argument("--url", help="download from this URL instead of the Hugging Face hub")
-    get.add_argument("--manifest", type=Path)
+    get.add_argument("--revision", help="the hub commit (40 hex digits) to fetch, over the table's pin")
+    get.add_argument("--endpoint", help="hub or mirror base URL (default $HF_ENDPOINT, else https://huggingface.co)")
+    get.add_argument("--url", help="download from this plain URL instead (no revision; pinned hashes still apply)")
+    get.add_argument("--table", type=Path, help=table_help)
     get.set_defaults(run=_weights_download)
-    ver = weights.add_parser("verify", help="sha256 and structure of a weight file")
-    ver.add_argument("file", type=Path)
-    ver.add_argument("--name", help="which manifest entry it should be (default: by file name)")
+    ver = weights.add_parser(
+        "verify", help="hash, manifest record, pinned revision and structure of a file, or of every file of --dir"
+    )
+    ver.add_argument("file", type=Path, nargs="?")
+    ver.add_argument("--dir", type=Path, help="verify every file listed in DIR's supir-weights.json")
+    ver.add_argument("--name", help="which table entry it should be (default: by file name)")
     ver.add_argument("--sha256", help="the hash it must have")
-    ver.add_argument("--manifest", type=Path)
+    ver.add_argument("--manifest", type=Path, help="the download manifest (default: supir-weights.json beside it)")
+    ver.add_argument("--table", type=Path, help=table_help)
     ver.set_defaults(run=_weights_verify)
     return parser
 
