@@ -307,8 +307,10 @@ def _weights_verify(args: argparse.Namespace) -> int:
         raise WeightsError("give a FILE to verify, or --dir DIR for every file of DIR's manifest")
     by_file = next((e for e in table if e.filename == args.file.name), None)
     entry = find(table, args.name) if args.name else by_file
+    if args.manifest and not args.manifest.is_file():
+        raise WeightsError(f"{args.manifest}: no such manifest")
     manifest = args.manifest or args.file.parent / MANIFEST_NAME
-    record = read_manifest(manifest)["files"].get(args.file.name) if manifest.exists() or args.manifest else None
+    record = read_manifest(manifest)["files"].get(args.file.name) if manifest.is_file() else None
     report = verify(args.file, entry, sha256=args.sha256, record=record)
     print(json.dumps(report, indent=1))
     _print_problems(report)
