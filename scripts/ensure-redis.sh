@@ -25,6 +25,11 @@ if [ -n "$url" ]; then
   rest=${rest%%/*}   # drop /db and anything after
   rest=${rest%%\?*}  # drop a query
   hostport=${rest##*@}  # drop user:password@
+  password=${SUPIR_REDIS_PASSWORD:-}
+  if [[ $rest == *@* ]]; then
+    userinfo=${rest%@*}
+    [[ $userinfo == *:* ]] && password=${userinfo#*:}
+  fi
   if [[ $hostport == \[* ]]; then  # [IPv6]:port
     host=${hostport#\[}
     host=${host%%\]*}
@@ -43,6 +48,7 @@ if [ -n "$url" ]; then
 else
   host=127.0.0.1
   port=${REDIS_PORT:-6379}
+  password=""
   where="REDIS_PORT"
 fi
 if ! [[ $port =~ ^[0-9]+$ ]]; then
@@ -95,8 +101,10 @@ case "$host" in
   localhost | 0.0.0.0) bind=127.0.0.1 ;;
   *) bind=$host ;;
 esac
-redis-server --daemonize yes --bind "$bind" --port "$port" --save "" --appendonly no \
-  --dir /tmp --logfile "/tmp/redis-$port.log"
+# a URL with a password gets a server that asks for it (given on stdin, so it is not on the command line)
+{ [ -z "$password" ] || printf 'requirepass "%s"\n' "$password"; } |
+  redis-server - --daemonize yes --bind "$bind" --port "$port" --save "" --appendonly no \
+    --dir /tmp --logfile "/tmp/redis-$port.log"
 for _ in $(seq 100); do
   if answers; then
     echo "redis: started on $bind:$port"

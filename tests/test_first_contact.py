@@ -81,6 +81,20 @@ def test_ensure_redis_starts_a_server_where_the_url_points_on_this_machine() -> 
             redis.Redis(port=port).shutdown(nosave=True)
 
 
+def test_a_url_with_a_password_gets_a_server_that_asks_for_it() -> None:
+    port = free_port()
+    proc = ensure_redis(SUPIR_REDIS_URL=f"redis://:s3cret-pw@127.0.0.1:{port}/0")
+    try:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "s3cret-pw" not in proc.stdout + proc.stderr
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).ping()
+        assert redis.Redis(port=port, password="s3cret-pw").ping()
+    finally:
+        with contextlib.suppress(redis.RedisError):
+            redis.Redis(port=port, password="s3cret-pw").shutdown(nosave=True)
+
+
 def test_ensure_redis_starts_nothing_for_another_machine_and_says_so() -> None:
     started = time.monotonic()
     proc = ensure_redis(SUPIR_REDIS_URL="redis://:secret@192.0.2.1:6390/0")  # TEST-NET-1: never answers
