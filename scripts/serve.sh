@@ -37,6 +37,11 @@ if ! $tiny; then
   for f in "$sdxl" "$supir"; do
     [ -z "$f" ] || [ -f "$f" ] || fail "no such weight file: $f"
   done
+  if [ -z "${SUPIR_DEVICE:-}" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+    echo "serve: no NVIDIA GPU found: the worker runs the full model on the CPU, where one job at the official" \
+      "defaults (1024 px, 50 steps) takes hours and about 20 GB of memory; pass small min_size and steps, or set" \
+      "SUPIR_DEFAULT_PARAMS='{\"min_size\": 256, \"steps\": 8}'" >&2
+  fi
 fi
 
 if $tiny; then
@@ -50,12 +55,12 @@ serve: say "test model", and both variants (v0Q, v0F) are served.
 serve:
 serve: For real restorations you need an NVIDIA GPU with about 12 GB of memory (8 GB with SUPIR_FP8=weights and
 serve: SUPIR_OFFLOAD_TEXT=true) and the official weights, 12.3 GB (see \`$VENV/bin/supir weights list\`):
-serve:   $VENV/bin/supir weights download sdxl-base --dir models                              # 6.9 GB
-serve:   $VENV/bin/supir weights download supir-v0q --dir models --revision <hub commit>      # 5.3 GB
-serve: (SUPIR's licence is non-commercial; its hub revision is not pinned here: check the repository and pass
-serve: the commit with --revision, as \`supir weights list\` says), then:
-serve:   SUPIR_SDXL_CHECKPOINT=models/sd_xl_base_1.0_0.9vae.safetensors \\
-serve:   SUPIR_CHECKPOINT=models/SUPIR-v0Q.ckpt make serve
+serve:   $VENV/bin/supir weights download sdxl-base --dir ~/models                            # 6.9 GB
+serve:   $VENV/bin/supir weights download supir-v0q --dir ~/models --revision <hub commit>    # 5.3 GB
+serve: (SUPIR's licence is non-commercial; its hub revision is yours to pin: pick the commit you checked,
+serve: docs/operations.md#weights), then:
+serve:   SUPIR_SDXL_CHECKPOINT=~/models/sd_xl_base_1.0_0.9vae.safetensors \\
+serve:   SUPIR_CHECKPOINT=~/models/SUPIR-v0Q.ckpt make serve
 serve: ================================================================================================
 EOF
   # a second SUPIR file, so `variant=v0F` works as documented: the tiny one's tensors moved by seeded noise
