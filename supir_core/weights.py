@@ -372,10 +372,10 @@ def verify(
                 f"({record.get('size')} bytes) when it was downloaded from {origin}: the file changed after the "
                 "download (tampered with or corrupted); delete it and download it again"
             )
-        if entry and entry.revision and record.get("repo") and record.get("revision") != entry.revision:
-            problems.append(
-                f"downloaded from {origin}, but the table pins {entry.hub} at {entry.revision}; download it again"
-            )
+        hub = entry.hub if entry else None  # the revision pinned now: the operator's, else the table's
+        pinned = (operator_revisions().get(hub) if hub else None) or (entry.revision if entry else None)
+        if pinned and record.get("repo") and record.get("revision") != pinned:
+            problems.append(f"downloaded from {origin}, but {hub} is pinned at {pinned}; download it again")
     if structure:
         from .checkpoints import identify, open_checkpoint
 

@@ -251,6 +251,10 @@ def test_operator_pinned_revisions_and_no_branches(tmp_path: Path, hub: Hub, ckp
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert hub.paths()[0] == f"/org/tiny-supir/resolve/{OTHER}/supir.ckpt"
     assert json.loads((tmp_path / "models" / MANIFEST_NAME).read_text())["files"]["supir.ckpt"]["revision"] == OTHER
+    assert supir("verify", "--dir", models, "--table", unpinned, env=pinned).returncode == 0
+    repinned = online(hub, **{REVISIONS_ENV: json.dumps({"org/tiny-supir": REVISION})})  # the pin moved on
+    stale = supir("verify", "--dir", models, "--table", unpinned, env=repinned)
+    assert stale.returncode == 1 and f"org/tiny-supir is pinned at {REVISION}; download it again" in stale.stderr
 
 
 def test_the_official_table_fetches_its_pinned_commit_and_rejects_a_wrong_file(tmp_path: Path, hub: Hub) -> None:
