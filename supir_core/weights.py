@@ -278,6 +278,10 @@ def fetch(url: str, part: Path, token: str | None = None, timeout_s: float = 60.
                 while chunk := response.read(CHUNK):
                     f.write(chunk)
     except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise WeightsError(
+                f"{shown}: HTTP 404, no such file there (check the repository, file and commit)"
+            ) from None
         if exc.code != 416:  # 416: nothing left to fetch, the part is complete
             raise WeightsError(f"{shown}: HTTP {exc.code}") from None
         return stated

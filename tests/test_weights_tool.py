@@ -246,6 +246,11 @@ def test_operator_pinned_revisions_and_no_branches(tmp_path: Path, hub: Hub, ckp
         "download", "tiny-supir", "--dir", models, "--table", unpinned, "--revision", "main", env=online(hub)
     )
     assert branch.returncode == 2 and "is not a commit hash" in branch.stderr and hub.requests == []
+    absent = supir(
+        "download", "tiny-supir", "--dir", models, "--table", unpinned, "--revision", "9" * 40, env=online(hub)
+    )
+    assert absent.returncode == 2 and "HTTP 404, no such file there" in absent.stderr
+    hub.requests.clear()
     pinned = online(hub, **{REVISIONS_ENV: json.dumps({"org/tiny-supir": OTHER})})
     proc = supir("download", "tiny-supir", "--dir", models, "--table", unpinned, env=pinned)
     assert proc.returncode == 0, proc.stdout + proc.stderr
