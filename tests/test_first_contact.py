@@ -306,6 +306,7 @@ def test_the_page_says_it_is_the_test_model(served: Served) -> None:
             expect(notice).to_contain_text("noise")
             expect(notice).to_contain_text("SUPIR_DEFAULT_PARAMS")
             expect(page.locator("#p-steps")).to_have_attribute("placeholder", "8")
+            expect(page.locator("#preset option").first).to_have_text("this service's defaults")
         finally:
             browser.close()
 
