@@ -382,3 +382,38 @@ def test_every_refusal_names_the_setting_that_would_allow_it(api_only: Service) 
         limited = [r for r in (client.post("/v1/jobs", files=small) for _ in range(3)) if r.status_code == 429]
         refused(limited[0], 429, "SUPIR_RATE_LIMIT_PER_MINUTE")
     refused(httpx.post(f"{api_only.url}/v1/jobs", files=small, timeout=30), 401, "SUPIR_API_KEYS")
+
+
+# --- what the workers publish: the real model's size is no test model -------------------------------------------
+
+
+@pytest.mark.parametrize(("unet_parameters", "test_model"), [(2_567_463_684, False), (10_861_124, True)])
+def test_workers_publish_whether_they_loaded_a_test_model(
+    tmp_path: Path, unet_parameters: int, test_model: bool
+) -> None:
+    """By the size of the UNet loaded (an SDXL UNet's 2.57 B parameters, on the meta device here), whatever the
+    files are called or however they are mounted (the docker stack mounts the same tiny model)."""
+    import torch
+    from torch import nn
+
+    from jobs.storage import LocalStore
+    from jobs.store import JobStore
+    from worker.runtime import Runtime
+
+    settings = Settings(key_prefix=f"test-{uuid.uuid4().hex[:8]}", local_dir=tmp_path)
+    store = JobStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix)
+    runtime = Runtime(settings, store=store, objects=LocalStore(tmp_path, "http://test", "secret"))
+    unet = nn.Module()
+    unet.weight = nn.Parameter(torch.empty(unet_parameters, device="meta"))
+    runtime.pipeline = type("Pipeline", (), {"model": type("Model", (), {"unet": unet})()})()
+    files = {name: tmp_path / name for name in ("sdxl.safetensors", "supir.safetensors")}
+    for path in files.values():
+        path.write_bytes(b"weights")
+    try:
+        runtime._identify(files["sdxl.safetensors"], {"v0Q": files["supir.safetensors"]})
+        published = store.variant_info("v0Q")
+        assert published is not None
+        assert published["unet_parameters"] == unet_parameters and published["test_model"] is test_model
+    finally:
+        for key in store.r.scan_iter(f"{settings.key_prefix}:*"):
+            store.r.delete(key)
