@@ -7,6 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install test lint conformance serve redis tools clean
+.PHONY: images stack stack-down
 
 install: $(STAMP)
 
@@ -40,3 +41,14 @@ serve: install
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache
+
+# the API and CPU worker images (docker/, scripts/images.sh; makes a Debian base image when no registry answers)
+images:
+	@bash scripts/images.sh api worker-cpu
+
+# the compose stack on CPU with the tiny test model, API on 127.0.0.1:8000 (scripts/stack.sh); stack-down removes it
+stack:
+	@bash scripts/stack.sh up
+
+stack-down:
+	@bash scripts/stack.sh down
