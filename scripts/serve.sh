@@ -109,5 +109,8 @@ pids+=($!)
 pids+=($!)
 "$VENV/bin/python" -m api.server --host 127.0.0.1 --port "$PORT" &
 pids+=($!)
-echo "serve: API on http://127.0.0.1:$PORT (docs at /docs); Ctrl-C stops everything" >&2
+if $tiny; then
+  echo "serve: reminder: the TINY TEST MODEL is served, so every result is noise (real weights: see above)" >&2
+fi
+echo "serve: the page and the API on http://127.0.0.1:$PORT/ (docs at /docs); Ctrl-C stops everything" >&2
 wait -n "${pids[@]}"
