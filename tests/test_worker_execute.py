@@ -73,6 +73,25 @@ def test_gpu_out_of_memory_fails_the_job_and_the_worker_goes_on(runtime: Runtime
     assert execute.run_job(runtime, queued_job(runtime).id) == "succeeded"
 
 
+def test_a_job_past_the_time_limit_fails_naming_the_setting_and_the_worker_goes_on(runtime: Runtime) -> None:
+    """Celery's soft limit raises inside the run: the job fails `time_limit`, saying which setting bounds it."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    real = runtime.pipeline
+
+    def too_slow(*args: object, **kwargs: object) -> None:
+        raise SoftTimeLimitExceeded()
+
+    runtime.pipeline = too_slow
+    job = queued_job(runtime)
+    assert execute.run_job(runtime, job.id) == "failed"
+    failed = runtime.store.get(job.id)
+    assert failed is not None and failed.error is not None and failed.error.code == "time_limit"
+    assert "SUPIR_JOB_TIME_LIMIT_S" in failed.error.message and "1800 s" in failed.error.message
+    runtime.pipeline = real
+    assert execute.run_job(runtime, queued_job(runtime).id) == "succeeded"
+
+
 def test_storage_errors_retry_then_fail(runtime: Runtime) -> None:
     tries = []
 

@@ -211,7 +211,9 @@ def _run(runtime: Runtime, job_id: str) -> str:
             message = "the GPU ran out of memory; try a smaller image or upscale"
             return _end(runtime, job_id, "failed", "gpu_out_of_memory", message)
         if _is_time_limit(exc):
-            return _end(runtime, job_id, "failed", "time_limit", "the job ran past its time limit")
+            limit = runtime.settings.job_time_limit_s
+            message = f"the job ran past the service's time limit of {limit} s (SUPIR_JOB_TIME_LIMIT_S)"
+            return _end(runtime, job_id, "failed", "time_limit", message + "; try a smaller image or fewer steps")
         log.exception("job %s failed", job_id)
         message = f"an internal error ({type(exc).__name__}) stopped the job; the worker's log has the details"
         return _end(runtime, job_id, "failed", "internal_error", message)
