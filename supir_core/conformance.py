@@ -10,7 +10,7 @@ import json
 import os
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +21,12 @@ from .checkpoints import ModelOptions, load_supir, options_from_config
 from .colorfix import adain_color_fix, wavelet_color_fix
 from .denoiser import Conditioning, Denoiser
 from .errors import WeightsError
+from .guidance import RestoreSettings, sample, sampler_sigmas
 from .models.supir import SupirModel
 from .models.text import size_embedding
 from .params import RestoreParams
 from .pipeline import PipelineNoise, PromptEncoder, RestorationPipeline
-from .sampling import (
-    RESTORE_CFG_S_TMIN,
-    RestoreSettings,
-    linear_cfg,
-    noise_from,
-    restore_dpmpp_2m,
-    restore_edm,
-    restore_edm_tiled,
-    tiled_cfg,
-)
-from .schedules import dpmpp_sigmas, sampling_sigmas
+from .sampling import noise_from
 from .tiling import gaussian_weights, tile_windows
 
 Tensors = dict[str, torch.Tensor]
@@ -177,22 +168,6 @@ def _text_conditioning(model: SupirModel, case: dict[str, Any], x: Tensors) -> T
     return result
 
 
-def _settings(params: dict[str, Any]) -> RestoreSettings:
-    return RestoreSettings(
-        s_churn=params["s_churn"],
-        s_noise=params["s_noise"],
-        restore_cfg=params.get("restore_cfg", params.get("restoration_scale", -1.0)),
-        restore_cfg_s_tmin=params.get("restore_cfg_s_tmin", RESTORE_CFG_S_TMIN),
-        control_scale=params["control_scale"],
-        control_scale_start=params["control_scale_start"],
-        use_linear_control_scale=params["use_linear_control_scale"],
-    )
-
-
-def _cfg_start(params: dict[str, Any]) -> float:
-    return params["cfg_scale_start"] if params.get("use_linear_CFG", True) else params["cfg_scale"]
-
-
 def _tile_settings(case: dict[str, Any]) -> tuple[int, int] | None:
     """(tile size, stride) of a tiled case, None when it is not tiled.
 
@@ -210,40 +185,83 @@ def _tile_settings(case: dict[str, Any]) -> tuple[int, int] | None:
     return int(source["tile_size"]), int(source["tile_stride"])
 
 
-def _sample(
-    model: SupirModel,
-    params: dict[str, Any],
-    x: Tensors,
-    cond: Conditioning,
-    uncond: Conditioning,
-    x_center: torch.Tensor,
-    tiles: tuple[int, int] | None,
-) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
-    """The sampler from the case's recorded noise, tiled when (tile, stride) is given: (latent, sigmas, steps)."""
-    denoiser = Denoiser(model.eps)
-    sigmas = sampling_sigmas(params["num_steps"], denoiser.train_sigmas)
-    steps: list[dict[str, Any]] = []
-    common: dict[str, Any] = {
-        "settings": _settings(params),
-        "sigma_max": denoiser.sigma_max,
-        "x_center": x_center,
-        "churn_noise": noise_from(x["churn_noise"]) if "churn_noise" in x else None,
-        "callback": steps.append,
+def _public_params(case: dict[str, Any]) -> RestoreParams:
+    """The case's settings under RestoreParams' names: the one place the runner translates FORMAT.md's (official)
+    names. Unvalidated, since fixtures use tiles far below real sizes; what a case does not set keeps its default.
+
+    restore_cfg → restoration_scale (a pipeline case gives both, equal), use_linear_control_scale →
+    linear_control_scale, use_linear_CFG → linear_cfg (sampler cases have none: linear, FORMAT §4.1),
+    num_steps → steps, color_fix_type → color_fix; the kind names the sampler and the tiling (§4.2, §4.3).
+    """
+    params, kind = case["params"], case["kind"]
+    tiles = _tile_settings(case)
+    defaults = RestoreParams()
+    values = defaults.model_dump() | {
+        "sampler": "dpmpp_2m" if kind == "sampler_dpmpp" else "edm",
+        "steps": params["num_steps"],
+        "s_churn": params["s_churn"],
+        "s_noise": params["s_noise"],
+        "restoration_scale": params.get("restoration_scale", params.get("restore_cfg", defaults.restoration_scale)),
+        "cfg_scale": params["cfg_scale"],
+        "cfg_scale_start": params["cfg_scale_start"],
+        "linear_cfg": params.get("use_linear_CFG", True),
+        "control_scale": params["control_scale"],
+        "control_scale_start": params["control_scale_start"],
+        "linear_control_scale": params["use_linear_control_scale"],
+        "color_fix": params.get("color_fix_type", defaults.color_fix).lower(),
+        "tiling": "always" if tiles else "never",
+        "tile_size": tiles[0] if tiles else defaults.tile_size,
+        "tile_stride": tiles[1] if tiles else defaults.tile_stride,
+        "tiles_per_batch": 1 if kind == "sampler_tiled" else defaults.tiles_per_batch,  # §4.2: a window at a time
+        "centered_tile_weights": False,  # the official, off-centre blend weights
+        "vae_tile_size": 2**30,  # larger than any image: the official pipeline does not tile its VAE unless asked
     }
-    if tiles is not None:
-        per_tile = tiled_cfg(denoiser, cond, uncond, _cfg_start(params), params["cfg_scale"])
-        tile, stride = tiles
-        latent = restore_edm_tiled(per_tile, x["noise"], sigmas, tile=tile, stride=stride, **common)
-    else:
-        guided = linear_cfg(denoiser, cond, uncond, _cfg_start(params), params["cfg_scale"])
-        latent = restore_edm(guided, x["noise"], sigmas, **common)
-    return latent, sigmas, steps
+    return RestoreParams.model_construct(**values)
+
+
+def _settings(case: dict[str, Any]) -> RestoreSettings:
+    """The sampler settings of a case, with the official constants it restates (restoration threshold, DPM++ η)."""
+    params = case["params"]
+    settings = RestoreSettings.from_params(_public_params(case))
+    return replace(
+        settings,
+        restoration_min_sigma=params.get("restore_cfg_s_tmin", settings.restoration_min_sigma),
+        eta=params.get("eta", settings.eta),
+    )
+
+
+def _conditioning(x: Tensors) -> tuple[Conditioning, Conditioning]:
+    """(cond, uncond) of a sampler case: both with the case's control latent."""
+    return (
+        Conditioning(x["c_crossattn"], x["c_vector"], x["control"]),
+        Conditioning(x["uc_crossattn"], x["uc_vector"], x["control"]),
+    )
+
+
+def _sample(
+    model: SupirModel, case: dict[str, Any], x: Tensors, step_noise: str
+) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
+    """The case's sampler from its recorded noise (the input named `step_noise`, if any): (latent, sigmas, steps)."""
+    settings = _settings(case)
+    denoiser = Denoiser(model.eps)
+    cond, uncond = _conditioning(x)
+    steps: list[dict[str, Any]] = []
+    latent = sample(
+        settings,
+        denoiser,
+        x["noise"],
+        cond,
+        uncond,
+        x_center=x["x_center"],
+        step_noise=noise_from(x[step_noise]) if step_noise in x else None,
+        tiled=_tile_settings(case) is not None,
+        callback=steps.append,
+    )
+    return latent, sampler_sigmas(settings, denoiser.train_sigmas), steps
 
 
 def _sampler(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
-    cond = Conditioning(x["c_crossattn"], x["c_vector"], x["control"])
-    uncond = Conditioning(x["uc_crossattn"], x["uc_vector"], x["control"])
-    latent, sigmas, steps = _sample(model, case["params"], x, cond, uncond, x["x_center"], tiles=None)
+    latent, sigmas, steps = _sample(model, case, x, "churn_noise")
     batch = latent.shape[0]
     return {
         "latent": latent,
@@ -256,13 +274,9 @@ def _sampler(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
 
 
 def _sampler_tiled(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
-    tiles = _tile_settings(case)
-    assert tiles is not None  # a sampler_tiled case always is
-    cond = Conditioning(x["c_crossattn"], x["c_vector"], x["control"])
-    uncond = Conditioning(x["uc_crossattn"], x["uc_vector"], x["control"])
-    latent, sigmas, steps = _sample(model, case["params"], x, cond, uncond, x["x_center"], tiles=tiles)
+    latent, sigmas, steps = _sample(model, case, x, "churn_noise")
     start = x["noise"] * (1 + sigmas[0] ** 2).sqrt()
-    tile, stride = tiles
+    tile, stride = _settings(case).tile(tuple(latent.shape[-2:]))
     # one set of weights for every batch row: [1, C, T, T] whatever the batch (FORMAT §4.2)
     weights = gaussian_weights(tile).to(torch.float32).expand(1, latent.shape[1], tile, tile)
     return {
@@ -276,25 +290,7 @@ def _sampler_tiled(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tenso
 
 def _sampler_dpmpp(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
     """RestoreDPMPP2MSampler from the recorded noise (FORMAT §4.7); the guidance it ignores is passed, and ignored."""
-    params = case["params"]
-    denoiser = Denoiser(model.eps)
-    cond = Conditioning(x["c_crossattn"], x["c_vector"], x["control"])
-    uncond = Conditioning(x["uc_crossattn"], x["uc_vector"], x["control"])
-    legacy = sampling_sigmas(params["num_steps"], denoiser.train_sigmas)
-    sigmas = dpmpp_sigmas(params["num_steps"], denoiser.train_sigmas)
-    steps: list[dict[str, Any]] = []
-    latent = restore_dpmpp_2m(
-        linear_cfg(denoiser, cond, uncond, params["cfg_scale_start"], params["cfg_scale"]),
-        x["noise"],
-        sigmas,
-        settings=_settings(params),
-        sigma_max=denoiser.sigma_max,
-        init_sigma=float(legacy[0]),
-        eta=params.get("eta", 1.0),
-        x_center=x["x_center"],
-        step_noise=noise_from(x["step_noise"]),
-        callback=steps.append,
-    )
+    latent, sigmas, steps = _sample(model, case, x, "step_noise")
     return {
         "latent": latent,
         "sigmas": sigmas,
@@ -303,37 +299,11 @@ def _sampler_dpmpp(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tenso
     }
 
 
-def _pipeline_params(case: dict[str, Any]) -> RestoreParams:
-    """The case's settings as production parameters (unvalidated: fixtures use tiles far below real sizes)."""
-    params = case["params"]
-    tiles = _tile_settings(case)
-    defaults = RestoreParams()
-    values = defaults.model_dump() | {
-        "steps": params["num_steps"],
-        "s_churn": params["s_churn"],
-        "s_noise": params["s_noise"],
-        "restoration_scale": params["restoration_scale"],
-        "cfg_scale": params["cfg_scale"],
-        "cfg_scale_start": params["cfg_scale_start"],
-        "linear_cfg": params["use_linear_CFG"],
-        "control_scale": params["control_scale"],
-        "control_scale_start": params["control_scale_start"],
-        "linear_control_scale": params["use_linear_control_scale"],
-        "color_fix": params["color_fix_type"].lower(),
-        "tiling": "always" if tiles else "never",
-        "tile_size": tiles[0] if tiles else defaults.tile_size,
-        "tile_stride": tiles[1] if tiles else defaults.tile_stride,
-        "centered_tile_weights": False,  # the official, off-centre blend weights
-        "vae_tile_size": 2**30,  # larger than any image: the official pipeline does not tile its VAE unless asked
-    }
-    return RestoreParams.model_construct(**values)
-
-
 def _pipeline(model: SupirModel, case: dict[str, Any], x: Tensors, encode_prompts: PromptEncoder) -> Tensors:
     """The production recipe (RestorationPipeline.restore_tensor) replayed with the recorded noise (FORMAT §4.3)."""
     stages = RestorationPipeline(model).restore_tensor(
         x["image"],
-        _pipeline_params(case),
+        _public_params(case),
         noise=PipelineNoise.recorded(x["posterior_noise"], x["noise"], x.get("churn_noise")),
         encode_prompts=encode_prompts,
     )

@@ -18,22 +18,13 @@ from .checkpoints import ModelOptions, load_supir
 from .colorfix import color_fix
 from .denoiser import Conditioning, Denoiser
 from .errors import Canceled, InvalidInput
+from .guidance import RestoreSettings, sample
 from .imageio import LoadedImage, finish, load_image, plan_caption_sizes, plan_sizes, to_model_input, to_pil
 from .memory import StageBytes, TilingDecision, decide_tiling, memory_budget, trace_stage_bytes
 from .models.supir import SupirModel
 from .params import MAX_SEED, RestoreParams, sample_seeds, validate_params
 from .prompts import PromptEmbeddings
-from .sampling import (
-    NoiseFn,
-    RestoreSettings,
-    linear_cfg,
-    noise_from,
-    restore_dpmpp_2m,
-    restore_edm,
-    restore_edm_tiled,
-    tiled_cfg,
-)
-from .schedules import dpmpp_sigmas, sampling_sigmas
+from .sampling import NoiseFn, noise_from
 from .speed import SpeedSettings, optimize
 from .tiling import Window, tile_windows
 
@@ -308,8 +299,18 @@ class RestorationPipeline:
             report(Progress("sampling", info["i"] + 1, info["steps"]))
 
         with _timed(timings, "sampling", self.device):
-            sampled = self._sample(
-                params, tiling.sampling, initial, cond, uncond, tile_conds, x_center, noise.step, on_step, should_stop
+            sampled = sample(
+                RestoreSettings.from_params(params),
+                self.denoiser,
+                initial,
+                cond,
+                uncond,
+                x_center=x_center,
+                step_noise=noise.step,
+                tiled=tiling.sampling,
+                tile_conds=tile_conds,
+                callback=on_step,
+                should_stop=should_stop,
             )
 
         # 5. Decode and pull each sample's colours back to the (one) stage-1 image
@@ -457,67 +458,6 @@ class RestorationPipeline:
             conds[window] = _expanded(Conditioning(crossattn, vector, lq_latent), batch)
         return conds
 
-    def _sample(
-        self,
-        params: RestoreParams,
-        tiled: bool,
-        noise: torch.Tensor,
-        cond: Conditioning,
-        uncond: Conditioning,
-        tile_conds: dict[Window, Conditioning] | None,
-        x_center: torch.Tensor,
-        step_noise: Callable[[int, torch.Tensor], torch.Tensor],
-        on_step: Callable[[dict[str, Any]], None],
-        should_stop: Callable[[], bool] | None,
-    ) -> torch.Tensor:
-        settings = RestoreSettings(
-            s_churn=params.s_churn,
-            s_noise=params.s_noise,
-            restore_cfg=params.restoration_scale,
-            control_scale=params.control_scale,
-            control_scale_start=params.control_scale_start,
-            use_linear_control_scale=params.linear_control_scale,
-        )
-        cfg_start = params.cfg_scale_start if params.linear_cfg else params.cfg_scale
-        common: dict[str, Any] = {
-            "settings": settings,
-            "sigma_max": self.denoiser.sigma_max,
-            "x_center": x_center,
-            "callback": on_step,
-            "should_stop": should_stop,
-        }
-        if params.sampler == "dpmpp_2m":
-            guided = linear_cfg(self.denoiser, cond, uncond, cfg_start, params.cfg_scale)
-            sigmas = dpmpp_sigmas(params.steps, self.denoiser.train_sigmas)
-            return restore_dpmpp_2m(
-                guided,
-                noise,
-                sigmas,
-                init_sigma=self.denoiser.sigma_max,  # the legacy grid's σ_0, as the official sampler scales
-                step_noise=step_noise,
-                full_guidance=params.dpmpp_full_guidance,
-                **common,
-            )
-        sigmas = sampling_sigmas(params.steps, self.denoiser.train_sigmas)
-        if not tiled:
-            guided = linear_cfg(self.denoiser, cond, uncond, cfg_start, params.cfg_scale)
-            return restore_edm(guided, noise, sigmas, churn_noise=step_noise, **common)
-        height, width = noise.shape[-2:]
-        tile = min(params.tile_size, height, width)
-        stride = min(params.tile_stride, tile)
-        per_tile = tiled_cfg(self.denoiser, tile_conds or cond, uncond, cfg_start, params.cfg_scale)
-        return restore_edm_tiled(
-            per_tile,
-            noise,
-            sigmas,
-            tile=tile,
-            stride=stride,
-            churn_noise=step_noise,
-            tiles_per_batch=params.tiles_per_batch,
-            centered_weights=params.centered_tile_weights,
-            **common,
-        )
-
     def plan_tiling(self, params: RestoreParams, image_hw: tuple[int, int], batch: int = 1) -> TilingDecision:
         """Which parts of a run on an image of this processing size (pixels) are tiled, per `params.tiling`; batch:
         the rows sampled and decoded together (num_samples)."""
@@ -537,9 +477,8 @@ class RestorationPipeline:
 
     def sampler_windows(self, latent_hw: tuple[int, ...], params: RestoreParams) -> list[Window]:
         """The tiles (latent pixels) a tiled sampler uses for a latent of this size."""
-        height, width = latent_hw
-        tile = min(params.tile_size, height, width)
-        return tile_windows(height, width, tile, min(params.tile_stride, tile))
+        tile, stride = RestoreSettings.from_params(params).tile(latent_hw)
+        return tile_windows(latent_hw[0], latent_hw[1], tile, stride)
 
     def windows(self, image_size: tuple[int, int], params: RestoreParams) -> list[Window]:
         """The sampler tiles of an image of this size (before upscale and the size plan); [] when it runs untiled."""

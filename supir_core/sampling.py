@@ -1,19 +1,20 @@
-"""Restoration-guided samplers: plain loops over a denoiser callable (spec §3.3–3.6, §3.8).
+"""Sampler loops over a denoiser callable, and their per-step helpers (spec §3.3–3.6, §3.8; FORMAT.md §4.1–4.7).
 
-A sampler knows nothing of networks. It is handed `denoise(x, sigma_hat, control_scale) -> D`, the
-guided (CFG-combined) denoiser, and the noise it must use, so every run can be replayed exactly.
+A sampler knows nothing of networks or parameters. It is handed `denoise(x, sigma_hat, control_scale) -> D`, the
+guided (CFG-combined) denoiser, the sigmas, the noise it must use (so every run can be replayed exactly) and the
+knobs of its update rule as keyword arguments named as the public parameters (RestoreParams). Turning parameters
+into a run — the settings, the sigmas, which sampler, the CFG wrappers that bind the network — is
+`supir_core.guidance`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from .denoiser import Conditioning, Denoiser
 from .errors import Canceled
 from .tiling import Window, gaussian_weights, tile_windows
 
@@ -21,7 +22,7 @@ GuidedDenoise = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 TiledDenoise = Callable[[torch.Tensor, torch.Tensor, float, list[Window]], torch.Tensor]
 NoiseFn = Callable[[int, torch.Tensor], torch.Tensor]  # (step, like) -> N(0, I) of like's shape
 Callback = Callable[[dict[str, Any]], None]
-RESTORE_CFG_S_TMIN = 0.05
+RESTORATION_MIN_SIGMA = 0.05  # restoration guidance applies while σ_{i+1} is above this (official restore_cfg_s_tmin)
 
 
 def noise_from(source: torch.Tensor | Sequence[torch.Tensor] | torch.Generator | None) -> NoiseFn:
@@ -35,111 +36,37 @@ def noise_from(source: torch.Tensor | Sequence[torch.Tensor] | torch.Generator |
     return lambda i, like: recorded[i].to(like)
 
 
-def linear_cfg(
-    denoiser: Denoiser, cond: Conditioning, uncond: Conditioning, scale_start: float, scale_end: float
-) -> GuidedDenoise:
-    """D = D_u + w(σ̂)(D_c − D_u), w going linearly from scale_start at σ_max to scale_end at σ = 0 (spec §3.3).
-
-    Cond and uncond run as one batch [uncond; cond], as the official code does.
-    """
-    sigma_max = denoiser.sigma_max
-    both = Conditioning(
-        torch.cat([uncond.crossattn, cond.crossattn]),
-        torch.cat([uncond.vector, cond.vector]),
-        torch.cat([uncond.control, cond.control]),
-    )
-
-    def denoise(x: torch.Tensor, sigma_hat: torch.Tensor, control_scale: float) -> torch.Tensor:
-        d_u, d_c = denoiser(torch.cat([x, x]), torch.cat([sigma_hat, sigma_hat]), both, control_scale).chunk(2)
-        w = (scale_start - scale_end) * sigma_hat / sigma_max + scale_end
-        return d_u + w[:, None, None, None] * (d_c - d_u)
-
-    return denoise
+def churn_gamma(s_churn: float, steps: int) -> float:
+    """γ = min(s_churn / N, √2 − 1): how far each EDM step raises σ before denoising (the same every step)."""
+    return min(s_churn / steps, math.sqrt(2.0) - 1.0)
 
 
-def _stack(conds: list[Conditioning]) -> Conditioning:
-    return Conditioning(
-        torch.cat([c.crossattn for c in conds]),
-        torch.cat([c.vector for c in conds]),
-        torch.cat([c.control for c in conds]),
-    )
+def control_scale_at(
+    sigma: float, sigma_max: float, *, control_scale: float, control_scale_start: float, linear_control_scale: bool
+) -> float:
+    """α at σ: control_scale, or with linear_control_scale a ramp from control_scale_start at σ_max to control_scale
+    at σ = 0 (spec §3.4)."""
+    if not linear_control_scale:
+        return control_scale
+    k = sigma / sigma_max
+    return control_scale_start * k + control_scale * (1.0 - k)
 
 
-def _crop(c: Conditioning, window: Window) -> Conditioning:
-    h0, h1, w0, w1 = window
-    return Conditioning(c.crossattn, c.vector, c.control[..., h0:h1, w0:w1])
-
-
-def tiled_cfg(
-    denoiser: Denoiser,
-    cond: Conditioning | Mapping[Window, Conditioning],
-    uncond: Conditioning,
-    scale_start: float,
-    scale_end: float,
-) -> TiledDenoise:
-    """`linear_cfg` for `restore_edm_tiled`: crops the full-size control latent to each window.
-
-    cond may map each window to its own Conditioning (per-tile prompts); controls are full-size.
-    A group of windows that does not fit in GPU memory is split in halves until it does, and later groups
-    are cut to the size that fitted before they are tried: one out-of-memory error per run, not per step.
-    """
-    fits = 0  # the most windows per call known to fit; 0: none failed yet
-
-    def guided(x: torch.Tensor, sigma_hat: torch.Tensor, control_scale: float, windows: list[Window]) -> torch.Tensor:
-        conds = [_crop(cond[w] if isinstance(cond, Mapping) else cond, w) for w in windows]
-        unconds = [_crop(uncond, w) for w in windows]
-        return linear_cfg(denoiser, _stack(conds), _stack(unconds), scale_start, scale_end)(x, sigma_hat, control_scale)
-
-    def denoise(x: torch.Tensor, sigma_hat: torch.Tensor, control_scale: float, windows: list[Window]) -> torch.Tensor:
-        nonlocal fits
-        if not fits or len(windows) <= fits:
-            try:
-                return guided(x, sigma_hat, control_scale, windows)
-            except torch.OutOfMemoryError:
-                if len(windows) == 1:
-                    raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            fits = (len(windows) + 1) // 2
-        rows, size = x.shape[0] // len(windows), fits
-        parts = []
-        for first in range(0, len(windows), size):
-            part = windows[first : first + size]
-            rs = slice(first * rows, (first + len(part)) * rows)
-            parts.append(denoise(x[rs], sigma_hat[rs], control_scale, part))
-        return torch.cat(parts)
-
-    return denoise
-
-
-@dataclass(frozen=True)
-class RestoreSettings:
-    """The knobs of one restoration-guided EDM run (defaults: the official test.py)."""
-
-    s_churn: float = 5.0
-    s_noise: float = 1.01
-    restore_cfg: float = -1.0  # τ_r; <= 0 turns restoration guidance off
-    restore_cfg_s_tmin: float = RESTORE_CFG_S_TMIN
-    control_scale: float = 1.0  # α at σ → 0
-    control_scale_start: float = 0.0  # α at σ_max when linear
-    use_linear_control_scale: bool = False
-
-    def gamma(self, num_steps: int) -> float:
-        return min(self.s_churn / num_steps, math.sqrt(2.0) - 1.0)
-
-    def guide(
-        self, denoised: torch.Tensor, x_center: torch.Tensor | None, sigma: float, sigma_next: float, sigma_max: float
-    ) -> torch.Tensor:
-        """Restoration guidance: D ← D − (D − z_c)·(σ_i/σ_max)^τ while σ_{i+1} > s_tmin (spec §3.5)."""
-        if x_center is None or self.restore_cfg <= 0 or sigma_next <= self.restore_cfg_s_tmin:
-            return denoised
-        return denoised - (denoised - x_center) * (sigma / sigma_max) ** self.restore_cfg
-
-    def alpha(self, sigma: float, sigma_max: float) -> float:
-        if not self.use_linear_control_scale:
-            return self.control_scale
-        k = sigma / sigma_max
-        return self.control_scale_start * k + self.control_scale * (1.0 - k)
+def restoration_guided(
+    denoised: torch.Tensor,
+    x_center: torch.Tensor | None,
+    sigma: float,
+    sigma_next: float,
+    sigma_max: float,
+    *,
+    restoration_scale: float,
+    restoration_min_sigma: float = RESTORATION_MIN_SIGMA,
+) -> torch.Tensor:
+    """Restoration guidance: D ← D − (D − z_c)·(σ_i/σ_max)^τ, τ = restoration_scale, while σ_{i+1} is above
+    restoration_min_sigma; τ ≤ 0 (or no z_c) turns it off (spec §3.5)."""
+    if x_center is None or restoration_scale <= 0 or sigma_next <= restoration_min_sigma:
+        return denoised
+    return denoised - (denoised - x_center) * (sigma / sigma_max) ** restoration_scale
 
 
 def edm_step(
@@ -150,18 +77,31 @@ def edm_step(
     *,
     gamma: float,
     alpha: float,
-    settings: RestoreSettings,
+    s_noise: float,
+    restoration_scale: float,
+    restoration_min_sigma: float = RESTORATION_MIN_SIGMA,
     sigma_max: float,
-    churn: torch.Tensor | None,
+    xi: torch.Tensor | None,
     x_center: torch.Tensor | None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """One Euler step with churn and restoration guidance: x ← x + (σ_{i+1} − σ̂)(x − D)/σ̂ (spec §3.6)."""
+    """One Euler step with churn and restoration guidance: x ← x + (σ_{i+1} − σ̂)(x − D)/σ̂ (spec §3.6).
+
+    σ̂ = σ_i(1 + γ); with γ > 0 the step's noise ξ is added first, scaled by s_noise·√(σ̂² − σ_i²). α is this step's
+    control scale (`control_scale_at`)."""
     sigma_hat = sigma * (1.0 + gamma)
-    if gamma > 0 and churn is not None:
-        x = x + settings.s_noise * churn * math.sqrt(sigma_hat**2 - sigma**2)
+    if gamma > 0 and xi is not None:
+        x = x + s_noise * xi * math.sqrt(sigma_hat**2 - sigma**2)
     sigma_hat_b = x.new_full((x.shape[0],), sigma_hat)
     denoised_cfg = denoise(x, sigma_hat_b, alpha)
-    denoised = settings.guide(denoised_cfg, x_center, sigma, sigma_next, sigma_max)  # on the pre-churn σ
+    denoised = restoration_guided(  # on the pre-churn σ
+        denoised_cfg,
+        x_center,
+        sigma,
+        sigma_next,
+        sigma_max,
+        restoration_scale=restoration_scale,
+        restoration_min_sigma=restoration_min_sigma,
+    )
     x_next = x + (sigma_next - sigma_hat) * (x - denoised) / sigma_hat
     info = {
         "sigma": sigma,
@@ -183,32 +123,49 @@ def restore_edm(
     noise: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    settings: RestoreSettings = RestoreSettings(),
     sigma_max: float,
+    s_churn: float = 0.0,
+    s_noise: float = 1.0,
+    restoration_scale: float = -1.0,
+    restoration_min_sigma: float = RESTORATION_MIN_SIGMA,
+    control_scale: float = 1.0,
+    control_scale_start: float = 0.0,
+    linear_control_scale: bool = False,
     x_center: torch.Tensor | None = None,
-    churn_noise: NoiseFn | None = None,
+    step_noise: NoiseFn | None = None,
     callback: Callback | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
-    """Restoration-guided Euler sampler with churn, from unscaled noise ε: x_0 = ε·√(1 + σ_0²) (spec §3.6)."""
-    churn_noise = churn_noise or noise_from(None)
+    """Restoration-guided Euler sampler with churn, from unscaled noise ε: x_0 = ε·√(1 + σ_0²) (spec §3.6).
+
+    The defaults turn every extra off (no churn, no restoration guidance, α = 1); the product's defaults are
+    RestoreParams'. step_noise(i, x) is step i's churn noise, asked for only when s_churn > 0."""
+    step_noise = step_noise or noise_from(None)
     steps = len(sigmas) - 1
-    gamma = settings.gamma(steps)
+    gamma = churn_gamma(s_churn, steps)
     x = noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)
     for i in range(steps):
         _stop_if_asked(should_stop, i, steps)
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        churn = churn_noise(i, x) if gamma > 0 else None
+        alpha = control_scale_at(
+            sigma,
+            sigma_max,
+            control_scale=control_scale,
+            control_scale_start=control_scale_start,
+            linear_control_scale=linear_control_scale,
+        )
         x, info = edm_step(
             denoise,
             x,
             sigma,
             sigma_next,
             gamma=gamma,
-            alpha=settings.alpha(sigma, sigma_max),
-            settings=settings,
+            alpha=alpha,
+            s_noise=s_noise,
+            restoration_scale=restoration_scale,
+            restoration_min_sigma=restoration_min_sigma,
             sigma_max=sigma_max,
-            churn=churn,
+            xi=step_noise(i, x) if gamma > 0 else None,
             x_center=x_center,
         )
         if callback is not None:
@@ -223,32 +180,45 @@ def restore_edm_tiled(
     *,
     tile: int,
     stride: int,
-    settings: RestoreSettings = RestoreSettings(),
     sigma_max: float,
+    s_churn: float = 0.0,
+    s_noise: float = 1.0,
+    restoration_scale: float = -1.0,
+    restoration_min_sigma: float = RESTORATION_MIN_SIGMA,
+    control_scale: float = 1.0,
+    control_scale_start: float = 0.0,
+    linear_control_scale: bool = False,
     x_center: torch.Tensor | None = None,
-    churn_noise: NoiseFn | None = None,
+    step_noise: NoiseFn | None = None,
     tiles_per_batch: int = 1,  # 0: all tiles of a step in one call (split by the denoiser if memory runs out)
-    centered_weights: bool = False,
+    centered_tile_weights: bool = False,
     callback: Callback | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """`restore_edm` on overlapping tiles, each step blended with Gaussian weights (spec §3.8).
 
     denoise(x_tiles, sigma_hat, α, windows) gets the crops of `windows` stacked along the batch
-    (len(windows) · B rows) and crops whatever per-tile conditioning it holds itself.
+    (len(windows) · B rows) and crops whatever per-tile conditioning it holds itself. step_noise(i, x) is drawn
+    full-size every step (as the official code draws it) and sliced per tile; it is used only when s_churn > 0.
     """
-    churn_noise = churn_noise or noise_from(None)
+    step_noise = step_noise or noise_from(None)
     steps = len(sigmas) - 1
-    gamma = settings.gamma(steps)
+    gamma = churn_gamma(s_churn, steps)
     windows = tile_windows(noise.shape[-2], noise.shape[-1], tile, stride)
     tiles_per_batch = tiles_per_batch or len(windows)
-    weights = gaussian_weights(tile, centered_weights).to(noise.device)
+    weights = gaussian_weights(tile, centered_tile_weights).to(noise.device)
     x = noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)
     for i in range(steps):
         _stop_if_asked(should_stop, i, steps)
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        alpha = settings.alpha(sigma, sigma_max)
-        xi = churn_noise(i, x)  # one full-size field per step, sliced per tile
+        alpha = control_scale_at(
+            sigma,
+            sigma_max,
+            control_scale=control_scale,
+            control_scale_start=control_scale_start,
+            linear_control_scale=linear_control_scale,
+        )
+        xi = step_noise(i, x)  # one full-size field per step, sliced per tile
         acc, count = torch.zeros_like(x), torch.zeros_like(x)
         info: dict[str, Any] = {}
         for first in range(0, len(windows), tiles_per_batch):
@@ -269,9 +239,11 @@ def restore_edm_tiled(
                 sigma_next,
                 gamma=gamma,
                 alpha=alpha,
-                settings=settings,
+                s_noise=s_noise,
+                restoration_scale=restoration_scale,
+                restoration_min_sigma=restoration_min_sigma,
                 sigma_max=sigma_max,
-                churn=crops(xi) if gamma > 0 else None,
+                xi=crops(xi) if gamma > 0 else None,
                 x_center=crops(x_center) if x_center is not None else None,
             )
             for (h0, h1, w0, w1), y in zip(group, out.chunk(len(group)), strict=True):
@@ -290,13 +262,18 @@ def restore_dpmpp_2m(
     noise: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    settings: RestoreSettings = RestoreSettings(),
     sigma_max: float,
     init_sigma: float | None = None,
     eta: float = 1.0,
+    s_noise: float = 1.0,
+    control_scale: float = 1.0,
+    full_guidance: bool = False,
+    restoration_scale: float = -1.0,
+    restoration_min_sigma: float = RESTORATION_MIN_SIGMA,
+    control_scale_start: float = 0.0,
+    linear_control_scale: bool = False,
     x_center: torch.Tensor | None = None,
     step_noise: NoiseFn | None = None,
-    full_guidance: bool = False,
     callback: Callback | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
@@ -305,8 +282,9 @@ def restore_dpmpp_2m(
     x_0 = ε·√(1 + init_sigma²) (SUPIR scales by the legacy grid's σ_0, not the Karras one). Each step:
     x ← (σ'/σ)e^{−ηh}·x + a·D with a = 1 − e^{−(1+η)h}, h = ln σ − ln σ'; from step 1 on the 2M correction
     a·(D − D_prev)/(2r), r = h_prev/h, and the noise ξ·σ'·√(1 − e^{−2ηh})·s_noise (ξ = step_noise(i − 1): none on
-    step 0); the last step (σ' = 0) returns D. Churn, the control ramp and restoration guidance are ignored, as
-    the official sampler ignores them, unless full_guidance is set: then the ramp and the x0 blend apply on σ_i.
+    step 0); the last step (σ' = 0) returns D. α = control_scale at every step and no restoration guidance, as the
+    official sampler ignores the ramp and the x0 blend, unless full_guidance is set: then restoration_scale,
+    control_scale_start and linear_control_scale apply on σ_i as in the EDM sampler. There is no churn.
     """
     step_noise = step_noise or noise_from(None)
     steps = len(sigmas) - 1
@@ -316,11 +294,27 @@ def restore_dpmpp_2m(
     for i in range(steps):
         _stop_if_asked(should_stop, i, steps)
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        alpha = settings.alpha(sigma, sigma_max) if full_guidance else settings.control_scale
+        alpha = control_scale
+        if full_guidance:
+            alpha = control_scale_at(
+                sigma,
+                sigma_max,
+                control_scale=control_scale,
+                control_scale_start=control_scale_start,
+                linear_control_scale=linear_control_scale,
+            )
         denoised_cfg = denoise(x, x.new_full((x.shape[0],), sigma), alpha)
-        denoised = (
-            settings.guide(denoised_cfg, x_center, sigma, sigma_next, sigma_max) if full_guidance else denoised_cfg
-        )
+        denoised = denoised_cfg
+        if full_guidance:
+            denoised = restoration_guided(
+                denoised_cfg,
+                x_center,
+                sigma,
+                sigma_next,
+                sigma_max,
+                restoration_scale=restoration_scale,
+                restoration_min_sigma=restoration_min_sigma,
+            )
         if sigma_next == 0:
             x = denoised
         else:
@@ -330,7 +324,7 @@ def restore_dpmpp_2m(
             if old_denoised is not None:
                 x = x + a * (h / (2.0 * h_last)) * (denoised - old_denoised)
                 if eta > 0:  # ξ·σ'·√(1 − e^{−2ηh})·s_noise; no draw on step 0 (the official sampler draws none)
-                    scale = sigma_next * math.sqrt(-math.expm1(-2.0 * eta * h)) * settings.s_noise
+                    scale = sigma_next * math.sqrt(-math.expm1(-2.0 * eta * h)) * s_noise
                     x = x + step_noise(i - 1, x) * scale
             h_last = h
         old_denoised = denoised

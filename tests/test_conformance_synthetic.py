@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 import supir_core.sampling as sampling
-from supir_core.conformance import Fixture, _pipeline_params, rel_l2, run_fixture
+from supir_core.conformance import Fixture, _public_params, rel_l2, run_fixture
 from supir_core.denoiser import Denoiser
 from supir_core.errors import WeightsError
 
@@ -204,13 +204,13 @@ def _pipeline_case(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_pipeline_tiling_comes_from_params_tiled() -> None:
-    tiled = _pipeline_params(_pipeline_case({"tiled": {"tile_size": 8, "tile_stride": 4}, "tile_size": 64}))
+    tiled = _public_params(_pipeline_case({"tiled": {"tile_size": 8, "tile_stride": 4}, "tile_size": 64}))
     assert (tiled.tiling, tiled.tile_size, tiled.tile_stride) == ("always", 8, 4)
-    fallback = _pipeline_params(_pipeline_case({"tiled": True, "tile_size": 16, "tile_stride": 8}))
+    fallback = _public_params(_pipeline_case({"tiled": True, "tile_size": 16, "tile_stride": 8}))
     assert (fallback.tiling, fallback.tile_size, fallback.tile_stride) == ("always", 16, 8)
-    for untiled in (_pipeline_params(_pipeline_case({})), _pipeline_params(_pipeline_case({"tiled": False}))):
+    for untiled in (_public_params(_pipeline_case({})), _public_params(_pipeline_case({"tiled": False}))):
         assert untiled.tiling == "never"
-    for params in (_pipeline_params(_pipeline_case({})), tiled):
+    for params in (_public_params(_pipeline_case({})), tiled):
         assert params.vae_tile_size >= 2**20  # the VAE never tiles a fixture image
         assert not params.centered_tile_weights
 
@@ -219,4 +219,4 @@ def test_pipeline_tiling_comes_from_params_tiled() -> None:
 def test_tiled_pipeline_without_tile_settings_names_the_case(tiled: object) -> None:
     case = _pipeline_case({"tiled": tiled, "tile_stride": 4} if tiled is True else {"tiled": tiled, "tile_size": 8})
     with pytest.raises(WeightsError, match=r"case 'p' is tiled but .* has no tile_size and tile_stride"):
-        _pipeline_params(case)
+        _public_params(case)

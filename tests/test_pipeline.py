@@ -9,12 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from supir_core.colorfix import adain_color_fix
+from supir_core.colorfix import adain_color_fix, wavelet_color_fix
 from supir_core.denoiser import Conditioning
 from supir_core.errors import Canceled
+from supir_core.guidance import linear_cfg, tiled_cfg
 from supir_core.params import validate_params
 from supir_core.pipeline import PipelineNoise, Progress, RestorationPipeline
-from supir_core.sampling import RestoreSettings, linear_cfg, noise_from, restore_edm
+from supir_core.sampling import noise_from, restore_edm, restore_edm_tiled
 from supir_core.schedules import dpmpp_sigmas, sampling_sigmas
 from tests.test_sampling import official_dpmpp
 
@@ -172,8 +173,9 @@ def _recipe_inputs(model, steps: int, noise_steps: int):
      {"linear_cfg": False}, {"color_fix": "adain"}, {"color_fix": "none"}, {"s_churn": 0.0}],
 )  # fmt: skip
 def test_every_sampler_option_reaches_the_sampler(pipeline: RestorationPipeline, extra: dict) -> None:
-    """The recipe's latent equals the sampler run by hand with the settings each option stands for (DPM++: the
-    official loop as transcribed in test_sampling), and its image the colour fix the option names."""
+    """The recipe's latent equals the sampler loop run by hand with the options under their own names (DPM++: the
+    official loop as transcribed in test_sampling), and its image the colour fix the option names, of the decoded
+    latent and the stage-1 image."""
     params = validate_params({"steps": 3, "cfg_scale": 5.0, "cfg_scale_start": 2.0, "control_scale": 0.9, **extra})
     dpmpp = params.sampler == "dpmpp_2m"
     lq, c, uc, (posterior, initial, step_noise) = _recipe_inputs(
@@ -188,7 +190,7 @@ def test_every_sampler_option_reaches_the_sampler(pipeline: RestorationPipeline,
         )
         cond, uncond = Conditioning(*c, stages.lq_latent), Conditioning(*uc, stages.lq_latent)
         w0 = params.cfg_scale_start if params.linear_cfg else params.cfg_scale
-        guided = linear_cfg(pipeline.denoiser, cond, uncond, w0, params.cfg_scale)
+        guided = linear_cfg(pipeline.denoiser, cond, uncond, cfg_scale_start=w0, cfg_scale=params.cfg_scale)
         sigma_max = pipeline.denoiser.sigma_max
         if dpmpp:
             sigmas = dpmpp_sigmas(params.steps).double()
@@ -196,26 +198,34 @@ def test_every_sampler_option_reaches_the_sampler(pipeline: RestorationPipeline,
             want = official_dpmpp(fixed_alpha, initial.double(), sigmas, sigma_max, step_noise.double(), params.s_noise)
             want = want[-1].float()
         else:
-            settings = RestoreSettings(
+            want = restore_edm(
+                guided,
+                initial,
+                sampling_sigmas(params.steps),
+                sigma_max=sigma_max,
                 s_churn=params.s_churn,
                 s_noise=params.s_noise,
-                restore_cfg=params.restoration_scale,
+                restoration_scale=params.restoration_scale,
                 control_scale=params.control_scale,
                 control_scale_start=params.control_scale_start,
-                use_linear_control_scale=params.linear_control_scale,
+                linear_control_scale=params.linear_control_scale,
+                x_center=stages.x_center,
+                step_noise=noise_from(step_noise),
             )
-            want = restore_edm(guided, initial, sampling_sigmas(params.steps), settings=settings, sigma_max=sigma_max,
-                               x_center=stages.x_center, churn_noise=noise_from(step_noise))  # fmt: skip
     torch.testing.assert_close(stages.sampled_latent, want, rtol=1e-4, atol=1e-4)
-    fixes = {"wavelet": None, "adain": adain_color_fix(stages.decoded, stages.x_stage1), "none": stages.decoded}
-    if fixes[params.color_fix] is not None:
-        torch.testing.assert_close(stages.restored, fixes[params.color_fix])
+    fixes = {
+        "wavelet": wavelet_color_fix(stages.decoded, stages.x_stage1),
+        "adain": adain_color_fix(stages.decoded, stages.x_stage1),
+        "none": stages.decoded,
+    }
+    torch.testing.assert_close(stages.restored, fixes[params.color_fix], rtol=0, atol=0)
     assert not stages.tiling.sampling and not stages.tiling.vae
 
 
 def test_an_ordinary_photo_runs_untiled_as_the_official_code_does(pipeline: RestorationPipeline) -> None:
     """800×600 is processed at 1344×1024 (latent 168×128, over one 128² tile): untiled on this CPU, with the same
-    latent as the untiled recipe; tiling=always still tiles it. (One step instead of 50, for the test's time.)"""
+    latent as the untiled recipe; tiling=always still tiles it, as the tiled recipe run by hand does. (One step
+    instead of 50, for the test's time.)"""
     with Image.open(DATA / "chelsea_degraded.jpg") as img:
         photo = img.convert("RGB").resize((800, 600), Image.Resampling.BICUBIC)
     result = pipeline(photo, validate_params({"steps": 1, "seed": 3}))
@@ -247,7 +257,26 @@ def test_an_ordinary_photo_runs_untiled_as_the_official_code_does(pipeline: Rest
     assert torch.equal(auto.sampled_latent, never.sampled_latent) and torch.equal(auto.restored, never.restored)
     forced = run("always")
     assert forced.tiling.sampling and forced.tiling.vae and forced.tiling.reason == "tiling=always"
-    assert forced.restored.shape == never.restored.shape and torch.isfinite(forced.restored).all()
+    # the tiled recipe by hand from the forced run's stage 1 and anchor: the sampler on 128² tiles at stride 64 (the
+    # defaults; windows at columns 0 and 40) with the default options under their own names, then the wavelet fix
+    cond, uncond = Conditioning(*c, forced.lq_latent), Conditioning(*uc, forced.lq_latent)
+    with torch.inference_mode():
+        by_hand = restore_edm_tiled(
+            tiled_cfg(pipeline.denoiser, cond, uncond, cfg_scale_start=1.0, cfg_scale=4.0),
+            noise[1],
+            sampling_sigmas(1),
+            tile=128,
+            stride=64,
+            tiles_per_batch=0,
+            sigma_max=pipeline.denoiser.sigma_max,
+            s_churn=5.0,
+            s_noise=1.01,
+            x_center=forced.x_center,
+            step_noise=noise_from(noise[2]),
+        )
+    assert torch.equal(forced.sampled_latent, by_hand)
+    assert not torch.allclose(forced.sampled_latent, never.sampled_latent, atol=1e-2)  # the tiles did matter
+    assert torch.equal(forced.restored, wavelet_color_fix(forced.decoded, forced.x_stage1))
 
 
 def test_a_small_memory_budget_tiles_and_says_why(tiny_model) -> None:

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from supir_core.denoiser import Conditioning, Denoiser
+from supir_core.guidance import tiled_cfg
 from supir_core.memory import GB, trace_stage_bytes
 from supir_core.params import sample_seeds, validate_params
 from supir_core.pipeline import PipelineNoise, Progress, RestorationPipeline
-from supir_core.sampling import tiled_cfg
 from supir_core.speed import SpeedSettings
 
 DATA = Path(__file__).parent / "data"
