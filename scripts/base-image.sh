@@ -36,6 +36,7 @@ if have "$local_base"; then echo "$local_base"; exit 0; fi
 log "making $local_base from Debian packages ($mirror, $suite)"
 # minbase: dpkg, apt and essentials; python3 3.11 at /usr/bin, venv (with its bundled pip) and the CA bundle.
 # The apt lists and caches are left out; images built FROM it run apt-get update themselves.
+# shellcheck disable=SC2016  # the hook's $1 (the root being made) is mmdebstrap's to expand
 mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
   --components=main --aptopt='Acquire::Retries "3"' \
   --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin' \

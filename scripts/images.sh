@@ -49,7 +49,10 @@ for name in "$@"; do
   case $name in
     api) build "supir-serve-api:$version" docker/api.Dockerfile ;;
     worker-cpu)
-      wheel=${SUPIR_TORCH_CPU_WHEEL:-$(ls /opt/wheels/torch-2.13.0+cpu-cp311-*.whl 2>/dev/null | head -n1)}
+      wheel=${SUPIR_TORCH_CPU_WHEEL:-}
+      if [ -z "$wheel" ]; then
+        for wheel in /opt/wheels/torch-2.13.0+cpu-cp311-*.whl; do break; done
+      fi
       if [ ! -f "$wheel" ]; then
         log "the CPU torch wheel is missing: set SUPIR_TORCH_CPU_WHEEL to torch-2.13.0+cpu-cp311-*-manylinux_2_28_x86_64.whl"
         exit 1

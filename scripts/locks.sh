@@ -6,8 +6,8 @@
 # Run it after changing pyproject.toml's dependencies or an .in file; commit the .lock files it writes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= PIP_EXTRA_INDEX_URL= PIP_INDEX_URL=https://pypi.org/simple
-export UV_INDEX_URL=https://pypi.org/simple UV_EXTRA_INDEX_URL= UV_FIND_LINKS= UV_NO_CONFIG=1
+export PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS='' PIP_EXTRA_INDEX_URL='' PIP_INDEX_URL=https://pypi.org/simple
+export UV_INDEX_URL=https://pypi.org/simple UV_EXTRA_INDEX_URL='' UV_FIND_LINKS='' UV_NO_CONFIG=1
 wheel=${SUPIR_TORCH_CPU_WHEEL:-/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl}
 tools=.cache/lock-tools
 if [ ! -x "$tools/bin/uv" ]; then
