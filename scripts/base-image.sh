@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Print the name of the base image both Dockerfiles build FROM (docker/*.Dockerfile, build argument BASE_IMAGE).
 # In order: $BASE_IMAGE when set (pulled if absent); else the public python image pinned in the Dockerfiles when it
-# is present or can be pulled; else a Debian bookworm image made here with mmdebstrap from Debian packages alone
-# (python3, python3-venv, ca-certificates), for machines that reach no container registry. That image is made once
-# and kept: making it again would give it a new id and throw away every cached layer built on it.
+# is here; else the Debian base made earlier on this machine (below), so the layers cached on it stay valid; else
+# the public image if it can be pulled; else a Debian bookworm image made here with mmdebstrap from Debian packages
+# alone (python3, python3-venv, ca-certificates), for machines that reach no container registry. That image is made
+# once and kept: making it again would give it a new id and throw away every cached layer built on it.
+# SUPIR_BASE=public or SUPIR_BASE=debian forces one of the two.
 # Logs go to stderr; stdout is the image name and nothing else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +26,7 @@ if [ -n "${BASE_IMAGE:-}" ]; then
 fi
 if [ "${SUPIR_BASE:-auto}" != "debian" ]; then
   if have "$public"; then echo "$public"; exit 0; fi
+  if [ "${SUPIR_BASE:-auto}" = "auto" ] && have "$local_base"; then echo "$local_base"; exit 0; fi
   if [ "${SUPIR_BASE:-auto}" = "public" ] || timeout 120 docker pull "$public" >/dev/null 2>&1; then
     have "$public" || docker pull "$public" >&2
     echo "$public"
