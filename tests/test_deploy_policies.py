@@ -63,7 +63,9 @@ def pods(docs: list[dict]) -> dict[str, dict]:
 
 def test_images_are_pinned_in_one_place(docs: list[dict]) -> None:
     images = [c["image"] for spec in pods(docs).values() for c in spec["containers"]]
-    assert images and all(re.fullmatch(r"supir-serve-(api|worker):\d+\.\d+\.\d+", i) for i in images), images
+    # a release tag, or the digest the publishing workflow pins (.github/workflows/images.yml)
+    pinned = r"supir-serve-(api|worker)(:\d+\.\d+\.\d+|@sha256:[0-9a-f]{64})|[\w.:/-]+/supir-serve-(api|worker)@sha256:[0-9a-f]{64}"
+    assert images and all(re.fullmatch(pinned, i) for i in images), images
     compose = (REPO / "docker-compose.yml").read_text()
     assert ":latest" not in compose and ":latest" not in "".join(images)
 
@@ -136,15 +138,23 @@ def test_processes_start_the_same_way_in_compose_and_kubernetes(docs: list[dict]
 
 
 def test_the_worker_image_runs_the_tested_python_and_torch() -> None:
-    dockerfile = (REPO / "docker/worker.Dockerfile").read_text()
-    base = re.search(r"^FROM python:(\d+\.\d+)", dockerfile, re.MULTILINE)
-    torch = re.search(r"^ARG TORCH_VERSION=(\S+)", dockerfile, re.MULTILINE)
-    assert base and base.group(1) == f"{sys.version_info.major}.{sys.version_info.minor}"
+    """One base for both images, the tests' Python, pinned by digest; torch at the tested version in both locks."""
     pinned = re.search(r"^torch==(\S+)", (REPO / "constraints/cpu.txt").read_text(), re.MULTILINE)
-    assert torch and pinned and torch.group(1) == pinned.group(1)
-    assert "-c constraints/cpu.txt" in dockerfile  # the other packages at the tested versions too
-    api = (REPO / "docker/api.Dockerfile").read_text()
-    assert re.search(r"^FROM python:(\d+\.\d+)", api, re.MULTILINE).group(1) == base.group(1)  # type: ignore[union-attr]
+    assert pinned
+    bases = set()
+    for name in ("api", "worker"):
+        dockerfile = (REPO / f"docker/{name}.Dockerfile").read_text()
+        pattern = r"^ARG BASE_IMAGE=python:(\d+\.\d+)-slim-bookworm@sha256:[0-9a-f]{64}$"
+        base = re.search(pattern, dockerfile, re.MULTILINE)
+        assert base and base.group(1) == f"{sys.version_info.major}.{sys.version_info.minor}", name
+        assert re.search(r"^FROM \$\{BASE_IMAGE\}", dockerfile, re.MULTILINE) and "--require-hashes" in dockerfile
+        bases.add(base.group(0))
+    assert len(bases) == 1
+    torch = re.search(r"^ARG TORCH_VERSION=(\S+)", (REPO / "docker/worker.Dockerfile").read_text(), re.MULTILINE)
+    assert torch and torch.group(1) == pinned.group(1)
+    for flavour, local in (("cpu", "+cpu"), ("cuda", "")):
+        lock = (REPO / f"constraints/worker-{flavour}.lock").read_text()
+        assert re.search(rf"^torch=={re.escape(pinned.group(1) + local)} \\$", lock, re.MULTILINE), flavour
 
 
 # --- SUPIR variants: one worker pool per variant -----------------------------------------------------------
