@@ -32,7 +32,8 @@ class ApiKey(BaseModel):
 class Settings(BaseSettings):
     """Everything the service reads from its environment. Field `x` is read from SUPIR_X."""
 
-    model_config = SettingsConfigDict(env_prefix="SUPIR_", extra="ignore")
+    # an empty variable (`SUPIR_VARIANTS=` from a compose file or a ConfigMap) means unset, not an unparsable value
+    model_config = SettingsConfigDict(env_prefix="SUPIR_", extra="ignore", env_ignore_empty=True)
 
     environment: Literal["dev", "production"] = "dev"
     # Redis: job records, progress, rate limits (the store) and Celery's broker; everything we write is under

@@ -25,6 +25,15 @@ def test_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert str(settings.model_config_file) == "/models/tiny.json"
 
 
+def test_an_empty_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`SUPIR_VARIANTS=` (compose's `${SUPIR_VARIANTS:-}`, an empty ConfigMap value) is the default, not a crash."""
+    for name in ("SUPIR_VARIANTS", "SUPIR_API_KEYS", "SUPIR_JOB_TIME_LIMIT_S", "SUPIR_MODEL_CONFIG"):
+        monkeypatch.setenv(name, "")
+    settings, default = Settings(), Settings.model_construct()
+    assert settings.variants == {} and settings.api_keys == []
+    assert settings.job_time_limit_s == default.job_time_limit_s and settings.model_config_file is None
+
+
 def test_production_refuses_placeholder_secrets_and_dev_mode() -> None:
     with pytest.raises(ValidationError, match="SUPIR_SIGNING_SECRET"):
         Settings(environment="production")
