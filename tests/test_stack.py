@@ -182,6 +182,18 @@ def test_a_job_succeeds_and_its_signed_result_link_downloads_from_the_host(stack
         assert img.format == "PNG" and img.size == (64, 64)
 
 
+def test_the_stack_says_it_serves_the_tiny_model_with_cpu_sized_defaults(stack: httpx.Client) -> None:
+    """What a person trying the stack sees first: the test-model notice, and defaults that finish in seconds."""
+    status = stack.get("/status").json()
+    assert status["test_model"] is True and "test model" in status["notice"], status
+    assert status["default_params"] == {"min_size": 256, "steps": 8}
+    job = stack.post(
+        "/v1/jobs", files={"image": ("photo.png", png(), "image/png")}, data={"params": json.dumps({"seed": 3})}
+    ).json()
+    assert (job["params"]["min_size"], job["params"]["steps"]) == (256, 8), job
+    assert finished(stack, job["id"])["status"] == "succeeded"
+
+
 def test_the_api_metrics_work_on_a_read_only_root(stack: httpx.Client) -> None:
     metrics = httpx.get(f"{API}/metrics", timeout=60)
     assert metrics.status_code == 200
