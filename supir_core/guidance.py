@@ -105,23 +105,19 @@ def sample(
     cond / uncond: both sides of CFG (control = the LQ latent, full-size); x_center: the restoration guidance anchor;
     step_noise: each step's noise (EDM: churn, DPM++: SDE noise), the global RNG when None; tiled: the EDM sampler
     on overlapping tiles (DPM++ never tiles), tile_conds: a tile's own positive side, by window."""
-    sigma_max = denoiser.sigma_max
     sigmas = sampler_sigmas(settings, denoiser.train_sigmas)
-    ramp: dict[str, Any] = {
+    run: dict[str, Any] = {  # what every sampler takes, under the same names
+        "sigma_max": denoiser.sigma_max,
+        "s_noise": settings.s_noise,
         "control_scale": settings.control_scale,
         "control_scale_start": settings.control_scale_start,
         "linear_control_scale": settings.linear_control_scale,
         "restoration_scale": settings.restoration_scale,
         "restoration_min_sigma": settings.restoration_min_sigma,
-    }
-    run: dict[str, Any] = {
-        "sigma_max": sigma_max,
-        "s_noise": settings.s_noise,
         "x_center": x_center,
         "step_noise": step_noise,
         "callback": callback,
         "should_stop": should_stop,
-        **ramp,
     }
     if settings.sampler == "dpmpp_2m":
         if tiled:
