@@ -237,6 +237,27 @@ def test_a_worker_killed_mid_job_is_restarted_and_the_job_succeeds_once(stack: h
     )
 
 
+def test_docker_kill_of_the_worker_loses_nothing_and_the_job_succeeds_once_it_is_back(stack: httpx.Client) -> None:
+    """`docker kill` is an operator's stop (Docker restarts nothing after it): the job waits, is never lost, and ends
+    `succeeded` once when the operator brings the worker back with `make stack` (compose up)."""
+    job = submit(stack, SLOW)
+
+    def sampling() -> bool:
+        now = stack.get(f"/v1/jobs/{job['id']}").json()
+        return now["status"] == "running" and (now.get("progress") or {}).get("step", 0) >= 2
+
+    wait_until(sampling, 600, "the job to sample", every=0.25)
+    run(["docker", "kill", containers()["worker-cpu"]])
+    time.sleep(5)
+    assert inspect("worker-cpu")["State"]["Status"] == "exited"  # stopped, as an operator's stop leaves it
+    assert stack.get(f"/v1/jobs/{job['id']}").json()["status"] in {"running", "queued"}  # waiting, not failed
+    run(["make", "--no-print-directory", "stack"], timeout=BUILD_S)  # the operator starts it again
+    final = finished(stack, job["id"])
+    assert final["status"] == "succeeded" and final["attempts"] == 2, final  # requeued once, ran to the end once
+    time.sleep(2)
+    assert stack.get(f"/v1/jobs/{job['id']}").json()["finished_at"] == final["finished_at"]
+
+
 def context_copy(tmp_path: Path) -> Path:
     """The build context the Dockerfiles read, in a scratch folder."""
     ctx = tmp_path / "ctx"
