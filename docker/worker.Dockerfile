@@ -1,7 +1,7 @@
 # The worker image: Celery + supir_core + torch. TORCH_FLAVOUR picks the lock: `cuda` (default, for GPU boxes:
 # PyPI's Linux torch, whose wheels carry the CUDA runtime; the host's driver comes in through the NVIDIA container
 # toolkit) or `cpu` (the CPU build of the same torch, for `make stack` and laptops). Python and torch are the
-# versions the tests run (tests/test_deploy_policies.py keeps them equal to constraints/cpu.txt and the test
+# versions the tests run (tests/deploy/test_deploy_policies.py keeps them equal to constraints/cpu.txt and the test
 # interpreter); every other package is pinned with its hashes in constraints/worker-<flavour>.lock (scripts/locks.sh).
 # Weights are not inside: mount them read-only at /models and point SUPIR_SDXL_CHECKPOINT / SUPIR_CHECKPOINT there.
 # Runs as uid 10001 and with a read-only root file system; it writes only under /tmp (a tmpfs or emptyDir).

@@ -7,15 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import free_port, running
+from tests.paths import FIXTURE_A
+from tests.servers import WEBHOOK_SECRET, free_port, running
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-REPO = Path(__file__).resolve().parents[1]
-CONFORMANCE = REPO / "tests" / "data" / "conformance"
-FIXTURE_A = CONFORMANCE / "A"
-MANIFEST = CONFORMANCE / "manifest_full.json"
 
 
 @pytest.fixture(scope="session")
@@ -33,9 +29,6 @@ def tiny_model(fixture_a: Path):
     from supir_core.conformance import Fixture
 
     return Fixture.open(fixture_a).load_model()
-
-
-WEBHOOK_SECRET = "whsec-test-secret"
 
 
 @pytest.fixture(scope="session")

@@ -21,8 +21,9 @@ import httpx
 import yaml
 
 from api.auth import hash_key
+from tests.paths import DATA, REPO
 
-REPO = Path(__file__).resolve().parents[1]
+WEBHOOK_SECRET = "whsec-test-secret"
 BIN = Path(sys.executable).parent
 
 
@@ -222,3 +223,17 @@ def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeo
         return job if job["status"] in statuses else None
 
     return wait_until(check, timeout, 0.25, f"job {job_id} to reach {statuses}")
+
+
+# a job of seconds on the tiny model, and one long enough to act on while it samples
+FAST = {"min_size": 64, "steps": 3, "seed": 1}
+SLOW = {"min_size": 256, "steps": 200, "seed": 1}  # long enough to act on while it samples
+
+
+def photo(name: str = "chelsea_degraded.jpg") -> tuple[str, bytes, str]:
+    data = (DATA / name).read_bytes()
+    return name, data, "image/jpeg" if name.endswith(".jpg") else "image/png"
+
+
+def submit(client: httpx.Client, params: dict, name: str = "chelsea_degraded.jpg", **fields: str) -> httpx.Response:
+    return client.post("/v1/jobs", files={"image": photo(name)}, data={"params": json.dumps(params), **fields})

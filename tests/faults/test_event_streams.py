@@ -11,8 +11,7 @@ from typing import Any
 import httpx
 
 from api.events import MAX_STREAMS_PER_KEY
-from tests.servers import Service, wait_for_status
-from tests.test_service import submit
+from tests.servers import Service, submit, wait_for_status
 
 SLOW = {"min_size": 256, "steps": 200, "seed": 1}  # minutes on CPU: canceled at the end of each test
 

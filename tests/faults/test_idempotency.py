@@ -15,8 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import Service, running, wait_for_status, wait_until
-from tests.test_service import FAST, SLOW, photo
+from tests.servers import FAST, SLOW, Service, photo, running, wait_for_status, wait_until
 
 KEYS = {"idem": {"max_active_jobs": 100}}
 

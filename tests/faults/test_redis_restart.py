@@ -13,8 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import Service, free_port, wait_until
-from tests.test_service import submit
+from tests.servers import Service, free_port, submit, wait_until
 
 RUNNING = {"min_size": 128, "steps": 40, "seed": 2}
 QUEUED = {"min_size": 64, "steps": 2, "seed": 3}

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.paths import DATA
 from tests.servers import free_port, running, wait_for_status, wait_until
 
 PASSWORD = "s3ntinel-test-password"
 FAST = {"min_size": 64, "steps": 3, "seed": 1}
-DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 class RedisGroup:

@@ -30,9 +30,9 @@ from PIL import Image
 from jobs.settings import Settings
 from jobs.storage import LocalStore, S3Store
 from supir_core.errors import StorageError
+from tests.paths import DATA
 from tests.servers import BIN, Service, free_port, running, wait_for_status, wait_until
 
-DATA = Path(__file__).resolve().parents[1] / "data"
 PHOTO = (DATA / "chelsea_degraded.jpg").read_bytes()
 BUCKET = "supir-faults"
 # long enough to stop S3 while it samples: ≥ 0.4 s a step on the 2-core VM, minutes when it is loaded

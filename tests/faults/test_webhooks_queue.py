@@ -17,9 +17,9 @@ from typing import ClassVar
 import httpx
 import pytest
 
+from tests.paths import DATA
 from tests.servers import REPO, Service, free_port, running, wait_for_status, wait_until
 
-DATA = Path(__file__).parents[1] / "data"
 SLOW = {"min_size": 128, "steps": 40, "seed": 1}
 SECRET = "whsec-queue-test"
 BOUND_S = 2.0  # from the job's finished_at to the POST's arrival

@@ -20,8 +20,7 @@ import httpx
 import pytest
 import redis
 
-from tests.servers import REPO, Service, free_port, wait_for_status, wait_until
-from tests.test_service import FAST, submit
+from tests.servers import FAST, REPO, Service, free_port, submit, wait_for_status, wait_until
 
 SLOW = {"min_size": 128, "steps": 40, "seed": 1}  # a few seconds of sampling: time to act while it runs
 LOST_AFTER_S = 6

@@ -1,0 +1,25 @@
+"""The manifests as `kubectl kustomize` renders them."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from tests.paths import REPO
+
+COMPONENTS = {"base": [], "v0f": ["components/v0f"]}  # what `kubectl apply -k` renders, and with v0F enabled
+
+
+def rendered(components: list[str] | None = None, tmp: Path | None = None) -> list[dict]:
+    """`kubectl kustomize deploy/k8s`; with components, of a copy whose kustomization lists them (the documented
+    way to enable one: a component listed there gets the namespace, labels and images too)."""
+    root = REPO / "deploy/k8s"
+    if components:
+        assert tmp is not None
+        root = Path(shutil.copytree(root, tmp / "k8s"))
+        kustomization = yaml.safe_load((root / "kustomization.yaml").read_text())
+        kustomization["components"] = components
+        (root / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    out = subprocess.run(["kubectl", "kustomize", str(root)], capture_output=True, text=True, check=True)
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]

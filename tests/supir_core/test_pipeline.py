@@ -1,0 +1,341 @@
+"""RestorationPipeline end to end on the tiny fixture model: sizes, kinds, seeds, cancel, tiling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from supir_core.colorfix import adain_color_fix, wavelet_color_fix
+from supir_core.denoiser import Conditioning
+from supir_core.errors import Canceled
+from supir_core.guidance import linear_cfg, tiled_cfg
+from supir_core.params import validate_params
+from supir_core.pipeline import PipelineNoise, Progress, RestorationPipeline
+from supir_core.sampling import noise_from, restore_edm, restore_edm_tiled
+from supir_core.schedules import dpmpp_sigmas, sampling_sigmas
+from tests.paths import DATA
+from tests.supir_core.official import official_dpmpp
+
+FAST = {"min_size": 64, "steps": 3, "seed": 11}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_model) -> RestorationPipeline:
+    return RestorationPipeline(tiny_model)
+
+
+def pixels(img: Image.Image) -> np.ndarray:
+    return np.asarray(img, dtype=np.float64)
+
+
+def test_output_is_upscale_times_input(pipeline: RestorationPipeline) -> None:
+    result = pipeline(DATA / "chelsea_degraded.jpg", validate_params({**FAST, "upscale": 2}))
+    assert result.image.size == (300, 226) and result.image.mode == "RGB"
+    assert result.metadata["process_size"] == [320, 256]
+    assert result.stage1.size == (320, 256)
+    assert set(result.metadata["seconds"]) == {"stage1", "conditioning", "encode", "sampling", "decoding"}
+
+
+def test_rgba_and_grayscale_keep_their_kind(pipeline: RestorationPipeline) -> None:
+    rgba = pipeline(DATA / "coffee_rgba.png", validate_params(FAST)).image
+    assert rgba.mode == "RGBA" and rgba.size == (120, 80)
+    assert rgba.getchannel("A").getpixel((0, 0)) == 0
+    gray = pipeline(DATA / "astronaut_gray.png", validate_params(FAST)).image
+    assert gray.mode == "L" and gray.size == (96, 96)
+
+
+def test_same_seed_same_image_other_seed_other_image(pipeline: RestorationPipeline) -> None:
+    a = pipeline(DATA / "chelsea_degraded.jpg", validate_params(FAST)).image
+    b = pipeline(DATA / "chelsea_degraded.jpg", validate_params(FAST)).image
+    c = pipeline(DATA / "chelsea_degraded.jpg", validate_params({**FAST, "seed": 12})).image
+    assert a.tobytes() == b.tobytes()
+    assert a.tobytes() != c.tobytes()
+
+
+def test_a_random_seed_is_reported(pipeline: RestorationPipeline) -> None:
+    result = pipeline(DATA / "chelsea_degraded.jpg", validate_params({**FAST, "seed": None}))
+    seed = result.metadata["seed"]
+    again = pipeline(DATA / "chelsea_degraded.jpg", validate_params({**FAST, "seed": seed}))
+    assert result.image.tobytes() == again.image.tobytes()
+
+
+def test_cancel_stops_within_one_step(pipeline: RestorationPipeline) -> None:
+    seen: list[Progress] = []
+    with pytest.raises(Canceled):
+        pipeline(
+            DATA / "chelsea_degraded.jpg",
+            validate_params({**FAST, "steps": 10}),
+            on_progress=seen.append,
+            should_stop=lambda: any(p.stage == "sampling" and p.step >= 2 for p in seen),
+        )
+    assert [p.step for p in seen if p.stage == "sampling"] == [1, 2]
+    assert not any(p.stage == "decoding" for p in seen)
+
+
+def test_user_prompt_goes_before_the_quality_prompt(pipeline: RestorationPipeline) -> None:
+    result = pipeline(DATA / "chelsea_degraded.jpg", validate_params({**FAST, "prompt": "A tabby cat."}))
+    assert result.metadata["positive_prompt"].startswith("A tabby cat. Cinematic")
+    official = pipeline(
+        DATA / "chelsea_degraded.jpg", validate_params({**FAST, "prompt": "A tabby cat.", "prompt_style": "official"})
+    )
+    assert official.metadata["positive_prompt"].startswith("A tabby cat.Cinematic")
+
+
+def test_a_captioner_is_used_when_no_prompt_is_given(tiny_model) -> None:
+    captured: list[tuple[int, int]] = []
+
+    def captioner(image: Image.Image, question: str | None = None) -> str:
+        captured.append(image.size)
+        return "A cat on a sofa. "
+
+    result = RestorationPipeline(tiny_model, captioner=captioner)(DATA / "chelsea_degraded.jpg", validate_params(FAST))
+    assert captured == [(680, 512)]  # as the official code captions: the 150×113 input at a 512-px short side
+    assert result.metadata["caption"] == "A cat on a sofa. "
+    assert result.metadata["positive_prompt"].startswith("A cat on a sofa. Cinematic")
+    none = RestorationPipeline(tiny_model, captioner=captioner)(
+        DATA / "chelsea_degraded.jpg", validate_params({**FAST, "caption": "none", "prompt": "A cat."})
+    )
+    assert (
+        len(captured) == 1 and none.metadata["caption"] == "" and none.metadata["positive_prompt"].startswith("A cat. ")
+    )
+    full = RestorationPipeline(tiny_model, captioner=captioner)(
+        DATA / "chelsea_degraded.jpg", validate_params({**FAST, "caption_input": "full"})
+    )
+    assert captured[-1] == tuple(full.metadata["process_size"])
+
+
+def test_the_caption_image_is_the_stage1_image_at_a_512_px_short_side(pipeline: RestorationPipeline) -> None:
+    """Official: the input resized (to 704×512, sides rounded to 64) through the robust encoder and the decoder."""
+    from supir_core.imageio import load_image, to_model_input, to_pil
+
+    loaded = load_image(DATA / "chelsea_degraded.jpg")
+    image = pipeline.caption_image(loaded, torch.zeros(1, 3, 64, 64), validate_params({}))
+    vae = pipeline.model.vae
+    with torch.inference_mode():
+        want = to_pil(vae.decode(vae.encode_lq(to_model_input(loaded.rgb, (704, 512)))), (680, 512))
+    assert image.size == (680, 512) and image.tobytes() == want.tobytes()
+
+
+def test_large_images_sample_in_tiles_and_batching_tiles_changes_nothing(pipeline: RestorationPipeline) -> None:
+    params = {**FAST, "min_size": 512, "tile_size": 32, "tile_stride": 16, "steps": 2, "tiling": "always"}
+    one = pipeline(DATA / "chelsea_degraded.jpg", validate_params(params))
+    four = pipeline(DATA / "chelsea_degraded.jpg", validate_params({**params, "tiles_per_batch": 4}))
+    assert one.metadata["tiled_sampling"] and one.image.size == (150, 113)
+    assert np.abs(pixels(one.image) - pixels(four.image)).max() <= 1
+
+
+def test_per_tile_prompts_reach_their_tiles(pipeline: RestorationPipeline) -> None:
+    params = validate_params(
+        {**FAST, "min_size": 512, "tile_size": 32, "tile_stride": 16, "steps": 2, "tiling": "always"}
+    )
+    windows = pipeline.windows((150, 113), params)
+    assert len(windows) > 1
+    plain = pipeline(DATA / "chelsea_degraded.jpg", params)
+    captioned = pipeline(
+        DATA / "chelsea_degraded.jpg", params, tile_captions={w: f"tile {i}. " for i, w in enumerate(windows)}
+    )
+    assert plain.image.tobytes() != captioned.image.tobytes()
+
+
+def test_the_tiled_vae_gives_the_untiled_image(pipeline: RestorationPipeline) -> None:
+    """VAE chunks share GroupNorm statistics, halos and attention over the whole image, so a tiled run's image is
+    the untiled one to within a grey level (per-tile statistics were tens of levels off on this model)."""
+    params = {**FAST, "min_size": 384, "steps": 2, "tile_size": 64}
+    whole = pipeline(DATA / "chelsea_degraded.jpg", validate_params({**params, "tiling": "never"}))
+    tiled = pipeline(
+        DATA / "chelsea_degraded.jpg", validate_params({**params, "tiling": "always", "vae_tile_size": 256})
+    )
+    assert tiled.metadata["tiled_vae"] and not whole.metadata["tiled_vae"]
+    assert not tiled.metadata["tiled_sampling"]  # the 64×48 latent fits in one 64² sampler tile
+    assert np.abs(pixels(whole.image) - pixels(tiled.image)).max() <= 1
+
+
+def _recipe_inputs(model, steps: int, noise_steps: int):
+    """A non-square LQ image, stand-in conditioning and every random draw of a run, fixed."""
+    gen = torch.Generator().manual_seed(5)
+    spec = model.spec.unet
+    lq = torch.rand(1, 3, 64, 96, generator=gen) * 2 - 1
+    c = (torch.randn(1, 77, spec.context_dim, generator=gen), torch.randn(1, spec.adm_in_channels, generator=gen))
+    uc = (torch.randn(1, 77, spec.context_dim, generator=gen), torch.randn(1, spec.adm_in_channels, generator=gen))
+    latent = (1, 4, 8, 12)
+    draws = [torch.randn(latent, generator=gen) for _ in range(2)] + [torch.randn(noise_steps, *latent, generator=gen)]
+    return lq, c, uc, draws
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"sampler": "dpmpp_2m", "steps": 4}, {"sampler": "dpmpp_2m", "steps": 4, "s_noise": 1.003},
+     {"restoration_scale": 4.0}, {"linear_control_scale": True, "control_scale_start": 0.2},
+     {"linear_cfg": False}, {"color_fix": "adain"}, {"color_fix": "none"}, {"s_churn": 0.0}],
+)  # fmt: skip
+def test_every_sampler_option_reaches_the_sampler(pipeline: RestorationPipeline, extra: dict) -> None:
+    """The recipe's latent equals the sampler loop run by hand with the options under their own names (DPM++: the
+    official loop as transcribed in test_sampling), and its image the colour fix the option names, of the decoded
+    latent and the stage-1 image."""
+    params = validate_params({"steps": 3, "cfg_scale": 5.0, "cfg_scale_start": 2.0, "control_scale": 0.9, **extra})
+    dpmpp = params.sampler == "dpmpp_2m"
+    lq, c, uc, (posterior, initial, step_noise) = _recipe_inputs(
+        pipeline.model, params.steps, params.steps - 2 if dpmpp else params.steps
+    )
+    with torch.inference_mode():
+        stages = pipeline.restore_tensor(
+            lq,
+            params,
+            noise=PipelineNoise.recorded(posterior, initial, step_noise),
+            encode_prompts=lambda x, t: (c, uc),
+        )
+        cond, uncond = Conditioning(*c, stages.lq_latent), Conditioning(*uc, stages.lq_latent)
+        w0 = params.cfg_scale_start if params.linear_cfg else params.cfg_scale
+        guided = linear_cfg(pipeline.denoiser, cond, uncond, cfg_scale_start=w0, cfg_scale=params.cfg_scale)
+        sigma_max = pipeline.denoiser.sigma_max
+        if dpmpp:
+            sigmas = dpmpp_sigmas(params.steps).double()
+            fixed_alpha = lambda x, sigma, alpha: guided(x.float(), sigma.float(), params.control_scale).double()  # noqa: E731
+            want = official_dpmpp(fixed_alpha, initial.double(), sigmas, sigma_max, step_noise.double(), params.s_noise)
+            want = want[-1].float()
+        else:
+            want = restore_edm(
+                guided,
+                initial,
+                sampling_sigmas(params.steps),
+                sigma_max=sigma_max,
+                s_churn=params.s_churn,
+                s_noise=params.s_noise,
+                restoration_scale=params.restoration_scale,
+                control_scale=params.control_scale,
+                control_scale_start=params.control_scale_start,
+                linear_control_scale=params.linear_control_scale,
+                x_center=stages.x_center,
+                step_noise=noise_from(step_noise),
+            )
+    torch.testing.assert_close(stages.sampled_latent, want, rtol=1e-4, atol=1e-4)
+    fixes = {
+        "wavelet": wavelet_color_fix(stages.decoded, stages.x_stage1),
+        "adain": adain_color_fix(stages.decoded, stages.x_stage1),
+        "none": stages.decoded,
+    }
+    torch.testing.assert_close(stages.restored, fixes[params.color_fix], rtol=0, atol=0)
+    assert not stages.tiling.sampling and not stages.tiling.vae
+
+
+def test_an_ordinary_photo_runs_untiled_as_the_official_code_does(pipeline: RestorationPipeline) -> None:
+    """800×600 is processed at 1344×1024 (latent 168×128, over one 128² tile): untiled on this CPU, with the same
+    latent as the untiled recipe; tiling=always still tiles it, as the tiled recipe run by hand does. (One step
+    instead of 50, for the test's time.)"""
+    with Image.open(DATA / "chelsea_degraded.jpg") as img:
+        photo = img.convert("RGB").resize((800, 600), Image.Resampling.BICUBIC)
+    result = pipeline(photo, validate_params({"steps": 1, "seed": 3}))
+    meta = result.metadata
+    assert meta["process_size"] == [1344, 1024] and result.image.size == (800, 600)
+    assert (meta["tiled_sampling"], meta["tiled_vae"]) == (False, False)
+    assert (
+        meta["tiling"]["policy"] == "auto" and (meta["tiling"]["sampling"], meta["tiling"]["vae"]) == ("untiled",) * 2
+    )
+    assert "fits in" in meta["tiling"]["reason"] and meta["tiling"]["planned_gb"]["sampling"] > 0
+    assert meta["tile_captions"] == []
+
+    from supir_core.imageio import to_model_input
+
+    lq = to_model_input(photo, (1344, 1024))
+    _, c, uc, _ = _recipe_inputs(pipeline.model, 1, 1)
+    draws = torch.Generator().manual_seed(9)
+    noise = [torch.randn(1, 4, 128, 168, generator=draws) for _ in range(2)] + [torch.randn(1, 1, 4, 128, 168)]
+
+    def run(tiling: str, steps: int = 1):
+        params = validate_params({"steps": steps, "tiling": tiling})
+        with torch.inference_mode():
+            return pipeline.restore_tensor(
+                lq, params, noise=PipelineNoise.recorded(*noise), encode_prompts=lambda x, t: (c, uc)
+            )
+
+    auto, never = run("auto"), run("never")
+    assert not auto.tiling.sampling and not auto.tiling.vae
+    assert torch.equal(auto.sampled_latent, never.sampled_latent) and torch.equal(auto.restored, never.restored)
+    forced = run("always")
+    assert forced.tiling.sampling and forced.tiling.vae and forced.tiling.reason == "tiling=always"
+    # the tiled recipe by hand from the forced run's stage 1 and anchor: the sampler on 128² tiles at stride 64 (the
+    # defaults; windows at columns 0 and 40) with the default options under their own names, then the wavelet fix
+    cond, uncond = Conditioning(*c, forced.lq_latent), Conditioning(*uc, forced.lq_latent)
+    with torch.inference_mode():
+        by_hand = restore_edm_tiled(
+            tiled_cfg(pipeline.denoiser, cond, uncond, cfg_scale_start=1.0, cfg_scale=4.0),
+            noise[1],
+            sampling_sigmas(1),
+            tile=128,
+            stride=64,
+            tiles_per_batch=0,
+            sigma_max=pipeline.denoiser.sigma_max,
+            s_churn=5.0,
+            s_noise=1.01,
+            x_center=forced.x_center,
+            step_noise=noise_from(noise[2]),
+        )
+    assert torch.equal(forced.sampled_latent, by_hand)
+    assert not torch.allclose(forced.sampled_latent, never.sampled_latent, atol=1e-2)  # the tiles did matter
+    assert torch.equal(forced.restored, wavelet_color_fix(forced.decoded, forced.x_stage1))
+
+
+def test_a_small_memory_budget_tiles_and_says_why(tiny_model) -> None:
+    from supir_core.speed import SpeedSettings
+
+    lean = RestorationPipeline(tiny_model, speed=SpeedSettings(memory_budget_gb=0.01))
+    params = validate_params({**FAST, "min_size": 512, "tile_size": 32, "tile_stride": 16, "steps": 1})
+    meta = lean(DATA / "chelsea_degraded.jpg", params).metadata
+    assert meta["tiled_sampling"] and meta["tiling"]["sampling"] == "tiled"
+    assert (
+        meta["tiling"]["budget_gb"] == 0.01
+        and "exceeds 0.01 GB (the memory_budget_gb setting)" in meta["tiling"]["reason"]
+    )
+    assert not meta["tiled_vae"]  # 512-px images are within one VAE tile
+    roomy = RestorationPipeline(tiny_model, speed=SpeedSettings(memory_budget_gb=100.0))
+    assert not roomy(DATA / "chelsea_degraded.jpg", params).metadata["tiled_sampling"]
+
+
+def test_prompt_embeddings_are_cached_and_change_nothing(tiny_model) -> None:
+    from supir_core.speed import SpeedSettings
+
+    cached = RestorationPipeline(tiny_model, speed=SpeedSettings(prompt_cache=2, offload_text=True))
+    uncached = RestorationPipeline(tiny_model, speed=SpeedSettings(prompt_cache=0))
+    params = validate_params({**FAST, "prompt": "a cat"})
+    first = cached(DATA / "chelsea_degraded.jpg", params).image
+    assert cached.prompts.encoded == 2  # positive and negative
+    second = cached(DATA / "chelsea_degraded.jpg", params).image
+    assert cached.prompts.encoded == 2  # both from the cache
+    assert first.tobytes() == second.tobytes() == uncached(DATA / "chelsea_degraded.jpg", params).image.tobytes()
+    assert uncached.prompts.encoded == 2
+    cached(DATA / "chelsea_degraded.jpg", validate_params({**FAST, "prompt": "a dog"}))
+    assert cached.prompts.encoded == 3  # a new positive prompt; the negative one is still cached
+    cached(DATA / "chelsea_degraded.jpg", params)
+    assert cached.prompts.encoded == 4  # size 2: "a cat" was evicted by "a dog" and the negative prompt
+    assert {p.device.type for p in tiny_model.text.parameters()} == {"cpu"}
+
+
+def test_warm_up_restores_a_throwaway_image(tiny_model) -> None:
+    pipeline = RestorationPipeline(tiny_model)
+    assert pipeline.warm_up(64, steps=2) > 0
+    assert pipeline.prompts.encoded == 2  # the default prompts, now cached for the first job
+
+
+def test_a_preview_then_stage_two_is_exactly_one_run(pipeline: RestorationPipeline) -> None:
+    """The official demo's two steps: stage 1 (and its caption) first, then sampling with an edited prompt from the
+    kept stage 1, with no stage 1 run again; same seed and prompt → the very image a single run gives."""
+    params = validate_params({**FAST, "caption": "none", "prompt": "my grandmother in her garden"})
+    preview = pipeline.preview(DATA / "chelsea_degraded.jpg", params)
+    assert preview.stage1_image.size == tuple(preview.metadata["process_size"])
+    assert set(preview.metadata["seconds"]) == {"stage1"}
+    kept = type(preview.stage1).from_bytes(preview.stage1.to_bytes())  # as stored between the two jobs
+    resumed = pipeline(DATA / "chelsea_degraded.jpg", params, stage1=kept)
+    assert "stage1" not in resumed.metadata["seconds"]
+    single = pipeline(DATA / "chelsea_degraded.jpg", params)
+    assert np.array_equal(pixels(resumed.image), pixels(single.image))
+    assert np.array_equal(pixels(single.stage1), pixels(preview.stage1_image))
+
+
+def test_a_stage_one_of_another_size_is_refused(pipeline: RestorationPipeline) -> None:
+    from supir_core.errors import InvalidInput
+
+    preview = pipeline.preview(DATA / "chelsea_degraded.jpg", validate_params(FAST))
+    with pytest.raises(InvalidInput, match="same min_size and upscale"):
+        pipeline(DATA / "chelsea_degraded.jpg", validate_params({**FAST, "upscale": 2}), stage1=preview.stage1)
