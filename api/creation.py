@@ -23,9 +23,10 @@ from starlette.datastructures import UploadFile
 from jobs.cache import cacheable, record_key
 from jobs.record import JobRecord, JobResult, WebhookEvent, WebhookState, input_key, new_job_id, output_key
 from jobs.settings import Settings
+from jobs.storage import ObjectMissing
 from jobs.store import JobStore
 from jobs.usage import UsageBook
-from supir_core.errors import InvalidInput, ObjectMissing
+from supir_core.errors import InvalidInput
 from supir_core.params import MAX_SEED, PRESETS, RestoreParams, validate_params
 
 from . import metrics

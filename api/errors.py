@@ -11,7 +11,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from supir_core.errors import InvalidInput, StorageError, SupirError
+from jobs.storage import StorageError
+from supir_core.errors import InvalidInput, SupirError
 
 log = logging.getLogger("api.errors")
 

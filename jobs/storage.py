@@ -12,11 +12,24 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
-from supir_core.errors import ObjectMissing, StorageError
+from supir_core.errors import SupirError
 
 from .settings import Settings
 
-__all__ = ["LocalStore", "ObjectStore", "S3Store", "StorageError", "make_store"]
+__all__ = ["LocalStore", "ObjectMissing", "ObjectStore", "S3Store", "StorageError", "make_store"]
+
+
+class StorageError(SupirError):
+    """An object store failed (unreachable, refused, timed out): worth a retry."""
+
+    code = "storage_error"
+
+
+class ObjectMissing(StorageError):
+    """The object is not there (expired, deleted): no retry brings it back."""
+
+    code = "object_missing"
+
 
 # StorageError messages reach clients (job errors, /readyz): they name the operation and a short reason only.
 # Paths, endpoints, buckets and keys go to this log instead.

@@ -4,9 +4,9 @@
      ├── InvalidInput          the caller's image or parameters are wrong (never retried)
      ├── WeightsError          checkpoint files missing, unreadable or of the wrong kind
      ├── InferenceError        the model failed while running on valid input
-     ├── StorageError          an object store failed (unreachable, refused, timed out): worth a retry
-     │    └── ObjectMissing     the object is not there (expired, deleted): no retry brings it back
-     └── Canceled              the caller asked to stop; raised between sampler steps
+     ├── Canceled              the caller asked to stop; raised between sampler steps
+     └── StorageError          (jobs.storage: the service's object stores; the model never raises it)
+          └── ObjectMissing
 
 This module imports nothing heavy: the API process (which never imports torch) uses it too.
 """
@@ -37,14 +37,6 @@ class WeightsError(SupirError):
 
 class InferenceError(SupirError):
     code = "inference_error"
-
-
-class StorageError(SupirError):
-    code = "storage_error"
-
-
-class ObjectMissing(StorageError):
-    code = "object_missing"
 
 
 class Canceled(SupirError):

@@ -16,9 +16,9 @@ fp8             float8 (e4m3) Linear layers in the UNet, connectors and adaptor,
                 "weights": weight-only storage, half the memory of bf16 weights; matmuls stay in the model dtype.
                 "compute": the transformer blocks' weights and, per token, their activations in float8, multiplied
                 by torch._scaled_mm (Hopper/Ada fp8 tensor cores: about twice bf16's rate). Neither is exact: their
-                tolerance is looser than the conformance one (see tests/supir_core/test_speed.py). Written here rather than
-                taken from torchao: a few lines that run (and are tested) on the CPU too, with no import-time
-                side effects and no coupling of versions to the installed torch
+                tolerance is looser than the conformance one (see tests/supir_core/test_speed.py).
+                Written here rather than taken from torchao: a few lines that run (and are tested) on the CPU
+                too, with no import-time side effects and no coupling of versions to the installed torch
 offload_text    the CLIP text encoders wait in CPU memory and visit the device only to encode a prompt that
                 is not in the prompt cache (the pipeline's), freeing 1.6 GB of device memory at full size
 """

@@ -14,7 +14,8 @@ import redis
 
 from jobs.cache import cacheable, record_key
 from jobs.record import JobError, JobProgress, JobRecord, JobResult, Status, output_key, stage1_key
-from supir_core.errors import Canceled, InvalidInput, ObjectMissing, StorageError, WeightsError
+from jobs.storage import ObjectMissing, StorageError
+from supir_core.errors import Canceled, InvalidInput, WeightsError
 from supir_core.params import RestoreParams
 
 from . import metrics

@@ -14,8 +14,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from jobs.record import JobRecord, JobResult, thumbnail_key
-from jobs.storage import LocalStore
-from supir_core.errors import ObjectMissing
+from jobs.storage import LocalStore, ObjectMissing
 from supir_core.params import MAX_SAMPLES
 
 from .. import events

@@ -28,8 +28,7 @@ from botocore.config import Config
 from PIL import Image
 
 from jobs.settings import Settings
-from jobs.storage import LocalStore, S3Store
-from supir_core.errors import StorageError
+from jobs.storage import LocalStore, S3Store, StorageError
 from tests.paths import DATA
 from tests.servers import BIN, Service, free_port, running, wait_for_status, wait_until
 

@@ -20,9 +20,8 @@ from PIL import Image
 from jobs.reaper import reap
 from jobs.record import JobProgress, JobRecord, WebhookState
 from jobs.settings import Settings
-from jobs.storage import LocalStore
+from jobs.storage import LocalStore, StorageError
 from jobs.store import JobStore
-from supir_core.errors import StorageError
 from supir_core.pipeline import RestorationPipeline
 from tests.paths import DATA
 from worker import execute
