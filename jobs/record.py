@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from supir_core.formats import DEFAULT_FORMAT, OUTPUT_FORMATS
+
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
 ACTIVE: frozenset[str] = frozenset({"queued", "running"})
@@ -21,7 +23,7 @@ def input_key(job_id: str) -> str:
     return f"inputs/{job_id}"
 
 
-def output_key(job_id: str, index: int = 0, extension: str = "png") -> str:
+def output_key(job_id: str, index: int = 0, extension: str = OUTPUT_FORMATS[DEFAULT_FORMAT].extension) -> str:
     """Derived from the id (and the sample's index) alone, so a redelivered job overwrites its results instead
     of adding some. The first sample keeps the name a one-sample job has always had."""
     return f"results/{job_id}.{extension}" if index == 0 else f"results/{job_id}-{index}.{extension}"
@@ -53,7 +55,7 @@ class JobResult(BaseModel):
     width: int
     height: int
     bytes: int
-    content_type: str = "image/png"
+    content_type: str = OUTPUT_FORMATS[DEFAULT_FORMAT].media_type
     seed: int | None = None  # the sample's own seed (seed + its index)
 
 

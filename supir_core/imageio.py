@@ -21,14 +21,14 @@ import torch.nn.functional as F
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from .errors import InvalidInput
+from .formats import OUTPUT_FORMATS
 
 SIZE_MULTIPLE = 64  # processing sides are rounded to this (latent /8, UNet /4 more, and the adaptor likewise)
 MAX_INPUT_PIXELS = 64_000_000
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 ORIENTATION = 0x0112  # EXIF IFD0 tag
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
-FILE_MODES = {"png": ("RGB", "RGBA", "L", "LA"), "jpeg": ("RGB", "L"), "webp": ("RGB", "RGBA")}  # stored as is
+CONTENT_TYPES = {name: f.media_type for name, f in OUTPUT_FORMATS.items()}
+EXTENSIONS = {name: f.extension for name, f in OUTPUT_FORMATS.items()}
 MAX_JPEG_EXIF = 65533  # one APP1 marker's payload; Pillow refuses more
 
 
@@ -266,15 +266,15 @@ def encode_image(image: Image.Image, output_format: str, quality: int, metadata:
     profile whose colour space is not the file's pixels' (an RGB profile on a gray JPEG or PNG) is left out,
     as is EXIF too long for a JPEG marker. The same image and arguments always give the same bytes.
     """
-    if output_format not in CONTENT_TYPES:
-        message = f"output_format={output_format!r} is unknown: choose one of {', '.join(CONTENT_TYPES)}"
+    if output_format not in OUTPUT_FORMATS:
+        message = f"output_format={output_format!r} is unknown: choose one of {', '.join(OUTPUT_FORMATS)}"
         raise InvalidInput(message, code="invalid_parameter", field="output_format")
     if not 1 <= quality <= 100:
         message = f"output_quality={quality!r} is out of range: allowed 1 to 100"
         raise InvalidInput(message, code="invalid_parameter", field="output_quality")
     if output_format == "jpeg":
         image = _flattened(image)
-    elif image.mode not in FILE_MODES[output_format]:
+    elif image.mode not in OUTPUT_FORMATS[output_format].modes:
         image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
     if image.info:  # Pillow's savers fall back to info (icc_profile, transparency, comment): only what we pass
         image = image.copy()

@@ -11,6 +11,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import InvalidInput
+from .formats import DEFAULT_FORMAT, OutputFormat
 
 DEFAULT_QUESTION = "Describe this image and its style in a very detailed manner."
 
@@ -98,9 +99,7 @@ class RestoreParams(BaseModel):
     # post-processing (spec §4.3)
     color_fix: Literal["wavelet", "adain", "none"] = "wavelet"
     # the result file
-    output_format: Literal["png", "jpeg", "webp"] = Field(
-        "png", description="PNG is lossless; JPEG and WebP are smaller"
-    )
+    output_format: OutputFormat = Field(DEFAULT_FORMAT, description="PNG is lossless; JPEG and WebP are smaller")
     output_quality: int = Field(95, ge=1, le=100, description="JPEG and WebP quality (PNG ignores it)")
     keep_metadata: bool = Field(
         True,

@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from jobs.record import JobRecord, JobResult, thumbnail_key
 from jobs.storage import LocalStore, ObjectMissing
+from supir_core.formats import OUTPUT_FORMATS
 from supir_core.params import MAX_SAMPLES
 
 from .. import events
@@ -27,7 +28,7 @@ from ..services import RESULT_URL_TTL_S, results_of
 
 log = logging.getLogger("api.jobs")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-RESULT_MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp")
+RESULT_MEDIA_TYPES = tuple(f.media_type for f in OUTPUT_FORMATS.values())
 SAMPLE_INDEX = Query(0, ge=0, le=MAX_SAMPLES - 1, description="which sample (0: the first)")
 PREFER_WAIT = re.compile(r"(?:^|[,;])\s*wait\s*=\s*(\d{1,6})\s*(?=$|[,;])", re.IGNORECASE)
 

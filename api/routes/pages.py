@@ -9,13 +9,12 @@ from fastapi import APIRouter
 from fastapi.responses import RedirectResponse, Response
 
 from jobs.storage import LocalStore
+from supir_core.formats import media_type_of
 
 from ..deps import ServicesDep
 from ..errors import ApiError
 
 router = APIRouter(include_in_schema=False)
-# what the files behind signed links are, by the extension their key ends in (jobs.record's key helpers)
-MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}
 UI_PAGE = Path(__file__).parent.parent / "ui" / "index.html"
 
 
@@ -46,6 +45,5 @@ def signed_file(key: str, expires: int, signature: str, services: ServicesDep) -
     objects = services.objects
     if not isinstance(objects, LocalStore) or not objects.verify(key, expires, signature):
         raise ApiError("not_found", "no such file, or the link has expired")
-    extension = key.rsplit("/", 1)[-1].rpartition(".")[2].lower()
-    media_type = MEDIA_TYPES.get(extension, "application/octet-stream")
-    return Response(objects.get(key), media_type=media_type, headers={"X-Content-Type-Options": "nosniff"})
+    # by the extension its key ends in (jobs.record's key helpers); thumbnails are .jpg
+    return Response(objects.get(key), media_type=media_type_of(key), headers={"X-Content-Type-Options": "nosniff"})
