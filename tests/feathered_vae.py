@@ -1,4 +1,4 @@
-"""The counter-example to supir_core/vae_tiling.py: the VAE run on independent overlapping tiles, feather-blended.
+"""The counter-example to supir_core/models/vae_tiling.py: the VAE on independent overlapping tiles, feather-blended.
 
 This was the service's tiled VAE before the chunked executor. Every tile's GroupNorms see only that tile and the
 attention only its tokens, so the result is close to the untiled one but not equal to it.

@@ -9,7 +9,7 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import Encoder
 from torch import nn
 
-from ..vae_tiling import ChunkGrid, Conv, Op, alignment, decoder_ops, encoder_ops, run_tiled
+from .vae_tiling import ChunkGrid, Conv, Op, alignment, decoder_ops, encoder_ops, run_tiled
 
 SDXL_SCALE_FACTOR = 0.13025
 
@@ -54,7 +54,7 @@ class SupirVAE(nn.Module):
 
     tile (image pixels) bounds memory for large images: the networks run chunk by chunk on cores of at most
     tile × tile (decoding: tile / 8 latent pixels) and give the untiled result up to float rounding
-    (supir_core/vae_tiling.py). map_device: where the full-size maps between chunked layers live (None: the
+    (supir_core/models/vae_tiling.py). map_device: where the full-size maps between chunked layers live (None: the
     device of the input; e.g. "cpu" for images whose maps do not fit on the accelerator).
     """
 

@@ -1,4 +1,4 @@
-"""The chunked VAE (supir_core/vae_tiling.py) equals the untiled one; independent feathered tiles do not."""
+"""The chunked VAE (supir_core/models/vae_tiling.py) equals the untiled one; independent feathered tiles do not."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from supir_core.models.vae import SupirVAE
-from supir_core.vae_tiling import ChunkGrid, Conv, Upsample, alignment, decoder_ops, encoder_ops, run_tiled
+from supir_core.models.vae_tiling import ChunkGrid, Conv, Upsample, alignment, decoder_ops, encoder_ops, run_tiled
 from tests import feathered_vae
 from tests.paths import BENCH, DATA
 
