@@ -98,21 +98,21 @@ def run(
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         result = pipeline(photo, params)
-        results.append((time.perf_counter() - start, result.metadata))
-    total, meta = min(results, key=lambda r: r[0])
-    sampling = meta["seconds"]["sampling"]
+        results.append((time.perf_counter() - start, result))
+    total, fastest = min(results, key=lambda r: r[0])
+    sampling = fastest.seconds["sampling"]
     out = {
         "size": size,
         "num_samples": num_samples,
         "total_s": round(total, 3),
         "s_per_image": round(total / num_samples, 3),  # what a batch of samples saves over separate jobs
-        "stages_s": meta["seconds"],
+        "stages_s": fastest.seconds,
         "steps_per_s": round(steps / sampling, 2),
-        "tiled_sampling": meta["tiled_sampling"],
-        "tiling": meta["tiling"],  # the plan's activations per stage, to hold against the measured peak
+        "tiled_sampling": fastest.tiling.sampling,
+        "tiling": fastest.tiling.metadata(),  # the plan's activations per stage, to hold against the measured peak
         "peak_gpu_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None,
     }
-    if not meta["tiled_sampling"]:
+    if not fastest.tiling.sampling:
         try:
             flops = network_flops(pipeline, size // 8) * steps
             out["tflops_per_s"] = round(flops / sampling / 1e12, 2)

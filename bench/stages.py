@@ -93,7 +93,7 @@ def main() -> None:
         result = pipeline(photo, params)
         total = time.perf_counter() - start
         if i > 0:  # the first run warms up kernels and allocators
-            runs.append({**result.metadata["seconds"], "total": total})
+            runs.append({**result.seconds, "total": total})
     stages = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     report = {
         "model": "SUPIR full size, random weights" if args.full_size else "fixture A (tiny)",
@@ -101,11 +101,11 @@ def main() -> None:
         if device == "cuda"
         else f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "dtype": str(dtype).removeprefix("torch."),
-        "size": list(result.metadata["process_size"]),
+        "size": list(result.sizes.process),
         "steps": args.steps,
         "sampler": args.sampler,
-        "tiled_sampling": result.metadata["tiled_sampling"],
-        "tiled_vae": result.metadata["tiled_vae"],
+        "tiled_sampling": result.tiling.sampling,
+        "tiled_vae": result.tiling.vae,
         "build_s": round(build_s, 2),
         "median_s": {k: round(v, 4) for k, v in stages.items()},
         "ms_per_step": round(1000 * stages["sampling"] / args.steps, 2),

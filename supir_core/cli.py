@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import SupirError
+
+if TYPE_CHECKING:  # torch and tqdm load only for the commands that need them
+    from tqdm import tqdm
+
+    from .params import RestoreParams
+    from .pipeline import Progress, RestorationPipeline
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
@@ -52,31 +61,53 @@ def _param_values(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    import os
-    import signal
     import time
 
-    from tqdm import tqdm
-
-    from .checkpoints import ModelOptions, load_model_options
-    from .errors import Canceled, InvalidInput
-    from .imageio import EXTENSIONS, encode_image, load_image
-    from .params import dtype_name as dtype_name_of
+    from .errors import InvalidInput
     from .params import validate_params
 
-    env = os.environ
-    sdxl = args.sdxl or env.get("SUPIR_SDXL_CHECKPOINT")
-    supir = args.supir or env.get("SUPIR_CHECKPOINT")
-    if not sdxl or not supir:
-        raise InvalidInput(
-            "weights not given: pass --sdxl and --supir, or set SUPIR_SDXL_CHECKPOINT and SUPIR_CHECKPOINT"
-        )
+    sdxl, supir = _weight_files(args)
     params = validate_params(_param_values(args), preset=args.preset)  # fail on bad flags before loading weights
     inputs = _inputs(args.inputs)
     if not inputs:
         raise InvalidInput("no input images found")
+    started = time.perf_counter()
+    pipeline = _load_pipeline(args, sdxl, supir, params)
+    loaded_in = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    with _Interrupt() as interrupt:
+        done, failures = _restore_files(pipeline, inputs, params, args, interrupt)
+    seconds = time.perf_counter() - started
+    print(f"restored {done} of {len(inputs)} images into {args.out} in {seconds:.1f} s (weights: {loaded_in:.1f} s)")
+    for failure in failures:
+        print(f"  failed: {failure}", file=sys.stderr)
+    if interrupt.seen:
+        print("interrupted: stopped before the next sampler step", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def _weight_files(args: argparse.Namespace) -> tuple[str, str]:
+    """The SDXL and SUPIR files: the flags, else the service's environment variables."""
+    from .errors import InvalidInput
+
+    sdxl = args.sdxl or os.environ.get("SUPIR_SDXL_CHECKPOINT")
+    supir = args.supir or os.environ.get("SUPIR_CHECKPOINT")
+    if not sdxl or not supir:
+        raise InvalidInput(
+            "weights not given: pass --sdxl and --supir, or set SUPIR_SDXL_CHECKPOINT and SUPIR_CHECKPOINT"
+        )
+    return sdxl, supir
+
+
+def _load_pipeline(args: argparse.Namespace, sdxl: str, supir: str, params: RestoreParams) -> RestorationPipeline:
+    """The pipeline the flags (else the environment) describe, with LLaVA when the params ask for captions."""
+    from .checkpoints import ModelOptions, load_model_options
+    from .params import dtype_name as dtype_name_of
+
+    env = os.environ
     dtype_name = args.dtype or env.get("SUPIR_DTYPE")
-    torch_dtype_name = dtype_name_of(dtype_name) if dtype_name else None
+    torch_dtype_name = dtype_name_of(dtype_name) if dtype_name else None  # a bad name fails before torch loads
     config = args.model_config or env.get("SUPIR_MODEL_CONFIG")
     options = load_model_options(config) if config else ModelOptions()
 
@@ -85,7 +116,6 @@ def _restore(args: argparse.Namespace) -> int:
     from .pipeline import RestorationPipeline
     from .speed import SpeedSettings
 
-    started = time.perf_counter()
     pipeline = RestorationPipeline.from_checkpoints(
         sdxl,
         supir,
@@ -101,58 +131,91 @@ def _restore(args: argparse.Namespace) -> int:
         quantization = args.llava_quantization or env.get("SUPIR_LLAVA_QUANTIZATION") or None
         device = args.llava_device or env.get("SUPIR_LLAVA_DEVICE") or str(pipeline.device)
         pipeline.captioner = LlavaCaptioner(llava, device=device, quantization=quantization)  # type: ignore[arg-type]
-    loaded_in = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
+    return pipeline
 
-    interrupted = False
 
-    def on_interrupt(signum: int, frame: object) -> None:
-        nonlocal interrupted
-        interrupted = True  # finish nothing more: the sampler stops before its next step
+class _Interrupt:
+    """Ctrl-C during a batch, remembered instead of raised: the sampler stops before its next step and no further
+    input starts. The previous handler is back on exit."""
 
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __enter__(self) -> _Interrupt:
+        self._previous = signal.signal(signal.SIGINT, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.seen = True
+
+
+def _restore_files(
+    pipeline: RestorationPipeline,
+    inputs: list[Path],
+    params: RestoreParams,
+    args: argparse.Namespace,
+    interrupt: _Interrupt,
+) -> tuple[int, list[str]]:
+    """Restore each input into args.out; a failed input is listed and the batch goes on. (done, failures)"""
+    from tqdm import tqdm
+
+    from .errors import Canceled, InvalidInput
+    from .formats import OUTPUT_FORMATS
+
     failures: list[str] = []
     done = 0
-    quiet = args.quiet
-    try:
-        names = _output_names(inputs, EXTENSIONS[params.output_format], params.num_samples)
-        for path, files in tqdm(list(zip(inputs, names, strict=True)), desc="images", unit="img", disable=quiet):
-            bar = tqdm(total=params.steps, desc=path.name, unit="step", leave=False, disable=quiet)
+    names = _output_names(inputs, OUTPUT_FORMATS[params.output_format].extension, params.num_samples)
+    for path, files in tqdm(list(zip(inputs, names, strict=True)), desc="images", unit="img", disable=args.quiet):
+        bar = tqdm(total=params.steps, desc=path.name, unit="step", leave=False, disable=args.quiet)
+        try:
+            _restore_file(pipeline, path, files, params, args, _step_bar(bar), lambda: interrupt.seen)
+            done += 1
+        except Canceled:
+            break
+        except InvalidInput as exc:
+            failures.append(f"{path}: {exc.message}")
+        except Exception as exc:  # any other exception (a decoder's NotImplementedError…) fails this input only
+            failures.append(f"{path}: {_one_line(exc)}")
+        finally:
+            bar.close()
+    return done, failures
 
-            def progress(p: object, bar: tqdm = bar) -> None:
-                if getattr(p, "stage", "") == "sampling":
-                    bar.total = p.steps  # type: ignore[attr-defined]
-                    bar.n = p.step  # type: ignore[attr-defined]
-                    bar.refresh()
 
-            try:
-                loaded = load_image(path)  # decoded here so the result files can carry its EXIF and profile
-                result = pipeline(loaded, params, on_progress=progress, should_stop=lambda: interrupted)
-                kept = loaded.result_metadata() if params.keep_metadata else None
-                for image, name in zip(result.images, files, strict=True):
-                    data = encode_image(image, params.output_format, params.output_quality, kept)
-                    (args.out / name).write_bytes(data)
-                if args.metadata:
-                    (args.out / files[0]).with_suffix(".json").write_text(json.dumps(result.metadata, indent=1))
-                done += 1
-            except Canceled:
-                break
-            except InvalidInput as exc:
-                failures.append(f"{path}: {exc.message}")
-            except Exception as exc:  # any other exception (a decoder's NotImplementedError…) fails this input only
-                failures.append(f"{path}: {_one_line(exc)}")
-            finally:
-                bar.close()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    seconds = time.perf_counter() - started
-    print(f"restored {done} of {len(inputs)} images into {args.out} in {seconds:.1f} s (weights: {loaded_in:.1f} s)")
-    for failure in failures:
-        print(f"  failed: {failure}", file=sys.stderr)
-    if interrupted:
-        print("interrupted: stopped before the next sampler step", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return EXIT_FAILED if failures else EXIT_OK
+def _restore_file(
+    pipeline: RestorationPipeline,
+    path: Path,
+    names: list[str],
+    params: RestoreParams,
+    args: argparse.Namespace,
+    on_progress: Callable[[Progress], None],
+    should_stop: Callable[[], bool],
+) -> None:
+    """One input: a file per sample under `names`, and with --metadata the run's record as <first name>.json."""
+    from .imageio import encode_results, load_image
+
+    loaded = load_image(path)  # decoded here so the result files can carry its EXIF and profile
+    result = pipeline(loaded, params, on_progress=on_progress, should_stop=should_stop)
+    kept = loaded.result_metadata() if params.keep_metadata else None
+    files = encode_results(result.images, params.output_format, params.output_quality, kept)
+    for file, name in zip(files, names, strict=True):
+        (args.out / name).write_bytes(file.data)
+    if args.metadata:
+        (args.out / names[0]).with_suffix(".json").write_text(json.dumps(result.to_dict(), indent=1))
+
+
+def _step_bar(bar: tqdm) -> Callable[[Progress], None]:
+    """A progress callback that moves `bar` with the sampler's steps."""
+
+    def progress(p: Progress) -> None:
+        if p.stage == "sampling":
+            bar.total = p.steps
+            bar.n = p.step
+            bar.refresh()
+
+    return progress
 
 
 def _one_line(exc: Exception) -> str:
@@ -320,7 +383,16 @@ def _weights_verify(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="supir", description="SUPIR photo restoration (supir-serve).")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_conformance_command(commands)
+    _add_restore_command(commands)
+    _add_weights_commands(commands)
+    return parser
 
+
+Commands = argparse._SubParsersAction  # what add_subparsers returns
+
+
+def _add_conformance_command(commands: Commands) -> None:
     conf = commands.add_parser("conformance", help="run a conformance fixture's cases through the production code")
     conf.add_argument("fixture", type=Path, help="fixture folder (config.json, sdxl.safetensors, supir.ckpt, inputs)")
     conf.add_argument("--out", type=Path, required=True, help="where to write the outputs (.safetensors)")
@@ -338,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conf.set_defaults(run=_conformance)
 
+
+def _add_restore_command(commands: Commands) -> None:
     restore = commands.add_parser("restore", help="restore image files or folders of images")
     restore.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")
     restore.add_argument("-o", "--out", type=Path, required=True, help="output folder (--output-format files)")
@@ -350,7 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--llava", help="LLaVA-1.5 directory (HF format) or hub id for captions ($SUPIR_LLAVA_MODEL)")
     restore.add_argument("--llava-device", help="device for LLaVA (default: the same as SUPIR)")
     restore.add_argument("--llava-quantization", choices=["8bit", "4bit"], help="bitsandbytes quantization (CUDA)")
-    speed = restore.add_argument_group("speed and memory (docs/performance.md)")
+    _add_speed_flags(restore)
+    restore.add_argument(
+        "--metadata", action="store_true", help="write <name>.json (seed, prompts, timings) beside each"
+    )
+    restore.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_param_flags(restore)
+    restore.set_defaults(run=_restore)
+
+
+def _add_speed_flags(parser: argparse.ArgumentParser) -> None:
+    """The SpeedSettings a run loads with (read back by SpeedSettings.from_attributes)."""
+    speed = parser.add_argument_group("speed and memory (docs/performance.md)")
     speed.add_argument("--channels-last", action="store_true", help="NHWC convolutions")
     speed.add_argument("--fuse-qkv", action="store_true", help="fused attention projections")
     speed.add_argument("--compile", choices=["none", "regional", "full"], default="none", help="torch.compile")
@@ -365,13 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="activation memory a run may use before --tiling auto tiles it (default: free device memory less 10%%)",
     )
-    restore.add_argument(
-        "--metadata", action="store_true", help="write <name>.json (seed, prompts, timings) beside each"
-    )
-    restore.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    _add_param_flags(restore)
-    restore.set_defaults(run=_restore)
 
+
+def _add_weights_commands(commands: Commands) -> None:
     weights = commands.add_parser("weights", help="inspect checkpoint files").add_subparsers(
         dest="action", required=True
     )
@@ -408,7 +489,6 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--manifest", type=Path, help="the download manifest (default: supir-weights.json beside it)")
     ver.add_argument("--table", type=Path, help=table_help)
     ver.set_defaults(run=_weights_verify)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -27,8 +28,6 @@ SIZE_MULTIPLE = 64  # processing sides are rounded to this (latent /8, UNet /4 m
 MAX_INPUT_PIXELS = 64_000_000
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 ORIENTATION = 0x0112  # EXIF IFD0 tag
-CONTENT_TYPES = {name: f.media_type for name, f in OUTPUT_FORMATS.items()}
-EXTENSIONS = {name: f.extension for name, f in OUTPUT_FORMATS.items()}
 MAX_JPEG_EXIF = 65533  # one APP1 marker's payload; Pillow refuses more
 
 
@@ -296,6 +295,28 @@ def encode_image(image: Image.Image, output_format: str, quality: int, metadata:
     buffer = io.BytesIO()
     image.save(buffer, format=output_format.upper(), **options)
     return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """One result file: its bytes, the extension of its name and its media type, and its pixel size."""
+
+    data: bytes
+    extension: str
+    media_type: str
+    width: int
+    height: int
+
+
+def encode_results(
+    images: Iterable[Image.Image], output_format: str, quality: int, metadata: ImageMetadata | None
+) -> Iterator[EncodedImage]:
+    """Each image as a file of `output_format` (`encode_image`), one at a time so that only one is held, with the
+    file extension and media type of the format table (supir_core.formats)."""
+    for image in images:
+        data = encode_image(image, output_format, quality, metadata)  # checks the format before the table is read
+        file_format = OUTPUT_FORMATS[output_format]
+        yield EncodedImage(data, file_format.extension, file_format.media_type, image.width, image.height)
 
 
 def _flattened(image: Image.Image) -> Image.Image:

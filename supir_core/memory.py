@@ -129,6 +129,7 @@ def _trace(model: SupirModel, side: int, dtype: torch.dtype, device: torch.devic
 class TilingDecision:
     """Which parts of a run are tiled, and why (reported in the job's metadata)."""
 
+    policy: str  # what was asked (params.tiling): auto, always or never
     sampling: bool
     vae: bool
     reason: str
@@ -137,6 +138,7 @@ class TilingDecision:
 
     def metadata(self) -> dict[str, Any]:
         return {
+            "policy": self.policy,
             "sampling": "tiled" if self.sampling else "untiled",
             "vae": "tiled" if self.vae else "untiled",
             "reason": self.reason,
@@ -159,9 +161,9 @@ def decide_tiling(
     """
     if policy == "never" or not (sampler_can_tile or vae_can_tile):
         reason = "tiling=never" if policy == "never" else "the image fits in one tile"
-        return TilingDecision(False, False, reason)
+        return TilingDecision(policy, False, False, reason)
     if policy == "always":
-        return TilingDecision(sampler_can_tile, vae_can_tile, "tiling=always")
+        return TilingDecision(policy, sampler_can_tile, vae_can_tile, "tiling=always")
     planned, budget, source = plan()
     vae_bytes = max(planned["stage1"], planned["decode"])
     sampling = sampler_can_tile and planned["sampling"] > budget
@@ -170,7 +172,7 @@ def decide_tiling(
     verdict = "exceeds" if sampling or vae else "fits in"
     reason = f"planned {planned[worst] / GB:.2f} GB of activations ({worst}) {verdict} {budget / GB:.2f} GB ({source})"
     gb = {k: round(v / GB, 4) for k, v in planned.items()}
-    return TilingDecision(sampling, vae, reason, gb, round(budget / GB, 4))
+    return TilingDecision(policy, sampling, vae, reason, gb, round(budget / GB, 4))
 
 
 def memory_budget(device: torch.device, override_gb: float | None = None) -> tuple[float, str]:

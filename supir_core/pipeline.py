@@ -19,7 +19,16 @@ from .colorfix import color_fix
 from .denoiser import Conditioning, Denoiser
 from .errors import Canceled, InvalidInput
 from .guidance import RestoreSettings, sample
-from .imageio import LoadedImage, finish, load_image, plan_caption_sizes, plan_sizes, to_model_input, to_pil
+from .imageio import (
+    LoadedImage,
+    Sizes,
+    finish,
+    load_image,
+    plan_caption_sizes,
+    plan_sizes,
+    to_model_input,
+    to_pil,
+)
 from .memory import StageBytes, TilingDecision, decide_tiling, memory_budget, trace_stage_bytes
 from .models.supir import SupirModel
 from .params import MAX_SEED, RestoreParams, sample_seeds, validate_params
@@ -111,6 +120,15 @@ class Stage1:
             raise InvalidInput(f"the stored stage-1 result is unreadable ({type(exc).__name__})") from exc
 
 
+@dataclass(frozen=True)
+class Prompts:
+    """The text a run was conditioned on."""
+
+    caption: str  # the captioner's ("" without one, or when every sampler tile has a caption of its own)
+    positive: str  # caption and user prompt, then the quality prompt, as encoded
+    negative: str
+
+
 @dataclass
 class Preview:
     """Stage 1 and its caption, without sampling: what the official demo shows before stage 2."""
@@ -118,19 +136,56 @@ class Preview:
     stage1_image: Image.Image  # at the processing size
     caption: str
     stage1: Stage1
-    metadata: dict[str, Any] = field(default_factory=dict)
+    sizes: Sizes  # input, processing and output (width, height)
+    seconds: dict[str, float]  # stage → seconds: stage1, caption
 
 
 @dataclass
 class RestorationResult:
-    image: Image.Image  # the input's size × upscale, and its kind (grayscale, alpha); the first sample
-    stage1: Image.Image  # the robust encoder's reconstruction at the processing size
-    metadata: dict[str, Any] = field(default_factory=dict)
-    images: list[Image.Image] = field(default_factory=list)  # every sample, in the order of metadata["seeds"]
+    """One restored photo, every sample of it, and how it was made."""
 
-    def __post_init__(self) -> None:
-        if not self.images:
-            self.images = [self.image]
+    images: list[Image.Image]  # every sample, the input's size × upscale and its kind (grayscale, alpha); seeds' order
+    stage1: Image.Image  # the robust encoder's reconstruction at the processing size
+    seeds: list[int]  # one per sample; the first is the run's seed
+    prompts: Prompts
+    sizes: Sizes  # input, processing and output (width, height)
+    sampler: str
+    steps: int
+    tiling: TilingDecision  # asked policy, which parts ran tiled, and why
+    tile_captions: dict[Window, str]  # each sampler tile's own caption (latent window → text); empty when none
+    seconds: dict[str, float]  # stage → seconds: stage1, caption, conditioning, encode, sampling, decoding
+    device: str
+    dtype: str
+
+    @property
+    def image(self) -> Image.Image:
+        return self.images[0]
+
+    @property
+    def seed(self) -> int:
+        return self.seeds[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the images as JSON values (the CLI's --metadata file)."""
+        return {
+            "seed": self.seed,
+            "seeds": self.seeds,
+            "caption": self.prompts.caption,
+            "positive_prompt": self.prompts.positive,
+            "negative_prompt": self.prompts.negative,
+            "input_size": list(self.sizes.input),
+            "process_size": list(self.sizes.process),
+            "output_size": list(self.sizes.output),
+            "sampler": self.sampler,
+            "steps": self.steps,
+            "tiled_sampling": self.tiling.sampling,
+            "tiled_vae": self.tiling.vae,
+            "tiling": self.tiling.metadata(),
+            "tile_captions": [{"window": list(w), "caption": c} for w, c in self.tile_captions.items()],
+            "seconds": self.seconds,
+            "device": self.device,
+            "dtype": self.dtype,
+        }
 
 
 def default_device() -> str:
@@ -191,7 +246,7 @@ class RestorationPipeline:
         """Restore one image file (or decoded image); the recipe on tensors is `restore_tensor`. With `stage1`
         (a preview's), stage 1 is not run again."""
         timings: dict[str, float] = {}
-        prompts: dict[str, Any] = {}
+        prompts: list[Prompts] = []  # what the prompt encoder encoded
         with torch.inference_mode():
             # 1. Input: decode the file, plan sizes (output = upscale × input; processing ≥ min_size, /64)
             loaded = _as_loaded(image)
@@ -217,24 +272,20 @@ class RestorationPipeline:
             outputs = [finish(to_pil(sample[None], sizes.output), loaded) for sample in stages.restored]
             stage1_image = to_pil(stages.x_stage1, sizes.process)
 
-        metadata = {
-            "seed": seed,
-            "seeds": seeds,
-            **prompts,
-            "input_size": list(sizes.input),
-            "process_size": list(sizes.process),
-            "output_size": list(sizes.output),
-            "sampler": params.sampler,
-            "steps": params.steps,
-            "tiled_sampling": stages.tiling.sampling,
-            "tiled_vae": stages.tiling.vae,
-            "tiling": {"policy": params.tiling, **stages.tiling.metadata()},
-            "tile_captions": [{"window": list(w), "caption": c} for w, c in stages.tile_captions.items()],
-            "seconds": {k: round(v, 4) for k, v in timings.items()},
-            "device": str(self.device),
-            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
-        }
-        return RestorationResult(outputs[0], stage1_image, metadata, outputs)
+        return RestorationResult(
+            images=outputs,
+            stage1=stage1_image,
+            seeds=seeds,
+            prompts=prompts[-1],
+            sizes=sizes,
+            sampler=params.sampler,
+            steps=params.steps,
+            tiling=stages.tiling,
+            tile_captions=stages.tile_captions,
+            seconds=_rounded(timings),
+            device=str(self.device),
+            dtype=str(next(self.model.parameters()).dtype).removeprefix("torch."),
+        )
 
     def restore_tensor(
         self,
@@ -255,18 +306,11 @@ class RestorationPipeline:
         rows; `noise` then draws num_samples rows."""
         report = on_progress or (lambda p: None)
         timings = timings if timings is not None else {}
-        vae = self.model.vae
         if params.num_samples > 1 and lq.shape[0] != 1:
             raise ValueError(f"num_samples={params.num_samples} restores one image; got a batch of {lq.shape[0]}")
         batch = lq.shape[0] * params.num_samples  # the rows the sampler and the decoder run on
         tiling = self.plan_tiling(params, (lq.shape[-2], lq.shape[-1]), batch)
-        vae_tile = params.vae_tile_size if tiling.vae else None
-        # a tiled VAE keeps full-size maps between its layers: on a GPU short of memory they wait in host memory
-        vae.map_device = "cpu" if tiling.vae and self.device.type == "cuda" else None
-
-        def check_stop(stage: str) -> None:
-            if should_stop is not None and should_stop():
-                raise Canceled(f"canceled before {stage}")
+        vae_tile = self._prepare_vae(params, tiling)
 
         # 1. Stage 1: the robust encoder's latent steers the adaptor; its decoding is the colour reference
         if stage1 is not None:
@@ -276,51 +320,67 @@ class RestorationPipeline:
 
         # 2. Conditioning for both sides of CFG (prompt text → CLIP-L + bigG + sizes); control = LQ latent.
         #    Tiled sampling with a captioner captions every tile of the stage-1 image for its own prompt.
-        check_stop("conditioning")
+        _check_stop(should_stop, "conditioning")
         windows = self.sampler_windows(tuple(lq_latent.shape[-2:]), params) if tiling.sampling else []
         if tile_captions is None and windows and self._captions(params) and params.caption_tiles:
             tile_captions = self._caption_tiles(x_stage1, windows, params, timings, report)
-        (c_crossattn, c_vector), (uc_crossattn, uc_vector) = encode_prompts(x_stage1, bool(tile_captions))
-        cond = _expanded(Conditioning(c_crossattn, c_vector, lq_latent), batch)
-        uncond = _expanded(Conditioning(uc_crossattn, uc_vector, lq_latent), batch)
+        cond, uncond = _conditionings(encode_prompts(x_stage1, bool(tile_captions)), lq_latent, batch)
         tile_conds = self._tile_conditions(tile_captions, params, lq_latent, batch)
 
         # 3. Guidance anchor: a posterior sample of the stage-1 image under the plain SDXL encoder, one per sample
         #    (one encode: the noise's rows broadcast over the posterior's one row)
         latent_shape = (batch, *lq_latent.shape[1:])
         with _timed(timings, "encode", self.device):
-            x_center = vae.encode(x_stage1, noise=noise.posterior(latent_shape), tile=vae_tile)
+            x_center = self.model.vae.encode(x_stage1, noise=noise.posterior(latent_shape), tile=vae_tile)
 
         # 4. Sample from noise (in tiles if the plan says so), all samples in each network call
-        check_stop("sampling")
+        _check_stop(should_stop, "sampling")
         initial = noise.initial(latent_shape)
-
-        def on_step(info: dict[str, Any]) -> None:
-            report(Progress("sampling", info["i"] + 1, info["steps"]))
-
         with _timed(timings, "sampling", self.device):
-            sampled = sample(
-                RestoreSettings.from_params(params),
-                self.denoiser,
-                initial,
-                cond,
-                uncond,
-                x_center=x_center,
-                step_noise=noise.step,
-                tiled=tiling.sampling,
-                tile_conds=tile_conds,
-                callback=on_step,
-                should_stop=should_stop,
+            sampled = self._sample(
+                params, initial, cond, uncond, tile_conds, x_center, noise.step, tiling.sampling, report, should_stop
             )
 
         # 5. Decode and pull each sample's colours back to the (one) stage-1 image
         report(Progress("decoding"))
         with _timed(timings, "decoding", self.device):
-            decoded = vae.decode(sampled, tile=vae_tile)
+            decoded = self.model.vae.decode(sampled, tile=vae_tile)
             restored = color_fix(decoded, x_stage1, params.color_fix)
-        stages = Stages(lq_latent, x_stage1, x_center, sampled, decoded, restored, tiling)
-        stages.tile_captions = dict(tile_captions or {})
-        return stages
+        return Stages(lq_latent, x_stage1, x_center, sampled, decoded, restored, tiling, dict(tile_captions or {}))
+
+    def _prepare_vae(self, params: RestoreParams, tiling: TilingDecision) -> int | None:
+        """The VAE's chunk side for this run (None: untiled). A tiled VAE keeps full-size maps between its layers:
+        on a GPU short of memory they wait in host memory."""
+        self.model.vae.map_device = "cpu" if tiling.vae and self.device.type == "cuda" else None
+        return params.vae_tile_size if tiling.vae else None
+
+    def _sample(
+        self,
+        params: RestoreParams,
+        initial: torch.Tensor,
+        cond: Conditioning,
+        uncond: Conditioning,
+        tile_conds: dict[Window, Conditioning] | None,
+        x_center: torch.Tensor,
+        step_noise: NoiseFn,
+        tiled: bool,
+        report: Callable[[Progress], None],
+        should_stop: Callable[[], bool] | None,
+    ) -> torch.Tensor:
+        """The sampler `params` names, from the initial noise to a latent, every step reported."""
+        return sample(
+            RestoreSettings.from_params(params),
+            self.denoiser,
+            initial,
+            cond,
+            uncond,
+            x_center=x_center,
+            step_noise=step_noise,
+            tiled=tiled,
+            tile_conds=tile_conds,
+            callback=lambda info: report(Progress("sampling", info["i"] + 1, info["steps"])),
+            should_stop=should_stop,
+        )
 
     def stage1(
         self,
@@ -350,9 +410,7 @@ class RestorationPipeline:
             loaded = _as_loaded(image)
             sizes = plan_sizes(loaded.size, params.upscale, params.min_size)
             lq = to_model_input(loaded.rgb, sizes.process).to(self.device)
-            tiling = self.plan_tiling(params, (lq.shape[-2], lq.shape[-1]), lq.shape[0])
-            vae_tile = params.vae_tile_size if tiling.vae else None
-            self.model.vae.map_device = "cpu" if tiling.vae and self.device.type == "cuda" else None
+            vae_tile = self._prepare_vae(params, self.plan_tiling(params, (lq.shape[-2], lq.shape[-1]), lq.shape[0]))
             lq_latent, x_stage1 = self.stage1(lq, vae_tile, timings, report)
             caption = ""
             if self._captions(params):
@@ -361,12 +419,7 @@ class RestorationPipeline:
                 with _timed(timings, "caption", self.device):
                     caption = self.captioner(self.caption_image(loaded, x_stage1, params), params.caption_question)
             stage1_image = to_pil(x_stage1, sizes.process)
-        metadata = {
-            "caption": caption,
-            "process_size": list(sizes.process),
-            "seconds": {k: round(v, 4) for k, v in timings.items()},
-        }
-        return Preview(stage1_image, caption, Stage1(lq_latent, x_stage1), metadata)
+        return Preview(stage1_image, caption, Stage1(lq_latent, x_stage1), sizes, _rounded(timings))
 
     def _captions(self, params: RestoreParams) -> bool:
         return params.caption == "auto" and self.captioner is not None
@@ -392,11 +445,12 @@ class RestorationPipeline:
         self,
         params: RestoreParams,
         loaded: LoadedImage,
-        record: dict[str, Any],
+        record: list[Prompts],
         timings: dict[str, float],
         on_progress: Callable[[Progress], None] | None,
     ) -> PromptEncoder:
-        """The caption of a stage-1 image (unless every tile has its own) with the user's text; recorded."""
+        """The caption of a stage-1 image (unless every tile has its own) with the user's text; appended to
+        `record`."""
 
         def encode(
             x_stage1: torch.Tensor, tiles_captioned: bool
@@ -409,7 +463,7 @@ class RestorationPipeline:
                 with _timed(timings, "caption", self.device):
                     caption = self.captioner(self.caption_image(loaded, x_stage1, params), params.caption_question)
             positive = self.positive_prompt(caption, params)
-            record.update(caption=caption, positive_prompt=positive, negative_prompt=params.negative_prompt)
+            record.append(Prompts(caption, positive, params.negative_prompt))
             if on_progress is not None:
                 on_progress(Progress("conditioning"))
             with _timed(timings, "conditioning", self.device):
@@ -502,6 +556,26 @@ def _as_loaded(image: LoadedImage | Image.Image | str | Path | bytes) -> LoadedI
             source_mode=image.mode,
         )
     return load_image(image)
+
+
+def _conditionings(
+    prompts: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    control: torch.Tensor,
+    batch: int,
+) -> tuple[Conditioning, Conditioning]:
+    """Both sides of CFG from the encoded ((crossattn, vector), (uc_crossattn, uc_vector)), for every sample."""
+    (c_crossattn, c_vector), (uc_crossattn, uc_vector) = prompts
+    cond = _expanded(Conditioning(c_crossattn, c_vector, control), batch)
+    return cond, _expanded(Conditioning(uc_crossattn, uc_vector, control), batch)
+
+
+def _check_stop(should_stop: Callable[[], bool] | None, stage: str) -> None:
+    if should_stop is not None and should_stop():
+        raise Canceled(f"canceled before {stage}")
+
+
+def _rounded(timings: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in timings.items()}
 
 
 def _expanded(cond: Conditioning, batch: int) -> Conditioning:

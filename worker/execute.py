@@ -8,7 +8,8 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 
@@ -20,6 +21,12 @@ from supir_core.params import RestoreParams
 
 from . import metrics
 from .runtime import Runtime
+
+if TYPE_CHECKING:  # torch: only ever imported in the pool process
+    from PIL.Image import Image
+
+    from supir_core.imageio import LoadedImage
+    from supir_core.pipeline import RestorationPipeline, Stage1
 
 log = logging.getLogger("supir.worker")
 _TENSORS = "application/octet-stream"
@@ -143,9 +150,33 @@ def run_job(runtime: Runtime, job_id: str) -> str:
 
 
 def _run(runtime: Runtime, job_id: str) -> str:
-    store = runtime.store
-    max_lost = runtime.settings.max_attempts
-    outcome, record = _redis(lambda: store.start(job_id, runtime.name, max_lost))
+    record = _start(runtime, job_id)
+    if isinstance(record, str):
+        return record  # nothing to run: busy elsewhere, lost too often, or ended
+    started = time.perf_counter()
+    try:
+        params = RestoreParams.model_validate(record.params)
+        pipeline = runtime.pipeline_for(record.variant)
+        if pipeline is None:  # a message on the wrong queue: this worker has not loaded that file
+            message = f"this worker does not serve variant {record.variant}"
+            return _end(runtime, job_id, "failed", "variant_unavailable", message)
+        data = _stored(runtime, "reading the input", lambda: runtime.objects.get(record.input_key))
+        loaded = _load_image(data)
+        made = _make(runtime, record, params, pipeline, loaded)
+        upload_start = time.perf_counter()
+        results = _write_results(runtime, record, params, made.images, made.seeds, loaded)
+        seconds = {**made.seconds, "upload": time.perf_counter() - upload_start}
+        seconds["total"] = time.perf_counter() - started
+    except redis.RedisError:
+        raise  # Redis stayed away past REDIS_WAIT_S: the reaper queues the job again once it is back
+    except Exception as exc:
+        return _end_failed(runtime, job_id, exc)
+    return _succeed(runtime, record, params, made, results, seconds)
+
+
+def _start(runtime: Runtime, job_id: str) -> JobRecord | str:
+    """Claim the job for this run: its record, or the status to return when there is nothing to run."""
+    outcome, record = _redis(lambda: runtime.store.start(job_id, runtime.name, runtime.settings.max_attempts))
     if outcome == "busy":
         raise Busy(job_id)
     if outcome == "lost":
@@ -156,89 +187,106 @@ def _run(runtime: Runtime, job_id: str) -> str:
     if record.attempts == 1:
         metrics.STAGE_SECONDS.labels("queue_wait").observe(max(0.0, (record.started_at or 0) - record.created_at))
     _announce(runtime, record, "started")
-    started = time.perf_counter()
-    try:
-        params = RestoreParams.model_validate(record.params)
-        pipeline = runtime.pipeline_for(record.variant)
-        if pipeline is None:  # a message on the wrong queue: this worker has not loaded that file
-            message = f"this worker does not serve variant {record.variant}"
-            return _end(runtime, job_id, "failed", "variant_unavailable", message)
-        data = _stored(runtime, "reading the input", lambda: runtime.objects.get(record.input_key))
-        loaded = _load_image(data)
-        on_progress = _progress_writer(runtime, record)
-        if record.kind == "preview":
-            result: Any = pipeline.preview(loaded, params, on_progress=on_progress)
-            images = [result.stage1_image]
-            meta = {**result.metadata, "positive_prompt": None, "negative_prompt": None, "seeds": [None]}
-            kept = result.stage1.to_bytes()
-            _stored(runtime, "keeping stage 1", lambda: runtime.objects.put(stage1_key(job_id), kept, _TENSORS))
-        else:
-            stage1 = None
-            if record.stage1_job is not None:
-                from supir_core.pipeline import Stage1  # torch: only ever in the pool process
+    return record
 
-                source = stage1_key(record.stage1_job)
-                stage1 = Stage1.from_bytes(_stored(runtime, "reading stage 1", lambda: runtime.objects.get(source)))
-            result = pipeline(
-                loaded,
-                params,
-                on_progress=on_progress,
-                should_stop=lambda: _cancel_requested(runtime, job_id),
-                stage1=stage1,
-            )
-            images, meta = list(getattr(result, "images", [result.image])), result.metadata
-        upload_start = time.perf_counter()
-        results = _write_results(runtime, record, params, images, meta.get("seeds") or [meta.get("seed")], loaded)
-        seconds = {**meta["seconds"], "upload": time.perf_counter() - upload_start}
-        seconds["total"] = time.perf_counter() - started
-    except Canceled:
+
+@dataclass
+class _Made:
+    """What a run made, a preview or a restoration, in the terms of the job's record."""
+
+    images: list[Image]  # the stage-1 image of a preview, else every sample
+    seeds: list[int | None]  # one per image (None: a preview has no sampling seed)
+    seconds: dict[str, float]  # the pipeline's stages
+    caption: str | None
+    positive_prompt: str | None  # None: a preview encodes no prompts
+    negative_prompt: str | None
+
+
+def _make(
+    runtime: Runtime, record: JobRecord, params: RestoreParams, pipeline: RestorationPipeline, loaded: LoadedImage
+) -> _Made:
+    on_progress = _progress_writer(runtime, record)
+    if record.kind == "preview":
+        preview = pipeline.preview(loaded, params, on_progress=on_progress)
+        kept = preview.stage1.to_bytes()  # what a later job from this preview starts from
+        _stored(runtime, "keeping stage 1", lambda: runtime.objects.put(stage1_key(record.id), kept, _TENSORS))
+        return _Made([preview.stage1_image], [None], preview.seconds, preview.caption, None, None)
+    stage1 = _read_stage1(runtime, record.stage1_job) if record.stage1_job is not None else None
+
+    def should_stop() -> bool:
+        return _cancel_requested(runtime, record.id)
+
+    result = pipeline(loaded, params, on_progress=on_progress, should_stop=should_stop, stage1=stage1)
+    prompts = result.prompts
+    return _Made(
+        list(result.images), list(result.seeds), result.seconds, prompts.caption, prompts.positive, prompts.negative
+    )
+
+
+def _read_stage1(runtime: Runtime, preview_job: str) -> Stage1:
+    from supir_core.pipeline import Stage1  # torch: only ever in the pool process
+
+    source = stage1_key(preview_job)
+    return Stage1.from_bytes(_stored(runtime, "reading stage 1", lambda: runtime.objects.get(source)))
+
+
+def _end_failed(runtime: Runtime, job_id: str, exc: Exception) -> str:
+    """End a job whose run raised `exc` (called inside the except block, so the log has its traceback)."""
+    if isinstance(exc, Canceled):
         return _end(runtime, job_id, "canceled")
-    except InvalidInput as exc:
+    if isinstance(exc, InvalidInput):
         code = exc.code if exc.code != "invalid_input" else "invalid_image"
         return _end(runtime, job_id, "failed", code, safe_message(exc.message))
-    except WeightsError as exc:
+    if isinstance(exc, WeightsError):
         log.error("job %s: %s", job_id, exc.message)
         return _end(runtime, job_id, "failed", "weights_error", "the worker's model weights could not be used")
-    except ObjectMissing:
+    if isinstance(exc, ObjectMissing):
         return _end(runtime, job_id, "failed", "input_missing", "the job's photo is no longer stored")
-    except StorageError as exc:
+    if isinstance(exc, StorageError):
         log.error("job %s: storage kept failing: %s", job_id, exc.message)
         return _end(runtime, job_id, "failed", "storage_error", "the object store kept failing; try again later")
-    except redis.RedisError:
-        raise  # Redis stayed away past REDIS_WAIT_S: the reaper queues the job again once it is back
-    except Exception as exc:
-        if _is_out_of_memory(exc):
-            _free_gpu_cache()
-            message = "the GPU ran out of memory; try a smaller image or upscale"
-            return _end(runtime, job_id, "failed", "gpu_out_of_memory", message)
-        if _is_time_limit(exc):
-            limit = runtime.settings.job_time_limit_s
-            message = f"the job ran past the service's time limit of {limit} s (SUPIR_JOB_TIME_LIMIT_S)"
-            return _end(runtime, job_id, "failed", "time_limit", message + "; try a smaller image or fewer steps")
-        log.exception("job %s failed", job_id)
-        message = f"an internal error ({type(exc).__name__}) stopped the job; the worker's log has the details"
-        return _end(runtime, job_id, "failed", "internal_error", message)
+    if _is_out_of_memory(exc):
+        _free_gpu_cache()
+        message = "the GPU ran out of memory; try a smaller image or upscale"
+        return _end(runtime, job_id, "failed", "gpu_out_of_memory", message)
+    if _is_time_limit(exc):
+        limit = runtime.settings.job_time_limit_s
+        message = f"the job ran past the service's time limit of {limit} s (SUPIR_JOB_TIME_LIMIT_S)"
+        return _end(runtime, job_id, "failed", "time_limit", message + "; try a smaller image or fewer steps")
+    log.exception("job %s failed", job_id)
+    message = f"an internal error ({type(exc).__name__}) stopped the job; the worker's log has the details"
+    return _end(runtime, job_id, "failed", "internal_error", message)
 
+
+def _succeed(
+    runtime: Runtime,
+    record: JobRecord,
+    params: RestoreParams,
+    made: _Made,
+    results: list[JobResult],
+    seconds: dict[str, float],
+) -> str:
+    """Metrics, the result cache's entry, then the job's ending with its results; usage once it stands."""
     for stage, value in seconds.items():
         if stage in ("stage1", "caption", "encode", "sampling", "decoding", "upload", "total"):
             metrics.STAGE_SECONDS.labels("decode" if stage == "decoding" else stage).observe(value)
-    if meta["seconds"].get("sampling"):
-        metrics.STEPS_PER_SECOND.set(params.steps / meta["seconds"]["sampling"])
+    if made.seconds.get("sampling"):
+        metrics.STEPS_PER_SECOND.set(params.steps / made.seconds["sampling"])
     _record_gpu_memory()
     steps = 0 if record.kind == "preview" else params.steps
-    gpu_seconds = round(sum(meta["seconds"].values()), 4)  # the pipeline's stages: upload and waits excluded
+    gpu_seconds = round(sum(made.seconds.values()), 4)  # the pipeline's stages: upload and waits excluded
     model = runtime.models.get(record.variant, {})
     _remember_result(runtime, record, model.get("model_id"))  # before the ending: a repeat right after it hits
     status = _end(
         runtime,
-        job_id,
+        record.id,
         "succeeded",
         result=results[0],
         results=results,
         seconds={k: round(v, 4) for k, v in seconds.items()},
-        caption=meta.get("caption"),
-        positive_prompt=meta.get("positive_prompt"),
-        negative_prompt=meta.get("negative_prompt"),
+        caption=made.caption,
+        positive_prompt=made.positive_prompt,
+        negative_prompt=made.negative_prompt,
         progress=JobProgress(stage="done", step=steps, steps=steps),
         gpu_seconds=gpu_seconds,
         model_sha256=model.get("supir_sha256"),
@@ -249,30 +297,40 @@ def _run(runtime: Runtime, job_id: str) -> str:
     return status
 
 
-def _load_image(data: bytes) -> Any:
+def _load_image(data: bytes) -> LoadedImage:
     from supir_core.imageio import load_image  # torch: only ever in the pool process
 
     return load_image(data)
 
 
 def _write_results(
-    runtime: Runtime, record: JobRecord, params: RestoreParams, images: list[Any], seeds: list[Any], loaded: Any
+    runtime: Runtime,
+    record: JobRecord,
+    params: RestoreParams,
+    images: list[Image],
+    seeds: list[int | None],
+    loaded: LoadedImage,
 ) -> list[JobResult]:
     """Encode every sample in the asked format (with the photo's metadata unless stripped) and store it under a
     key fixed by the job and the sample, so a redelivered job overwrites rather than adds."""
-    from supir_core.imageio import CONTENT_TYPES, EXTENSIONS, encode_image
+    from supir_core.imageio import encode_results
 
     keep = params.keep_metadata and not runtime.settings.strip_metadata
-    metadata = loaded.result_metadata() if keep else None
+    files = encode_results(
+        images, params.output_format, params.output_quality, loaded.result_metadata() if keep else None
+    )
     results = []
-    for index, (image, seed) in enumerate(zip(images, seeds, strict=True)):
-        data = encode_image(image, params.output_format, params.output_quality, metadata)
-        key = output_key(record.id, index, EXTENSIONS[params.output_format])
-        content_type = CONTENT_TYPES[params.output_format]
-        _stored(runtime, "writing the result", lambda: runtime.objects.put(key, data, content_type))  # noqa: B023
+    for index, (file, seed) in enumerate(zip(files, seeds, strict=True)):
+        key = output_key(record.id, index, file.extension)
+        _stored(runtime, "writing the result", lambda: runtime.objects.put(key, file.data, file.media_type))  # noqa: B023
         results.append(
             JobResult(
-                key=key, width=image.width, height=image.height, bytes=len(data), content_type=content_type, seed=seed
+                key=key,
+                width=file.width,
+                height=file.height,
+                bytes=len(file.data),
+                content_type=file.media_type,
+                seed=seed,
             )
         )
     return results

@@ -157,7 +157,7 @@ def test_a_tiled_job_captions_every_tile(tiny_model, captioner: LlavaCaptioner) 
     result = pipeline(DATA / "chelsea_degraded.jpg", params)
     windows = pipeline.windows((150, 113), params)
     assert len(calls) == len(windows) > 1 and set(calls) == {(256, 256)}
-    assert [c["window"] for c in result.metadata["tile_captions"]] == [list(w) for w in windows]
-    assert result.metadata["seconds"]["caption"] > 0
+    assert list(result.tile_captions) == windows
+    assert result.seconds["caption"] > 0
     untiled = pipeline(DATA / "chelsea_degraded.jpg", validate_params({"min_size": 64, "steps": 2, "seed": 0}))
-    assert untiled.metadata["caption"] and untiled.metadata["tile_captions"] == []
+    assert untiled.prompts.caption and untiled.tile_captions == {}

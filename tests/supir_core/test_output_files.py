@@ -15,10 +15,9 @@ from PIL import Image, ImageCms
 
 from supir_core.cli import _output_names, _param_values, build_parser
 from supir_core.imageio import (
-    CONTENT_TYPES,
-    EXTENSIONS,
     ImageMetadata,
     encode_image,
+    encode_results,
     finish,
     load_image,
     srgb_profile,
@@ -108,11 +107,13 @@ def test_files_open_with_their_mode_and_size(photo: Image.Image, fmt: str, mode:
     image = photo.convert(mode)
     if mode == "RGBA":
         image.putpixel((0, 0), (0, 0, 0, 0))  # all-opaque alpha is left out by libwebp
-    img = opened(encode_image(image, fmt, 90, None))
-    assert img.format == fmt.upper() and img.size == (96, 64)
+    [file] = encode_results([image], fmt, 90, None)  # what the worker stores and the CLI writes
+    assert file.data == encode_image(image, fmt, 90, None)
+    img = opened(file.data)
+    assert img.format == fmt.upper() and img.size == (96, 64) == (file.width, file.height)
     expected = {"jpeg": {"RGBA": "RGB"}, "webp": {"L": "RGB"}}.get(fmt, {}).get(mode, mode)
     assert img.mode == expected
-    assert CONTENT_TYPES[fmt] == Image.MIME[img.format] and EXTENSIONS[fmt] in ("png", "jpg", "webp")
+    assert file.media_type == Image.MIME[img.format] and file.extension in ("png", "jpg", "webp")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -33,9 +33,9 @@ def pixels(img: Image.Image) -> np.ndarray:
 def test_output_is_upscale_times_input(pipeline: RestorationPipeline) -> None:
     result = pipeline(DATA / "chelsea_degraded.jpg", validate_params({**FAST, "upscale": 2}))
     assert result.image.size == (300, 226) and result.image.mode == "RGB"
-    assert result.metadata["process_size"] == [320, 256]
+    assert result.sizes.process == (320, 256)
     assert result.stage1.size == (320, 256)
-    assert set(result.metadata["seconds"]) == {"stage1", "conditioning", "encode", "sampling", "decoding"}
+    assert set(result.seconds) == {"stage1", "conditioning", "encode", "sampling", "decoding"}
 
 
 def test_rgba_and_grayscale_keep_their_kind(pipeline: RestorationPipeline) -> None:
@@ -56,7 +56,7 @@ def test_same_seed_same_image_other_seed_other_image(pipeline: RestorationPipeli
 
 def test_a_random_seed_is_reported(pipeline: RestorationPipeline) -> None:
     result = pipeline(DATA / "chelsea_degraded.jpg", validate_params({**FAST, "seed": None}))
-    seed = result.metadata["seed"]
+    seed = result.seed
     again = pipeline(DATA / "chelsea_degraded.jpg", validate_params({**FAST, "seed": seed}))
     assert result.image.tobytes() == again.image.tobytes()
 
@@ -76,11 +76,11 @@ def test_cancel_stops_within_one_step(pipeline: RestorationPipeline) -> None:
 
 def test_user_prompt_goes_before_the_quality_prompt(pipeline: RestorationPipeline) -> None:
     result = pipeline(DATA / "chelsea_degraded.jpg", validate_params({**FAST, "prompt": "A tabby cat."}))
-    assert result.metadata["positive_prompt"].startswith("A tabby cat. Cinematic")
+    assert result.prompts.positive.startswith("A tabby cat. Cinematic")
     official = pipeline(
         DATA / "chelsea_degraded.jpg", validate_params({**FAST, "prompt": "A tabby cat.", "prompt_style": "official"})
     )
-    assert official.metadata["positive_prompt"].startswith("A tabby cat.Cinematic")
+    assert official.prompts.positive.startswith("A tabby cat.Cinematic")
 
 
 def test_a_captioner_is_used_when_no_prompt_is_given(tiny_model) -> None:
@@ -92,18 +92,16 @@ def test_a_captioner_is_used_when_no_prompt_is_given(tiny_model) -> None:
 
     result = RestorationPipeline(tiny_model, captioner=captioner)(DATA / "chelsea_degraded.jpg", validate_params(FAST))
     assert captured == [(680, 512)]  # as the official code captions: the 150×113 input at a 512-px short side
-    assert result.metadata["caption"] == "A cat on a sofa. "
-    assert result.metadata["positive_prompt"].startswith("A cat on a sofa. Cinematic")
+    assert result.prompts.caption == "A cat on a sofa. "
+    assert result.prompts.positive.startswith("A cat on a sofa. Cinematic")
     none = RestorationPipeline(tiny_model, captioner=captioner)(
         DATA / "chelsea_degraded.jpg", validate_params({**FAST, "caption": "none", "prompt": "A cat."})
     )
-    assert (
-        len(captured) == 1 and none.metadata["caption"] == "" and none.metadata["positive_prompt"].startswith("A cat. ")
-    )
+    assert len(captured) == 1 and none.prompts.caption == "" and none.prompts.positive.startswith("A cat. ")
     full = RestorationPipeline(tiny_model, captioner=captioner)(
         DATA / "chelsea_degraded.jpg", validate_params({**FAST, "caption_input": "full"})
     )
-    assert captured[-1] == tuple(full.metadata["process_size"])
+    assert captured[-1] == full.sizes.process
 
 
 def test_the_caption_image_is_the_stage1_image_at_a_512_px_short_side(pipeline: RestorationPipeline) -> None:
@@ -122,7 +120,7 @@ def test_large_images_sample_in_tiles_and_batching_tiles_changes_nothing(pipelin
     params = {**FAST, "min_size": 512, "tile_size": 32, "tile_stride": 16, "steps": 2, "tiling": "always"}
     one = pipeline(DATA / "chelsea_degraded.jpg", validate_params(params))
     four = pipeline(DATA / "chelsea_degraded.jpg", validate_params({**params, "tiles_per_batch": 4}))
-    assert one.metadata["tiled_sampling"] and one.image.size == (150, 113)
+    assert one.tiling.sampling and one.image.size == (150, 113)
     assert np.abs(pixels(one.image) - pixels(four.image)).max() <= 1
 
 
@@ -147,8 +145,8 @@ def test_the_tiled_vae_gives_the_untiled_image(pipeline: RestorationPipeline) ->
     tiled = pipeline(
         DATA / "chelsea_degraded.jpg", validate_params({**params, "tiling": "always", "vae_tile_size": 256})
     )
-    assert tiled.metadata["tiled_vae"] and not whole.metadata["tiled_vae"]
-    assert not tiled.metadata["tiled_sampling"]  # the 64×48 latent fits in one 64² sampler tile
+    assert tiled.tiling.vae and not whole.tiling.vae
+    assert not tiled.tiling.sampling  # the 64×48 latent fits in one 64² sampler tile
     assert np.abs(pixels(whole.image) - pixels(tiled.image)).max() <= 1
 
 
@@ -227,14 +225,11 @@ def test_an_ordinary_photo_runs_untiled_as_the_official_code_does(pipeline: Rest
     with Image.open(DATA / "chelsea_degraded.jpg") as img:
         photo = img.convert("RGB").resize((800, 600), Image.Resampling.BICUBIC)
     result = pipeline(photo, validate_params({"steps": 1, "seed": 3}))
-    meta = result.metadata
-    assert meta["process_size"] == [1344, 1024] and result.image.size == (800, 600)
-    assert (meta["tiled_sampling"], meta["tiled_vae"]) == (False, False)
-    assert (
-        meta["tiling"]["policy"] == "auto" and (meta["tiling"]["sampling"], meta["tiling"]["vae"]) == ("untiled",) * 2
-    )
-    assert "fits in" in meta["tiling"]["reason"] and meta["tiling"]["planned_gb"]["sampling"] > 0
-    assert meta["tile_captions"] == []
+    tiling = result.tiling
+    assert result.sizes.process == (1344, 1024) and result.image.size == (800, 600)
+    assert (tiling.policy, tiling.sampling, tiling.vae) == ("auto", False, False)
+    assert "fits in" in tiling.reason and tiling.planned_gb is not None and tiling.planned_gb["sampling"] > 0
+    assert result.tile_captions == {}
 
     from supir_core.imageio import to_model_input
 
@@ -282,15 +277,12 @@ def test_a_small_memory_budget_tiles_and_says_why(tiny_model) -> None:
 
     lean = RestorationPipeline(tiny_model, speed=SpeedSettings(memory_budget_gb=0.01))
     params = validate_params({**FAST, "min_size": 512, "tile_size": 32, "tile_stride": 16, "steps": 1})
-    meta = lean(DATA / "chelsea_degraded.jpg", params).metadata
-    assert meta["tiled_sampling"] and meta["tiling"]["sampling"] == "tiled"
-    assert (
-        meta["tiling"]["budget_gb"] == 0.01
-        and "exceeds 0.01 GB (the memory_budget_gb setting)" in meta["tiling"]["reason"]
-    )
-    assert not meta["tiled_vae"]  # 512-px images are within one VAE tile
+    tiling = lean(DATA / "chelsea_degraded.jpg", params).tiling
+    assert tiling.sampling and tiling.metadata()["sampling"] == "tiled"
+    assert tiling.budget_gb == 0.01 and "exceeds 0.01 GB (the memory_budget_gb setting)" in tiling.reason
+    assert not tiling.vae  # 512-px images are within one VAE tile
     roomy = RestorationPipeline(tiny_model, speed=SpeedSettings(memory_budget_gb=100.0))
-    assert not roomy(DATA / "chelsea_degraded.jpg", params).metadata["tiled_sampling"]
+    assert not roomy(DATA / "chelsea_degraded.jpg", params).tiling.sampling
 
 
 def test_prompt_embeddings_are_cached_and_change_nothing(tiny_model) -> None:
@@ -323,11 +315,11 @@ def test_a_preview_then_stage_two_is_exactly_one_run(pipeline: RestorationPipeli
     kept stage 1, with no stage 1 run again; same seed and prompt → the very image a single run gives."""
     params = validate_params({**FAST, "caption": "none", "prompt": "my grandmother in her garden"})
     preview = pipeline.preview(DATA / "chelsea_degraded.jpg", params)
-    assert preview.stage1_image.size == tuple(preview.metadata["process_size"])
-    assert set(preview.metadata["seconds"]) == {"stage1"}
+    assert preview.stage1_image.size == preview.sizes.process
+    assert set(preview.seconds) == {"stage1"}
     kept = type(preview.stage1).from_bytes(preview.stage1.to_bytes())  # as stored between the two jobs
     resumed = pipeline(DATA / "chelsea_degraded.jpg", params, stage1=kept)
-    assert "stage1" not in resumed.metadata["seconds"]
+    assert "stage1" not in resumed.seconds
     single = pipeline(DATA / "chelsea_degraded.jpg", params)
     assert np.array_equal(pixels(resumed.image), pixels(single.image))
     assert np.array_equal(pixels(single.stage1), pixels(preview.stage1_image))

@@ -57,8 +57,8 @@ def test_samples_share_stage_one_and_every_unet_call(pipeline: RestorationPipeli
     with batches_of(model.unet) as unet:
         one = pipeline(PHOTO, validate_params(FAST))
     assert unet == [2] * FAST["steps"]
-    assert three.metadata["seeds"] == sample_seeds(11, 3) == [11, 12, 13] and three.metadata["seed"] == 11
-    assert one.metadata["seeds"] == [11] and one.images == [one.image]
+    assert three.seeds == sample_seeds(11, 3) == [11, 12, 13] and three.seed == 11
+    assert one.seeds == [11] and one.images == [one.image]
     assert len(three.images) == 3 and three.image is three.images[0]
     assert all(img.size == (150, 113) and img.mode == "RGB" for img in three.images)
     assert len({img.tobytes() for img in three.images}) == 3
@@ -68,8 +68,8 @@ def test_samples_share_stage_one_and_every_unet_call(pipeline: RestorationPipeli
 def test_each_image_is_the_single_run_of_its_seed(pipeline: RestorationPipeline) -> None:
     params = {**FAST, "seed": 2**31 - 2}  # the seeds wrap: 2³¹ − 2, 2³¹ − 1, 0
     batch = pipeline(DATA / "coffee_rgba.png", validate_params({**params, "num_samples": 3}))
-    assert batch.metadata["seeds"] == [2**31 - 2, 2**31 - 1, 0]
-    for seed, image in zip(batch.metadata["seeds"], batch.images, strict=True):
+    assert batch.seeds == [2**31 - 2, 2**31 - 1, 0]
+    for seed, image in zip(batch.seeds, batch.images, strict=True):
         single = pipeline(DATA / "coffee_rgba.png", validate_params({**params, "seed": seed})).image
         assert image.mode == single.mode == "RGBA" and np.abs(pixels(image) - pixels(single)).max() <= 1
 
@@ -163,14 +163,15 @@ def test_the_memory_plan_counts_every_sample(tiny_model) -> None:
     per_sample = trace_stage_bytes(tiny_model).at(process[0] * process[1])["sampling"]
     lean = RestorationPipeline(tiny_model, speed=SpeedSettings(memory_budget_gb=2 * per_sample / GB))
     params = {**FAST, "min_size": 256, "tile_size": 32, "tile_stride": 16, "steps": 1}
-    one = lean(PHOTO, validate_params(params)).metadata
-    four = lean(PHOTO, validate_params({**params, "num_samples": 4})).metadata
-    assert one["process_size"] == list(process)
-    assert not one["tiled_sampling"] and "fits in" in one["tiling"]["reason"]
-    assert four["tiled_sampling"] and "exceeds" in four["tiling"]["reason"]
-    planned = four["tiling"]["planned_gb"]["sampling"], one["tiling"]["planned_gb"]["sampling"]
+    one_run = lean(PHOTO, validate_params(params))
+    one, four = one_run.tiling, lean(PHOTO, validate_params({**params, "num_samples": 4})).tiling
+    assert one_run.sizes.process == process
+    assert not one.sampling and "fits in" in one.reason
+    assert four.sampling and "exceeds" in four.reason
+    assert one.planned_gb is not None and four.planned_gb is not None
+    planned = four.planned_gb["sampling"], one.planned_gb["sampling"]
     assert planned[0] == pytest.approx(4 * planned[1], rel=0.01)  # of figures rounded to 0.1 MB
-    assert four["tiling"]["planned_gb"]["stage1"] == one["tiling"]["planned_gb"]["stage1"]  # run once per photo
+    assert four.planned_gb["stage1"] == one.planned_gb["stage1"]  # run once per photo
     assert lean.windows((150, 113), validate_params({**params, "num_samples": 4}))
     assert not lean.windows((150, 113), validate_params(params))
 
@@ -183,7 +184,7 @@ def test_a_preview_then_several_samples_is_one_run(pipeline: RestorationPipeline
     assert kept.x_stage1.shape[0] == 1
     resumed = pipeline(PHOTO, params, stage1=kept)
     direct = pipeline(PHOTO, params)
-    assert "stage1" not in resumed.metadata["seconds"] and resumed.metadata["seeds"] == [11, 12]
+    assert "stage1" not in resumed.seconds and resumed.seeds == [11, 12]
     assert len(resumed.images) == len(direct.images) == 2
     for a, b in zip(resumed.images, direct.images, strict=True):
         assert np.array_equal(pixels(a), pixels(b))
