@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -118,6 +119,61 @@ def _stop_if_asked(should_stop: Callable[[], bool] | None, i: int, steps: int) -
         raise Canceled(f"canceled before step {i + 1} of {steps}")
 
 
+@dataclass(frozen=True)
+class _ControlRamp:
+    """A run's α schedule: `control_scale_at` with the run's settings bound."""
+
+    sigma_max: float
+    control_scale: float
+    control_scale_start: float
+    linear_control_scale: bool
+
+    def at(self, sigma: float) -> float:
+        return control_scale_at(
+            sigma,
+            self.sigma_max,
+            control_scale=self.control_scale,
+            control_scale_start=self.control_scale_start,
+            linear_control_scale=self.linear_control_scale,
+        )
+
+
+@dataclass(frozen=True)
+class _EdmRule:
+    """The knobs of `edm_step` that hold for a whole run; a step adds its σs, α, ξ and z_c."""
+
+    gamma: float
+    s_noise: float
+    restoration_scale: float
+    restoration_min_sigma: float
+    sigma_max: float
+
+    def step(
+        self,
+        denoise: GuidedDenoise,
+        x: torch.Tensor,
+        sigma: float,
+        sigma_next: float,
+        alpha: float,
+        xi: torch.Tensor | None,
+        x_center: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        return edm_step(
+            denoise,
+            x,
+            sigma,
+            sigma_next,
+            gamma=self.gamma,
+            alpha=alpha,
+            s_noise=self.s_noise,
+            restoration_scale=self.restoration_scale,
+            restoration_min_sigma=self.restoration_min_sigma,
+            sigma_max=self.sigma_max,
+            xi=xi,
+            x_center=x_center,
+        )
+
+
 def restore_edm(
     denoise: GuidedDenoise,
     noise: torch.Tensor,
@@ -143,31 +199,14 @@ def restore_edm(
     step_noise = step_noise or noise_from(None)
     steps = len(sigmas) - 1
     gamma = churn_gamma(s_churn, steps)
+    ramp = _ControlRamp(sigma_max, control_scale, control_scale_start, linear_control_scale)
+    rule = _EdmRule(gamma, s_noise, restoration_scale, restoration_min_sigma, sigma_max)
     x = noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)
     for i in range(steps):
         _stop_if_asked(should_stop, i, steps)
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        alpha = control_scale_at(
-            sigma,
-            sigma_max,
-            control_scale=control_scale,
-            control_scale_start=control_scale_start,
-            linear_control_scale=linear_control_scale,
-        )
-        x, info = edm_step(
-            denoise,
-            x,
-            sigma,
-            sigma_next,
-            gamma=gamma,
-            alpha=alpha,
-            s_noise=s_noise,
-            restoration_scale=restoration_scale,
-            restoration_min_sigma=restoration_min_sigma,
-            sigma_max=sigma_max,
-            xi=step_noise(i, x) if gamma > 0 else None,
-            x_center=x_center,
-        )
+        xi = step_noise(i, x) if gamma > 0 else None
+        x, info = rule.step(denoise, x, sigma, sigma_next, ramp.at(sigma), xi, x_center)
         if callback is not None:
             callback({"x": x, "i": i, "steps": steps, **info})
     return x
@@ -204,57 +243,57 @@ def restore_edm_tiled(
     step_noise = step_noise or noise_from(None)
     steps = len(sigmas) - 1
     gamma = churn_gamma(s_churn, steps)
+    ramp = _ControlRamp(sigma_max, control_scale, control_scale_start, linear_control_scale)
+    rule = _EdmRule(gamma, s_noise, restoration_scale, restoration_min_sigma, sigma_max)
     windows = tile_windows(noise.shape[-2], noise.shape[-1], tile, stride)
-    tiles_per_batch = tiles_per_batch or len(windows)
+    per_call = tiles_per_batch or len(windows)
+    groups = [windows[first : first + per_call] for first in range(0, len(windows), per_call)]
     weights = gaussian_weights(tile, centered_tile_weights).to(noise.device)
     x = noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)
     for i in range(steps):
         _stop_if_asked(should_stop, i, steps)
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        alpha = control_scale_at(
-            sigma,
-            sigma_max,
-            control_scale=control_scale,
-            control_scale_start=control_scale_start,
-            linear_control_scale=linear_control_scale,
-        )
+        alpha = ramp.at(sigma)
         xi = step_noise(i, x)  # one full-size field per step, sliced per tile
-        acc, count = torch.zeros_like(x), torch.zeros_like(x)
-        info: dict[str, Any] = {}
-        for first in range(0, len(windows), tiles_per_batch):
-            group = windows[first : first + tiles_per_batch]
-
-            def crops(t: torch.Tensor, group: list[Window] = group) -> torch.Tensor:
-                return torch.cat([t[..., h0:h1, w0:w1] for h0, h1, w0, w1 in group])
-
-            def denoise_group(
-                xc: torch.Tensor, sh: torch.Tensor, a: float, group: list[Window] = group
-            ) -> torch.Tensor:
-                return denoise(xc, sh, a, group)
-
-            out, info = edm_step(
-                denoise_group,
-                crops(x),
-                sigma,
-                sigma_next,
-                gamma=gamma,
-                alpha=alpha,
-                s_noise=s_noise,
-                restoration_scale=restoration_scale,
-                restoration_min_sigma=restoration_min_sigma,
-                sigma_max=sigma_max,
-                xi=crops(xi) if gamma > 0 else None,
-                x_center=crops(x_center) if x_center is not None else None,
-            )
-            for (h0, h1, w0, w1), y in zip(group, out.chunk(len(group)), strict=True):
-                acc[..., h0:h1, w0:w1] += y * weights  # float64 product, accumulated in x's dtype
-                count[..., h0:h1, w0:w1] += weights
-        x = acc / count
+        x, sigma_hat = _blended_edm_step(
+            denoise, x, sigma, sigma_next, alpha, xi if gamma > 0 else None, x_center, rule, groups, weights
+        )
         if callback is not None:
-            callback(
-                {"x": x, "i": i, "steps": steps, "sigma": sigma, "sigma_hat": info["sigma_hat"], "control_scale": alpha}
-            )
+            callback({"x": x, "i": i, "steps": steps, "sigma": sigma, "sigma_hat": sigma_hat, "control_scale": alpha})
     return x
+
+
+def _blended_edm_step(
+    denoise: TiledDenoise,
+    x: torch.Tensor,
+    sigma: float,
+    sigma_next: float,
+    alpha: float,
+    xi: torch.Tensor | None,
+    x_center: torch.Tensor | None,
+    rule: _EdmRule,
+    groups: list[list[Window]],
+    weights: torch.Tensor,
+) -> tuple[torch.Tensor, float]:
+    """One EDM step on every tile, a group of tiles per denoiser call, blended with the Gaussian `weights`:
+    (x at σ_next, σ̂)."""
+    acc, count = torch.zeros_like(x), torch.zeros_like(x)
+    info: dict[str, Any] = {}
+    for group in groups:
+
+        def crops(t: torch.Tensor, group: list[Window] = group) -> torch.Tensor:
+            return torch.cat([t[..., h0:h1, w0:w1] for h0, h1, w0, w1 in group])
+
+        def denoise_group(xc: torch.Tensor, sh: torch.Tensor, a: float, group: list[Window] = group) -> torch.Tensor:
+            return denoise(xc, sh, a, group)
+
+        xi_tiles = crops(xi) if xi is not None else None
+        center_tiles = crops(x_center) if x_center is not None else None
+        out, info = rule.step(denoise_group, crops(x), sigma, sigma_next, alpha, xi_tiles, center_tiles)
+        for (h0, h1, w0, w1), y in zip(group, out.chunk(len(group)), strict=True):
+            acc[..., h0:h1, w0:w1] += y * weights  # float64 product, accumulated in x's dtype
+            count[..., h0:h1, w0:w1] += weights
+    return acc / count, info["sigma_hat"]
 
 
 def restore_dpmpp_2m(
@@ -288,47 +327,51 @@ def restore_dpmpp_2m(
     """
     step_noise = step_noise or noise_from(None)
     steps = len(sigmas) - 1
+    ramp = _ControlRamp(sigma_max, control_scale, control_scale_start, linear_control_scale)
+    guidance = {"restoration_scale": restoration_scale, "restoration_min_sigma": restoration_min_sigma}
     x = noise * math.sqrt(1.0 + (float(sigmas[0]) if init_sigma is None else init_sigma) ** 2)
     old_denoised: torch.Tensor | None = None
     h_last = 0.0
     for i in range(steps):
         _stop_if_asked(should_stop, i, steps)
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        alpha = control_scale
-        if full_guidance:
-            alpha = control_scale_at(
-                sigma,
-                sigma_max,
-                control_scale=control_scale,
-                control_scale_start=control_scale_start,
-                linear_control_scale=linear_control_scale,
-            )
+        alpha = ramp.at(sigma) if full_guidance else control_scale
         denoised_cfg = denoise(x, x.new_full((x.shape[0],), sigma), alpha)
         denoised = denoised_cfg
         if full_guidance:
-            denoised = restoration_guided(
-                denoised_cfg,
-                x_center,
-                sigma,
-                sigma_next,
-                sigma_max,
-                restoration_scale=restoration_scale,
-                restoration_min_sigma=restoration_min_sigma,
-            )
+            denoised = restoration_guided(denoised_cfg, x_center, sigma, sigma_next, sigma_max, **guidance)
         if sigma_next == 0:
             x = denoised
         else:
-            h = math.log(sigma) - math.log(sigma_next)  # step in half-log-SNR, t = −log σ
-            a = -math.expm1(-(1.0 + eta) * h)
-            x = (sigma_next / sigma) * math.exp(-eta * h) * x + a * denoised
-            if old_denoised is not None:
-                x = x + a * (h / (2.0 * h_last)) * (denoised - old_denoised)
-                if eta > 0:  # ξ·σ'·√(1 − e^{−2ηh})·s_noise; no draw on step 0 (the official sampler draws none)
-                    scale = sigma_next * math.sqrt(-math.expm1(-2.0 * eta * h)) * s_noise
-                    x = x + step_noise(i - 1, x) * scale
-            h_last = h
+            x, h_last = _dpmpp_2m_sde_step(
+                x, denoised, old_denoised, sigma, sigma_next, h_last, eta, s_noise, step_noise, i
+            )
         old_denoised = denoised
         if callback is not None:
             info = {"sigma": sigma, "sigma_hat": sigma, "control_scale": alpha, "denoised_cfg": denoised_cfg}
             callback({"x": x, "i": i, "steps": steps, **info, "denoised": denoised})
     return x
+
+
+def _dpmpp_2m_sde_step(
+    x: torch.Tensor,
+    denoised: torch.Tensor,
+    old_denoised: torch.Tensor | None,
+    sigma: float,
+    sigma_next: float,
+    h_last: float,
+    eta: float,
+    s_noise: float,
+    step_noise: NoiseFn,
+    i: int,
+) -> tuple[torch.Tensor, float]:
+    """Step i of DPM-Solver++(2M) SDE to σ' > 0 (the formulas of `restore_dpmpp_2m`): (x at σ', h)."""
+    h = math.log(sigma) - math.log(sigma_next)  # step in half-log-SNR, t = −log σ
+    a = -math.expm1(-(1.0 + eta) * h)
+    x = (sigma_next / sigma) * math.exp(-eta * h) * x + a * denoised
+    if old_denoised is not None:
+        x = x + a * (h / (2.0 * h_last)) * (denoised - old_denoised)
+        if eta > 0:  # ξ·σ'·√(1 − e^{−2ηh})·s_noise; no draw on step 0 (the official sampler draws none)
+            scale = sigma_next * math.sqrt(-math.expm1(-2.0 * eta * h)) * s_noise
+            x = x + step_noise(i - 1, x) * scale
+    return x, h
