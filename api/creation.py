@@ -11,17 +11,18 @@ import json
 import re
 import time
 from dataclasses import dataclass, replace
-from typing import Any, get_args
-from urllib.parse import urlsplit
+from typing import Any, TypeVar
 
 import anyio
 import redis
 from fastapi import Request
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from jobs.cache import cacheable, record_key
-from jobs.record import JobRecord, JobResult, WebhookEvent, WebhookState, input_key, new_job_id, output_key
+from jobs.record import JobRecord, JobResult, WebhookState, input_key, new_job_id, output_key
 from jobs.settings import Settings
 from jobs.storage import ObjectMissing
 from jobs.store import JobStore
@@ -30,24 +31,37 @@ from supir_core.errors import InvalidInput
 from supir_core.params import MAX_SEED, PRESETS, RestoreParams, validate_params
 
 from . import metrics
-from .errors import ApiError
+from .errors import STATUS, ApiError
 from .intake import check_image, check_public_url, fetch_image
+from .models import WEBHOOK_EVENTS, JobFromUrl, JobUpload, RestoreFromPreview
 from .services import Services
 
 MAX_JSON_DEPTH = 32  # nesting allowed in a JSON body or the params field
 FORM_FIELD_BYTES = 64_000  # largest non-file multipart field (params is small)
-MAX_URL_CHARS = 8192
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no spaces
 JOB_ID = re.compile(r"job_[0-9a-f]{32}")
 IDEMPOTENCY_WAIT_S = 30.0  # how long a repeat waits for the first create's job to exist
 IDEMPOTENCY_POLL_S = 0.1
 IDEMPOTENCY_STALE_S = 300.0  # a claim this old with no job: its API process died; the next request takes it
-ALLOWED_FIELDS = {
-    "params", "preset", "webhook_url", "webhook_events", "image_url", "preview", "stage1_job", "variant"
-}  # fmt: skip
-# stage1_job is set from the path of POST /v1/jobs/{id}/restore, never read from a create body
 SIZE_PARAMS = ("min_size", "upscale")  # fix the processing size: a run from a kept stage 1 must share them
-WEBHOOK_EVENTS: tuple[str, ...] = get_args(WebhookEvent)
+Body = TypeVar("Body", JobUpload, JobFromUrl, RestoreFromPreview)
+# A body with several faults is answered with one: unknown fields first, then wrong JSON types, then wrong
+# values, the fields in this order (the order the API has always checked them in)
+FIELD_ORDER = ("image", "image_url", "webhook_url", "preset", "params", "variant", "preview", "webhook_events")
+# each field's code, and the message for a value of the right JSON type that is still refused
+REFUSALS = {
+    "image_url": ("invalid_url", "image_url must be an http or https URL"),
+    "webhook_url": ("invalid_webhook_url", "webhook_url must be an http or https URL"),
+    "preset": ("invalid_parameter", "preset must be a string"),
+    "params": ("invalid_request", "params must be a JSON object"),
+    "variant": ("invalid_request", "variant must be a string"),
+    "preview": ("invalid_request", "preview must be true or false"),
+    "webhook_events": (
+        "invalid_request",
+        f"webhook_events must be a non-empty list of event names ({', '.join(WEBHOOK_EVENTS)})",
+    ),
+}
+NO_UPLOAD = "send the photo as the multipart file field 'image' (or JSON image_url)"
 
 
 @dataclass(frozen=True)
@@ -95,36 +109,121 @@ async def read_job_request(request: Request, settings: Settings, stage1_job: str
     before any of this reads it. With `stage1_job` (`POST /v1/jobs/{id}/restore`): a JSON body (or none) with
     what the run is told; the photo and stage 1 are the preview's."""
     content_type = request.headers.get("content-type", "")
-    if stage1_job is not None:
-        return await _from_preview_request(request, stage1_job, content_type)
-    data: bytes | None = None
     declared: str | None = None
-    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        form = await request.form(max_files=1, max_fields=8, max_part_size=FORM_FIELD_BYTES)
-        fields: dict[str, Any] = {k: v for k, v in form.items() if not isinstance(v, UploadFile)}
-        upload = form.get("image")
-        if "params" in fields:
-            fields["params"] = _parse_json(fields["params"], "the params field", field="params")
-        if isinstance(fields.get("webhook_events"), str):
-            fields["webhook_events"] = _event_list(fields["webhook_events"])
-        if isinstance(fields.get("preview"), str):
-            fields["preview"] = {"true": True, "false": False}.get(fields["preview"].strip().lower(), fields["preview"])
-        if isinstance(upload, UploadFile):
-            data = await upload.read(settings.max_upload_bytes + 1)
-            declared = upload.content_type
-        elif "image_url" not in fields:
-            raise ApiError(
-                "missing_image", "send the photo as the multipart file field 'image' (or JSON image_url)", field="image"
-            )
+    body: JobUpload | JobFromUrl | RestoreFromPreview
+    if stage1_job is not None:
+        body = await _from_preview_body(request, content_type, settings)
+        if not JOB_ID.fullmatch(stage1_job):
+            raise ApiError("not_found", f"no job {stage1_job[:80]}")
+    elif content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        body, declared = await _form_body(request, settings)
     elif content_type.startswith("application/json"):
-        fields = _parse_json(await request.body(), "the request body")
-        if not isinstance(fields, dict):
-            raise ApiError("invalid_json", "the request body must be a JSON object")
+        body = _validated(JobFromUrl, _json_object(await request.body()), settings)
     else:
         raise ApiError("unsupported_media_type", "send multipart/form-data with an image, or JSON with image_url")
-    if "stage1_job" in fields:  # only from the path of POST /v1/jobs/{id}/restore
-        raise ApiError("invalid_request", "unknown field 'stage1_job'", field="stage1_job")
-    return _served(_validated(fields, data, declared, settings.default_params), settings)
+    return _served(_job_request(body, declared, settings, stage1_job), settings)
+
+
+async def _form_body(request: Request, settings: Settings) -> tuple[JobUpload | JobFromUrl, str | None]:
+    """A form's fields as the JSON body's values, validated, and the upload's declared content type. A form
+    with image_url (and no file) is that JSON body sent as a form."""
+    # as a context: the upload's spooled file is closed at the end, not left to the garbage collector
+    async with request.form(max_files=1, max_fields=8, max_part_size=FORM_FIELD_BYTES) as form:
+        fields: dict[str, Any] = {k: v for k, v in form.items() if not isinstance(v, UploadFile)}
+        upload = form.get("image")
+        data = await upload.read(settings.max_upload_bytes + 1) if isinstance(upload, UploadFile) else None
+        declared = upload.content_type if isinstance(upload, UploadFile) else None
+    if "params" in fields:
+        fields["params"] = _parse_json(fields["params"], "the params field", field="params")
+    if isinstance(fields.get("webhook_events"), str):
+        fields["webhook_events"] = _event_list(fields["webhook_events"])
+    if isinstance(fields.get("preview"), str):
+        fields["preview"] = {"true": True, "false": False}.get(fields["preview"].strip().lower(), fields["preview"])
+    if "image_url" in fields:
+        if data is not None:
+            message = "send either an image file or image_url, not both"
+            raise ApiError("conflicting_image_sources", message, field="image_url")
+        return _validated(JobFromUrl, fields, settings), None
+    if data is None:
+        raise ApiError("missing_image", NO_UPLOAD, field="image")
+    return _validated(JobUpload, {**fields, "image": data}, settings), declared
+
+
+async def _from_preview_body(request: Request, content_type: str, settings: Settings) -> RestoreFromPreview:
+    body = await request.body()
+    if body.strip() and not content_type.startswith("application/json"):
+        raise ApiError("unsupported_media_type", "send JSON (params, preset, webhook_url, webhook_events) or nothing")
+    return _validated(RestoreFromPreview, _json_object(body) if body.strip() else {}, settings)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    fields = _parse_json(body, "the request body")
+    if not isinstance(fields, dict):
+        raise ApiError("invalid_json", "the request body must be a JSON object")
+    return fields
+
+
+def _validated(model: type[Body], fields: dict[str, Any], settings: Settings) -> Body:
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise _refusal(exc, settings) from None
+
+
+def _refusal(exc: ValidationError, settings: Settings) -> ApiError:
+    """A body model's ValidationError as the API's error: its stable code, the field, a sentence."""
+    error = min(exc.errors(), key=_precedence)
+    name, kind, value = str(error["loc"][0]) if error["loc"] else "", error["type"], error["input"]
+    if kind == "extra_forbidden":
+        return ApiError("invalid_request", f"unknown field {name!r}", field=name)
+    if kind in STATUS:  # a validator of the body models (api.models) that words it the API's way
+        return ApiError(kind, error["msg"], field=name)
+    if name == "image":
+        return ApiError("missing_image", NO_UPLOAD, field="image")
+    if name == "image_url" and (kind == "missing" or value is None or value == ""):
+        return ApiError("missing_image", "send an image file or image_url", field="image")
+    if name == "variant" and kind == "string_pattern_mismatch":  # no variant is named so: none serves it
+        return _unserved(value, settings)
+    if name == "webhook_events" and kind == "literal_error" and isinstance(value, str):
+        message = f"unknown webhook event {value[:40]!r}; choose from {', '.join(WEBHOOK_EVENTS)}"
+        return ApiError("invalid_request", message, field=name)
+    code, message = REFUSALS[name]
+    return ApiError(code, f"{name} must be a string" if kind == "string_type" else message, field=name)
+
+
+def _precedence(error: ErrorDetails) -> tuple[int, int, str]:
+    name = str(error["loc"][0]) if error["loc"] else ""
+    stage = 0 if error["type"] == "extra_forbidden" else 1 if error["type"].endswith("_type") else 2
+    return stage, FIELD_ORDER.index(name) if name in FIELD_ORDER else len(FIELD_ORDER), name
+
+
+def _job_request(
+    body: JobUpload | JobFromUrl | RestoreFromPreview, declared: str | None, settings: Settings, stage1_job: str | None
+) -> JobRequest:
+    """The validated body with its params over this deployment's defaults and the preset, checked."""
+    raw_params = body.params or {}
+    try:
+        params = validate_params(with_defaults(raw_params, body.preset, settings.default_params), preset=body.preset)
+    except InvalidInput as exc:
+        raise _params_refusal(exc) from None
+    return JobRequest(
+        params=params,
+        preset=body.preset,
+        image=body.image if isinstance(body, JobUpload) else None,
+        declared_type=declared,
+        image_url=body.image_url if isinstance(body, JobFromUrl) else None,
+        webhook_url=body.webhook_url,
+        webhook_events=tuple(body.webhook_events or ("completed",)),
+        raw_params=raw_params,
+        preview=not isinstance(body, RestoreFromPreview) and body.preview,
+        stage1_job=stage1_job,
+        variant=body.variant,
+    )
+
+
+def _params_refusal(exc: InvalidInput) -> ApiError:
+    field = f"params.{exc.field}" if exc.field and exc.field != "preset" else exc.field
+    return ApiError(exc.code, exc.message, field=field)
 
 
 def _served(job: JobRequest, settings: Settings) -> JobRequest:
@@ -133,27 +232,17 @@ def _served(job: JobRequest, settings: Settings) -> JobRequest:
     if job.variant is None:
         return job if job.stage1_job else replace(job, variant=settings.default_variant)
     if job.variant not in settings.variant_files:
-        served = ", ".join(settings.variant_files)
-        message = (
-            f"variant {job.variant[:40]!r} is not served here; choose one of {served} (the variants served are the "
-            "service's SUPIR_VARIANTS setting, name → SUPIR file; without it, SUPIR_DEFAULT_VARIANT alone)"
-        )
-        raise ApiError("variant_unavailable", message, field="variant")
+        raise _unserved(job.variant, settings)
     return job
 
 
-async def _from_preview_request(request: Request, stage1_job: str, content_type: str) -> JobRequest:
-    body = await request.body()
-    if body.strip() and not content_type.startswith("application/json"):
-        raise ApiError("unsupported_media_type", "send JSON (params, preset, webhook_url, webhook_events) or nothing")
-    fields = _parse_json(body, "the request body") if body.strip() else {}
-    if not isinstance(fields, dict):
-        raise ApiError("invalid_json", "the request body must be a JSON object")
-    for name in ("image_url", "preview", "stage1_job"):
-        if name in fields:  # the photo and stage 1 are the preview's
-            raise ApiError("invalid_request", f"unknown field {name!r}", field=name)
-    settings: Settings = request.app.state.services.settings
-    return _served(_validated({**fields, "stage1_job": stage1_job}, None, None, settings.default_params), settings)
+def _unserved(variant: str, settings: Settings) -> ApiError:
+    served = ", ".join(settings.variant_files)
+    message = (
+        f"variant {variant[:40]!r} is not served here; choose one of {served} (the variants served are the "
+        "service's SUPIR_VARIANTS setting, name → SUPIR file; without it, SUPIR_DEFAULT_VARIANT alone)"
+    )
+    return ApiError("variant_unavailable", message, field="variant")
 
 
 def _event_list(raw: str) -> Any:
@@ -193,80 +282,6 @@ def with_defaults(raw: dict[str, Any], preset: str | None, defaults: dict[str, A
     return {**{k: v for k, v in defaults.items() if k not in preset_sets}, **raw}
 
 
-def _validated(
-    fields: dict[str, Any], data: bytes | None, declared: str | None, defaults: dict[str, Any] | None = None
-) -> JobRequest:
-    unknown = set(fields) - ALLOWED_FIELDS
-    if unknown:
-        raise ApiError("invalid_request", f"unknown field {sorted(unknown)[0]!r}", field=sorted(unknown)[0])
-    image_url, webhook_url, preset = fields.get("image_url"), fields.get("webhook_url"), fields.get("preset")
-    # JSON can carry any type: each field's type is checked before anything uses it
-    if image_url is not None and not isinstance(image_url, str):
-        raise ApiError("invalid_url", "image_url must be a string", field="image_url")
-    if webhook_url is not None and not isinstance(webhook_url, str):
-        raise ApiError("invalid_webhook_url", "webhook_url must be a string", field="webhook_url")
-    if preset is not None and not isinstance(preset, str):
-        raise ApiError("invalid_parameter", "preset must be a string", field="preset")
-    raw_params = fields.get("params")
-    raw_params = {} if raw_params is None else raw_params
-    if not isinstance(raw_params, dict):
-        raise ApiError("invalid_request", "params must be a JSON object", field="params")
-    preview, stage1_job = fields.get("preview", False), fields.get("stage1_job")
-    variant = fields.get("variant")
-    if variant is not None and not isinstance(variant, str):
-        raise ApiError("invalid_request", "variant must be a string", field="variant")
-    if not isinstance(preview, bool):
-        raise ApiError("invalid_request", "preview must be true or false", field="preview")
-    if stage1_job is not None and not (isinstance(stage1_job, str) and JOB_ID.fullmatch(stage1_job)):
-        raise ApiError("not_found", f"no job {str(stage1_job)[:80]}")
-    if data is not None and image_url:
-        raise ApiError(
-            "conflicting_image_sources", "send either an image file or image_url, not both", field="image_url"
-        )
-    if data is None and not image_url and not stage1_job:
-        raise ApiError("missing_image", "send an image file or image_url", field="image")
-    if image_url is not None and not _http_url(image_url):
-        raise ApiError("invalid_url", "image_url must be an http or https URL", field="image_url")
-    if webhook_url is not None and not _http_url(webhook_url):
-        raise ApiError("invalid_webhook_url", "webhook_url must be an http or https URL", field="webhook_url")
-    events = _webhook_events(fields.get("webhook_events"), webhook_url)
-    try:
-        params = validate_params(with_defaults(raw_params, preset, defaults or {}), preset=preset)
-    except InvalidInput as exc:
-        raise ApiError(
-            exc.code, exc.message, field=f"params.{exc.field}" if exc.field and exc.field != "preset" else exc.field
-        ) from None
-    return JobRequest(
-        params, preset, data, declared, image_url, webhook_url, events, raw_params, preview, stage1_job, variant
-    )
-
-
-def _webhook_events(raw: Any, webhook_url: str | None) -> tuple[str, ...]:
-    """The events the webhook receives (default: only `completed`)."""
-    if raw is None:
-        return ("completed",)
-    choices = ", ".join(WEBHOOK_EVENTS)
-    if not isinstance(raw, list) or not raw or not all(isinstance(name, str) for name in raw):
-        message = f"webhook_events must be a non-empty list of event names ({choices})"
-        raise ApiError("invalid_request", message, field="webhook_events")
-    unknown = [name for name in raw if name not in WEBHOOK_EVENTS]
-    if unknown:
-        message = f"unknown webhook event {unknown[0][:40]!r}; choose from {choices}"
-        raise ApiError("invalid_request", message, field="webhook_events")
-    if webhook_url is None:
-        raise ApiError("invalid_request", "webhook_events needs a webhook_url", field="webhook_events")
-    return tuple(name for name in WEBHOOK_EVENTS if name in raw)  # a fixed order, duplicates dropped
-
-
-def _http_url(url: str) -> bool:
-    """An http(s) URL with a host, of sane length; urlsplit raises on some malformed ones ("http://[")."""
-    try:
-        parts = urlsplit(url)
-        return parts.scheme in ("http", "https") and bool(parts.hostname) and len(url) <= MAX_URL_CHARS
-    except ValueError:
-        return False
-
-
 async def create(
     services: Services, owner: str, quota: int, job: JobRequest, idempotency_key: str | None
 ) -> tuple[JobRecord, bool]:
@@ -287,7 +302,32 @@ async def create(
         replay = await _claim_or_replay(services, owner, idempotency_key, job_id, request_hash)
         if replay is not None:
             return replay, True
-    claimed = False
+    record, cached = await _stored_record(services, owner, quota, job, job_id, request_hash, idempotency_key)
+    if idempotency_key:
+        with contextlib.suppress(redis.RedisError):  # only informative: waiters look for the record itself
+            await run_in_threadpool(store.confirm_idempotency_key, owner, idempotency_key, job_id, request_hash)
+    if cached:
+        if record.webhook is not None and record.webhook.state == "pending":
+            with contextlib.suppress(Exception):  # as for a job canceled while queued: the light worker posts it
+                await run_in_threadpool(services.notify, job_id)
+        return record, False
+    await _enqueue(services, record, owner, idempotency_key)
+    metrics.JOBS_CREATED.inc()
+    return record, False
+
+
+async def _stored_record(
+    services: Services,
+    owner: str,
+    quota: int,
+    job: JobRequest,
+    job_id: str,
+    request_hash: str,
+    idempotency_key: str | None,
+) -> tuple[JobRecord, bool]:
+    """Claim a quota slot, get the photo, and store the job: (its record, whether it was born succeeded from the
+    result cache, holding no slot)."""
+    store, claimed = services.store, False
     try:
         # one atomic check-and-claim: concurrent creates cannot all pass a separate count
         claimed = await run_in_threadpool(store.claim_slot, owner, job_id, quota)
@@ -297,53 +337,53 @@ async def create(
                 "SUPIR_MAX_ACTIVE_JOBS, or the key's max_active_jobs in SUPIR_API_KEYS)"
             )
             raise ApiError("quota_exceeded", message, headers={"Retry-After": "10"})
-        declared: str | None
-        if job.stage1_job is not None:
-            job, image, declared = await _from_stage1(services, owner, job)
-        elif job.image is not None:
-            image, declared = job.image, job.declared_type
-        else:
-            assert job.image_url is not None  # _validated: one of the three
-            async with services.fetches:
-                image, declared = await run_in_threadpool(fetch_image, job.image_url, settings)
+        job, image, declared = await _photo(services, owner, job)
         image_sha256 = await run_in_threadpool(lambda: hashlib.sha256(image).hexdigest())
         hit = await run_in_threadpool(_answer_from_cache, services, owner, job, job_id, image_sha256, request_hash)
         if hit is not None:
             await run_in_threadpool(store.release_slot, owner, job_id)  # it ended at birth: no slot held
             claimed = False
-        else:
-            async with services.decodes:
-                info = await run_in_threadpool(check_image, image, settings, job.params.upscale, declared)
-            record = _record(job, job_id, owner, info, request_hash, image_sha256)
-            # input first, record second, task last: a failure leaves no record pointing at a missing input
-            await run_in_threadpool(services.objects.put, record.input_key, image, info.content_type)
-            await run_in_threadpool(store.create, record)  # the record keeps the claimed slot
+            return hit, True
+        async with services.decodes:
+            info = await run_in_threadpool(check_image, image, services.settings, job.params.upscale, declared)
+        record = _record(job, job_id, owner, info, request_hash, image_sha256)
+        # input first, record second, task last: a failure leaves no record pointing at a missing input
+        await run_in_threadpool(services.objects.put, record.input_key, image, info.content_type)
+        await run_in_threadpool(store.create, record)  # the record keeps the claimed slot
+        return record, False
     except BaseException as exc:  # any failure, a cancelled request too, gives back the slot and the key
         with anyio.CancelScope(shield=True):
             await run_in_threadpool(_undo_claims, store, owner, job_id, job_id if claimed else None, idempotency_key)
         if isinstance(exc, ApiError):
             metrics.REJECTED.labels(exc.code).inc()
         raise
-    if idempotency_key:
-        with contextlib.suppress(redis.RedisError):  # only informative: waiters look for the record itself
-            await run_in_threadpool(store.confirm_idempotency_key, owner, idempotency_key, job_id, request_hash)
-    if hit is not None:
-        if hit.webhook is not None and hit.webhook.state == "pending":
-            with contextlib.suppress(Exception):  # as for a job canceled while queued: the light worker posts it
-                await run_in_threadpool(services.notify, job_id)
-        return hit, False
+
+
+async def _photo(services: Services, owner: str, job: JobRequest) -> tuple[JobRequest, bytes, str | None]:
+    """The job's photo and its declared type: the preview's (with the preview's sizes), the upload, or the
+    download of image_url."""
+    if job.stage1_job is not None:
+        return await _from_stage1(services, owner, job)
+    if job.image is not None:
+        return job, job.image, job.declared_type
+    assert job.image_url is not None  # read_job_request: one of the three
+    async with services.fetches:
+        image, declared = await run_in_threadpool(fetch_image, job.image_url, services.settings)
+    return job, image, declared
+
+
+async def _enqueue(services: Services, record: JobRecord, owner: str, idempotency_key: str | None) -> None:
+    """Queue the stored job's task; when the queue is down, the job ends failed and its key is given back."""
     try:
-        await run_in_threadpool(services.enqueue, job_id, record.variant)
+        await run_in_threadpool(services.enqueue, record.id, record.variant)
     except Exception as exc:
         error = {"code": "queue_unavailable", "message": "the job queue is unavailable"}
-        await run_in_threadpool(store.finish, job_id, "failed", error=error)  # ends it and frees its slot
+        await run_in_threadpool(services.store.finish, record.id, "failed", error=error)  # ends it, frees its slot
         # the failed job stays visible, but its key is released: a retry with the key makes a new job
-        await run_in_threadpool(_undo_claims, store, owner, job_id, None, idempotency_key)
+        await run_in_threadpool(_undo_claims, services.store, owner, record.id, None, idempotency_key)
         raise ApiError(
             "queue_unavailable", "the job queue is unavailable; try again", headers={"Retry-After": "5"}
         ) from exc
-    metrics.JOBS_CREATED.inc()
-    return record, False
 
 
 async def _from_stage1(services: Services, owner: str, job: JobRequest) -> tuple[JobRequest, bytes, str]:
@@ -364,7 +404,7 @@ async def _from_stage1(services: Services, owner: str, job: JobRequest) -> tuple
         raw = with_defaults({**job.raw_params, **sizes}, job.preset, services.settings.default_params)
         params = validate_params(raw, preset=job.preset)
     except InvalidInput as exc:
-        raise ApiError(exc.code, exc.message, field=f"params.{exc.field}" if exc.field else None) from None
+        raise _params_refusal(exc) from None
     if job.variant is not None and source.variant and job.variant != source.variant:
         message = f"variant must be the stage-1 job's ({source.variant}): stage 1 ran that variant's encoder"
         raise ApiError("invalid_parameter", message, field="variant")
@@ -380,7 +420,7 @@ def _answer_from_cache(
     services: Services, owner: str, job: JobRequest, job_id: str, image_sha256: str, request_hash: str
 ) -> JobRecord | None:
     """A job born `succeeded` with copies of an earlier identical job's results (no GPU work), or None."""
-    settings, store = services.settings, services.store
+    store = services.store
     probe = JobRecord(
         id=job_id,
         owner=owner,
@@ -391,26 +431,10 @@ def _answer_from_cache(
         kind="preview" if job.preview else "restore",
         stage1_job=job.stage1_job,
     )
-    if not cacheable(settings, probe):
+    found = _cached_results(services, probe)
+    if found is None:
         return None
-    model = store.variant_info(probe.variant)  # what this variant's workers load (None before any has)
-    if model is None:
-        metrics.RESULT_CACHE.labels("miss").inc()
-        return None
-    key = record_key(settings, probe, model["model_id"])
-    source_id = store.cached_job(key)
-    source = store.get(source_id) if source_id else None
-    if source is None or source.status != "succeeded" or not source.results:
-        if source_id:
-            store.forget_result(key, source_id)
-        metrics.RESULT_CACHE.labels("miss").inc()
-        return None
-    try:
-        results = [_copied(services, r, job_id, i) for i, r in enumerate(source.results)]
-    except ObjectMissing:  # swept before its record expired: run it again
-        store.forget_result(key, source.id)
-        metrics.RESULT_CACHE.labels("miss").inc()
-        return None
+    source, results = found
     now = time.time()
     webhook = _webhook_state(job)
     record = source.model_copy(
@@ -444,6 +468,33 @@ def _answer_from_cache(
         usage.record(owner, images=len(results), gpu_seconds=0.0, cached=True)
     metrics.RESULT_CACHE.labels("hit").inc()
     return record
+
+
+def _cached_results(services: Services, probe: JobRecord) -> tuple[JobRecord, list[JobResult]] | None:
+    """The earlier job that answers the probe and the probe job's own copies of its results, or None (a miss;
+    a cache entry whose job or files are gone is forgotten)."""
+    settings, store = services.settings, services.store
+    if not cacheable(settings, probe):
+        return None
+    model = store.variant_info(probe.variant)  # what this variant's workers load (None before any has)
+    if model is None:
+        metrics.RESULT_CACHE.labels("miss").inc()
+        return None
+    key = record_key(settings, probe, model["model_id"])
+    source_id = store.cached_job(key)
+    source = store.get(source_id) if source_id else None
+    if source is None or source.status != "succeeded" or not source.results:
+        if source_id:
+            store.forget_result(key, source_id)
+        metrics.RESULT_CACHE.labels("miss").inc()
+        return None
+    try:
+        results = [_copied(services, r, probe.id, i) for i, r in enumerate(source.results)]
+    except ObjectMissing:  # swept before its record expired: run it again
+        store.forget_result(key, source.id)
+        metrics.RESULT_CACHE.labels("miss").inc()
+        return None
+    return source, results
 
 
 def _copied(services: Services, result: JobResult, job_id: str, index: int) -> JobResult:

@@ -102,20 +102,7 @@ def check_image(data: bytes, settings: Settings, upscale: float, declared_type: 
     the defaults (2, 16 M pixels: 64 MB an image) decodes hold at most 2 × 4 × 64 MB = 512 MB (two WebPs),
     128 MB for PNG, TIFF or BMP.
     """
-    if not data:
-        raise ApiError("missing_image", "the image is empty", field="image")
-    if len(data) > settings.max_upload_bytes:
-        raise ApiError(
-            "file_too_large",
-            f"the image is {len(data):,} bytes; at most {settings.max_upload_bytes:,} are accepted "
-            "(SUPIR_MAX_UPLOAD_BYTES)",
-            field="image",
-        )
-    found = sniff(data)
-    if found is None:
-        what = f" (sent as {declared_type})" if declared_type else ""
-        raise ApiError("unsupported_media_type", f"not a PNG, JPEG, WebP, TIFF, BMP or GIF image{what}", field="image")
-    fmt, content_type = found
+    fmt, content_type = _sniffed(data, settings, declared_type)
     declared = _webp_canvas(data) if fmt == "WEBP" else None
     if declared:  # libwebp allocates its canvases as soon as Pillow opens the file
         _check_limits(*declared, len(data), settings, upscale)
@@ -148,6 +135,24 @@ def check_image(data: bytes, settings: Settings, upscale: float, declared_type: 
     except Exception as exc:  # whatever Pillow raises on this file is the file's problem: never a 500
         raise ApiError("invalid_image", _unreadable(fmt, exc), field="image") from None
     return ImageInfo(content_type, width, height)
+
+
+def _sniffed(data: bytes, settings: Settings, declared_type: str | None) -> tuple[str, str]:
+    """(format name, content type) of bytes of an accepted size and format, before Pillow sees them."""
+    if not data:
+        raise ApiError("missing_image", "the image is empty", field="image")
+    if len(data) > settings.max_upload_bytes:
+        raise ApiError(
+            "file_too_large",
+            f"the image is {len(data):,} bytes; at most {settings.max_upload_bytes:,} are accepted "
+            "(SUPIR_MAX_UPLOAD_BYTES)",
+            field="image",
+        )
+    found = sniff(data)
+    if found is None:
+        what = f" (sent as {declared_type})" if declared_type else ""
+        raise ApiError("unsupported_media_type", f"not a PNG, JPEG, WebP, TIFF, BMP or GIF image{what}", field="image")
+    return found
 
 
 def _check_limits(width: int, height: int, size: int, settings: Settings, upscale: float) -> None:

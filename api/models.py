@@ -7,14 +7,20 @@ so its request schema is declared here as OpenAPI rather than inferred from a si
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationInfo, field_validator
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
 
 from jobs.record import Status, WebhookEvent
-from supir_core.params import RestoreParams
+from supir_core.params import PRESETS, RestoreParams
 
-__all__ = ["CREATE_JOB_DOCS", "FROM_PREVIEW_DOCS", "Error", "ErrorBody", "Job", "JobList", "RestoreParams"]
+__all__ = [
+    "Error", "ErrorBody", "Job", "JobFromUrl", "JobList", "JobUpload", "RestoreFromPreview", "RestoreParams",
+    "body_schema",
+]  # fmt: skip
 
 
 class Progress(BaseModel):
@@ -108,131 +114,143 @@ class Error(BaseModel):
     error: ErrorBody
 
 
-PRESET_SCHEMA = {"type": "string", "enum": ["quality", "fidelity", "lightning"], "description": "named settings"}
-PARAMS_REF = {"$ref": "#/components/schemas/RestoreParams"}
-# what api.creation accepts as a URL (other strings get 400 invalid_url / invalid_webhook_url)
-HTTP_URL = {"type": "string", "format": "uri", "pattern": "^https?://[^/?#]"}
-# the `image` part's media types: what api.intake reads, so clients and generators send images, not any bytes
-IMAGE_MEDIA_TYPES = "image/png, image/jpeg, image/webp, image/tiff, image/bmp, image/gif"
-TWO_STAGE_FIELDS: dict[str, Any] = {
-    "preview": {
-        "type": "boolean",
-        "description": "stop after stage 1 and its caption (as the official demo's first step): the result is the "
-        "stage-1 image, `caption` what the captioner saw; correct it and run `POST /v1/jobs/{id}/restore`",
-    },
-}
-VARIANT_FIELD: dict[str, Any] = {
-    "variant": {
-        "type": "string",
-        "pattern": "^[A-Za-z0-9_.]{1,32}$",
-        "description": "the SUPIR checkpoint: v0Q (heavy degradation) or v0F (fidelity), as this service serves "
+# ---------------------------------------------------------------------------------------------------------
+# The create request's bodies. api.creation reads them by hand (multipart with a file, bounded, JSON depth
+# limited) and validates what it read with these; their JSON Schema is the OpenAPI request body.
+
+MAX_URL_CHARS = 8192
+VARIANT_PATTERN = r"^[A-Za-z0-9_.]{1,32}$"  # as jobs.settings names variants: another name is never served
+WEBHOOK_EVENTS: tuple[str, ...] = get_args(WebhookEvent)
+
+
+def _http_url(url: str) -> str:
+    """An http(s) URL with a host; urlsplit raises on some malformed ones ("http://[")."""
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError("not an http(s) URL with a host")
+    return url
+
+
+def _known_preset(name: str) -> str:
+    if name not in PRESETS:
+        message = "preset={preset} is unknown: choose one of {choices}"  # supir_core.params' own words
+        raise PydanticCustomError("invalid_parameter", message, {"preset": repr(name), "choices": ", ".join(PRESETS)})
+    return name
+
+
+def _json_object(value: object) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise PydanticCustomError("dict_type", "Input should be a valid dictionary")
+    return value
+
+
+def _in_fixed_order(events: list[WebhookEvent]) -> list[WebhookEvent]:
+    return [name for name in get_args(WebhookEvent) if name in events]  # duplicates dropped, not refused
+
+
+# the schema's pattern is what clients check; the validator is what urlsplit (the fetcher's parser) accepts
+HttpUrl = Annotated[
+    str,
+    Field(max_length=MAX_URL_CHARS, json_schema_extra={"format": "uri", "pattern": "^https?://[^/?#]"}),
+    AfterValidator(_http_url),
+]
+Preset = Annotated[
+    str, Field(description="named settings", json_schema_extra={"enum": list(PRESETS)}), AfterValidator(_known_preset)
+]
+Variant = Annotated[
+    str,
+    Field(
+        pattern=VARIANT_PATTERN,
+        description="the SUPIR checkpoint: v0Q (heavy degradation) or v0F (fidelity), as this service serves "
         "them (`GET /status` lists them); default: the service's. One no worker pool serves: 422 "
         "variant_unavailable",
-    }
-}
-WEBHOOK_FIELDS: dict[str, Any] = {
-    "webhook_url": {**HTTP_URL, "description": "POSTed the job (signed) on the events asked for"},
-    "webhook_events": {
-        "type": "array",
-        "items": {"type": "string", "enum": ["started", "progress", "completed"]},
-        "minItems": 1,
-        "uniqueItems": True,
-        "description": "which events to POST (default: completed); progress is sent at most every few seconds",
-    },
-}
+    ),
+]
+WebhookEvents = Annotated[
+    list[WebhookEvent],
+    Field(
+        min_length=1,
+        description="which events to POST (default: completed); progress is sent at most every few seconds",
+        json_schema_extra={"uniqueItems": True},
+    ),
+    AfterValidator(_in_fixed_order),
+]
+# validated by supir_core.params.validate_params, over this deployment's defaults and the preset
+ParamsObject = Annotated[dict[str, Any], PlainValidator(_json_object, json_schema_input_type=RestoreParams)]
+WEBHOOK_URL = "POSTed the job (signed) on the events asked for"
+PREVIEW = (
+    "stop after stage 1 and its caption (as the official demo's first step): the result is the stage-1 image, "
+    "`caption` what the captioner saw; correct it and run `POST /v1/jobs/{id}/restore`"
+)
 # webhook_events without a (non-null) webhook_url is refused: 400 invalid_request
-NEEDS_WEBHOOK_URL = {"webhook_events": {"required": ["webhook_url"], "properties": {"webhook_url": {"type": "string"}}}}
-CREATE_JOB_DOCS: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "title": "JobUpload",
-                    "type": "object",
-                    "required": ["image"],
-                    "additionalProperties": False,  # other fields: 400 invalid_request
-                    "dependentSchemas": NEEDS_WEBHOOK_URL,
-                    "properties": {
-                        "image": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "PNG, JPEG, WebP, TIFF, BMP, GIF",
-                        },
-                        "params": PARAMS_REF,
-                        "preset": PRESET_SCHEMA,
-                        **TWO_STAGE_FIELDS,
-                        **VARIANT_FIELD,
-                        **WEBHOOK_FIELDS,
-                    },
-                },
-                "encoding": {
-                    "image": {"contentType": IMAGE_MEDIA_TYPES},
-                    "params": {"contentType": "application/json"},
-                    "webhook_events": {"contentType": "application/json"},
-                },
-            },
-            "application/json": {
-                "schema": {
-                    "title": "JobFromUrl",
-                    "type": "object",
-                    "required": ["image_url"],
-                    "additionalProperties": False,
-                    "dependentSchemas": NEEDS_WEBHOOK_URL,
-                    "properties": {
-                        "image_url": {**HTTP_URL, "description": "an http(s) URL of the photo"},
-                        "params": PARAMS_REF,
-                        "preset": PRESET_SCHEMA,
-                        **TWO_STAGE_FIELDS,
-                        **VARIANT_FIELD,
-                        **WEBHOOK_FIELDS,
-                        # JSON null is taken as no webhook
-                        "webhook_url": {**WEBHOOK_FIELDS["webhook_url"], "type": ["string", "null"]},
-                    },
-                }
-            },
-        },
-    },
-    "parameters": [
-        {
-            "name": "Idempotency-Key",
-            "in": "header",
-            "required": False,
-            "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
-            "description": "the same key and request return the first job (200, Idempotent-Replayed: true)",
-        },
-        {
-            "name": "Prefer",
-            "in": "header",
-            "required": False,
-            "schema": {"type": "string", "examples": ["wait=30"]},
-            "description": "`wait=N` (RFC 7240): hold the request up to N seconds (at most the server's limit, "
-            "60 by default) and answer 200 with the ended job if it ends in time; 202 otherwise",
-        },
-    ],
+NEEDS_WEBHOOK_URL: dict[str, Any] = {
+    "webhook_events": {"required": ["webhook_url"], "properties": {"webhook_url": {"type": "string"}}}
 }
 
 
-FROM_PREVIEW_DOCS: dict[str, Any] = {
-    "requestBody": {
-        "required": False,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "title": "RestoreFromPreview",
-                    "type": "object",
-                    "additionalProperties": False,
-                    "dependentSchemas": NEEDS_WEBHOOK_URL,
-                    "properties": {
-                        "params": PARAMS_REF,
-                        "preset": PRESET_SCHEMA,
-                        **VARIANT_FIELD,  # only the preview's own: stage 1 ran that variant's encoder
-                        **WEBHOOK_FIELDS,
-                        "webhook_url": {**WEBHOOK_FIELDS["webhook_url"], "type": ["string", "null"]},
-                    },
-                }
-            }
-        },
-    },
-    "parameters": CREATE_JOB_DOCS["parameters"],
-}
+class _JobOptions(BaseModel):
+    """What every create body may say besides its photo. Strict: JSON's types as they are (`"true"` is no
+    boolean); a form's strings are turned into JSON values before (api.creation)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"dependentSchemas": NEEDS_WEBHOOK_URL})
+
+    # SkipJsonSchema[None]: JSON null is taken as absent, but the document offers no null
+    params: ParamsObject | SkipJsonSchema[None] = None
+    preset: Preset | SkipJsonSchema[None] = None
+    variant: Variant | SkipJsonSchema[None] = None
+    webhook_url: HttpUrl | SkipJsonSchema[None] = Field(None, description=WEBHOOK_URL)
+    webhook_events: WebhookEvents | SkipJsonSchema[None] = None
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _needs_webhook_url(cls, events: list[WebhookEvent] | None, info: ValidationInfo) -> list[WebhookEvent] | None:
+        # webhook_url is declared (so validated) first; a refused one is answered before this
+        if events is not None and info.data.get("webhook_url") is None:
+            raise PydanticCustomError("invalid_request", "webhook_events needs a webhook_url")
+        return events
+
+
+class JobUpload(_JobOptions):
+    """`POST /v1/jobs` as multipart/form-data: the photo as the file part `image`; `params` a JSON object,
+    `webhook_events` a JSON array (or names separated by commas), `preview` true or false."""
+
+    image: bytes = Field(description="PNG, JPEG, WebP, TIFF, BMP, GIF")
+    preview: bool = Field(False, description=PREVIEW)
+
+
+class JobFromUrl(_JobOptions):
+    """`POST /v1/jobs` as JSON: the photo at `image_url` (a form without a file is read as this too)."""
+
+    image_url: HttpUrl = Field(description="an http(s) URL of the photo")
+    preview: bool = Field(False, description=PREVIEW)
+    webhook_url: HttpUrl | None = Field(None, description=WEBHOOK_URL)  # JSON null: no webhook
+
+
+class RestoreFromPreview(_JobOptions):
+    """`POST /v1/jobs/{id}/restore`: the photo and stage 1 are the preview's; `variant` may only be its own
+    (stage 1 ran that variant's encoder)."""
+
+    webhook_url: HttpUrl | None = Field(None, description=WEBHOOK_URL)
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON Schema as an inline request body (generated clients name the body after its title), in
+    the document's spelling: refs into components, a nullable field as a type list, no per-field titles, no
+    null defaults."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    # the Job response puts RestoreParams in the components already
+    assert set(schema.pop("$defs", {})) <= {"RestoreParams"}, "a new sub-model: make it a component"
+    for field in schema["properties"].values():
+        field.pop("title", None)
+        if field.get("default", ...) is None:
+            field.pop("default")
+        options = field.pop("anyOf", None)
+        if options is not None:
+            nullable = [o for o in options if o != {"type": "null"}]
+            assert len(nullable) == 1 and isinstance(nullable[0].get("type"), str), options
+            field.update({**nullable[0], "type": [nullable[0]["type"], "null"]})
+    return schema

@@ -11,7 +11,7 @@ from fastapi.openapi.utils import get_openapi
 
 from supir_core.params import PRESETS
 
-from .models import Error
+from .models import Error, JobFromUrl, JobUpload, RestoreFromPreview, body_schema
 
 PUBLIC = ("/healthz", "/readyz", "/status", "/metrics")  # no key needed
 REASONS = {
@@ -28,6 +28,51 @@ REASONS = {
     "variant_unavailable, …)",
     429: "over a rate limit or the active-job quota (rate_limited, quota_exceeded); see Retry-After",
     503: "Redis or storage unavailable (queue_unavailable, storage_error); see Retry-After",
+}
+
+
+# the `image` part's media types: what api.intake reads, so clients and generators send images, not any bytes
+IMAGE_MEDIA_TYPES = "image/png, image/jpeg, image/webp, image/tiff, image/bmp, image/gif"
+# read by hand (api.creation, api.routes.jobs), so declared here
+CREATE_HEADERS: list[dict[str, Any]] = [
+    {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
+        "description": "the same key and request return the first job (200, Idempotent-Replayed: true)",
+    },
+    {
+        "name": "Prefer",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "examples": ["wait=30"]},
+        "description": "`wait=N` (RFC 7240): hold the request up to N seconds (at most the server's limit, "
+        "60 by default) and answer 200 with the ended job if it ends in time; 202 otherwise",
+    },
+]
+# `POST /v1/jobs` and `POST /v1/jobs/{id}/restore` read their bodies by hand (a file, bounded sizes, JSON depth):
+# their request bodies are the models api.creation validates them with
+CREATE_JOB_DOCS: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": body_schema(JobUpload),
+                "encoding": {
+                    "image": {"contentType": IMAGE_MEDIA_TYPES},
+                    "params": {"contentType": "application/json"},
+                    "webhook_events": {"contentType": "application/json"},
+                },
+            },
+            "application/json": {"schema": body_schema(JobFromUrl)},
+        },
+    },
+    "parameters": CREATE_HEADERS,
+}
+FROM_PREVIEW_DOCS: dict[str, Any] = {
+    "requestBody": {"required": False, "content": {"application/json": {"schema": body_schema(RestoreFromPreview)}}},
+    "parameters": CREATE_HEADERS,
 }
 
 

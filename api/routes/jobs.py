@@ -22,8 +22,8 @@ from .. import events
 from ..creation import create, idempotency_key_of, read_job_request
 from ..deps import CallerDep, OwnedJobDep, ServicesDep, StreamsDep
 from ..errors import ApiError
-from ..models import CREATE_JOB_DOCS, FROM_PREVIEW_DOCS, Job, JobList
-from ..openapi import errors
+from ..models import Job, JobList
+from ..openapi import CREATE_JOB_DOCS, FROM_PREVIEW_DOCS, errors
 from ..services import RESULT_URL_TTL_S, results_of
 
 log = logging.getLogger("api.jobs")
