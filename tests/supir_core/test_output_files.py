@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
 import subprocess
@@ -277,3 +278,40 @@ def test_cli_writes_jpeg_with_exif_and_one_file_per_sample(
         assert img.getexif().get_ifd(EXIF_IFD).get(DATE_TIME_ORIGINAL) == TAKEN and ORIENTATION not in img.getexif()
         assert img.info.get("icc_profile") == camera_jpeg[1]
         assert img.tobytes() != second.tobytes()  # seeds 3 and 4
+
+
+def test_the_metadata_file_holds_the_whole_record() -> None:
+    """`--metadata` writes RestorationResult.to_dict(): every typed field as JSON, in the keys the files had."""
+    from supir_core.imageio import Sizes
+    from supir_core.memory import TilingDecision
+    from supir_core.pipeline import Prompts, RestorationResult
+
+    gray = Image.new("L", (8, 6))
+    result = RestorationResult(
+        images=[gray, gray],
+        stage1=Image.new("RGB", (64, 64)),
+        seeds=[7, 8],
+        prompts=Prompts("a cat", "a cat, sharp", "blurry"),
+        sizes=Sizes(input=(4, 3), process=(64, 64), output=(8, 6)),
+        sampler="edm",
+        steps=2,
+        tiling=TilingDecision("always", True, False, "tiling=always"),
+        tile_captions={(0, 4, 0, 4): "fur"},
+        seconds={"sampling": 1.5},
+        device="cpu",
+        dtype="float32",
+    )
+    record = json.loads(json.dumps(result.to_dict()))
+    assert result.image is gray and result.seed == 7 and record["seeds"] == [7, 8]
+    prompts = (record["caption"], record["positive_prompt"], record["negative_prompt"])
+    assert prompts == ("a cat", "a cat, sharp", "blurry")
+    sizes = (record["input_size"], record["process_size"], record["output_size"])
+    assert sizes == ([4, 3], [64, 64], [8, 6])
+    assert (record["tiled_sampling"], record["tiled_vae"], record["tiling"]["policy"]) == (True, False, "always")
+    assert record["tile_captions"] == [{"window": [0, 4, 0, 4], "caption": "fur"}]
+    assert (record["sampler"], record["steps"], record["seconds"], record["dtype"]) == (
+        "edm",
+        2,
+        {"sampling": 1.5},
+        "float32",
+    )
