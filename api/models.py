@@ -1,9 +1,10 @@
 """What the API sends and takes: pydantic models for responses (the OpenAPI document is generated from these, so
 a client generated from `/openapi.json` gets typed jobs, errors and parameters), and the create request's
-schema. The restoration parameters are the worker's own `RestoreParams` (one source for ranges and defaults).
+bodies. The restoration parameters are the worker's own `RestoreParams` (one source for ranges and defaults);
+a job's sub-models are its record's (jobs.record).
 
 `POST /v1/jobs` reads its body by hand (multipart with a file, or JSON; bounded, with field-level error codes),
-so its request schema is declared here as OpenAPI rather than inferred from a signature."""
+then validates it with the body models here; their JSON Schema is the operation's request body (api.openapi)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
-from jobs.record import Status, WebhookEvent
+from jobs.record import JobError, JobProgress, JobRecord, ResultImage, Status, WebhookEvent, WebhookState
 from supir_core.params import PRESETS, RestoreParams
 
 __all__ = [
@@ -23,10 +24,29 @@ __all__ = [
 ]  # fmt: skip
 
 
-class Progress(BaseModel):
-    stage: str = Field(description="queued, starting, stage1, caption, sampling, decoding, done")
-    step: int = Field(description="sampler steps done")
-    steps: int = Field(description="sampler steps in all (0 before sampling)")
+# Every field is sent (null where it has none), so the document marks each one required
+SENT = ConfigDict(json_schema_serialization_defaults_required=True)
+
+
+# the record's own sub-models, under the names the API's document has always given them
+
+
+class Progress(JobProgress):
+    model_config = SENT
+
+
+class JobErrorInfo(JobError):
+    model_config = SENT
+
+
+class Webhook(WebhookState):
+    model_config = SENT
+
+
+class JobResultInfo(ResultImage):
+    model_config = SENT
+
+    url: str = Field(description="a signed link to the restored image, valid for an hour")
 
 
 class InputImage(BaseModel):
@@ -35,33 +55,10 @@ class InputImage(BaseModel):
     content_type: str
 
 
-class JobErrorInfo(BaseModel):
-    code: str = Field(description="stable: invalid_image, storage_error, worker_lost, time_limit, …")
-    message: str
-
-
-class JobResultInfo(BaseModel):
-    url: str = Field(description="a signed link to the restored image, valid for an hour")
-    width: int
-    height: int
-    bytes: int
-    content_type: str = Field(description="image/png, image/jpeg or image/webp (params.output_format)")
-    seed: int | None = Field(None, description="this sample's seed (the job's seed + its index)")
-
-
-class Webhook(BaseModel):
-    url: str
-    events: list[WebhookEvent] = Field(["completed"], description="the events this webhook is sent")
-    state: Literal["pending", "delivered", "failed", "not_requested"] = Field(
-        description="of the `completed` delivery; not_requested when `events` leaves it out"
-    )
-    attempts: int = Field(description="POSTs of the `completed` event so far")
-    last_status: int | None = None
-    last_error: str | None = None
-
-
 class Job(BaseModel):
     """A restoration job as its owner sees it."""
+
+    model_config = SENT
 
     id: str
     status: Status
@@ -95,6 +92,30 @@ class Job(BaseModel):
     gpu_seconds: float = Field(0.0, description="the worker's pipeline seconds (what usage counts); 0 when cached")
     cached: bool = Field(False, description="answered from the result cache (an identical earlier request): no GPU")
     cached_from: str | None = Field(None, description="the earlier job whose result a cached job copied")
+
+    @classmethod
+    def from_record(
+        cls, record: JobRecord, *, queue_position: int | None, cancel_requested: bool, results: list[JobResultInfo]
+    ) -> Job:
+        """What a client sees of a record (never its owner, worker or storage keys): each field the record has
+        by the same name as stored, so a new one is shown by declaring it here; the rest derived."""
+        shown = {"input", "result", "results", "variant", "queue_position", "cancel_requested"}
+        shared = (set(cls.model_fields) & set(JobRecord.model_fields)) - shown
+        return cls.model_validate(
+            {
+                **record.model_dump(include=shared),
+                "input": {
+                    "width": record.input_width,
+                    "height": record.input_height,
+                    "content_type": record.input_content_type,
+                },
+                "result": results[0] if results else None,
+                "results": results,
+                "variant": record.variant or None,  # "" in records from before variants
+                "queue_position": queue_position,
+                "cancel_requested": cancel_requested,
+            }
+        )
 
 
 class JobList(BaseModel):

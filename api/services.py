@@ -15,6 +15,8 @@ from jobs.settings import Settings
 from jobs.storage import ObjectStore, make_store
 from jobs.store import JobStore
 
+from .models import Job, JobResultInfo
+
 RESULT_URL_TTL_S = 3600
 
 
@@ -52,52 +54,23 @@ class Services:
         return cls(settings, store, make_store(settings), enqueue, notify)
 
     def view(self, record: JobRecord) -> dict[str, Any]:
-        """What a client sees of a job (never its owner, worker or storage keys); blocking (Redis, signing)."""
+        """What a client sees of a job, as JSON (api.models.Job); blocking (Redis, signing)."""
         active = record.status not in TERMINAL
-        view: dict[str, Any] = {
-            "id": record.id,
-            "status": record.status,
-            "created_at": record.created_at,
-            "started_at": record.started_at,
-            "finished_at": record.finished_at,
-            "progress": record.progress.model_dump(),
-            "queue_position": (
+        job = Job.from_record(
+            record,
+            queue_position=(
                 self.store.queue_position(record.id, record.variant or None) if record.status == "queued" else None
             ),
-            "seconds": record.seconds,
-            "params": record.params,
-            "preset": record.preset,
-            "input": {
-                "width": record.input_width,
-                "height": record.input_height,
-                "content_type": record.input_content_type,
-            },
-            "caption": record.caption,
-            "positive_prompt": record.positive_prompt,
-            "negative_prompt": record.negative_prompt,
-            "attempts": record.attempts,
-            "error": record.error.model_dump() if record.error else None,
-            "result": None,
-            "webhook": record.webhook.model_dump() if record.webhook else None,
             # the cancel was taken: a running job stops at its next step (one EXISTS, for active jobs only)
-            "cancel_requested": record.status == "canceled" or (active and self.store.cancel_requested(record.id)),
-            "kind": record.kind,
-            "stage1_job": record.stage1_job,
-            "variant": record.variant or None,
-            "cached": record.cached,
-            "cached_from": record.cached_from,
-            "model_sha256": record.model_sha256,
-            "gpu_seconds": record.gpu_seconds,
-            "results": [],
-        }
-        if record.status == "succeeded":
-            results = [self._result(r) for r in results_of(record)]
-            view["results"] = results
-            view["result"] = results[0] if results else None
-        return view
+            cancel_requested=record.status == "canceled" or (active and self.store.cancel_requested(record.id)),
+            results=[self._result(r) for r in results_of(record)] if record.status == "succeeded" else [],
+        )
+        # params as stored: an older record's partial params are not filled in with today's defaults here
+        return {**job.model_dump(mode="json"), "params": record.params}
 
-    def _result(self, result: JobResult) -> dict[str, Any]:
-        return {**result.model_dump(exclude={"key"}), "url": self.objects.url(result.key, RESULT_URL_TTL_S)}
+    def _result(self, result: JobResult) -> JobResultInfo:
+        shown = result.model_dump(exclude={"key"})
+        return JobResultInfo(**shown, url=self.objects.url(result.key, RESULT_URL_TTL_S))
 
 
 def results_of(record: JobRecord) -> list[JobResult]:

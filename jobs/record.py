@@ -39,39 +39,48 @@ def stage1_key(job_id: str) -> str:
     return f"stage1/{job_id}.safetensors"
 
 
+# The sub-models below are also what the API shows of them (api.models.Job): their descriptions are its document's
+
+
 class JobProgress(BaseModel):
-    stage: str = "queued"
-    step: int = 0
-    steps: int = 0
+    stage: str = Field("queued", description="queued, starting, stage1, caption, sampling, decoding, done")
+    step: int = Field(0, description="sampler steps done")
+    steps: int = Field(0, description="sampler steps in all (0 before sampling)")
 
 
 class JobError(BaseModel):
-    code: str
+    code: str = Field(description="stable: invalid_image, storage_error, worker_lost, time_limit, …")
     message: str
 
 
-class JobResult(BaseModel):
-    key: str
+class ResultImage(BaseModel):
+    """A sample's image, as stored (JobResult) and as shown (api.models.JobResultInfo, with a link for the key)."""
+
     width: int
     height: int
     bytes: int
-    content_type: str = OUTPUT_FORMATS[DEFAULT_FORMAT].media_type
-    seed: int | None = None  # the sample's own seed (seed + its index)
+    content_type: str = Field(
+        OUTPUT_FORMATS[DEFAULT_FORMAT].media_type,
+        description="image/png, image/jpeg or image/webp (params.output_format)",
+    )
+    seed: int | None = Field(None, description="this sample's seed (the job's seed + its index)")
+
+
+class JobResult(ResultImage):
+    key: str
 
 
 WebhookEvent = Literal["started", "progress", "completed"]
 
 
-def _completed_only() -> list[WebhookEvent]:
-    return ["completed"]
-
-
 class WebhookState(BaseModel):
     url: str
-    events: list[WebhookEvent] = Field(default_factory=_completed_only)  # what the owner asked to receive
-    # of the `completed` delivery (retried until delivered or failed); not_requested: events lacks it
-    state: Literal["pending", "delivered", "failed", "not_requested"] = "pending"
-    attempts: int = 0
+    events: list[WebhookEvent] = Field(["completed"], description="the events this webhook is sent")
+    # retried until delivered or failed
+    state: Literal["pending", "delivered", "failed", "not_requested"] = Field(
+        "pending", description="of the `completed` delivery; not_requested when `events` leaves it out"
+    )
+    attempts: int = Field(0, description="POSTs of the `completed` event so far")
     last_status: int | None = None
     last_error: str | None = None
 
