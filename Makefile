@@ -23,7 +23,9 @@ redis:
 tools:
 	@bash scripts/ensure-tools.sh
 
-test: install redis tools
+# The tests' Redis: TEST_REDIS_URL, else this machine's on REDIS_PORT (6379); started here when it is local and silent
+test: install tools
+	@SUPIR_REDIS_URL="$${TEST_REDIS_URL:-}" bash scripts/ensure-redis.sh
 	@VENV=$(VENV) bash scripts/ensure-corpus.sh
 	$(PY) -m pytest
 

@@ -21,7 +21,7 @@ import httpx
 import yaml
 
 from api.auth import hash_key
-from tests.paths import DATA, REPO
+from tests.paths import DATA, REDIS_URL, REPO
 
 WEBHOOK_SECRET = "whsec-test-secret"
 BIN = Path(sys.executable).parent
@@ -84,7 +84,7 @@ class Service:
         api_keys = [{"id": name, "sha256": hash_key(self.keys[name]), **extra} for name, extra in keys.items()]
         self.env = {
             **os.environ,
-            "SUPIR_REDIS_URL": "redis://127.0.0.1:6379/0",
+            "SUPIR_REDIS_URL": REDIS_URL,
             "SUPIR_KEY_PREFIX": self.prefix,
             "SUPIR_QUEUE": self.prefix,
             "SUPIR_LOCAL_DIR": str(tmp / "objects"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from tests.paths import REDIS_URL
+
 
 def test_errors_import_without_torch() -> None:
     code = (
@@ -26,7 +28,7 @@ def test_the_api_never_imports_torch() -> None:
         "heavy = ('torch', 'diffusers', 'transformers')\n"
         "assert not [m for m in sys.modules if m.split('.')[0] in heavy and sys.modules[m]]\n"
     )
-    env = {**__import__("os").environ, "SUPIR_REDIS_URL": "redis://127.0.0.1:6379/0"}
+    env = {**__import__("os").environ, "SUPIR_REDIS_URL": REDIS_URL}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
 

@@ -20,11 +20,12 @@ import redis
 import yaml
 
 from jobs.store import JobStore
+from tests.paths import redis_url
 from tests.servers import REPO, free_port, manifest_command, wait_until
 from worker.health import ready_file_text
 
 K8S = REPO / "deploy" / "k8s"
-REDIS_URL = "redis://127.0.0.1:6379/15"  # a database of its own: the manifests use the default key prefix
+REDIS_URL = redis_url(15)  # a database of its own: the manifests use the default key prefix
 
 
 def container(manifest: str, name: str) -> dict:

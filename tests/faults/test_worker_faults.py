@@ -20,6 +20,7 @@ import httpx
 import pytest
 import redis
 
+from tests.paths import REDIS_URL
 from tests.servers import FAST, REPO, Service, free_port, submit, wait_for_status, wait_until
 
 SLOW = {"min_size": 128, "steps": 40, "seed": 1}  # a few seconds of sampling: time to act while it runs
@@ -80,7 +81,7 @@ def probe_passes(service: Service, worker_pid: int, *args: str, via_file: bool =
 
 
 def redis_client() -> redis.Redis:
-    return redis.Redis.from_url("redis://127.0.0.1:6379/0", decode_responses=True)
+    return redis.Redis.from_url(REDIS_URL, decode_responses=True)
 
 
 def holder_pid(service: Service, job_id: str) -> int:

@@ -20,7 +20,7 @@ import redis
 from PIL import Image, ImageCms
 
 from jobs.store import JobStore
-from tests.paths import DATA
+from tests.paths import DATA, REDIS_URL
 from tests.servers import Service, wait_for_status, wait_until
 from tests.variant_files import make_variant_checkpoint
 
@@ -67,7 +67,7 @@ def finished(client: httpx.Client, params: dict, image: bytes | None = None, **f
 
 
 def record(service: Service, job_id: str):  # type: ignore[no-untyped-def]
-    return JobStore(redis.Redis.from_url("redis://127.0.0.1:6379/0"), service.prefix).get(job_id)
+    return JobStore(redis.Redis.from_url(REDIS_URL), service.prefix).get(job_id)
 
 
 def image_of(data: bytes) -> Image.Image:

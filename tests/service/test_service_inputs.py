@@ -12,7 +12,7 @@ from PIL import Image
 from jobs.queue import RESTORE_TASK, make_celery, variant_queue
 from jobs.record import JobRecord
 from jobs.settings import Settings
-from tests.paths import DATA
+from tests.paths import DATA, REDIS_URL
 from tests.servers import Service, wait_for_status
 
 FAST = {"min_size": 64, "steps": 2, "seed": 3}
@@ -122,7 +122,7 @@ def test_refused_requests_store_and_queue_nothing(service: Service) -> None:
 def test_bad_jobs_do_not_kill_the_worker(service: Service) -> None:
     """Jobs that pass the API but fail in the worker (a corrupt stored input, impossible params) each fail
     with a code, and the same worker restores the next photo."""
-    settings = Settings(redis_url="redis://127.0.0.1:6379/0", key_prefix=service.prefix, queue=service.prefix)
+    settings = Settings(redis_url=REDIS_URL, key_prefix=service.prefix, queue=service.prefix)
     import redis
 
     from jobs.store import JobStore

@@ -13,9 +13,9 @@ import pytest
 import redis
 
 from jobs.usage import DayUsage, UsageBook, day_end, utc_day
+from tests.paths import REDIS_URL
 from tests.servers import Service, running
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 DAY_S = 86_400
 RETENTION_S = 30 * DAY_S  # the API's below keeps usage a month, so the route tests can place days in the past
 
