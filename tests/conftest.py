@@ -60,3 +60,31 @@ def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.tiny_llava import build
 
     return build(tmp_path_factory.mktemp("llava") / "tiny-llava-1.5")
+
+
+# --- scheduling over pytest-xdist workers (make test: -n, --dist loadgroup) ------------------------------------
+# A file's tests run together on one worker, so its module fixtures (a service, a Docker stack, a Redis of its own)
+# start once; the tests of SPREAD files are independent and heavy, so each may go to any worker. Work is handed
+# out in order, heaviest first (seconds measured on the 2-core CI machine), so that no worker is left with a long
+# file at the end.
+SPREAD = {
+    "tests/supir_core/test_pipeline.py",
+    "tests/supir_core/test_samples.py",
+    "tests/supir_core/test_vae_tiling.py",
+}
+HEAVIEST_FIRST = [
+    "tests/deploy/test_stack.py",
+    "tests/faults/test_worker_faults.py",
+]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist names each test's group from its mark
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # one process: the order written in the files
+    rank = {path: i for i, path in enumerate(HEAVIEST_FIRST)}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        if path not in SPREAD:
+            item.add_marker(pytest.mark.xdist_group(path))
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: file order otherwise

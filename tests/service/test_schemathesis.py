@@ -8,19 +8,17 @@ same as a running job. Run through the CLI (the tool's own report on failure), d
 
 from __future__ import annotations
 
-import http.server
 import io
 import json
 import os
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.servers import BIN, REPO, Service, running
+from tests.servers import BIN, REPO, Service, running, serving
 
 KEY = "fuzz"
 MIN_CASES = 1000
@@ -65,24 +63,8 @@ def photo_url() -> Iterator[str]:
     """A PNG over HTTP on localhost, for image_url (the API is allowed private URLs for it)."""
     out = io.BytesIO()
     Image.new("RGB", (48, 32), (90, 140, 200)).save(out, format="PNG")
-    png = out.getvalue()
-
-    class Photo(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(png)))
-            self.end_headers()
-            self.wfile.write(png)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Photo)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/photo.png"
-    server.shutdown()
-    server.server_close()
+    with serving(out.getvalue(), "image/png") as base:
+        yield f"{base}/photo.png"
 
 
 @pytest.fixture(scope="module")

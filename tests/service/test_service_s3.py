@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import boto3
@@ -15,7 +13,7 @@ from moto.server import ThreadedMotoServer
 from PIL import Image
 
 from tests.paths import DATA
-from tests.servers import free_port, running, wait_for_status
+from tests.servers import free_port, running, serving, wait_for_status
 
 FAST = {"min_size": 64, "steps": 2, "seed": 4}
 
@@ -34,23 +32,8 @@ def s3_endpoint():
     server.stop()
 
 
-class Photos(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        data = (DATA / "chelsea_degraded.jpg").read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Type", "image/jpeg")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 def test_s3_storage_and_image_url(tmp_path: Path, fixture_a: Path, s3_endpoint) -> None:
     endpoint, s3 = s3_endpoint
-    photos = HTTPServer(("127.0.0.1", free_port()), Photos)
-    threading.Thread(target=photos.serve_forever, daemon=True).start()
     settings = {
         "storage": "s3",
         "s3_bucket": "supir-test",
@@ -60,34 +43,35 @@ def test_s3_storage_and_image_url(tmp_path: Path, fixture_a: Path, s3_endpoint) 
         "s3_secret_access_key": "test",
         "allow_private_urls": "true",  # the photo server is on loopback
     }
-    try:
-        with running(tmp_path, fixture_a, {"alice": {}}, **settings) as svc, svc.client("alice") as client:
-            uploaded = client.post(
-                "/v1/jobs",
-                files={"image": ("cat.jpg", (DATA / "chelsea_degraded.jpg").read_bytes(), "image/jpeg")},
-                data={"params": json.dumps(FAST)},
-            ).json()
-            fetched = client.post(
-                "/v1/jobs",
-                json={"image_url": f"http://127.0.0.1:{photos.server_port}/cat.jpg", "params": {**FAST, "upscale": 2}},
-            )
-            assert fetched.status_code == 202, fetched.text
-            for job, size in ((uploaded, (150, 113)), (fetched.json(), (300, 226))):
-                final = wait_for_status(client, job["id"], {"succeeded", "failed"})
-                assert final["status"] == "succeeded", final["error"]
-                assert final["result"]["url"].startswith(f"{endpoint}/supir-test/results/{job['id']}.png?")
-                download = httpx.get(final["result"]["url"])  # presigned: no credentials needed
-                assert download.status_code == 200
-                with Image.open(io.BytesIO(download.content)) as img:
-                    assert img.size == size
-                redirect = client.get(f"/v1/jobs/{job['id']}/result", follow_redirects=False)
-                assert redirect.status_code == 307 and redirect.headers["location"].startswith(endpoint)
-            keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="supir-test")["Contents"])
-            assert keys == sorted([f"inputs/{uploaded['id']}", f"inputs/{fetched.json()['id']}",
-                                   f"results/{uploaded['id']}.png", f"results/{fetched.json()['id']}.png"])  # fmt: skip
-    finally:
-        photos.shutdown()
-        photos.server_close()
+    photo = (DATA / "chelsea_degraded.jpg").read_bytes()
+    with (
+        serving(photo, "image/jpeg") as photos,
+        running(tmp_path, fixture_a, {"alice": {}}, **settings) as svc,
+        svc.client("alice") as client,
+    ):
+        uploaded = client.post(
+            "/v1/jobs",
+            files={"image": ("cat.jpg", photo, "image/jpeg")},
+            data={"params": json.dumps(FAST)},
+        ).json()
+        fetched = client.post(
+            "/v1/jobs",
+            json={"image_url": f"{photos}/cat.jpg", "params": {**FAST, "upscale": 2}},
+        )
+        assert fetched.status_code == 202, fetched.text
+        for job, size in ((uploaded, (150, 113)), (fetched.json(), (300, 226))):
+            final = wait_for_status(client, job["id"], {"succeeded", "failed"})
+            assert final["status"] == "succeeded", final["error"]
+            assert final["result"]["url"].startswith(f"{endpoint}/supir-test/results/{job['id']}.png?")
+            download = httpx.get(final["result"]["url"])  # presigned: no credentials needed
+            assert download.status_code == 200
+            with Image.open(io.BytesIO(download.content)) as img:
+                assert img.size == size
+            redirect = client.get(f"/v1/jobs/{job['id']}/result", follow_redirects=False)
+            assert redirect.status_code == 307 and redirect.headers["location"].startswith(endpoint)
+        keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="supir-test")["Contents"])
+        assert keys == sorted([f"inputs/{uploaded['id']}", f"inputs/{fetched.json()['id']}",
+                               f"results/{uploaded['id']}.png", f"results/{fetched.json()['id']}.png"])  # fmt: skip
 
 
 def test_result_urls_are_signed_for_the_public_endpoint(s3_endpoint) -> None:
