@@ -27,7 +27,12 @@ tools:
 test: install tools
 	@SUPIR_REDIS_URL="$${TEST_REDIS_URL:-}" bash scripts/ensure-redis.sh
 	@VENV=$(VENV) bash scripts/ensure-corpus.sh
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist load
+
+# Tests run on TEST_WORKERS processes (tests/conftest.py says which stay together), one torch thread each: the tiny
+# models gain nothing from a second thread (measured), and processes then share the cores instead of fighting.
+TEST_WORKERS ?= 4
+test: export OMP_NUM_THREADS := 1
 
 lint: install
 	$(VENV)/bin/ruff check supir_core api jobs worker tests bench

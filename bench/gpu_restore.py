@@ -107,7 +107,7 @@ def run(
         "total_s": round(total, 3),
         "s_per_image": round(total / num_samples, 3),  # what a batch of samples saves over separate jobs
         "stages_s": fastest.seconds,
-        "steps_per_s": round(steps / sampling, 2),
+        "steps_per_s": _figure(steps / sampling),
         "tiled_sampling": fastest.tiling.sampling,
         "tiling": fastest.tiling.metadata(),  # the plan's activations per stage, to hold against the measured peak
         "peak_gpu_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None,
@@ -115,7 +115,7 @@ def run(
     if not fastest.tiling.sampling:
         try:
             flops = network_flops(pipeline, size // 8) * steps
-            out["tflops_per_s"] = round(flops / sampling / 1e12, 2)
+            out["tflops_per_s"] = _figure(flops / sampling / 1e12)
         except Exception as exc:  # a counter that cannot see inside some kernel must not lose the timings
             out["tflops_per_s"] = f"not counted: {type(exc).__name__}"
     return out
@@ -205,6 +205,11 @@ def main() -> None:
             print(f"{name:<36} {entry['dtype']:<9} {r['size']}²{tiled}: {r['total_s']:.2f} s, "
                   f"{r['steps_per_s']} steps/s, {r.get('tflops_per_s', '-')} TFLOP/s, peak {r['peak_gpu_GB']} GB, "
                   f"load {entry.get('load_s')} s")  # fmt: skip
+
+
+def _figure(value: float) -> float:
+    """Three significant digits: a tiny model's 0.004 TFLOP/s on a busy CPU stays a figure, not 0.0."""
+    return float(f"{value:.3g}")
 
 
 if __name__ == "__main__":

@@ -98,7 +98,8 @@ down() {
   command -v docker >/dev/null 2>&1 || { log "no docker: nothing to remove"; return 0; }
   bash scripts/ensure-docker.sh
   write_env
-  COMPOSE_PROFILES=cpu,gpu,v0f,monitoring compose down --volumes --remove-orphans --timeout 60 >&2
+  COMPOSE_PROFILES=cpu,gpu,v0f,monitoring compose down --volumes --remove-orphans --timeout 60 >&2 ||
+    log "compose down failed (two starts at once leave networks of one name): removing by label"
   # whatever compose no longer knows (a renamed service, an interrupted start) goes too
   local left
   left=$(docker ps -aq --filter "label=com.docker.compose.project=$project")

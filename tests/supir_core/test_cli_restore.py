@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from tests.paths import DATA
 
 FAST = ["--min-size", "64", "--steps", "2", "--seed", "5", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def env(fixture_a: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "SUPIR_SDXL_CHECKPOINT": str(fixture_a / "sdxl.safetensors"),
-        "SUPIR_CHECKPOINT": str(fixture_a / "supir.ckpt"),
-        "SUPIR_MODEL_CONFIG": str(fixture_a / "config.json"),
-        "SUPIR_DEVICE": "cpu",
-        "SUPIR_DTYPE": "float32",
-    }
 
 
 def kind(path: Path) -> tuple[tuple[int, int], str]:

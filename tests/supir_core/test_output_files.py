@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -244,18 +243,6 @@ def test_result_file_flags_come_from_the_params() -> None:
     assert values["output_format"] == "webp" and values["output_quality"] == 70
     assert values["num_samples"] == 3 and values["keep_metadata"] is False
     assert "keep_metadata" not in _param_values(build_parser().parse_args(["restore", "x.jpg", "-o", "out"]))
-
-
-@pytest.fixture(scope="module")
-def env(fixture_a: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "SUPIR_SDXL_CHECKPOINT": str(fixture_a / "sdxl.safetensors"),
-        "SUPIR_CHECKPOINT": str(fixture_a / "supir.ckpt"),
-        "SUPIR_MODEL_CONFIG": str(fixture_a / "config.json"),
-        "SUPIR_DEVICE": "cpu",
-        "SUPIR_DTYPE": "float32",
-    }
 
 
 def restore(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
