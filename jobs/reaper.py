@@ -3,9 +3,11 @@ broker's visibility timeout (the job time limit plus a margin: tens of minutes).
 
 A run is lost when its worker's beat has expired (the process or its machine died), its pid is dead on this
 host, or the worker's beat names another job or none (it dropped the job, e.g. its Redis writes failed while
-Redis restarted). Each loss counts; the max_attempts-th ends the job failed / worker_lost, so a photo that kills
-its worker every time cannot take the workers down one after another. Every change is a fenced transition
-(`JobStore.requeue_lost`), so a run that ends meanwhile keeps its ending and nothing is queued twice.
+Redis restarted). Beats missed while Redis was away are no evidence: no pass runs until this process has reached
+Redis, and Redis has been up, for lost_after_s. Each loss counts; the max_attempts-th ends the job failed /
+worker_lost, so a photo that kills its worker every time cannot take the workers down one after another. Every
+change is a fenced transition (`JobStore.requeue_lost`), so a run that ends meanwhile keeps its ending and nothing
+is queued twice.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class Reaper:
         self.max_attempts, self.lost_after_s = max_attempts, lost_after_s
         self._stop = threading.Event()
         self._passes = 0
+        self._reached_since: float | None = None  # monotonic time since which every pass has reached Redis
 
     def start(self) -> Reaper:
         threading.Thread(target=self._run, name="supir-reaper", daemon=True).start()
@@ -76,10 +79,19 @@ class Reaper:
     def stop(self) -> None:
         self._stop.set()
 
+    def trusts_beats(self) -> bool:
+        """Whether a missing beat is evidence of a lost worker: not until Redis has been reachable (by this process,
+        and up on its own clock) for lost_after_s, since beats could not be written while it was away and a
+        restarted Redis has none. So an outage, however long, costs no run its attempt."""
+        now = time.monotonic()
+        if self._reached_since is None:
+            self._reached_since = now
+        return now - self._reached_since >= self.lost_after_s and self.store.redis_uptime_s() >= self.lost_after_s
+
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
             try:
-                if not self.store.take_lock("reaper", self.every_s * 0.9):
+                if not self.trusts_beats() or not self.store.take_lock("reaper", self.every_s * 0.9):
                     continue
                 for record in reap(self.store, self.enqueue, self.max_attempts, self.lost_after_s):
                     if self.on_change is not None:
@@ -88,6 +100,7 @@ class Reaper:
                 if self._passes % 60 == 0:
                     free_orphan_slots(self.store)
             except redis.RedisError as exc:
+                self._reached_since = None
                 log.warning("reaper: Redis unavailable (%s)", type(exc).__name__)
             except Exception:
                 log.exception("reaper pass failed")

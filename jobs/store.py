@@ -23,6 +23,7 @@ Keys (all under the settings' key_prefix, `p`):
 from __future__ import annotations
 
 import json
+import math
 import socket
 import time
 from collections.abc import Callable
@@ -431,6 +432,14 @@ class JobStore:
 
     def remember_file_hash(self, digest: str, info: dict[str, Any]) -> None:
         self.r.set(f"{self.p}:filehash:{digest}", json.dumps(info))
+
+    def redis_uptime_s(self) -> float:
+        """Seconds since the Redis server started (INFO server, which managed Redis allows); infinite when the
+        server does not say, so that nothing waits on it for ever."""
+        try:
+            return float(self.r.info("server").get("uptime_in_seconds", math.inf))
+        except redis.ResponseError:  # INFO refused
+            return math.inf
 
     def take_lock(self, name: str, ttl_s: float) -> bool:
         """One holder cluster-wide for ttl_s (periodic work several processes offer to do)."""

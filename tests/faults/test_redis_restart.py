@@ -112,3 +112,27 @@ def test_a_redis_restart_with_one_job_running_and_three_queued_loses_none_and_ru
     with svc.client("alice") as client:
         again = [status_of(client, j["id"]) for j in jobs]
     assert [j["finished_at"] for j in jobs] == [a["finished_at"] if a else None for a in again]
+
+
+def test_a_redis_outage_longer_than_the_lost_after_time_costs_the_running_job_no_attempt(
+    svc: Service, own_redis: RedisServer
+) -> None:
+    """Injects: Redis stopped for twice SUPIR_WORKER_LOST_AFTER_S (10 s here) while a job samples, then started
+    again from its AOF. No worker was lost: beats could not be written, so the reaper must not count the missing
+    ones; the job ends succeeded on its first run, whether it finished during the outage or after."""
+    with svc.client("alice") as client:
+        job_id = submit(client, RUNNING).json()["id"]
+        wait_until(
+            lambda: (status_of(client, job_id) or {}).get("progress", {}).get("step", 0) >= 1, 120, 0.1, "a step"
+        )
+        time.sleep(1.5)  # appendfsync everysec: what was written a second ago is on disk
+        own_redis.stop("shutdown")
+        time.sleep(20)
+        own_redis.start()
+
+        def ended() -> dict | None:
+            job = status_of(client, job_id)
+            return job if job is not None and job["status"] in ("succeeded", "failed", "canceled") else None
+
+        job = wait_until(ended, 300, 0.5, "the job to end")
+    assert (job["status"], job["attempts"]) == ("succeeded", 1), (job["status"], job["attempts"], job["error"])
