@@ -380,6 +380,14 @@ def _weights_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report["ok"] else EXIT_FAILED
 
 
+def _weights_cache(args: argparse.Namespace) -> int:
+    from .weight_cache import fill_cache
+
+    reports = fill_cache(args.source, args.to, rehash=not args.no_rehash, say=lambda line: print(line, file=sys.stderr))
+    print(json.dumps(reports, indent=1))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="supir", description="SUPIR photo restoration (supir-serve).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -489,6 +497,13 @@ def _add_weights_commands(commands: Commands) -> None:
     ver.add_argument("--manifest", type=Path, help="the download manifest (default: supir-weights.json beside it)")
     ver.add_argument("--table", type=Path, help=table_help)
     ver.set_defaults(run=_weights_verify)
+    cache = weights.add_parser(
+        "cache", help="copy the files of a weights directory's manifest to local disk once, checked (node-local cache)"
+    )
+    cache.add_argument("--from", dest="source", type=Path, required=True, help="the filled weights directory")
+    cache.add_argument("--to", type=Path, required=True, help="the node-local cache directory")
+    cache.add_argument("--no-rehash", action="store_true", help="trust cached files' records without hashing them")
+    cache.set_defaults(run=_weights_cache)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

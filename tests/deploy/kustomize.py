@@ -8,7 +8,8 @@ import yaml
 
 from tests.paths import REPO
 
-COMPONENTS = {"base": [], "v0f": ["components/v0f"]}  # what `kubectl apply -k` renders, and with v0F enabled
+# what `kubectl apply -k` renders, with v0F enabled, and with node-local weights too
+COMPONENTS = {"base": [], "v0f": ["components/v0f"], "node-cache": ["components/v0f", "components/node-cache"]}
 
 
 def rendered(components: list[str] | None = None, tmp: Path | None = None) -> list[dict]:

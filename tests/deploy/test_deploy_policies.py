@@ -158,6 +158,17 @@ def settings_of(env: dict[str, str]) -> Settings:
         return Settings(environment="dev")
 
 
+def local_copies(pod: dict, shared: set[str]) -> set[str]:
+    """Volumes an init container fills from the shared weights volume (components/node-cache's node-local copy)."""
+    return {
+        mount["name"]
+        for init in pod.get("initContainers", [])
+        if any(m["name"] in shared for m in init["volumeMounts"])
+        for mount in init["volumeMounts"]
+        if mount["name"] not in shared and not mount.get("readOnly")
+    }
+
+
 def test_each_variant_has_one_worker_pool_that_loads_its_file(docs: list[dict]) -> None:
     config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "supir-config")["data"]
     served = settings_of(config).variant_files  # what the API accepts: SUPIR_VARIANTS, or the one default
@@ -176,6 +187,7 @@ def test_each_variant_has_one_worker_pool_that_loads_its_file(docs: list[dict]) 
         assert settings.worker_variant_names == [variant]
         path = str(settings.variant_files[variant])
         shared = {v["name"] for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") in claims}
+        shared |= local_copies(pod, shared)
         mounts = [m["mountPath"] for m in container["volumeMounts"] if m["name"] in shared]
         assert any(path.startswith(m.rstrip("/") + "/") for m in mounts), f"{name}: {path} is on no weights volume"
         assert deployment["metadata"]["labels"]["supir-serve/variant"] == variant
