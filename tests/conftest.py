@@ -89,6 +89,7 @@ def _file_of(nodeid: str) -> str:
     return nodeid.split("::")[0]
 
 
+@pytest.hookimpl(optionalhook=True)  # `-p no:xdist` runs the suite in one process without it
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     from xdist.scheduler import LoadScopeScheduling
 
