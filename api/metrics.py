@@ -34,9 +34,9 @@ REJECTED = Counter("supir_requests_rejected_total", "requests refused, by error 
 RESULT_CACHE = Counter(
     "supir_result_cache_total", "cacheable requests: answered from a stored result or not", ["outcome"]
 )
-# per API process (a `pid` label with PROMETHEUS_MULTIPROC_DIR): after a rotation every process should show the
-# new count; `refused` reloads mean a broken keys file, the keys in use were kept (api.keyring)
-API_KEYS_LOADED = Gauge("supir_api_keys_loaded", "API keys this process accepts", multiprocess_mode="liveall")
+# the key count of the last keys file an API process loaded (processes re-read it on their next authenticated
+# request after a change); `refused` reloads mean a broken keys file: the keys in use were kept (api.keyring)
+API_KEYS_LOADED = Gauge("supir_api_keys_loaded", "API keys in the last keys loaded", multiprocess_mode="mostrecent")
 API_KEY_RELOADS = Counter(
     "supir_api_key_reloads_total", "SUPIR_API_KEYS_FILE reads after a change: loaded, or refused (kept)", ["result"]
 )
