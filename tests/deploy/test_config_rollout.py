@@ -86,7 +86,12 @@ def test_the_api_reads_its_keys_from_the_mounted_secret() -> None:
     pod = api["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    volume = next(v["name"] for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "supir-api-keys")
+    volume, mode = next(
+        (v["name"], v["secret"]["defaultMode"])
+        for v in pod["volumes"]
+        if v.get("secret", {}).get("secretName") == "supir-api-keys"
+    )
+    assert mode & 0o007 == 0 and pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"]  # ours alone
     (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume]
     assert mount["readOnly"] and "subPath" not in mount  # a subPath mount never sees the Secret's updates
     path = Path(env["SUPIR_API_KEYS_FILE"])
