@@ -1,10 +1,12 @@
-"""API keys: Bearer tokens, stored as SHA-256 hashes in the settings; dev mode has one local owner."""
+"""API keys: Bearer tokens, stored as SHA-256 hashes (SUPIR_API_KEYS or the file api.keyring re-reads); dev mode has
+one local owner."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import secrets
+from collections.abc import Sequence
 
 from fastapi import Request
 
@@ -26,8 +28,9 @@ def new_key() -> tuple[str, str]:
     return key, hash_key(key)
 
 
-def caller_of(request: Request, settings: Settings) -> ApiKey:
-    """The API key behind a request (its id is the owner of the jobs it creates)."""
+def caller_of(request: Request, settings: Settings, keys: Sequence[ApiKey]) -> ApiKey:
+    """The API key behind a request, among `keys` (its id is the owner of the jobs it creates: during a rotation
+    one id may be listed with the old and the new key)."""
     if settings.dev_mode:
         client = request.client.host if request.client else ""
         if client not in ("127.0.0.1", "::1", "localhost", "testclient"):
@@ -39,18 +42,19 @@ def caller_of(request: Request, settings: Settings) -> ApiKey:
     if scheme.lower() != "bearer" or not token:
         raise ApiError(
             "unauthorized",
-            "send an API key as 'Authorization: Bearer <key>' (keys are the service's SUPIR_API_KEYS)",
+            "send an API key as 'Authorization: Bearer <key>' (keys are the service's SUPIR_API_KEYS or "
+            "SUPIR_API_KEYS_FILE)",
             headers={"WWW-Authenticate": "Bearer"},
         )
     digest = hash_key(token.strip())
-    for key in settings.api_keys:
+    for key in keys:
         if hmac.compare_digest(key.sha256, digest):
             return key
-    message = "unknown API key (keys are the service's SUPIR_API_KEYS)"
+    message = "unknown API key (keys are the service's SUPIR_API_KEYS or SUPIR_API_KEYS_FILE)"
     raise ApiError("unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
 
 
-def authenticate(request: Request, settings: Settings, store: JobStore) -> ApiKey:
+def authenticate(request: Request, settings: Settings, store: JobStore, keys: Sequence[ApiKey]) -> ApiKey:
     """caller_of, with failed attempts counted per client address.
 
     Only failures are counted. Once an address has failed `auth_failures_per_minute` times in the current
@@ -60,7 +64,7 @@ def authenticate(request: Request, settings: Settings, store: JobStore) -> ApiKe
     against noise and key-list stuffing rather than against brute force.
     """
     try:
-        return caller_of(request, settings)
+        return caller_of(request, settings, keys)
     except ApiError as exc:
         if exc.code != "unauthorized":
             raise

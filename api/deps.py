@@ -42,7 +42,7 @@ def authorize(request: Request, services: ServicesDep) -> Caller:
     """The authenticated caller, after its per-minute rate limit: reads and writes are counted apart, so
     polling a job never uses up the creates."""
     settings = services.settings
-    key = authenticate(request, settings, services.store)
+    key = authenticate(request, settings, services.store, services.api_keys.keys())
     if request.method in ("GET", "HEAD"):
         kind, bucket = "read", f"{key.id}:read"
         limit = key.read_rate_limit_per_minute or settings.read_rate_limit_per_minute

@@ -10,7 +10,7 @@ import time
 from collections import Counter as Tally
 from collections.abc import Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -33,6 +33,12 @@ JOBS_CREATED = Counter("supir_jobs_created_total", "jobs accepted into the queue
 REJECTED = Counter("supir_requests_rejected_total", "requests refused, by error code", ["code"])
 RESULT_CACHE = Counter(
     "supir_result_cache_total", "cacheable requests: answered from a stored result or not", ["outcome"]
+)
+# the key count of the last keys file an API process loaded (processes re-read it on their next authenticated
+# request after a change); `refused` reloads mean a broken keys file: the keys in use were kept (api.keyring)
+API_KEYS_LOADED = Gauge("supir_api_keys_loaded", "API keys in the last keys loaded", multiprocess_mode="mostrecent")
+API_KEY_RELOADS = Counter(
+    "supir_api_key_reloads_total", "SUPIR_API_KEYS_FILE reads after a change: loaded, or refused (kept)", ["result"]
 )
 
 
@@ -99,7 +105,15 @@ def render(store: JobStore, job_time_limit_s: float = 0.0, variants: tuple[str, 
     if MULTIPROC_DIR:
         MultiProcessCollector(registry)
     else:
-        for collector in (REQUESTS, REQUEST_SECONDS, JOBS_CREATED, REJECTED, RESULT_CACHE):
+        for collector in (
+            REQUESTS,
+            REQUEST_SECONDS,
+            JOBS_CREATED,
+            REJECTED,
+            RESULT_CACHE,
+            API_KEYS_LOADED,
+            API_KEY_RELOADS,
+        ):
             registry.register(collector)
     registry.register(QueueCollector(store, job_time_limit_s, variants))
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -84,6 +84,19 @@ def _fresh_metrics_dir(path: str | None) -> None:
         stale.unlink(missing_ok=True)
 
 
+def _check_keys_file(path: Path | None) -> None:
+    """A keys file that is missing or broken at start stops the server with one clear line, before uvicorn starts
+    processes that would each fail on it (later, a broken file only keeps the keys in use: api.keyring)."""
+    if path is None:
+        return
+    from .keyring import ApiKeysFileError, read_keys_file
+
+    try:
+        read_keys_file(path)
+    except ApiKeysFileError as exc:
+        raise SystemExit(f"SUPIR_API_KEYS_FILE: {exc.message}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m api.server", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -96,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     settings = get_settings()
+    _check_keys_file(settings.api_keys_file)
     _fresh_metrics_dir(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
     uvicorn.run(
         "api.main:app",

@@ -15,6 +15,7 @@ from jobs.settings import Settings
 from jobs.storage import ObjectStore, make_store
 from jobs.store import JobStore
 
+from .keyring import KeyRing
 from .models import Job, JobResultInfo
 
 RESULT_URL_TTL_S = 3600
@@ -30,6 +31,7 @@ class Services:
         notify: Callable[[str], None] = lambda job_id: None,
     ):
         self.settings, self.store, self.objects, self.enqueue = settings, store, objects, enqueue
+        self.api_keys = KeyRing(settings)  # SUPIR_API_KEYS, or SUPIR_API_KEYS_FILE re-read when it changes
         # readiness pings on a client of their own with short timeouts: a probe must answer within its own
         # timeout (1 s by default) even when Redis hangs
         self.probe = store_client(settings, socket_timeout=0.5, connect_timeout=0.5)

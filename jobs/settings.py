@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     signing_secret: SecretStr = SecretStr(PLACEHOLDER_SECRET)
     dev_mode: bool = False  # no API keys; only for a server bound to localhost
     api_keys: list[ApiKey] = Field(default_factory=list)
+    api_keys_file: Path | None = Field(
+        None, description="a file holding SUPIR_API_KEYS' JSON (a mounted Secret): re-read within ~1 s of a change"
+    )
     rate_limit_per_minute: int = Field(120, ge=1, description="creates and cancels per key a minute")
     read_rate_limit_per_minute: int = Field(
         1200, ge=1, description="reads per key a minute (status, lists, results, event streams): polling is cheap"
@@ -170,6 +173,12 @@ class Settings(BaseSettings):
     @classmethod
     def _keys_from_json(cls, value: object) -> object:
         return json.loads(value) if isinstance(value, str) and value.strip() else value or []
+
+    @model_validator(mode="after")
+    def _one_source_of_keys(self) -> Settings:
+        if self.api_keys and self.api_keys_file is not None:
+            raise ValueError("set SUPIR_API_KEYS or SUPIR_API_KEYS_FILE, not both: the file's keys replace the list")
+        return self
 
     @field_validator("default_params", mode="before")
     @classmethod

@@ -205,7 +205,9 @@ def test_the_kustomization_renders_and_its_references_resolve() -> None:
     assert claims <= names("PersistentVolumeClaim")
     container = pod["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    config = next(d for d in RENDERED if d["kind"] == "ConfigMap")["data"]
+    from tests.deploy.kustomize import rendered
+
+    config = next(d for d in rendered() if d["kind"] == "ConfigMap")["data"]  # generated: kustomization.yaml
     time_limit = int(config["SUPIR_JOB_TIME_LIMIT_S"])
     assert pod["terminationGracePeriodSeconds"] > time_limit  # the job in flight finishes
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}

@@ -69,7 +69,7 @@ def test_each_component_has_its_own_service_account(docs: list[dict]) -> None:
     assert {deployments[name]["serviceAccountName"] for name in gpu_workers(docs)} == {"supir-worker"}
     api_secrets = {
         s["secretRef"]["name"] for c in deployments["supir-api"]["containers"] for s in c["envFrom"] if "secretRef" in s
-    }
+    } | {v["secret"]["secretName"] for v in deployments["supir-api"]["volumes"] if "secret" in v}  # the keys: a file
     worker_secrets = {
         s["secretRef"]["name"]
         for c in deployments["supir-worker"]["containers"]
@@ -170,7 +170,8 @@ def local_copies(pod: dict, shared: set[str]) -> set[str]:
 
 
 def test_each_variant_has_one_worker_pool_that_loads_its_file(docs: list[dict]) -> None:
-    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "supir-config")["data"]
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("supir-config-"))
+    config = config["data"]  # generated: supir-config-<hash>
     served = settings_of(config).variant_files  # what the API accepts: SUPIR_VARIANTS, or the one default
     assert "SUPIR_VARIANTS" in config or set(served) == {"v0Q"}
     assert not ("SUPIR_VARIANTS" in config and "SUPIR_CHECKPOINT" in config)  # one source of truth

@@ -1,7 +1,8 @@
-"""The processes started the way the Kubernetes manifests start them: the command, environment (ConfigMap,
-Secret, env) and volumes read from deploy/k8s, not retyped here. What cannot be the same on this machine is
-substituted, and only that: each volume is a fresh empty folder, the cluster's Redis is the local one, the
-Secret's placeholders get real values (as an operator's would), the port is a free one."""
+"""The processes started the way the Kubernetes manifests start them: the command, environment (the ConfigMap as
+kustomize generates it, Secret, env) and volumes read from deploy/k8s, not retyped here. What cannot be the same on
+this machine is substituted, and only that: each emptyDir is a fresh empty folder, a Secret volume a folder of its
+keys' files, the cluster's Redis is the local one, the Secret's placeholders get real values (as an operator's
+would), the port is a free one."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 
 import httpx
@@ -20,6 +22,7 @@ import redis
 import yaml
 
 from jobs.store import JobStore
+from tests.deploy.kustomize import rendered
 from tests.paths import redis_url
 from tests.servers import REPO, free_port, manifest_command, wait_until
 from worker.health import ready_file_text
@@ -38,13 +41,31 @@ def container(manifest: str, name: str) -> dict:
     raise LookupError(f"no container {name} in {manifest}")
 
 
+def secret_volumes(manifest: str) -> dict[str, str]:
+    """The Deployment's Secret volumes: volume name → Secret name."""
+    for doc in yaml.safe_load_all((K8S / manifest).read_text()):
+        if doc and doc["kind"] == "Deployment":
+            volumes = doc["spec"]["template"]["spec"].get("volumes", [])
+            return {v["name"]: v["secret"]["secretName"] for v in volumes if "secret" in v}
+    raise LookupError(f"no Deployment in {manifest}")
+
+
+@cache
+def config_map(name: str) -> dict[str, str]:
+    """A ConfigMap's data as `kubectl kustomize` generates it (named `<name>-<hash of its data>`)."""
+    for doc in rendered():
+        if doc["kind"] == "ConfigMap" and doc["metadata"]["name"].rsplit("-", 1)[0] == name:
+            return dict(doc["data"])
+    raise LookupError(f"no ConfigMap {name} in the rendered manifests")
+
+
 def manifest_env(c: dict, mounts: dict[str, Path]) -> dict[str, str]:
     """The container's environment: envFrom the ConfigMap and the example Secret, then env; paths on mounted
     volumes moved to their stand-in folders."""
     env: dict[str, str] = {}
     for source in c.get("envFrom", []):
         if "configMapRef" in source:
-            env.update(yaml.safe_load((K8S / "configmap.yaml").read_text())["data"])
+            env.update(config_map(source["configMapRef"]["name"]))
         if "secretRef" in source:
             env.update(operator_secret(source["secretRef"]["name"]))
     env.update({e["name"]: str(e["value"]) for e in c.get("env", []) if "value" in e})
@@ -68,8 +89,8 @@ def operator_secret(name: str) -> dict[str, str]:
     }
     filled = {key: secrets.token_urlsafe(48) for key in examples[name]}
     filled.pop("SUPIR_REDIS_PASSWORD", None)
-    if "SUPIR_API_KEYS" in filled:
-        filled["SUPIR_API_KEYS"] = f'[{{"id": "app", "sha256": "{hashlib.sha256(API_KEY.encode()).hexdigest()}"}}]'
+    for keys in ("SUPIR_API_KEYS", "keys.json") & filled.keys():  # as an env var or a mounted file
+        filled[keys] = f'[{{"id": "app", "sha256": "{hashlib.sha256(API_KEY.encode()).hexdigest()}"}}]'
     return filled
 
 
@@ -85,8 +106,12 @@ class Api:
     def __init__(self, tmp: Path) -> None:
         self.c = container("api.yaml", "api")
         self.mounts = {m["mountPath"]: tmp / m["name"] for m in self.c.get("volumeMounts", [])}
+        self.secrets = secret_volumes("api.yaml")
         for folder in self.mounts.values():
             folder.mkdir(exist_ok=True)  # an emptyDir: empty, nothing made in it beforehand
+        for volume, secret in self.secrets.items():
+            for key, value in operator_secret(secret).items():
+                (tmp / volume / key).write_text(value)  # a Secret volume: a file per key
         self.env = {"PATH": os.environ["PATH"], "HF_HUB_OFFLINE": "1", **manifest_env(self.c, self.mounts)}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -122,7 +147,8 @@ class Api:
 def test_the_api_runs_with_the_manifests_environment_on_an_empty_tmp(tmp_path: Path, clean_redis: redis.Redis) -> None:
     api = Api(tmp_path)
     assert "PROMETHEUS_MULTIPROC_DIR" in api.env and api.env["SUPIR_ENVIRONMENT"] == "production"
-    assert all(not list(folder.iterdir()) for folder in api.mounts.values())
+    assert all(not list(f.iterdir()) for f in api.mounts.values() if f.name not in api.secrets)  # emptyDirs
+    assert "SUPIR_API_KEYS_FILE" in api.env and "SUPIR_API_KEYS" not in api.env  # the keys: a mounted file
     api.start()
     try:
         # no GPU worker anywhere: ready all the same (clients can create and poll jobs)
