@@ -57,7 +57,7 @@ def test_every_deployment_reads_the_hashed_config_map(variant: str, tmp_path: Pa
     name = config_map(docs)["metadata"]["name"]
     assert HASHED.fullmatch(name), name
     refs = config_refs(docs)
-    assert "supir-worker" in refs and ("supir-worker-v0f" in refs) == (variant == "v0f")
+    assert "supir-worker" in refs and ("supir-worker-v0f" in refs) == ("components/v0f" in COMPONENTS[variant])
     assert all(names == {name} for names in refs.values()), refs  # no Deployment left on a stale or static name
     secrets = {v["secret"]["secretName"] for d in docs if d["kind"] == "Deployment"
                for v in d["spec"]["template"]["spec"].get("volumes", []) if "secret" in v}  # fmt: skip
