@@ -1,7 +1,9 @@
 """Monitoring and scaling, checked with the real tools: promtool's unit tests for every alert and each variant's
-scaling query (two variants, two API replicas), every PromQL expression (rules, KEDA triggers, dashboard) parsed by
-promtool, `kubectl kustomize` rendered (as shipped and with the v0F component) and validated, the selector label on
-exactly the Prometheus Operator objects, the compose Alertmanager, and docs that agree with the manifests."""
+scaling query (two variants, two API replicas, two installs sharing a Prometheus), every PromQL expression (rules,
+KEDA triggers, dashboard) parsed by promtool, `kubectl kustomize` rendered (as shipped, with the v0F component, and
+as another install in another namespace with another Prometheus) and validated, `namespace` kept by every rule and
+set in every KEDA and dashboard query, the selector label on exactly the Prometheus Operator objects, the dashboard
+ConfigMap, the compose Prometheus and Alertmanager, and docs that agree with the manifests."""
 
 from __future__ import annotations
 
@@ -33,11 +35,25 @@ DASHBOARD = json.loads((REPO / "deploy/grafana/dashboards/supir.json").read_text
 OPERATIONS = (REPO / "docs/operations.md").read_text()
 # the gauges with one series per SUPIR variant: max over API replicas by variant, never across variants
 VARIANT_GAUGES = ("supir_jobs_waiting", "supir_jobs_running", "supir_variant_workers")
+# a second install, as an operator makes it: kustomization.yaml's namespace and Prometheus settings changed
+STAGING = {"namespace": "staging", "prometheus": "observability", "address": "http://prom.observability.svc:9090"}
 
 
 @pytest.fixture(scope="module")
 def with_v0f(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     return kustomize(["components/v0f"], tmp_path_factory.mktemp("v0f"))
+
+
+def as_staging(kustomization: dict) -> None:
+    kustomization["namespace"] = STAGING["namespace"]
+    (generator,) = [g for g in kustomization["configMapGenerator"] if g["name"] == "supir-prometheus"]
+    generator["literals"] = [f"address={STAGING['address']}", f"namespace={STAGING['prometheus']}"]
+
+
+@pytest.fixture(scope="module")
+def staging(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """The manifests with v0F, rendered for a second install sharing the Prometheus."""
+    return kustomize(["components/v0f"], tmp_path_factory.mktemp("staging"), edit=as_staging)
 
 
 def scaling_queries(docs: list[dict]) -> dict[str, str]:
@@ -70,7 +86,7 @@ def test_promtool_unit_tests_pass() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_every_alert_has_a_firing_and_a_quiet_unit_test(with_v0f: list[dict]) -> None:
+def test_every_alert_has_a_firing_and_a_quiet_unit_test(with_v0f: list[dict], staging: list[dict]) -> None:
     fired, quiet, exprs = set(), set(), set()
     for path in (PROM / "tests").glob("*.yml"):
         for case in yaml.safe_load(path.read_text())["tests"]:
@@ -83,12 +99,15 @@ def test_every_alert_has_a_firing_and_a_quiet_unit_test(with_v0f: list[dict]) ->
     queries = scaling_queries(with_v0f)
     assert len(queries) == 2 and TRIGGER["metadata"]["query"] in queries.values()
     assert set(queries.values()) <= exprs, "every variant's rendered KEDA query has its promtool test"
+    # and as a second install renders them: the case where both share a Prometheus (each scales on its own jobs)
+    assert set(scaling_queries(staging).values()) <= exprs
 
 
 def test_every_alert_says_how_bad_what_and_where_to_look() -> None:
     assert {"SupirHighErrorRatio", "SupirApiErrors"} <= set(ALERTS)
     for name, rule in ALERTS.items():
-        assert rule["labels"]["severity"] in ("critical", "warning"), name
+        # `none`: the heartbeat, routed to a dead man's switch, never to people
+        assert rule["labels"]["severity"] in ("critical", "warning") or name == "SupirHeartbeat", name
         assert {"summary", "description"} <= set(rule["annotations"]), name
         # runbook_url: the annotation Alertmanager templates and Grafana link, so an absolute URL, not a path
         runbook = rule["annotations"]["runbook_url"]
@@ -105,7 +124,7 @@ def test_the_docs_say_how_to_act_on_every_alert() -> None:
 
 def test_time_limit_alerts_follow_the_exported_limit() -> None:
     for name in ("SupirJobsNearTimeLimit", "SupirJobsStuckRunning"):
-        assert "max(supir_job_time_limit_seconds)" in ALERTS[name]["expr"], name
+        assert "max by (namespace) (supir_job_time_limit_seconds)" in ALERTS[name]["expr"], name
         assert "1800" not in ALERTS[name]["expr"], name
 
 
@@ -124,7 +143,8 @@ def test_variant_gauges_are_never_maxed_across_variants(with_v0f: list[dict]) ->
         for gauge in VARIANT_GAUGES:
             for match in re.finditer(rf"\b{gauge}\b(\{{[^}}]*\}})?", expr):
                 before = expr[: match.start()]
-                kept = re.search(r"max by \(variant\) \($", before) or 'variant="' in (match.group(1) or "")
+                by_variant = re.search(r"max by \((namespace, )?variant\) \($", before)
+                kept = by_variant or 'variant="' in (match.group(1) or "")
                 assert kept, f"{name}: {expr}"
                 uses += 1
     assert uses >= 10
@@ -134,13 +154,118 @@ def test_variant_gauges_are_never_maxed_across_variants(with_v0f: list[dict]) ->
 
 
 def all_expressions(docs: list[dict]) -> dict[str, str]:
-    """Every PromQL expression: rules, every rendered ScaledObject's query (docs), dashboard targets."""
+    """Every PromQL expression: rules, every rendered ScaledObject's query (docs), dashboard targets as Grafana
+    sends them (variables substituted)."""
     exprs = {f"rules_{name}": rule["expr"] for name, rule in {**ALERTS, **RECORDS}.items()}
     exprs |= {f"keda_{name}": query for name, query in scaling_queries(docs).items()}
     for panel in DASHBOARD["panels"]:
         for target in panel["targets"]:
-            exprs[f"dashboard_panel{panel['id']}_{target['refId']}"] = target["expr"]
+            exprs[f"dashboard_panel{panel['id']}_{target['refId']}"] = target["expr"].replace("$namespace", "supir")
     return exprs
+
+
+# --- installs sharing a Prometheus stay apart ---------------------------------------------------------------
+
+AGGREGATION = re.compile(r"\b(sum|min|max|avg|count|stddev|topk|bottomk|quantile|group)\s*(by\s*\(([^)]*)\))?\s*\(")
+
+
+def test_every_rule_keeps_the_namespace() -> None:
+    """Each aggregation keeps `namespace` and each vector match is on it: one install's series never answer for
+    another's, and every alert names its install. absent() alone cannot (it fires only when no install has any)."""
+    for name, rule in {**ALERTS, **RECORDS}.items():
+        expr = rule["expr"]
+        aggregations = list(AGGREGATION.finditer(expr))
+        assert aggregations, name
+        for match in aggregations:
+            assert "namespace" in (match.group(3) or ""), f"{name}: {match.group(0)!r} drops the namespace"
+        for on in re.findall(r"\b(?:on|ignoring)\s*\(([^)]*)\)", expr):
+            assert "namespace" in on, f"{name}: on ({on})"
+        assert "without" not in expr and "group_left" not in expr, name
+
+
+def selectors(expr: str) -> list[tuple[str, str]]:
+    """(metric, its label matchers) for every metric the expression reads."""
+    found = re.finditer(r"\b((?:supir|DCGM|keda|kube)_\w+)\b(\{[^}]*\})?", expr)
+    return [(m.group(1), m.group(2) or "") for m in found]
+
+
+def test_every_scaling_query_reads_its_own_install_only(with_v0f: list[dict], staging: list[dict]) -> None:
+    """kustomize writes the install's namespace into every ScaledObject's query (it never edits text inside a
+    query by itself): rendered for another namespace, every selector of every query changes with it."""
+    for docs, namespace in ((with_v0f, "supir"), (staging, STAGING["namespace"])):
+        queries = scaling_queries(docs)
+        assert len(queries) == 2
+        for name, query in queries.items():
+            found = selectors(query)
+            assert len(found) == 2, query  # waiting + running
+            for _, matchers in found:
+                assert re.findall(r'namespace="([^"]*)"', matchers) == [namespace], f"{name}: {query}"
+    assert set(scaling_queries(with_v0f).values()).isdisjoint(scaling_queries(staging).values())
+
+
+def test_the_prometheus_is_set_in_one_place(with_v0f: list[dict], staging: list[dict]) -> None:
+    """kustomization.yaml's supir-prometheus (local config, never applied) reaches KEDA and the NetworkPolicies:
+    no other `monitoring` is left (the Prometheus Operator's API group aside)."""
+    for docs, address, namespace in (
+        (with_v0f, "http://prometheus-operated.monitoring.svc:9090", "monitoring"),
+        (staging, STAGING["address"], STAGING["prometheus"]),
+    ):
+        assert not [d for d in docs if d["metadata"]["name"] == "supir-prometheus"], "local config is applied"
+        for doc in (d for d in docs if d["kind"] == "ScaledObject"):
+            assert doc["spec"]["triggers"][0]["metadata"]["serverAddress"] == address
+        scraped = {
+            d["metadata"]["name"]: peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+            for d in docs
+            if d["kind"] == "NetworkPolicy"
+            for rule in d["spec"].get("ingress", [])
+            for peer in rule.get("from", [])
+            if "namespaceSelector" in peer
+        }
+        assert set(scraped) >= {"supir-worker", "supir-webhooks"} and set(scraped.values()) == {namespace}
+    text = yaml.safe_dump_all(staging)
+    assert not re.findall(r"monitoring(?!\.coreos\.com)", text)
+    assert STAGING["namespace"] in {d["metadata"].get("namespace") for d in staging}
+
+
+def test_the_dashboard_picks_a_datasource_and_a_namespace() -> None:
+    variables = {v["name"]: v for v in DASHBOARD["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    namespace = variables["namespace"]
+    assert namespace["type"] == "query" and re.fullmatch(r"label_values\(supir_\w+, namespace\)", namespace["query"])
+    assert namespace["datasource"]["uid"] == "${datasource}"
+    metrics = 0
+    for panel in DASHBOARD["panels"]:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        for target in panel["targets"]:
+            for metric, matchers in selectors(target["expr"]):
+                assert 'namespace="$namespace"' in matchers, f"{panel['title']}: {metric} in {target['expr']}"
+                if metric.startswith("DCGM_"):  # the GPUs of this service's workers only
+                    assert 'pod=~".*supir-worker.*"' in matchers, target["expr"]
+                metrics += 1
+    assert metrics >= 40
+    exprs = [t["expr"] for p in DASHBOARD["panels"] for t in p["targets"]]
+    dcgm = {metric for expr in exprs for metric, _ in selectors(expr) if metric.startswith("DCGM_")}
+    assert {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_POWER_USAGE"} <= dcgm
+
+
+def test_the_dashboard_ships_as_a_configmap_for_grafanas_sidecar(rendered: list[dict], staging: list[dict]) -> None:
+    """One source: the ConfigMap is made from the JSON compose provisions."""
+    source = (REPO / "deploy/grafana/dashboards/supir.json").read_text()
+    for docs in (rendered, staging):
+        (config,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "supir-dashboard"]
+        assert config["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert config["data"] == {"supir.json": source}
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["grafana"]
+    assert "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro" in compose["volumes"]
+
+
+def test_dcgm_alerts_watch_the_worker_pods_gpus() -> None:
+    names = {"SupirGpuXidError": "DCGM_FI_DEV_XID_ERRORS", "SupirGpuMemoryErrors": "DCGM_FI_DEV_ROW_REMAP_FAILURE"}
+    for alert, metric in names.items():
+        found = selectors(ALERTS[alert]["expr"])
+        assert metric in {m for m, _ in found}
+        assert all('pod=~".*supir-worker.*"' in matchers for _, matchers in found), alert
+    assert "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL" in ALERTS["SupirGpuMemoryErrors"]["expr"]
 
 
 def check_parse(exprs: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -170,9 +295,10 @@ def test_the_parse_check_catches_a_broken_query(tmp_path: Path) -> None:
 
 def test_keda_scales_on_each_job_once_with_a_fallback() -> None:
     spec = KEDA["spec"]
-    # the recording rule's expression, for v0Q alone (unit-tested: 4, not 8, and not v0F's jobs)
+    # the recording rule's expression, for this install's v0Q alone (unit-tested: 4, not 8, and not v0F's jobs)
     record = RECORDS["supir:jobs_outstanding"]["expr"]
-    assert TRIGGER["metadata"]["query"] == re.sub(r"max by \(variant\) \((\w+)\)", r'max(\1{variant="v0Q"})', record)
+    matchers = r'max(\1{namespace="supir", variant="v0Q"})'
+    assert TRIGGER["metadata"]["query"] == re.sub(r"max by \(namespace, variant\) \((\w+)\)", matchers, record)
     assert TRIGGER.get("metricType", "AverageValue") == "AverageValue"  # fallback works for AverageValue only
     assert TRIGGER["metadata"]["ignoreNullValues"] == "false"  # no gauges → fallback, not zero jobs
     assert spec["fallback"]["failureThreshold"] >= 1 and spec["fallback"]["replicas"] >= 1
@@ -261,6 +387,8 @@ def test_compose_prometheus_sends_alerts_to_its_alertmanager() -> None:
     prometheus = yaml.safe_load((PROM / "prometheus.yml").read_text())
     targets = [t for am in prometheus["alerting"]["alertmanagers"] for s in am["static_configs"] for t in s["targets"]]
     assert targets == ["alertmanager:9093"]
+    for job in prometheus["scrape_configs"]:  # the label every rule and dashboard query keeps
+        assert {"target_label": "namespace", "replacement": "supir"} in job["relabel_configs"], job["job_name"]
     proc = promtool("check", "config", "deploy/prometheus/prometheus.yml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -276,3 +404,7 @@ def test_alertmanager_config_routes_to_a_defined_receiver() -> None:
         assert route.get("receiver", receivers[0]) in receivers
         routes.extend(route.get("routes", []))
     assert set(config) <= {"global", "route", "receivers", "inhibit_rules", "templates", "time_intervals"}
+    # the heartbeat goes, first and often, to its own receiver (a dead man's switch), never down a paging route
+    first = config["route"]["routes"][0]
+    assert first["matchers"] == ['alertname="SupirHeartbeat"'] and first["receiver"] != config["route"]["receiver"]
+    assert first.get("continue", False) is False and first["repeat_interval"] == "1m"
