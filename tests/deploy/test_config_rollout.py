@@ -39,8 +39,8 @@ def config_map(docs: list[dict]) -> dict:
 
 
 def render_copy(tmp: Path, components: list[str], edit: tuple[str, str] | None = None) -> list[dict]:
-    """kubectl kustomize on a copy of deploy/k8s with these components, config.env's `edit` (old, new) applied."""
-    root = Path(shutil.copytree(REPO / "deploy/k8s", tmp / "k8s"))
+    """kubectl kustomize on a copy of deploy/ with these components, config.env's `edit` (old, new) applied."""
+    root = Path(shutil.copytree(REPO / "deploy", tmp / "deploy")) / "k8s"  # all of deploy/: ../grafana too
     kustomization = yaml.safe_load((root / "kustomization.yaml").read_text())
     (root / "kustomization.yaml").write_text(yaml.safe_dump({**kustomization, "components": components}))
     if edit is not None:
