@@ -41,6 +41,7 @@ class Runtime:
         self.models: dict[str, dict[str, Any]] = {}  # variant → {model_id, supir_sha256, sdxl_sha256, test_model…}
         self.variants: list[str] = settings.worker_variant_names
         self.state: State = "loading"
+        self.failed_tries = 0  # loads of the weights that failed in this process
         self.name = f"{socket.gethostname()}:{os.getpid()}"  # one per worker process; jobs record it
         # sends a job's `started` / `progress` webhook event (worker.tasks queues it for the light worker)
         self.announce: Callable[[str, str], None] = lambda job_id, event: None
@@ -67,6 +68,7 @@ class Runtime:
             except Exception:
                 log.exception("loading the weights failed (try %d of %d)", attempt, s.worker_load_tries)
                 self.pipelines, self.pipeline = {}, None  # nothing of a failed try is kept (GPU memory)
+                self.failed_tries = attempt
                 self._count_load_failure()
                 next_end = time.monotonic() + backoff + (time.monotonic() - start)
                 if attempt == s.worker_load_tries or next_end > deadline or self._stop.is_set():

@@ -7,13 +7,13 @@
 disagree with the weights it loads. The weights load in the pool process, after the fork (CUDA cannot cross a fork),
 and Celery waits `SUPIR_WORKER_LOAD_TIMEOUT_S` for it, so a replacement process is not killed while it loads.
 The main process stays light: it serves /livez and /readyz (`SUPIR_WORKER_HEALTH_PORT`) and runs the reaper.
+Webhooks and the retention sweep run on the light worker (worker.webhooks), on a queue of their own.
 
 A pool process that cannot load the weights in `SUPIR_WORKER_LOAD_TRIES` tries (worker.runtime) stops its worker
 from taking jobs, and the worker then exits with status 1: the kubelet (CrashLoopBackOff) or Docker's restart
 policy starts it again with a back-off of its own. Exiting, rather than only answering /livez 503, needs no probe
 to notice it (the startup probe would hide a failed liveness for its whole 15 minutes), works the same under
 compose, and holds no job meanwhile: the one it had reserved goes back to the queue untouched.
-Webhooks and the retention sweep run on the light worker (worker.webhooks), on a queue of their own.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ _reaper: Reaper | None = None
 # created before the fork, so shared with the pool process (and gone with the container, unlike a file):
 READY_PID = multiprocessing.sharedctypes.RawValue("i", 0)  # the pool process whose weights are loaded (0: none)
 LAST_BEAT = multiprocessing.sharedctypes.RawValue("d", 0.0)  # when a pool process's heartbeat thread last beat
-LOAD_FAILED = multiprocessing.sharedctypes.RawValue("i", 0)  # 1: a pool process spent its load tries; the worker exits
+LOAD_FAILED = multiprocessing.sharedctypes.RawValue("i", 0)  # > 0: a pool process's failed tries; the worker exits
 _node = ""  # this worker's Celery node name (celery@host, or -n), set in the main process before the fork
 
 
@@ -94,14 +94,14 @@ def _load_after_fork(**_: object) -> None:
 def _stop_taking_jobs() -> None:
     """In a pool process whose load failed, before Celery hears it is up (and may hand it a job): the main process
     stops consuming the variant queues (as `worker.drain` does), then is told to exit. A message it had reserved
-    already comes here and is rejected back to the queue (restore); anything else unacknowledged is restored to the
-    queue when it closes its broker connection."""
+    already comes here and is rejected back to the queue (see `restore`); anything else unacknowledged is restored
+    to the queue when the main process closes its broker connection."""
     try:
         for name in settings.worker_variant_names:
             app.control.cancel_consumer(variant_queue(settings, name), destination=[_node], reply=True, timeout=5)
     except Exception as exc:  # the broker away: the exit below still stops the consuming
         log.warning("could not stop consuming before exiting: %s", exc)
-    LOAD_FAILED.value = 1
+    LOAD_FAILED.value = max(1, runtime().failed_tries)
 
 
 @worker_process_shutdown.connect
@@ -144,8 +144,9 @@ def _exit_once_loading_failed() -> None:
     while not LOAD_FAILED.value:
         time.sleep(0.5)
     log.error(
-        "the weights failed to load %d times (SUPIR_WORKER_LOAD_TRIES): exiting with status 1, to be restarted "
+        "the weights failed to load %d times (SUPIR_WORKER_LOAD_TRIES %d): exiting with status 1, to be restarted "
         "with back-off",
+        LOAD_FAILED.value,
         settings.worker_load_tries,
     )
     from celery.worker import state

@@ -106,7 +106,7 @@ def test_a_worker_that_cannot_load_its_weights_exits_and_leaves_its_job_to_a_hea
         log = (svc.tmp / "worker-0.log").read_text(errors="replace")
         assert [int(n) for n in re.findall(r"loading the weights failed \(try (\d) of 3\)", log)] == [1, 2, 3]
         assert "trying again in 1 s" in log and "trying again in 2 s" in log
-        assert "the weights failed to load 3 times (SUPIR_WORKER_LOAD_TRIES): exiting with status 1" in log
+        assert "the weights failed to load 3 times (SUPIR_WORKER_LOAD_TRIES 3): exiting with status 1" in log
         record = store.get(job_id)  # the job it had taken is untouched: never started, no attempt counted
         assert record is not None
         assert (record.status, record.attempts, record.started_at, record.worker) == ("queued", 0, None, None)
@@ -157,6 +157,6 @@ def test_the_load_is_tried_with_back_off_then_given_up(
         rt.load()
     finally:
         rt.stop()
-    assert rt.state == "failed" and rt.pipelines == {}
+    assert rt.state == "failed" and rt.pipelines == {} and rt.failed_tries == failed_tries
     assert rt.store.load_failures() == {"v0Q": failed_tries}
     assert waited_s <= time.monotonic() - start < waited_s + 10
