@@ -11,7 +11,7 @@ from collections import Counter as Tally
 from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -49,7 +49,7 @@ class QueueCollector(Collector):
     def __init__(self, store: JobStore, job_time_limit_s: float = 0.0, variants: tuple[str, ...] = ()) -> None:
         self.store, self.job_time_limit_s, self.variants = store, job_time_limit_s, variants
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         # a setting, exported so that alerts compare job times with the limit in force, not a number retyped
         yield GaugeMetricFamily("supir_job_time_limit_seconds", "SUPIR_JOB_TIME_LIMIT_S", value=self.job_time_limit_s)
         try:
@@ -57,6 +57,7 @@ class QueueCollector(Collector):
             running = {v: self.store.running_count(v) for v in self.variants}
             oldest_queued, oldest_running = self.store.oldest_queued_at(), self.store.oldest_running_since()
             beats = self.store.worker_beats()
+            load_failures = self.store.load_failures()
         except Exception:  # a scrape must not fail because Redis is down: say so instead
             yield GaugeMetricFamily("supir_redis_up", "1 when the API reached Redis at this scrape", value=0)
             return
@@ -93,11 +94,23 @@ class QueueCollector(Collector):
         for state in sorted(set(states) | {"ready", "loading", "failed"}):
             workers.add_metric([state], states.get(state, 0))
         yield workers
+        yield _load_failures_family(self.variants, load_failures)
         ready = [beat["at"] for beat in beats.values() if beat.get("state") == "ready"]
         if ready:
             yield GaugeMetricFamily(
                 "supir_worker_last_heartbeat_timestamp_seconds", "newest ready worker heartbeat", value=max(ready)
             )
+
+
+def _load_failures_family(variants: tuple[str, ...], counts: dict[str, int]) -> CounterMetricFamily:
+    """Kept in Redis: a worker whose load fails exits and is restarted (worker/tasks.py), too briefly `failed` in
+    its beat for a gauge to show. Every variant from 0, so that increase() sees the first failure."""
+    family = CounterMetricFamily(
+        "supir_worker_load_failures", "failed loads of the weights by workers serving a variant", labels=["variant"]
+    )
+    for variant in sorted(set(variants) | set(counts)):
+        family.add_metric([variant], counts.get(variant, 0))
+    return family
 
 
 def render(store: JobStore, job_time_limit_s: float = 0.0, variants: tuple[str, ...] = ()) -> tuple[bytes, str]:

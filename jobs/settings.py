@@ -126,6 +126,10 @@ class Settings(BaseSettings):
     worker_load_timeout_s: int = Field(
         1800, ge=10, description="a new pool process may take this long to load the weights before Celery kills it"
     )
+    worker_load_tries: int = Field(
+        3, ge=1, description="loads of the weights a pool process tries before its worker exits with status 1"
+    )
+    worker_load_backoff_s: float = Field(30.0, ge=0, description="wait before the second load try; doubles each try")
     worker_health_port: int = Field(0, ge=0, le=65535, description="0: none; else /livez and /readyz of the worker")
     # weights and device (the same names as the CLI)
     sdxl_checkpoint: Path | None = None

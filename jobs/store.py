@@ -18,6 +18,7 @@ Keys (all under the settings' key_prefix, `p`):
     p:workers              sorted set of worker processes by last heartbeat (their beats say in what state)
     p:worker:<host:pid>    a worker process's beat {state, job, at}; expires unless renewed
     p:lock:<name>          cluster-wide lock of periodic work (the reaper)
+    p:load_failures        hash variant → failed loads of the weights by its workers (a counter that outlives them)
 """
 
 from __future__ import annotations
@@ -391,6 +392,19 @@ class JobStore:
         names = [n.decode() for n in self.r.zrangebyscore(f"{self.p}:workers", time.time() - WORKERS_KEPT_S, "+inf")]
         raws = self.r.mget([self._beat(n) for n in names]) if names else []
         return {name: json.loads(raw) for name, raw in zip(names, raws, strict=True) if raw is not None}
+
+    def count_load_failure(self, variants: list[str]) -> None:
+        """One failed load of the weights by a worker serving `variants`; kept in Redis, since the process that
+        failed exits (and is restarted) long before a scrape of its own metrics could be relied on."""
+        with self.r.pipeline() as pipe:
+            for variant in variants:
+                pipe.hincrby(f"{self.p}:load_failures", variant, 1)
+            pipe.execute()
+
+    def load_failures(self) -> dict[str, int]:
+        """Failed loads of the weights so far, by variant (a counter: it only grows, until Redis loses it)."""
+        raw = self.r.hgetall(f"{self.p}:load_failures")
+        return {(k.decode() if isinstance(k, bytes) else str(k)): int(v) for k, v in raw.items()}
 
     def running_job_of(self, worker: str) -> str | None:
         """The job `worker` says it runs, or None when it runs none or is gone (no beat, or a dead local pid)."""

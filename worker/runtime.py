@@ -41,6 +41,7 @@ class Runtime:
         self.models: dict[str, dict[str, Any]] = {}  # variant → {model_id, supir_sha256, sdxl_sha256, test_model…}
         self.variants: list[str] = settings.worker_variant_names
         self.state: State = "loading"
+        self.failed_tries = 0  # loads of the weights that failed in this process
         self.name = f"{socket.gethostname()}:{os.getpid()}"  # one per worker process; jobs record it
         # sends a job's `started` / `progress` webhook event (worker.tasks queues it for the light worker)
         self.announce: Callable[[str, str], None] = lambda job_id, event: None
@@ -50,43 +51,68 @@ class Runtime:
         self._beat_now = threading.Event()
 
     def load(self) -> None:
-        """Weights → device. Imported here so that nothing torch-related runs before the fork."""
-        from supir_core.checkpoints import ModelOptions, load_model_options
-
+        """Weights → device, in up to `worker_load_tries` tries with a doubling back-off between them (a file still
+        being copied, a transient read error). Ends `ready`, or `failed` once the tries are spent or another could
+        not finish within `worker_load_timeout_s` (Celery would kill this process mid-try, and its replacement would
+        begin again: never-ending). Each failed try is counted in Redis (the alert's signal)."""
         s = self.settings
         if s.ready_file is not None:
             s.ready_file.unlink(missing_ok=True)  # a previous process's file must not vouch for this one
         threading.Thread(target=self._beat, name="supir-heartbeat", daemon=True).start()
-        start = time.perf_counter()
-        try:
-            files = {name: s.variant_files[name] for name in self.variants}
-            missing = [name for name, path in files.items() if path is None]
-            if s.sdxl_checkpoint is None or missing:
-                raise RuntimeError("set SUPIR_SDXL_CHECKPOINT and SUPIR_CHECKPOINT (or SUPIR_VARIANTS)")
-            options = load_model_options(s.model_config_file) if s.model_config_file else ModelOptions()
-            from supir_core.speed import SpeedSettings
-            from supir_core.variants import load_variants
-
-            speed = SpeedSettings.from_attributes(s)
-            paths = {name: Path(str(path)) for name, path in files.items()}
-            self.pipelines = load_variants(
-                s.sdxl_checkpoint, paths, device=s.device, dtype=_dtype(s.dtype), options=options, speed=speed
-            )
-            self.pipeline = self.pipelines[self.variants[0]]
-            captioner = self._captioner(str(self.pipeline.device))
-            for pipeline in self.pipelines.values():
-                pipeline.captioner = captioner  # one LLaVA for every variant
-            self._identify(s.sdxl_checkpoint, paths)
-            if s.warmup_size:
-                seconds = self.pipeline.warm_up(s.warmup_size)
-                metrics.WARMUP_SECONDS.set(seconds)
-                log.info("warm-up restoration at %d² took %.1f s", s.warmup_size, seconds)
-        except Exception:
-            self.state = "failed"
-            metrics.READY.set(0)
-            log.exception("loading the weights failed; this worker will not take jobs")
+        deadline = time.monotonic() + s.worker_load_timeout_s
+        backoff = s.worker_load_backoff_s
+        for attempt in range(1, s.worker_load_tries + 1):
+            start = time.monotonic()
+            try:
+                self._load_once()
+            except Exception:
+                log.exception("loading the weights failed (try %d of %d)", attempt, s.worker_load_tries)
+                self.pipelines, self.pipeline = {}, None  # nothing of a failed try is kept (GPU memory)
+                self.failed_tries = attempt
+                self._count_load_failure()
+                next_end = time.monotonic() + backoff + (time.monotonic() - start)
+                if attempt == s.worker_load_tries or next_end > deadline or self._stop.is_set():
+                    break
+                log.warning("trying again in %.0f s", backoff)
+                self._stop.wait(backoff)
+                backoff *= 2
+                continue
+            self._loaded(time.monotonic() - start)
             return
-        seconds = time.perf_counter() - start
+        self.state = "failed"
+        metrics.READY.set(0)
+        self._beat_now.set()
+        log.error("the weights failed to load %d times; this worker will not take jobs", attempt)
+
+    def _load_once(self) -> None:
+        """One try. Imported here so that nothing torch-related runs before the fork."""
+        from supir_core.checkpoints import ModelOptions, load_model_options
+
+        s = self.settings
+        files = {name: s.variant_files[name] for name in self.variants}
+        missing = [name for name, path in files.items() if path is None]
+        if s.sdxl_checkpoint is None or missing:
+            raise RuntimeError("set SUPIR_SDXL_CHECKPOINT and SUPIR_CHECKPOINT (or SUPIR_VARIANTS)")
+        options = load_model_options(s.model_config_file) if s.model_config_file else ModelOptions()
+        from supir_core.speed import SpeedSettings
+        from supir_core.variants import load_variants
+
+        speed = SpeedSettings.from_attributes(s)
+        paths = {name: Path(str(path)) for name, path in files.items()}
+        self.pipelines = load_variants(
+            s.sdxl_checkpoint, paths, device=s.device, dtype=_dtype(s.dtype), options=options, speed=speed
+        )
+        self.pipeline = self.pipelines[self.variants[0]]
+        captioner = self._captioner(str(self.pipeline.device))
+        for pipeline in self.pipelines.values():
+            pipeline.captioner = captioner  # one LLaVA for every variant
+        self._identify(s.sdxl_checkpoint, paths)
+        if s.warmup_size:
+            seconds = self.pipeline.warm_up(s.warmup_size)
+            metrics.WARMUP_SECONDS.set(seconds)
+            log.info("warm-up restoration at %d² took %.1f s", s.warmup_size, seconds)
+
+    def _loaded(self, seconds: float) -> None:
         metrics.MODEL_LOAD_SECONDS.set(seconds)
         metrics.READY.set(1)
         self.state = "ready"
@@ -97,6 +123,12 @@ class Runtime:
 
             self.settings.ready_file.write_text(ready_file_text(os.getpid()))
         log.info("weights loaded in %.1f s on %s", seconds, self.pipeline.device)
+
+    def _count_load_failure(self) -> None:
+        try:
+            self.store.count_load_failure(self.variants)
+        except redis.RedisError:
+            log.warning("could not count the failed load in Redis")
 
     def pipeline_for(self, variant: str) -> Any:
         """The pipeline of a job's variant; None when this worker does not serve it."""

@@ -8,6 +8,12 @@ disagree with the weights it loads. The weights load in the pool process, after 
 and Celery waits `SUPIR_WORKER_LOAD_TIMEOUT_S` for it, so a replacement process is not killed while it loads.
 The main process stays light: it serves /livez and /readyz (`SUPIR_WORKER_HEALTH_PORT`) and runs the reaper.
 Webhooks and the retention sweep run on the light worker (worker.webhooks), on a queue of their own.
+
+A pool process that cannot load the weights in `SUPIR_WORKER_LOAD_TRIES` tries (worker.runtime) stops its worker
+from taking jobs, and the worker then exits with status 1: the kubelet (CrashLoopBackOff) or Docker's restart
+policy starts it again with a back-off of its own. Exiting, rather than only answering /livez 503, needs no probe
+to notice it (the startup probe would hide a failed liveness for its whole 15 minutes), works the same under
+compose, and holds no job meanwhile: the one it had reserved goes back to the queue untouched.
 """
 
 from __future__ import annotations
@@ -16,10 +22,13 @@ import contextlib
 import logging
 import multiprocessing.sharedctypes
 import os
+import threading
 import time
 
 import redis
 from celery import Task
+from celery.exceptions import Reject
+from celery.platforms import EX_FAILURE
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 from kombu import Queue
 
@@ -42,6 +51,8 @@ _reaper: Reaper | None = None
 # created before the fork, so shared with the pool process (and gone with the container, unlike a file):
 READY_PID = multiprocessing.sharedctypes.RawValue("i", 0)  # the pool process whose weights are loaded (0: none)
 LAST_BEAT = multiprocessing.sharedctypes.RawValue("d", 0.0)  # when a pool process's heartbeat thread last beat
+LOAD_FAILED = multiprocessing.sharedctypes.RawValue("i", 0)  # > 0: a pool process's failed tries; the worker exits
+_node = ""  # this worker's Celery node name (celery@host, or -n), set in the main process before the fork
 
 
 def runtime() -> Runtime:
@@ -59,9 +70,11 @@ def _note_beat() -> None:
 
 
 @worker_init.connect
-def _forget_an_earlier_life(**_: object) -> None:
+def _forget_an_earlier_life(sender: object = None, **_: object) -> None:
     """In the main process, before any pool process starts: a ready file left by an earlier container (an
     emptyDir outlives a container restart) must not vouch for this one."""
+    global _node
+    _node = str(getattr(sender, "hostname", "") or "")
     if settings.ready_file is not None:
         settings.ready_file.unlink(missing_ok=True)
 
@@ -74,6 +87,21 @@ def _load_after_fork(**_: object) -> None:
         start_http_server(settings.worker_metrics_port)
     if runtime().state == "ready":
         READY_PID.value = os.getpid()
+    else:
+        _stop_taking_jobs()
+
+
+def _stop_taking_jobs() -> None:
+    """In a pool process whose load failed, before Celery hears it is up (and may hand it a job): the main process
+    stops consuming the variant queues (as `worker.drain` does), then is told to exit. A message it had reserved
+    already comes here and is rejected back to the queue (see `restore`); anything else unacknowledged is restored
+    to the queue when the main process closes its broker connection."""
+    try:
+        for name in settings.worker_variant_names:
+            app.control.cancel_consumer(variant_queue(settings, name), destination=[_node], reply=True, timeout=5)
+    except Exception as exc:  # the broker away: the exit below still stops the consuming
+        log.warning("could not stop consuming before exiting: %s", exc)
+    LOAD_FAILED.value = max(1, runtime().failed_tries)
 
 
 @worker_process_shutdown.connect
@@ -92,8 +120,9 @@ def _start_main_process_services(**_: object) -> None:
         health.serve(
             settings.worker_health_port,
             ready=lambda: pid_alive(READY_PID.value),
-            live=lambda: health.beating(LAST_BEAT.value, settings.worker_lost_after_s),
+            live=lambda: not LOAD_FAILED.value and health.beating(LAST_BEAT.value, settings.worker_lost_after_s),
         )
+    threading.Thread(target=_exit_once_loading_failed, name="supir-load-watch", daemon=True).start()
     store = JobStore(
         store_client(settings),
         settings.key_prefix,
@@ -107,6 +136,22 @@ def _start_main_process_services(**_: object) -> None:
         every_s=min(5.0, settings.worker_lost_after_s / 4),
         on_change=_after_reap,
     ).start()
+
+
+def _exit_once_loading_failed() -> None:
+    """In the main process: a warm shutdown with status 1 once a pool process has spent its load tries (set from
+    this thread, Celery's event loop checks the flag at every turn, as after SIGTERM)."""
+    while not LOAD_FAILED.value:
+        time.sleep(0.5)
+    log.error(
+        "the weights failed to load %d times (SUPIR_WORKER_LOAD_TRIES %d): exiting with status 1, to be restarted "
+        "with back-off",
+        LOAD_FAILED.value,
+        settings.worker_load_tries,
+    )
+    from celery.worker import state
+
+    state.should_stop = EX_FAILURE
 
 
 @worker_shutdown.connect
@@ -140,8 +185,9 @@ def _send_webhook(job_id: str) -> None:
 def restore(self: Task, job_id: str) -> str:
     rt = runtime()
     if rt.state != "ready":
-        # weights failed to load here: leave the job to a healthy worker (or to this one after a fix)
-        raise self.retry(countdown=30, max_retries=None)
+        # weights failed to load here and this worker is exiting: the message goes back to the head of the queue
+        # for a healthy worker, its job untouched (still queued, no attempt counted)
+        raise Reject("the weights are not loaded in this worker", requeue=True)
     try:
         return execute.run_job(rt, job_id)
     except execute.Busy as exc:  # a duplicate delivery while another process runs the job: look again later

@@ -262,6 +262,9 @@ def exported_metrics() -> set[str]:
         def worker_beats(self) -> dict:
             return {"w:1": {"state": "ready", "job": None, "at": 0.0, "variants": ["v0Q"]}}
 
+        def load_failures(self) -> dict:
+            return {}
+
     collector = api.metrics.QueueCollector(Store(), variants=("v0Q", "v0F"))  # type: ignore[arg-type]
     found.update(f.name for f in collector.collect())
     return found
