@@ -30,7 +30,7 @@ from jobs.redis_conn import store_client
 from jobs.settings import get_settings
 from jobs.store import JobStore, pid_alive
 
-from . import execute, health
+from . import execute, health, podmarks
 from .runtime import Runtime
 
 log = logging.getLogger("supir.worker")
@@ -39,6 +39,7 @@ app = make_celery(settings)
 app.conf.task_queues = [Queue(variant_queue(settings, name)) for name in settings.worker_variant_names]
 _runtime: Runtime | None = None
 _reaper: Reaper | None = None
+_marks: podmarks.PodMarks | None = None  # this pod's busy/idle annotations, kept by the pool process
 # created before the fork, so shared with the pool process (and gone with the container, unlike a file):
 READY_PID = multiprocessing.sharedctypes.RawValue("i", 0)  # the pool process whose weights are loaded (0: none)
 LAST_BEAT = multiprocessing.sharedctypes.RawValue("d", 0.0)  # when a pool process's heartbeat thread last beat
@@ -68,12 +69,16 @@ def _forget_an_earlier_life(**_: object) -> None:
 
 @worker_process_init.connect
 def _load_after_fork(**_: object) -> None:
+    global _marks
     if settings.worker_metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(settings.worker_metrics_port)
+    _marks = podmarks.from_settings(settings)
     if runtime().state == "ready":
         READY_PID.value = os.getpid()
+    if _marks is not None:
+        _marks.idle()  # loaded (or failed): nothing runs here yet, whatever an earlier process left on the pod
 
 
 @worker_process_shutdown.connect
@@ -142,6 +147,8 @@ def restore(self: Task, job_id: str) -> str:
     if rt.state != "ready":
         # weights failed to load here: leave the job to a healthy worker (or to this one after a fix)
         raise self.retry(countdown=30, max_retries=None)
+    if _marks is not None:
+        _marks.busy()  # before the run: scale-in and node drains now take an idle worker first
     try:
         return execute.run_job(rt, job_id)
     except execute.Busy as exc:  # a duplicate delivery while another process runs the job: look again later
@@ -154,6 +161,8 @@ def restore(self: Task, job_id: str) -> str:
     finally:
         with contextlib.suppress(redis.RedisError):
             _enqueue_webhook(rt, job_id)
+        if _marks is not None:
+            _marks.idle()
 
 
 def _enqueue_webhook(rt: Runtime, job_id: str) -> None:
