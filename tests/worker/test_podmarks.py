@@ -16,8 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from jobs.settings import Settings
 from tests.deploy.kustomize import rendered
+from tests.paths import DOCS
 from tests.servers import FAST, Service, free_port, submit, wait_for_status, wait_until
-from tests.worker.kube_standin import Identity, KubeStandIn, Request
+from tests.worker.kube_standin import Identity, KubeStandIn, Request, policy_marks
 
 POD = "supir-worker-6c9d7f8b5-x7k2p"
 PATH = f"/api/v1/namespaces/supir/pods/{POD}?fieldManager=supir-worker"
@@ -223,3 +224,41 @@ def test_auto_marks_only_in_a_pod_with_a_token(tmp_path: Path, standin: KubeStan
     on = podmarks.from_settings(Settings(pod_marks="on", kube_credentials_dir=tmp_path / "none"))
     on.idle()  # no token, no API address: a logged, counted failure, never an exception
     assert standin.requests == []
+
+
+# --- the manifests and the docs --------------------------------------------------------------------------------
+
+
+def test_every_gpu_worker_pool_gets_a_token_its_name_and_only_patch_on_pods(tmp_path: Path) -> None:
+    with_v0f = rendered(["components/v0f"], tmp_path)
+    pools = [d for d in with_v0f if d["kind"] == "Deployment" and d["metadata"]["name"].startswith("supir-worker")]
+    assert {d["metadata"]["name"] for d in pools} == {"supir-worker", "supir-worker-v0f"}
+    config = next(d for d in with_v0f if d["kind"] == "ConfigMap")["data"]
+    for deployment in pools:
+        spec = deployment["spec"]["template"]["spec"]
+        assert spec["serviceAccountName"] == "supir-worker" and spec["automountServiceAccountToken"] is True
+        (container,) = spec["containers"]
+        fields = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"] if "valueFrom" in e}
+        assert fields == {"SUPIR_POD_NAME": "metadata.name", "SUPIR_POD_NAMESPACE": "metadata.namespace"}
+        # a job at Celery's hard limit (time limit + 60 s), then its idle mark, end within the grace period
+        limit = int(config["SUPIR_JOB_TIME_LIMIT_S"]) + 60 + 2 * Settings().pod_marks_timeout_s
+        assert spec["terminationGracePeriodSeconds"] > limit
+    (role,) = [d for d in with_v0f if d["kind"] == "Role"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}]
+    (binding,) = [d for d in with_v0f if d["kind"] == "ValidatingAdmissionPolicyBinding"]
+    (policy,) = [d for d in with_v0f if d["kind"] == "ValidatingAdmissionPolicy"]
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    assert policy_marks(with_v0f) == set(BUSY["metadata"]["annotations"]) == set(IDLE["metadata"]["annotations"])
+    rules = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert rules == [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["UPDATE"], "resources": ["pods"]}]
+
+
+def test_the_scaling_docs_name_the_marks_and_what_reads_them() -> None:
+    text = (DOCS / "operations.md").read_text()
+    scaling = text.split("\n## Scaling\n", 1)[1].split("\n## ", 1)[0]
+    for key, value in BUSY["metadata"]["annotations"].items():
+        assert f'`{key}: "{value}"`' in scaling, key
+    assert '`"-1000"`, `"true"` and no `do-not-disrupt`' in scaling  # idle
+    for words in ("KEDA", "Cluster Autoscaler", "Karpenter", "kubectl drain", "SUPIR_POD_MARKS", "podmarks.yaml"):
+        assert words in scaling, words
