@@ -1,11 +1,12 @@
 """A stand-in for the Kubernetes API, over HTTPS on loopback: what a GPU worker's pod marks talk to. It answers as
 the real server would for the one identity it knows (a ServiceAccount token bound to a pod): 401 without that token,
-403 for anything the rendered manifests' RBAC does not grant that ServiceAccount, 422 for a patch the admission
-policy would deny (another pod; anything but the three marks), and applies a JSON merge patch to the pod otherwise.
-Every request is recorded, with the time it arrived."""
+403 for anything the rendered manifests' RBAC does not grant that ServiceAccount, 422 for a patch the rendered
+ValidatingAdmissionPolicy refuses (its CEL evaluated by cel-python on the pod before and after the patch), and
+applies the JSON merge patch to the pod otherwise. Every request is recorded, with the time it arrived."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import ssl
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+OTHER_POD = "supir-worker-6c9d7f8b5-q4m8z"  # another worker of the same pool
 VERBS = {"GET": "get", "PATCH": "patch", "PUT": "update", "POST": "create", "DELETE": "delete"}
 
 
@@ -42,6 +44,11 @@ class Identity:
     @property
     def username(self) -> str:
         return f"system:serviceaccount:{self.namespace}:{self.service_account}"
+
+    def user_info(self) -> dict:
+        """As the API server's token authenticator gives it to admission (a bound token names its pod)."""
+        extra = {"authentication.kubernetes.io/pod-name": [self.pod]} if self.pod else {}
+        return {"username": self.username, "extra": extra}
 
 
 def make_certificate(folder: Path) -> tuple[Path, Path]:
@@ -99,6 +106,49 @@ def attributes(method: str, path: str) -> tuple[str, str, str, str, str]:
     return ("list" if verb == "get" and not name else verb), group, namespace, resource, name
 
 
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: a new object, the target left as it was."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def admission_denial(docs: list[dict], request: dict, old: dict, new: dict) -> str:
+    """Every ValidatingAdmissionPolicy of the rendered manifests that matches a pod UPDATE, evaluated as the API server
+    does (match conditions, then variables in order, then validations): the first refusal's message, or ''."""
+    import celpy
+    from celpy.adapter import json_to_cel
+
+    env = celpy.Environment()
+
+    def evaluate(expression: str, activation: dict) -> Any:
+        return env.program(env.compile(expression)).evaluate(activation)
+
+    for policy in (d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"):
+        spec = policy["spec"]
+        assert {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["UPDATE"], "resources": ["pods"]} in spec[
+            "matchConstraints"
+        ]["resourceRules"]
+        activation: dict = {"object": json_to_cel(new), "oldObject": json_to_cel(old), "request": json_to_cel(request)}
+        if not all(evaluate(c["expression"], activation) for c in spec.get("matchConditions", [])):
+            continue
+        variables: dict = {}
+        for variable in spec.get("variables", []):
+            activation["variables"] = json_to_cel(variables)
+            variables[variable["name"]] = evaluate(variable["expression"], activation)
+        activation["variables"] = json_to_cel(variables)
+        for validation in spec["validations"]:
+            if not evaluate(validation["expression"], activation):
+                return str(validation.get("message") or validation["expression"])
+    return ""
+
+
 def policy_marks(docs: list[dict]) -> set[str]:
     """The annotations the rendered ValidatingAdmissionPolicy lets the worker change (its `marks` variable)."""
     policy = next(d for d in docs if d["kind"] == "ValidatingAdmissionPolicy")
@@ -125,8 +175,8 @@ class KubeStandIn:
         self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.url = f"https://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        ns = self.identity.namespace
-        self.pods[(ns, self.identity.pod)] = {"metadata": {"name": self.identity.pod, "namespace": ns}}
+        for name in (self.identity.pod, OTHER_POD):
+            self.pods[(self.identity.namespace, name)] = pod_object(name, self.identity.namespace)
         return self
 
     def stop(self) -> None:
@@ -148,30 +198,20 @@ class KubeStandIn:
             return 404, status_body(404, "the stand-in serves pod patches only")
         if headers.get("Content-Type") != "application/merge-patch+json":
             return 415, status_body(415, "the stand-in takes JSON merge patches only")
-        denial = self._admission(namespace, name, body)
-        if denial:
-            return 422, status_body(422, denial)
         pod = self.pods.get((namespace, name))
         if pod is None:
             return 404, status_body(404, f'pods "{name}" not found')
-        annotations = pod["metadata"].setdefault("annotations", {})
-        for key, value in body["metadata"]["annotations"].items():
-            if value is None:
-                annotations.pop(key, None)
-            else:
-                annotations[key] = value
-        return 200, pod
+        patched = merge_patch(pod, body)
+        request = {"namespace": namespace, "userInfo": self.identity.user_info()}
+        denial = self._admission(request, pod, patched)
+        if denial:
+            return 422, status_body(422, denial)
+        self.pods[(namespace, name)] = patched
+        return 200, patched
 
-    def _admission(self, namespace: str, name: str, body: Any) -> str:
-        """What the rendered ValidatingAdmissionPolicy checks, for a merge patch: its own pod, its marks only."""
-        if (namespace, name) != (self.identity.namespace, self.identity.pod):
-            return "a GPU worker may change its own pod only"
-        changed = body.get("metadata", {}).get("annotations", {}) if isinstance(body, dict) else None
-        if not isinstance(changed, dict) or body != {"metadata": {"annotations": changed}}:
-            return "a GPU worker may change nothing of its pod but those annotations"
-        if not set(changed) <= policy_marks(self.docs):
-            return "a GPU worker may change only its pod's deletion-cost, safe-to-evict and do-not-disrupt annotations"
-        return ""
+    def _admission(self, request: dict, old: dict, new: dict) -> str:
+        """The rendered ValidatingAdmissionPolicy, evaluated by a CEL interpreter: its refusal message, or ''."""
+        return admission_denial(self.docs, request, old, new)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         standin = self
@@ -200,6 +240,23 @@ class KubeStandIn:
                 pass
 
         return Handler
+
+
+def pod_object(name: str, namespace: str) -> dict:
+    """A worker pod as the ReplicaSet made it (what admission compares a patch's result with)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/name": "supir-worker", "pod-template-hash": "6c9d7f8b5"},
+            "annotations": {"kubectl.kubernetes.io/default-container": "worker"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "supir-worker-6c9d7f8b5",
+                                 "uid": "0d5c2f7e-1b1e-4c55-9f53-3c2d7c1f4a10", "controller": True}],
+        },
+        "spec": {"serviceAccountName": "supir-worker", "containers": [{"name": "worker", "image": "worker:0.1.0"}]},
+    }  # fmt: skip
 
 
 def status_body(code: int, message: str) -> dict:

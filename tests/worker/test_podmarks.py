@@ -5,7 +5,10 @@ rendered manifests grant; a broken or silent API never fails a job."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import socket
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ from jobs.settings import Settings
 from tests.deploy.kustomize import rendered
 from tests.paths import DOCS
 from tests.servers import FAST, Service, free_port, submit, wait_for_status, wait_until
-from tests.worker.kube_standin import Identity, KubeStandIn, Request, policy_marks
+from tests.worker.kube_standin import OTHER_POD, Identity, KubeStandIn, Request, policy_marks
 
 POD = "supir-worker-6c9d7f8b5-x7k2p"
 PATH = f"/api/v1/namespaces/supir/pods/{POD}?fieldManager=supir-worker"
@@ -86,7 +89,7 @@ def identity(docs: list[dict]) -> Identity:
 
 @pytest.fixture
 def standin(tmp_path: Path, docs: list[dict], identity: Identity) -> Iterator[KubeStandIn]:
-    server = KubeStandIn(docs, identity, "token-1", tmp_path).start()
+    server = KubeStandIn(docs, dataclasses.replace(identity), "token-1", tmp_path).start()
     try:
         yield server
     finally:
@@ -138,6 +141,7 @@ def test_a_worker_marks_its_pod_idle_busy_idle_with_no_more_than_the_manifests_g
     busy, idle = standin.requests[1:]
     assert busy.at < job["started_at"] and idle.at > job["finished_at"]  # busy for the whole run
     assert standin.annotations() == {
+        "kubectl.kubernetes.io/default-container": "worker",  # another's annotation, kept
         "controller.kubernetes.io/pod-deletion-cost": "-1000",
         "cluster-autoscaler.kubernetes.io/safe-to-evict": "true",
     }
@@ -224,6 +228,34 @@ def test_auto_marks_only_in_a_pod_with_a_token(tmp_path: Path, standin: KubeStan
     on = podmarks.from_settings(Settings(pod_marks="on", kube_credentials_dir=tmp_path / "none"))
     on.idle()  # no token, no API address: a logged, counted failure, never an exception
     assert standin.requests == []
+
+
+def test_the_stand_in_refuses_what_the_manifests_do_not_grant(standin: KubeStandIn) -> None:
+    """So the checks above can fail: outside the Role is 403, a wrong token 401, and the admission policy (its CEL,
+    evaluated) refuses another pod, any other annotation, labels, the spec, and a token bound to no pod."""
+    ca = ssl.create_default_context(cafile=str(standin.ca_file))
+
+    def call(method: str, path: str, body: dict | None = None, token: str = "token-1") -> int:
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/merge-patch+json"}
+        content = json.dumps(body).encode() if body is not None else None
+        return httpx.request(method, standin.url + path, content=content, headers=headers, verify=ca).status_code
+
+    own = f"/api/v1/namespaces/supir/pods/{POD}"
+    assert call("PATCH", own, IDLE) == 200
+    assert call("PATCH", own, BUSY, token="token-0") == 401
+    assert [call("GET", own), call("DELETE", own), call("PATCH", own + "/status", BUSY)] == [403, 403, 403]
+    assert call("PATCH", f"/api/v1/namespaces/default/pods/{POD}", BUSY) == 403
+    assert call("PATCH", f"/api/v1/namespaces/supir/pods/{OTHER_POD}", BUSY) == 422
+    for body in (
+        {"metadata": {"annotations": {"example.com/owner": "me"}}},
+        {"metadata": {"annotations": {"kubectl.kubernetes.io/default-container": None}}},
+        {"metadata": {"labels": {"app.kubernetes.io/name": "supir-api"}}},
+        {"spec": {"containers": [{"name": "worker", "image": "another"}]}},
+    ):
+        assert call("PATCH", own, body) == 422, body
+    standin.identity.pod = ""  # a token bound to no pod (a legacy Secret's)
+    assert call("PATCH", own, BUSY) == 422
+    assert standin.annotations(POD)["controller.kubernetes.io/pod-deletion-cost"] == "-1000"
 
 
 # --- the manifests and the docs --------------------------------------------------------------------------------
