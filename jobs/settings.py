@@ -138,6 +138,9 @@ class Settings(BaseSettings):
         description="the service-account token, ca.crt and namespace (the token is read again at every patch)",
     )
     pod_marks_timeout_s: float = Field(3.0, gt=0, description="a patch of this pod's marks waits at most this")
+    pod_marks_retry_s: float = Field(
+        30.0, gt=0, description="after a failed patch, marks leave the API alone this long, then send the latest"
+    )
     # weights and device (the same names as the CLI)
     sdxl_checkpoint: Path | None = None
     checkpoint: Path | None = Field(None, description="the SUPIR file of default_variant when `variants` is empty")

@@ -7,10 +7,12 @@ opposite. Kubernetes picks the pod to remove without knowing which workers are b
 
 The pool process that runs jobs calls `busy()` before a job and `idle()` after it (and once after loading);
 each sends one JSON merge patch of this pod's annotations to the Kubernetes API, only when the state changes.
-A patch that fails is logged and counted (supir_pod_marks_total{outcome="failed"}) and never fails or holds a
-job for longer than `SUPIR_POD_MARKS_TIMEOUT_S`: the marks order removals, the preStop drain still protects the
-job. RBAC lets the worker's ServiceAccount patch pods only; a ValidatingAdmissionPolicy (deploy/k8s/podmarks.yaml)
-limits that to its own pod and these three annotations."""
+A patch that fails is logged and counted (supir_pod_marks_total{outcome="failed"}) and never fails a job, nor
+holds it for longer than `SUPIR_POD_MARKS_TIMEOUT_S` (per connect and per answer); for
+`SUPIR_POD_MARKS_RETRY_S` after it no mark waits on the API, then a thread sends the latest state. The marks
+order removals; the preStop drain still protects a job in flight. RBAC lets the worker's ServiceAccount patch
+pods only; a ValidatingAdmissionPolicy (deploy/k8s/podmarks.yaml) limits that to its own pod and these three
+annotations."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,7 +64,10 @@ class PodMarks:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pod = settings.pod_name or socket.gethostname()  # a pod's host name is its name unless set otherwise
+        self._wanted: MarkState | None = None  # what the pod should say
         self._applied: MarkState | None = None  # what the pod is known to say; None: unknown (start, a failure)
+        self._retry_at = 0.0  # after a failure, marks wait for this (monotonic) time; the retry thread sends then
+        self._retrying = False
         self._lock = threading.Lock()
 
     def busy(self) -> None:
@@ -71,19 +77,41 @@ class PodMarks:
         self.mark("idle")
 
     def mark(self, state: MarkState) -> None:
-        """Patch the pod if it does not already say `state`; never raises."""
+        """Patch the pod if it does not already say `state`; never raises. After a failure no mark waits on the
+        API until SUPIR_POD_MARKS_RETRY_S has passed: a thread then sends the latest state, so a broken API costs
+        jobs one timeout per retry period, and an idle pod is marked idle once the API is back, job or not."""
         with self._lock:
-            if state == self._applied:
-                return
-            try:
-                self._patch({"metadata": {"annotations": ANNOTATIONS[state]}})
-            except Exception as exc:  # whatever goes wrong (API, token, TLS, a bad address), the job goes on
-                self._applied = None  # the pod may say either: the next mark patches whatever it is
-                metrics.POD_MARKS.labels(state, "failed").inc()
-                log.warning("pod %s: marking it %s failed: %s", self.pod, state, exc)
-                return
-            self._applied = state
-            metrics.POD_MARKS.labels(state, "ok").inc()
+            self._wanted = state
+            if state != self._applied and time.monotonic() >= self._retry_at:
+                self._send(state)
+
+    def _send(self, state: MarkState) -> None:
+        """One patch, under the lock."""
+        try:
+            self._patch({"metadata": {"annotations": ANNOTATIONS[state]}})
+        except Exception as exc:  # whatever goes wrong (API, token, TLS, a bad address), the job goes on
+            self._applied = None  # the pod may say either: the next try patches whatever is wanted then
+            self._retry_at = time.monotonic() + self.settings.pod_marks_retry_s
+            metrics.POD_MARKS.labels(state, "failed").inc()
+            retry = self.settings.pod_marks_retry_s
+            log.warning("pod %s: marking it %s failed (tried again in %.0f s): %s", self.pod, state, retry, exc)
+            if not self._retrying:
+                self._retrying = True
+                threading.Thread(target=self._retry, name="supir-pod-marks", daemon=True).start()
+            return
+        self._applied = state
+        metrics.POD_MARKS.labels(state, "ok").inc()
+
+    def _retry(self) -> None:
+        """Until the pod says what is wanted: wait out the retry period, then send the latest wanted state."""
+        while True:
+            time.sleep(max(0.0, self._retry_at - time.monotonic()))
+            with self._lock:
+                if self._wanted is None or self._wanted == self._applied:
+                    self._retrying = False
+                    return
+                if time.monotonic() >= self._retry_at:
+                    self._send(self._wanted)
 
     def _patch(self, body: dict[str, Any]) -> None:
         s = self.settings
