@@ -131,6 +131,23 @@ class Settings(BaseSettings):
     )
     worker_load_backoff_s: float = Field(30.0, ge=0, description="wait before the second load try; doubles each try")
     worker_health_port: int = Field(0, ge=0, le=65535, description="0: none; else /livez and /readyz of the worker")
+    # pod marks (worker.podmarks): a GPU worker keeps its own pod's deletion cost and do-not-disrupt annotations
+    # current, so scale-in and node drains take idle workers first. auto: on in a pod of the manifests (the
+    # downward API's SUPIR_POD_NAME and a service-account token present)
+    pod_marks: Literal["auto", "on", "off"] = "auto"
+    pod_name: str | None = Field(None, description="this pod's name (the downward API); default: the host name")
+    pod_namespace: str | None = Field(None, description="this pod's namespace; default: the service account's")
+    kube_api_url: str | None = Field(
+        None, description="the Kubernetes API; default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT"
+    )
+    kube_credentials_dir: Path = Field(
+        Path("/var/run/secrets/kubernetes.io/serviceaccount"),
+        description="the service-account token, ca.crt and namespace (the token is read again at every patch)",
+    )
+    pod_marks_timeout_s: float = Field(3.0, gt=0, description="a patch of this pod's marks waits at most this")
+    pod_marks_retry_s: float = Field(
+        30.0, gt=0, description="after a failed patch, marks leave the API alone this long, then send the latest"
+    )
     # weights and device (the same names as the CLI)
     sdxl_checkpoint: Path | None = None
     checkpoint: Path | None = Field(None, description="the SUPIR file of default_variant when `variants` is empty")

@@ -16,9 +16,12 @@ WEBHOOKS = Counter("supir_webhook_deliveries_total", "webhook delivery attempts"
 GPU_SECONDS = Counter("supir_gpu_seconds_total", "pipeline seconds of succeeded jobs (usage)", ["variant"])
 IMAGES = Counter("supir_images_restored_total", "results delivered by succeeded jobs (samples)", ["variant"])
 READY = Gauge("supir_worker_ready", "1 when the weights are loaded on the device")
+POD_MARKS = Counter("supir_pod_marks_total", "patches of this pod's marks (worker.podmarks)", ["state", "outcome"])
 
 # Series that alerts watch with increase(): made at 0 up front, so the first such event is an increase from 0
 # (a series born at 1 shows no increase)
 JOBS_FINISHED.labels("failed", "gpu_out_of_memory")
 JOBS_FINISHED.labels("failed", "worker_lost")
 WEBHOOKS.labels("completed", "failed")
+POD_MARKS.labels("busy", "failed")
+POD_MARKS.labels("idle", "failed")

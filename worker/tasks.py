@@ -39,7 +39,7 @@ from jobs.redis_conn import store_client
 from jobs.settings import get_settings
 from jobs.store import JobStore, pid_alive
 
-from . import execute, health
+from . import execute, health, podmarks
 from .runtime import Runtime
 
 log = logging.getLogger("supir.worker")
@@ -48,6 +48,7 @@ app = make_celery(settings)
 app.conf.task_queues = [Queue(variant_queue(settings, name)) for name in settings.worker_variant_names]
 _runtime: Runtime | None = None
 _reaper: Reaper | None = None
+_marks: podmarks.PodMarks | None = None  # this pod's busy/idle annotations, kept by the pool process
 # created before the fork, so shared with the pool process (and gone with the container, unlike a file):
 READY_PID = multiprocessing.sharedctypes.RawValue("i", 0)  # the pool process whose weights are loaded (0: none)
 LAST_BEAT = multiprocessing.sharedctypes.RawValue("d", 0.0)  # when a pool process's heartbeat thread last beat
@@ -81,13 +82,17 @@ def _forget_an_earlier_life(sender: object = None, **_: object) -> None:
 
 @worker_process_init.connect
 def _load_after_fork(**_: object) -> None:
+    global _marks
     if settings.worker_metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(settings.worker_metrics_port)
+    _marks = podmarks.from_settings(settings)
     if runtime().state == "ready":
         READY_PID.value = os.getpid()
-    else:
+    if _marks is not None:
+        _marks.idle()  # loaded (or failed): nothing runs here yet, whatever an earlier process left on the pod
+    if runtime().state != "ready":
         _stop_taking_jobs()
 
 
@@ -188,6 +193,8 @@ def restore(self: Task, job_id: str) -> str:
         # weights failed to load here and this worker is exiting: the message goes back to the head of the queue
         # for a healthy worker, its job untouched (still queued, no attempt counted)
         raise Reject("the weights are not loaded in this worker", requeue=True)
+    if _marks is not None:
+        _marks.busy()  # before the run: scale-in and node drains now take an idle worker first
     try:
         return execute.run_job(rt, job_id)
     except execute.Busy as exc:  # a duplicate delivery while another process runs the job: look again later
@@ -200,6 +207,8 @@ def restore(self: Task, job_id: str) -> str:
     finally:
         with contextlib.suppress(redis.RedisError):
             _enqueue_webhook(rt, job_id)
+        if _marks is not None:
+            _marks.idle()
 
 
 def _enqueue_webhook(rt: Runtime, job_id: str) -> None:

@@ -213,7 +213,7 @@ def test_the_kustomization_renders_and_its_references_resolve() -> None:
     time_limit = int(config["SUPIR_JOB_TIME_LIMIT_S"])
     assert pod["terminationGracePeriodSeconds"] > time_limit  # the job in flight finishes
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    health_port = {e["name"]: e["value"] for e in container["env"]}["SUPIR_WORKER_HEALTH_PORT"]
+    health_port = {e["name"]: e.get("value") for e in container["env"]}["SUPIR_WORKER_HEALTH_PORT"]
     assert ports["health"] == int(health_port)
     for probe, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/livez")):
         assert container[probe]["httpGet"] == {"path": path, "port": "health"}

@@ -81,8 +81,15 @@ def test_each_component_has_its_own_service_account(docs: list[dict]) -> None:
 
 def test_egress_never_reaches_the_metadata_endpoint_or_private_networks_over_http(docs: list[dict]) -> None:
     policies = [d for d in docs if d["kind"] == "NetworkPolicy" and "Egress" in d["spec"]["policyTypes"]]
-    assert len(policies) == 1 and policies[0]["spec"]["podSelector"] == {}  # every pod of the namespace
     metadata = ipaddress.ip_address("169.254.169.254")
+    # besides: the GPU workers reach the Kubernetes API (their pod marks), on its ports only, never the metadata
+    kube_api = next(d for d in policies if d["metadata"]["name"] == "supir-worker-kube-api")
+    policies.remove(kube_api)
+    assert kube_api["spec"]["podSelector"] == {"matchLabels": {"app.kubernetes.io/component": "gpu-worker"}}
+    for rule in kube_api["spec"]["egress"]:
+        assert {p["port"] for p in rule["ports"]} == {443, 6443}
+        assert all(metadata not in ipaddress.ip_network(peer["ipBlock"]["cidr"]) for peer in rule["to"])
+    assert len(policies) == 1 and policies[0]["spec"]["podSelector"] == {}  # every pod of the namespace
     for rule in policies[0]["spec"]["egress"]:
         ports = {p["port"] for p in rule.get("ports", [])}
         assert ports, "every egress rule names its ports"
