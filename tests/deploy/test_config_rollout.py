@@ -29,7 +29,11 @@ def config_refs(docs: list[dict]) -> dict[str, set[str]]:
         names = refs.setdefault(d["metadata"]["name"], set())
         for c in d["spec"]["template"]["spec"]["containers"]:
             names |= {s["configMapRef"]["name"] for s in c.get("envFrom", []) if "configMapRef" in s}
-            names |= {e["valueFrom"]["configMapKeyRef"]["name"] for e in c.get("env", []) if "valueFrom" in e}
+            names |= {
+                e["valueFrom"]["configMapKeyRef"]["name"]
+                for e in c.get("env", [])
+                if "configMapKeyRef" in e.get("valueFrom", {})
+            }
     return refs
 
 
