@@ -36,9 +36,13 @@ def api(tmp_path: Path, fixture_a: Path) -> Iterator[Service]:
 
 def multipart(boundary: str) -> bytes:
     return (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="p.png"\r\n'
-        "Content-Type: image/png\r\n\r\n"
-    ).encode() + PHOTO + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="p.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + PHOTO
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
 
 
 class SlowUpload(threading.Thread):
@@ -69,7 +73,7 @@ class SlowUpload(threading.Thread):
             self.response = httpx.post(
                 f"{self.service.url}/v1/jobs", content=self.pieces(body), headers=headers, timeout=120
             )
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
+        except BaseException as exc:  # reported by the test
             self.error = exc
 
 

@@ -310,7 +310,10 @@ def test_stalled_s3_answers_503_in_bounded_time(service: Service, s3: MotoS3, cl
         responses[name] = call()
         timings[name] = time.monotonic() - started
 
-    calls = {"create": lambda: submit(client, SLOW), "status": lambda: httpx.get(f"{service.admin_url}/status", timeout=120)}
+    calls = {
+        "create": lambda: submit(client, SLOW),
+        "status": lambda: httpx.get(f"{service.admin_url}/status", timeout=120),
+    }
     threads = [threading.Thread(target=timed, args=item) for item in calls.items()]
     for thread in threads:
         thread.start()

@@ -350,7 +350,10 @@ def test_deployment_defaults_sit_below_the_preset_and_the_request(api_only: Serv
         assert params(preset="quality")["steps"] == 5  # quality leaves steps alone
         asked = params(params=json.dumps({"steps": 20, "min_size": 512}))
         assert asked["steps"] == 20 and asked["min_size"] == 512  # what a request says is never changed
-    assert httpx.get(f"{api_only.admin_url}/status", timeout=30).json()["default_params"] == {"steps": 5, "min_size": 256}
+    assert httpx.get(f"{api_only.admin_url}/status", timeout=30).json()["default_params"] == {
+        "steps": 5,
+        "min_size": 256,
+    }
 
 
 def test_invalid_deployment_defaults_fail_at_start() -> None:
