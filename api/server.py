@@ -86,6 +86,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
 
 
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor of worker processes, closing its own copies of the listening sockets before it stops
+    the workers: while any process holds them open, the kernel keeps queueing new connections that no process
+    will accept, and exit resets them. Closed in every process, a new connection is refused at once (a proxy
+    retries it elsewhere)."""
+
+    def terminate_all(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        super().terminate_all()
+
+
 def _fresh_metrics_dir(path: str | None) -> None:
     """The multiprocess metrics folder, made if missing and emptied of an earlier life's files (a restarted
     container keeps its emptyDir: its dead processes' counters would be counted again), before any worker
@@ -129,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     # (status -15); here a handled SIGTERM is a clean exit, status 0
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     if config.workers > 1:
-        Multiprocess(config, sockets=sockets).run()
+        Supervisor(config, sockets=sockets).run()
     else:
         uvicorn.Server(config).run(sockets=sockets)
 

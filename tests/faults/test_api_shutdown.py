@@ -3,7 +3,8 @@ slowly. Each client gets its job (202, and the job exists) or a JSON 503 `shutti
 no job was made: its retry is safe), never a 500 or a reset; a kept-alive connection's next request is answered
 503 with `Connection: close`; the process exits 0. And the operator routes live on the admin port only.
 
-No GPU worker runs (jobs stay queued): the API alone is under test. About 40 s on a busy 2-core machine."""
+No GPU worker runs (jobs stay queued): the API alone is under test, with one uvicorn process and with two (as
+the manifests run it). About 80 s on a busy 2-core machine."""
 
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ GRACE_S = 4.0  # SUPIR_GRACEFUL_SHUTDOWN_S here; api.shutdown.FINISH_S (10 s) mo
 PHOTO = (DATA / "astronaut_gray.png").read_bytes()
 
 
-@pytest.fixture
-def api(tmp_path: Path, fixture_a: Path) -> Iterator[Service]:
-    service = Service(tmp_path, fixture_a, {"alice": {}}, graceful_shutdown_s=GRACE_S)
+@pytest.fixture(params=[1], ids=lambda n: f"{n}-process")
+def api(request: pytest.FixtureRequest, tmp_path: Path, fixture_a: Path) -> Iterator[Service]:
+    """The API alone; `request.param` uvicorn processes (the manifests run 2, `make serve` 1)."""
+    service = Service(tmp_path, fixture_a, {"alice": {}}, api_workers=request.param, graceful_shutdown_s=GRACE_S)
     try:
         yield service.start(with_workers=False)
     finally:
@@ -98,6 +100,7 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split()[1]), headers, body
 
 
+@pytest.mark.parametrize("api", [1, 2], indirect=True, ids=lambda n: f"{n}-process")
 def test_sigterm_with_slow_uploads_in_flight_answers_each_with_its_job_or_a_retryable_503(api: Service) -> None:
     assert api.api is not None
     auth = {"Authorization": f"Bearer {api.keys['alice']}"}
