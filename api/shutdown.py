@@ -27,7 +27,9 @@ from .errors import error_response
 # Set when shutdown begins (or the app's lifespan ends): event streams and `Prefer: wait` end within a second.
 SHUTTING_DOWN = threading.Event()
 RETRY_AFTER_S = 2  # long enough for the load balancer to have dropped this pod, short for the client
-FINISH_S = 10.0  # after the grace: committed requests finish, and refused bodies are drained, within this
+# after the grace: committed requests finish (a few Redis and storage calls), and refused bodies are drained,
+# within this. One stalled longer by a hung S3 or Redis is cut by uvicorn at this bound (its plain 500).
+FINISH_S = 10.0
 # answered by every replica, shutting down or not (readiness says 503 itself while shutting down)
 UNGUARDED_PATHS = ("/healthz", "/readyz", "/metrics", "/status")
 
