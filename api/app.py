@@ -6,7 +6,6 @@ patching library internals."""
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -17,13 +16,11 @@ from fastapi.responses import Response
 from jobs.settings import Settings, get_settings
 
 from . import docs, errors, events, metrics, openapi
+from .admin import AdminPort
 from .limits import BodyLimits
 from .routes import jobs, operations, pages, usage
 from .services import Services
-
-# Set when the server starts shutting down (api.server's protocol) or the app's lifespan ends: open event
-# streams and `Prefer: wait` requests end within events.WAKE_S instead of holding the process.
-SHUTTING_DOWN = threading.Event()
+from .shutdown import DRAIN, SHUTTING_DOWN, ShutdownGuard
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
@@ -33,7 +30,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        SHUTTING_DOWN.clear()
+        DRAIN.reset()
         yield
         SHUTTING_DOWN.set()
         await streams.aclose()
@@ -62,6 +59,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         metrics.REQUEST_SECONDS.labels(route, request.method).observe(time.perf_counter() - start)
         return response
 
+    app.add_middleware(ShutdownGuard)  # api.shutdown: a 503 with Retry-After, never a 500, once SIGTERM came
+    app.add_middleware(AdminPort, admin_port=settings.api_admin_port)  # /metrics, /status: the admin port only
     # added last, so it is the outermost middleware: bodies are bounded before any other code sees them
     app.add_middleware(BodyLimits, settings=settings)
     return app

@@ -30,7 +30,7 @@ from jobs.usage import UsageBook
 from supir_core.errors import InvalidInput
 from supir_core.params import MAX_SEED, PRESETS, RestoreParams, validate_params
 
-from . import metrics
+from . import metrics, shutdown
 from .errors import STATUS, ApiError
 from .intake import check_image, check_public_url, fetch_image
 from .models import WEBHOOK_EVENTS, JobFromUrl, JobUpload, RestoreFromPreview
@@ -299,7 +299,12 @@ async def create(
     # the same Idempotency-Key with the same request returns the first job: claimed before any work
     job_id = new_job_id()
     if idempotency_key:
-        replay = await _claim_or_replay(services, owner, idempotency_key, job_id, request_hash)
+        try:
+            replay = await _claim_or_replay(services, owner, idempotency_key, job_id, request_hash)
+        except BaseException:  # a shutdown's cancel too (api.shutdown): a claim made meanwhile is given back
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(_undo_claims, store, owner, job_id, None, idempotency_key)
+            raise
         if replay is not None:
             return replay, True
     record, cached = await _stored_record(services, owner, quota, job, job_id, request_hash, idempotency_key)
@@ -339,6 +344,9 @@ async def _stored_record(
             raise ApiError("quota_exceeded", message, headers={"Retry-After": "10"})
         job, image, declared = await _photo(services, owner, job)
         image_sha256 = await run_in_threadpool(lambda: hashlib.sha256(image).hexdigest())
+        # the point of no return: from here a job gets stored (a cached one at once), so a shutdown lets this
+        # request finish and answer it rather than refuse it with a 503 whose retry would make a second job
+        await shutdown.commit()
         hit = await run_in_threadpool(_answer_from_cache, services, owner, job, job_id, image_sha256, request_hash)
         if hit is not None:
             await run_in_threadpool(store.release_slot, owner, job_id)  # it ended at birth: no slot held

@@ -50,6 +50,7 @@ STATUS: dict[str, int] = {
     "quota_exceeded": 429,
     "storage_error": 503,
     "queue_unavailable": 503,
+    "shutting_down": 503,
     "internal_error": 500,
 }
 

@@ -187,7 +187,7 @@ Variant = Annotated[
     Field(
         pattern=VARIANT_PATTERN,
         description="the SUPIR checkpoint: v0Q (heavy degradation) or v0F (fidelity), as this service serves "
-        "them (`GET /status` lists them); default: the service's. One no worker pool serves: 422 "
+        "them (`GET /v1/service` lists them); default: the service's. One no worker pool serves: 422 "
         "variant_unavailable",
     ),
 ]

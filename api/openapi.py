@@ -13,7 +13,7 @@ from supir_core.params import PRESETS
 
 from .models import Error, JobFromUrl, JobUpload, RestoreFromPreview, body_schema
 
-PUBLIC = ("/healthz", "/readyz", "/status", "/metrics")  # no key needed
+PUBLIC = ("/healthz", "/readyz", "/status", "/metrics", "/v1/service")  # no key needed
 REASONS = {
     400: "a malformed request (codes: invalid_request, invalid_json, missing_image, invalid_url, …)",
     401: "no key, or an unknown one (unauthorized)",

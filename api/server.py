@@ -5,7 +5,10 @@ uvicorn, started here rather than by its CLI because the CLI cannot set two thin
     (or after the previous response on a kept-alive connection) is closed, so slow-header clients (slowloris)
     cannot hold connections; uvicorn itself only times out idle keep-alive connections;
   * a graceful-shutdown bound (`graceful_shutdown_s`), and an early shutdown notice to the app so event streams
-    end at once instead of holding SIGTERM until their job ends.
+    end at once instead of holding SIGTERM until their job ends, and requests it cannot finish are answered
+    503 `shutting_down` with Retry-After instead of uvicorn's plain-text 500 (api.shutdown);
+  * a second listening socket, the admin port (SUPIR_API_ADMIN_PORT, api.admin), served by the same app in the
+    same process(es), for /metrics and /status.
 """
 
 from __future__ import annotations
@@ -14,13 +17,21 @@ import argparse
 import asyncio
 import math
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.supervisors import Multiprocess
 
 from jobs.settings import get_settings
+
+from .shutdown import DRAIN, FINISH_S
+
+# at shutdown, an idle kept-alive connection stays open this long, so a request already on its way there is
+# answered (503 shutting_down, Connection: close) instead of meeting a closed connection
+IDLE_LINGER_S = 2.0
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -64,12 +75,27 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.arm_header_timer()
 
     def shutdown(self) -> None:
-        # uvicorn calls this on every open connection when shutdown starts: tell the app, so its event
-        # streams end now (they check the flag) rather than being cancelled at the graceful-shutdown bound
-        from .app import SHUTTING_DOWN
+        # uvicorn calls this on every open connection when shutdown starts: tell the app, so its event streams
+        # end now and its requests get their deadline (api.shutdown) rather than being cancelled into a 500
+        DRAIN.begin(get_settings().graceful_shutdown_s)
+        if self.cycle is None or self.cycle.response_complete:
+            # idle: closed shortly, not at once (uvicorn's way), so a request crossing the close is answered
+            self.cancel_header_timer()
+            self.header_timer = self.loop.call_later(IDLE_LINGER_S, self.headers_too_slow)
+        else:
+            self.cycle.keep_alive = False
 
-        SHUTTING_DOWN.set()
-        super().shutdown()
+
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor of worker processes, closing its own copies of the listening sockets before it stops
+    the workers: while any process holds them open, the kernel keeps queueing new connections that no process
+    will accept, and exit resets them. Closed in every process, a new connection is refused at once (a proxy
+    retries it elsewhere)."""
+
+    def terminate_all(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        super().terminate_all()
 
 
 def _fresh_metrics_dir(path: str | None) -> None:
@@ -110,16 +136,28 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = get_settings()
     _check_keys_file(settings.api_keys_file)
+    if settings.api_admin_port == args.port:
+        parser.error(f"SUPIR_API_ADMIN_PORT ({settings.api_admin_port}) must differ from --port")
     _fresh_metrics_dir(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-    uvicorn.run(
+    config = uvicorn.Config(
         "api.main:app",
         host=args.host,
         port=args.port,
         workers=args.workers,
         proxy_headers=args.proxy_headers,
         http="api.server:GuardedHttpProtocol",  # by name: every worker process imports it
-        timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s),
+        # the hard bound: past the grace, committed requests finish and refused bodies drain (api.shutdown)
+        timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s + FINISH_S),
     )
+    admin = uvicorn.Config("api.main:app", host=args.host, port=settings.api_admin_port)
+    sockets = [config.bind_socket(), admin.bind_socket()]
+    # uvicorn raises the SIGTERM it handled again once it has shut down, and the process would die of it
+    # (status -15); here a handled SIGTERM is a clean exit, status 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    if config.workers > 1:
+        Supervisor(config, sockets=sockets).run()
+    else:
+        uvicorn.Server(config).run(sockets=sockets)
 
 
 if __name__ == "__main__":

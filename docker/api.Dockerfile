@@ -37,7 +37,7 @@ RUN pip install ".[api]" --no-deps --no-index --no-build-isolation --quiet && rm
     && python -c "import api.app, worker.webhooks" && ! python -c "import torch" 2>/dev/null
 
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
 CMD ["python", "-m", "api.server", "--host", "0.0.0.0", "--port", "8000", "--workers", "2", "--proxy-headers"]

@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0, description="a client must send its request headers within this")
     body_timeout_s: float = Field(30.0, gt=0, description="longest silence while a client sends its body")
     graceful_shutdown_s: float = Field(10.0, gt=0, description="on SIGTERM, open requests and event streams end after")
+    api_admin_port: int = Field(
+        8001, ge=1, le=65535, description="/metrics and /status are served here only, never on the clients' port"
+    )
     auth_failures_per_minute: int = Field(30, ge=1, description="failed authentications per client address")
     max_concurrent_decodes: int = Field(2, ge=1, description="full image decodes at once per API process")
     max_concurrent_fetches: int = Field(16, ge=1, description="image_url downloads at once per API process")

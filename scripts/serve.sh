@@ -89,6 +89,8 @@ export SUPIR_STORAGE=${SUPIR_STORAGE:-local}
 export SUPIR_LOCAL_DIR=${SUPIR_LOCAL_DIR:-$DATA/objects}
 # result links are signed for the address the API listens on
 export SUPIR_PUBLIC_URL=${SUPIR_PUBLIC_URL:-http://127.0.0.1:$PORT}
+# /metrics and /status are served on this second port only (never the clients' one): PORT + 1 unless set
+export SUPIR_API_ADMIN_PORT=${SUPIR_API_ADMIN_PORT:-$((PORT + 1))}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 mkdir -p "$DATA/celery"
 
@@ -112,5 +114,6 @@ pids+=($!)
 if $tiny; then
   echo "serve: reminder: the TINY TEST MODEL is served, so every result is noise (real weights: see above)" >&2
 fi
-echo "serve: the page and the API on http://127.0.0.1:$PORT/ (docs at /docs); Ctrl-C stops everything" >&2
+echo "serve: the page and the API on http://127.0.0.1:$PORT/ (docs at /docs), /metrics and /status on" \
+  "http://127.0.0.1:$SUPIR_API_ADMIN_PORT/; Ctrl-C stops everything" >&2
 wait -n "${pids[@]}"

@@ -91,7 +91,8 @@ up() {
     [ "$(date +%s)" -lt "$deadline" ] || show_failure "not healthy after ${wait_s} s:$pending"
     sleep 3
   done
-  log "healthy: API on http://127.0.0.1:8000 (key: SUPIR_STACK_API_KEY in $envfile), S3 on http://localhost:9000"
+  log "healthy: API on http://127.0.0.1:8000 (key: SUPIR_STACK_API_KEY in $envfile), /metrics and /status on" \
+    "http://127.0.0.1:8001, S3 on http://localhost:9000"
 }
 
 down() {

@@ -81,6 +81,8 @@ class Service:
         self.api_workers = api_workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_port = free_port()  # /metrics and /status (api.admin)
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         self.prefix = f"test-{uuid.uuid4().hex[:10]}"
         self.keys = {name: f"sk_test_{name}_{uuid.uuid4().hex}" for name in keys}
         api_keys = [{"id": name, "sha256": hash_key(self.keys[name]), **extra} for name, extra in keys.items()]
@@ -91,6 +93,7 @@ class Service:
             "SUPIR_QUEUE": self.prefix,
             "SUPIR_LOCAL_DIR": str(tmp / "objects"),
             "SUPIR_PUBLIC_URL": self.url,
+            "SUPIR_API_ADMIN_PORT": str(self.admin_port),
             "SUPIR_API_KEYS": json.dumps(api_keys),
             "SUPIR_SDXL_CHECKPOINT": str(fixture / "sdxl.safetensors"),
             "SUPIR_CHECKPOINT": str(fixture / "supir.ckpt"),
@@ -162,7 +165,7 @@ class Service:
     def ready_workers(self, variant: str | None = None) -> int:
         """Ready GPU worker processes (serving `variant`, when named), as /status reports them."""
         try:
-            status = httpx.get(f"{self.url}/status", timeout=30).json()
+            status = httpx.get(f"{self.admin_url}/status", timeout=30).json()
         except (httpx.HTTPError, ValueError):
             return 0
         if variant is not None:

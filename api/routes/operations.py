@@ -1,5 +1,6 @@
-"""Health, readiness, status and metrics: no key needed (see api.openapi.PUBLIC). Keep them off the public
-ingress; the probes and Prometheus reach the pods directly.
+"""Health, readiness, status and metrics: no key needed (see api.openapi.PUBLIC). `/status` and `/metrics` answer
+on the admin port only (SUPIR_API_ADMIN_PORT, api.admin), which the clients' Service does not expose; the probes
+answer on both. `/v1/service` is the clients' part of `/status` (variants, test model, defaults: the web page's).
 
 Readiness is about this process only (can it serve? Redis answers, it is not shutting down), so a gap in GPU
 workers (weights loading, scale to zero, a rollout) never takes the API out of its Service: clients can still
@@ -16,6 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .. import metrics
 from ..deps import ServicesDep, StreamsDep
+from ..services import Services
 
 router = APIRouter(tags=["operations"])
 TEST_MODEL_NOTICE = (
@@ -49,7 +51,7 @@ def readyz(services: ServicesDep, streams: StreamsDep) -> JSONResponse:
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
 
-@router.get("/status", operation_id="status")
+@router.get("/status", operation_id="status", include_in_schema=False)  # the admin port's, not the clients'
 def status(services: ServicesDep) -> dict[str, Any]:
     """The service as a whole, for people and dashboards: Redis, storage, GPU workers by state, the queue, the
     model served (`test_model`: true when the workers loaded the tiny test model, whose results are noise) and
@@ -79,27 +81,7 @@ def status(services: ServicesDep) -> dict[str, Any]:
             "running": services.store.running_count(),
             "oldest_waiting_s": round(time.time() - oldest, 1) if oldest is not None else None,
         }
-        default = services.settings.default_variant
-        models = {name: services.store.variant_info(name) or {} for name in services.settings.variant_files}
-        report["variants"] = [
-            {
-                "name": name,
-                "default": name == default,
-                # what this variant's workers last published they loaded (null before any has)
-                "test_model": models[name].get("test_model"),
-                "unet_parameters": models[name].get("unet_parameters"),
-                "queued": services.store.queued_count(name),
-                "running": services.store.running_count(name),
-                "workers": sum(
-                    1 for b in beats.values() if b.get("state") == "ready" and name in b.get("variants", [])
-                ),
-            }
-            for name in services.settings.variant_files
-        ]
-        known = [bool(m["test_model"]) for m in models.values() if m.get("test_model") is not None]
-        report["test_model"] = any(known) if known else None
-        if report["test_model"]:
-            report["notice"] = TEST_MODEL_NOTICE
+        report.update(_served(services, beats))
     except redis.RedisError as exc:
         report["redis"] = f"unreachable: {type(exc).__name__}"
     try:
@@ -109,9 +91,39 @@ def status(services: ServicesDep) -> dict[str, Any]:
     return report
 
 
+@router.get("/v1/service", operation_id="service")
+def service(services: ServicesDep) -> dict[str, Any]:
+    """What this deployment serves, for clients and the web page: its variants (workers ready, jobs queued and
+    running), whether it runs the tiny test model, and its parameter defaults. No key needed."""
+    return {"default_params": services.settings.default_params, **_served(services, services.store.worker_beats())}
+
+
+def _served(services: Services, beats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The variants, test_model and notice fields of /status and /v1/service."""
+    default = services.settings.default_variant
+    models = {name: services.store.variant_info(name) or {} for name in services.settings.variant_files}
+    variants = [
+        {
+            "name": name,
+            "default": name == default,
+            # what this variant's workers last published they loaded (null before any has)
+            "test_model": models[name].get("test_model"),
+            "unet_parameters": models[name].get("unet_parameters"),
+            "queued": services.store.queued_count(name),
+            "running": services.store.running_count(name),
+            "workers": sum(1 for b in beats.values() if b.get("state") == "ready" and name in b.get("variants", [])),
+        }
+        for name in services.settings.variant_files
+    ]
+    known = [bool(m["test_model"]) for m in models.values() if m.get("test_model") is not None]
+    test_model = any(known) if known else None
+    return {"variants": variants, "test_model": test_model, "notice": TEST_MODEL_NOTICE if test_model else None}
+
+
 @router.get(
     "/metrics",
     operation_id="metrics",
+    include_in_schema=False,  # the admin port's
     response_class=PlainTextResponse,
     responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}},
 )

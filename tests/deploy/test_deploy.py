@@ -417,3 +417,49 @@ def test_compose_runs_a_worker_for_each_variant_it_offers(
     accepted = set(settings(running["api"]).variant_files)
     assert accepted == {v for names in served.values() for v in names}, "the API accepts exactly what is served"
     assert set(settings(running["webhooks"]).variant_files) == accepted
+
+
+def test_api_rollouts_drain_before_stopping_and_the_admin_port_stays_inside() -> None:
+    """Rendered by `kubectl kustomize`: a preStop delay, a grace that covers it and the API's own shutdown, spread
+    over zones and nodes, FORWARDED_ALLOW_IPS set, and /metrics + /status on an admin port that the clients'
+    Service never exposes but the ServiceMonitor scrapes and the NetworkPolicy opens to Prometheus only."""
+    from api.shutdown import FINISH_S
+    from jobs.settings import Settings
+    from tests.deploy.kustomize import rendered
+
+    docs = rendered()
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    for key in [("Deployment", "supir-api"), ("Service", "supir-api"), ("Service", "supir-api-admin")]:
+        kubernetes_validate.validate(by[key], K8S_VERSION, strict=True)
+    pod = by["Deployment", "supir-api"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep" and int(pre_stop[1]) >= 5
+    config = by["ConfigMap", "supir-config"]["data"] if ("ConfigMap", "supir-config") in by else {}
+    grace = float(config.get("SUPIR_GRACEFUL_SHUTDOWN_S", Settings.model_fields["graceful_shutdown_s"].default))
+    assert pod["terminationGracePeriodSeconds"] >= int(pre_stop[1]) + grace + FINISH_S
+    spread = {(c["topologyKey"], c["labelSelector"]["matchLabels"]["app.kubernetes.io/name"]) for c in pod[
+        "topologySpreadConstraints"]}  # fmt: skip
+    assert spread == {("topology.kubernetes.io/zone", "supir-api"), ("kubernetes.io/hostname", "supir-api")}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["FORWARDED_ALLOW_IPS"] and "*" not in env["FORWARDED_ALLOW_IPS"]
+    assert "--proxy-headers" in container["command"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["admin"] == int(env["SUPIR_API_ADMIN_PORT"]) != ports["http"]
+
+    clients = by["Service", "supir-api"]["spec"]["ports"]
+    assert [p["targetPort"] for p in clients] == ["http"]
+    admin = by["Service", "supir-api-admin"]
+    assert admin["spec"]["clusterIP"] == "None" and [p["targetPort"] for p in admin["spec"]["ports"]] == ["admin"]
+    monitor = by["ServiceMonitor", "supir-api"]["spec"]
+    selected = monitor["selector"]["matchLabels"]
+    assert selected.items() <= admin["metadata"]["labels"].items()
+    assert not selected.items() <= by["Service", "supir-api"]["metadata"]["labels"].items()
+    assert [(e["port"], e["path"]) for e in monitor["endpoints"]] == [("admin", "/metrics")]
+    assert admin["metadata"]["labels"][monitor["jobLabel"]] == "supir-api"  # the rules' job="supir-api"
+    rules = by["NetworkPolicy", "supir-api"]["spec"]["ingress"]
+    opened = {p["port"]: rule.get("from") for rule in rules for p in rule["ports"]}
+    assert opened[ports["http"]] is None  # clients: from anywhere (the ingress)
+    assert opened[ports["admin"]] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]

@@ -115,6 +115,8 @@ class Api:
         self.env = {"PATH": os.environ["PATH"], "HF_HUB_OFFLINE": "1", **manifest_env(self.c, self.mounts)}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.env["SUPIR_API_ADMIN_PORT"] = str(free_port())  # the manifest's, made a free one
+        self.admin_url = f"http://127.0.0.1:{self.env['SUPIR_API_ADMIN_PORT']}"
         self.log = tmp / "api.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -154,11 +156,11 @@ def test_the_api_runs_with_the_manifests_environment_on_an_empty_tmp(tmp_path: P
         # no GPU worker anywhere: ready all the same (clients can create and poll jobs)
         ready = httpx.get(f"{api.url}/readyz", timeout=10)
         assert ready.status_code == 200, ready.text
-        status = httpx.get(f"{api.url}/status", timeout=30).json()
+        status = httpx.get(f"{api.admin_url}/status", timeout=30).json()
         assert status["redis"] == "ok" and status["workers"]["ready"] == 0
         for _ in range(20):  # spread over both uvicorn worker processes
-            assert httpx.get(f"{api.url}/metrics", timeout=10).status_code == 200
-        metrics = httpx.get(f"{api.url}/metrics", timeout=10).text
+            assert httpx.get(f"{api.admin_url}/metrics", timeout=10).status_code == 200
+        metrics = httpx.get(f"{api.admin_url}/metrics", timeout=10).text
         assert "supir_http_requests_total" in metrics and "supir_redis_up 1.0" in metrics
         assert 'supir_workers{state="ready"} 0.0' in metrics
         authorized = httpx.get(f"{api.url}/v1/jobs", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
@@ -167,8 +169,8 @@ def test_the_api_runs_with_the_manifests_environment_on_an_empty_tmp(tmp_path: P
         # a worker process beats as ready: readiness is unchanged, /status and the metrics see it
         JobStore(clean_redis, "supir").heartbeat("gpu-node:4242", "ready", ttl_s=30)
         assert httpx.get(f"{api.url}/readyz", timeout=10).status_code == 200
-        assert httpx.get(f"{api.url}/status", timeout=30).json()["workers"]["ready"] == 1
-        assert 'supir_workers{state="ready"} 1.0' in httpx.get(f"{api.url}/metrics", timeout=10).text
+        assert httpx.get(f"{api.admin_url}/status", timeout=30).json()["workers"]["ready"] == 1
+        assert 'supir_workers{state="ready"} 1.0' in httpx.get(f"{api.admin_url}/metrics", timeout=10).text
     finally:
         api.stop()
 
@@ -177,7 +179,7 @@ def test_the_api_runs_with_the_manifests_environment_on_an_empty_tmp(tmp_path: P
     assert list(metrics_dir.glob("*.db"))
     api.start()
     try:
-        text = httpx.get(f"{api.url}/metrics", timeout=10).text
+        text = httpx.get(f"{api.admin_url}/metrics", timeout=10).text
         served = [line for line in text.splitlines() if line.startswith('supir_http_requests_total{method="GET"')]
         counts = {line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1]) for line in served}
         # the earlier life's 20+ scrapes are not counted again: only this life's requests

@@ -34,6 +34,7 @@ PROJECT = "supir-serve-test"  # its own compose project: a developer's `make sta
 OWN = ("SUPIR_", "MINIO_", "GRAFANA_", "COMPOSE_", "DOCKER_BUILDKIT")
 ENV = {k: v for k, v in os.environ.items() if not k.startswith(OWN)} | {"SUPIR_STACK_PROJECT": PROJECT}
 API = "http://127.0.0.1:8000"
+ADMIN = "http://127.0.0.1:8001"  # /metrics, /status
 SERVICES = {"redis", "minio", "minio-init", "api", "webhooks", "worker-cpu"}
 BUILD_S = 3600  # a cold build downloads torch's dependencies and copies a 1.3 GB venv: minutes on a slow machine
 FAST = {"upscale": 1, "min_size": 64, "steps": 4, "seed": 1}
@@ -185,7 +186,7 @@ def test_a_job_succeeds_and_its_signed_result_link_downloads_from_the_host(stack
 
 def test_the_stack_says_it_serves_the_tiny_model_with_cpu_sized_defaults(stack: httpx.Client) -> None:
     """What a person trying the stack sees first: the test-model notice, and defaults that finish in seconds."""
-    status = stack.get("/status").json()
+    status = httpx.get(f"{ADMIN}/status", timeout=60).json()
     assert status["test_model"] is True and "test model" in status["notice"], status
     assert status["default_params"] == {"min_size": 256, "steps": 8}
     job = stack.post(
@@ -196,8 +197,9 @@ def test_the_stack_says_it_serves_the_tiny_model_with_cpu_sized_defaults(stack: 
 
 
 def test_the_api_metrics_work_on_a_read_only_root(stack: httpx.Client) -> None:
-    metrics = httpx.get(f"{API}/metrics", timeout=60)
+    metrics = httpx.get(f"{ADMIN}/metrics", timeout=60)
     assert metrics.status_code == 200
+    assert httpx.get(f"{API}/metrics", timeout=60).status_code == 404  # not on the clients' port
     assert "supir_jobs_waiting" in metrics.text and "supir_http_requests_total" in metrics.text
     api = containers()["api"]
     assert run(["docker", "exec", api, "touch", "/app/x"], check=False).returncode != 0  # the root is read-only

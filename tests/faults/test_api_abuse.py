@@ -54,7 +54,7 @@ class Api:
         self.base, self.keys = base, base.keys
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**base.env, "SUPIR_PUBLIC_URL": self.url, **env}
+        self.env = {**base.env, "SUPIR_PUBLIC_URL": self.url, "SUPIR_API_ADMIN_PORT": str(free_port()), **env}
         self.log = base.tmp / f"api-alone-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -269,7 +269,7 @@ def test_s3_down_before_the_upload_answers_503_and_creates_nothing(
     print(f"503 after {elapsed:.2f} s")
     assert elapsed < 30, elapsed  # refused at once: 3 tries and botocore's backoff (≤ 1 s, ≤ 2 s)
     assert httpx.get(f"{service.url}/readyz", timeout=60).status_code == 200  # S3 is not this process's health
-    status = httpx.get(f"{service.url}/status", timeout=60)
+    status = httpx.get(f"{service.admin_url}/status", timeout=60)
     assert status.status_code == 200 and status.json()["storage"] != "ok"
     assert_clean(json.dumps(status.json()), str(s3.port))
     assert job_ids(client) == before  # no record, nothing queued
@@ -310,7 +310,10 @@ def test_stalled_s3_answers_503_in_bounded_time(service: Service, s3: MotoS3, cl
         responses[name] = call()
         timings[name] = time.monotonic() - started
 
-    calls = {"create": lambda: submit(client, SLOW), "status": lambda: httpx.get(f"{service.url}/status", timeout=120)}
+    calls = {
+        "create": lambda: submit(client, SLOW),
+        "status": lambda: httpx.get(f"{service.admin_url}/status", timeout=120),
+    }
     threads = [threading.Thread(target=timed, args=item) for item in calls.items()]
     for thread in threads:
         thread.start()

@@ -130,6 +130,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     port = free_port()
     prefix = f"test-serve-{uuid.uuid4().hex[:8]}"
     env = clean_env(PORT=str(port), SERVE_DATA_DIR=str(tmp / "data"), SUPIR_KEY_PREFIX=prefix, SUPIR_QUEUE=prefix)
+    env["SUPIR_API_ADMIN_PORT"] = str(free_port())  # beside other tests' servers
     log = tmp / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -142,7 +143,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         def loaded() -> bool:
             assert proc.poll() is None, service.output()[-5000:]
             try:
-                status = httpx.get(f"{service.url}/status", timeout=5).json()
+                status = httpx.get(f"{service.url}/v1/service", timeout=5).json()
             except (httpx.HTTPError, ValueError):
                 return False
             return bool(status.get("variants")) and all(v["workers"] >= 1 for v in status["variants"])
@@ -164,7 +165,7 @@ def test_serve_says_it_runs_the_tiny_test_model_and_how_to_get_real_weights(serv
     for words in ("TINY TEST MODEL", "NOISE", "supir weights download sdxl-base", "supir weights download supir-v0q",
                   "supir weights list", "GPU", "SUPIR_SDXL_CHECKPOINT=", "SUPIR_CHECKPOINT=", "12.3 GB"):  # fmt: skip
         assert words in said, words
-    status = httpx.get(f"{served.url}/status", timeout=30).json()
+    status = httpx.get(f"{served.url}/v1/service", timeout=30).json()
     assert status["test_model"] is True and "noise" in status["notice"]
     assert {v["name"]: v["test_model"] for v in status["variants"]} == {"v0Q": True, "v0F": True}
     assert all(0 < v["unet_parameters"] < 1_000_000_000 for v in status["variants"])
@@ -349,7 +350,10 @@ def test_deployment_defaults_sit_below_the_preset_and_the_request(api_only: Serv
         assert params(preset="quality")["steps"] == 5  # quality leaves steps alone
         asked = params(params=json.dumps({"steps": 20, "min_size": 512}))
         assert asked["steps"] == 20 and asked["min_size"] == 512  # what a request says is never changed
-    assert httpx.get(f"{api_only.url}/status", timeout=30).json()["default_params"] == {"steps": 5, "min_size": 256}
+    assert httpx.get(f"{api_only.admin_url}/status", timeout=30).json()["default_params"] == {
+        "steps": 5,
+        "min_size": 256,
+    }
 
 
 def test_invalid_deployment_defaults_fail_at_start() -> None:

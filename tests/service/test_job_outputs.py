@@ -139,11 +139,11 @@ def test_an_unserved_variant_is_refused_before_queueing(outputs: Service) -> Non
         # a configured variant whose pool is scaled to zero queues, and its depth is reported on its own
         waiting = submit(client, {**FAST, "seed": 1}, variant="v0X").json()
         assert waiting["status"] == "queued" and waiting["variant"] == "v0X" and waiting["queue_position"] == 0
-        status = httpx.get(f"{outputs.url}/status").json()
+        status = httpx.get(f"{outputs.admin_url}/status").json()
         depth = {v["name"]: v for v in status["variants"]}
         assert depth["v0X"]["queued"] == 1 and depth["v0X"]["workers"] == 0 and depth["v0Q"]["default"]
         assert depth["v0Q"]["workers"] == 1 and depth["v0F"]["workers"] == 1
-        metrics = httpx.get(f"{outputs.url}/metrics").text
+        metrics = httpx.get(f"{outputs.admin_url}/metrics").text
         assert 'supir_jobs_waiting{variant="v0X"} 1.0' in metrics
         assert 'supir_variant_workers{variant="v0F"} 1.0' in metrics
         assert client.post(f"/v1/jobs/{waiting['id']}/cancel").json()["status"] == "canceled"
@@ -196,7 +196,7 @@ def test_a_repeated_request_with_a_seed_is_answered_from_the_cache(outputs: Serv
             assert ours == client.get(f"/v1/jobs/{first['id']}/result", params={"index": i}).content
         stored = record(outputs, cached["id"])
         assert stored.attempts == 0 and stored.worker is None and stored.started_at == stored.finished_at
-        assert 'supir_result_cache_total{outcome="hit"}' in httpx.get(f"{outputs.url}/metrics").text
+        assert 'supir_result_cache_total{outcome="hit"}' in httpx.get(f"{outputs.admin_url}/metrics").text
         # another parameter, no seed, another variant: each runs on a worker
         for changed, fields in (
             ({**params, "steps": 3}, {}),

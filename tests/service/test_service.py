@@ -163,10 +163,10 @@ def test_operations_endpoints(service: Service) -> None:
     assert httpx.get(f"{service.url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{service.url}/readyz").json()
     assert ready == {"ready": True, "checks": {"redis": "ok", "server": "ok"}}
-    status = httpx.get(f"{service.url}/status").json()
+    status = httpx.get(f"{service.admin_url}/status").json()
     assert status["redis"] == "ok" and status["storage"] == "ok" and status["workers"]["ready"] == 1
     assert status["jobs"]["waiting"] >= 0
-    text = httpx.get(f"{service.url}/metrics").text
+    text = httpx.get(f"{service.admin_url}/metrics").text
     for name in (
         "supir_http_requests_total",
         "supir_http_request_duration_seconds",

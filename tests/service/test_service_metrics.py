@@ -42,6 +42,6 @@ def test_api_counters_add_up_across_uvicorn_workers(tmp_path: Path, fixture_a: P
     with running(tmp_path, fixture_a, {"alice": {}}, api_workers=2, extra_env=env) as svc:
         for _ in range(30):
             httpx.get(f"{svc.url}/healthz")
-        scrapes = [httpx.get(f"{svc.url}/metrics").text for _ in range(6)]
+        scrapes = [httpx.get(f"{svc.admin_url}/metrics").text for _ in range(6)]
     counts = [sample(t, "supir_http_requests_total", '{method="GET",route="/healthz",status="200"}') for t in scrapes]
     assert min(counts) >= 30  # whichever worker answers the scrape sees the requests both served

@@ -125,7 +125,7 @@ def test_the_form_is_generated_from_the_schema_and_passes_axe(browser, service: 
     expect(page.locator("#p-output_quality")).to_be_disabled()
     page.select_option("#preset", "")
     # the service runs one SUPIR variant: no model to choose
-    variants = httpx.get(f"{service.url}/status").json()["variants"]
+    variants = httpx.get(f"{service.url}/v1/service").json()["variants"]
     assert len(variants) == 1 and variants[0]["default"], variants
     expect(page.locator("#variant-box")).to_be_hidden()
     page.keyboard.press("Tab")  # focus is visible
