@@ -149,7 +149,7 @@ def test_a_rotated_key_works_and_the_removed_one_is_refused_without_a_restart(
     # the new key owns what the old one created: one owner id, listed with both keys during the rotation
     with httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {new}"}, timeout=30) as client:
         assert client.get(f"/v1/jobs/{created.json()['id']}").status_code == 200
-    metrics = httpx.get(f"{service.url}/metrics", timeout=30).text
+    metrics = httpx.get(f"{service.admin_url}/metrics", timeout=30).text
     assert 'supir_api_key_reloads_total{result="loaded"}' in metrics
     assert "\nsupir_api_keys_loaded 2.0\n" in metrics  # the last version loaded: app's new key, ops's
 
@@ -163,7 +163,7 @@ def test_a_broken_keys_file_keeps_the_last_good_keys(tmp_path: Path, fixture_a: 
     try:
 
         def refused_reloads() -> int:
-            text = httpx.get(f"{service.url}/metrics", timeout=30).text
+            text = httpx.get(f"{service.admin_url}/metrics", timeout=30).text
             line = next(
                 (x for x in text.splitlines() if x.startswith('supir_api_key_reloads_total{result="refused"')), ""
             )
