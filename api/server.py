@@ -20,6 +20,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from jobs.redis_memory import exit_if_evicting
 from jobs.settings import get_settings
 
 
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     settings = get_settings()
+    # here, not only in the app's lifespan: with --workers N uvicorn exits 0 when its workers fail to start
+    exit_if_evicting(settings, "the API")
     _fresh_metrics_dir(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
     uvicorn.run(
         "api.main:app",
