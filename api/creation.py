@@ -392,6 +392,8 @@ async def _enqueue(services: Services, record: JobRecord, owner: str, idempotenc
         await run_in_threadpool(services.store.finish, record.id, "failed", error=error)  # ends it, frees its slot
         # the failed job stays visible, but its key is released: a retry with the key makes a new job
         await run_in_threadpool(_undo_claims, services.store, owner, record.id, None, idempotency_key)
+        if isinstance(exc, redis.OutOfMemoryError):  # the broker's Redis is full (noeviction)
+            raise ApiError("queue_full", QUEUE_FULL_MESSAGE, headers={"Retry-After": str(QUEUE_FULL_RETRY_S)}) from exc
         raise ApiError(
             "queue_unavailable", "the job queue is unavailable; try again", headers={"Retry-After": "5"}
         ) from exc
