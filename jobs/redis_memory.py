@@ -28,6 +28,9 @@ HOW_TO_FIX = (
 )
 
 
+_CHECKED: set[tuple[str, str]] = set()  # the Redis servers this process has checked (URL, Sentinels)
+
+
 class EvictingRedis(SupirError):
     """Redis may delete job records when full: a production process refuses to start."""
 
@@ -85,8 +88,14 @@ def policy_problem(memory: RedisMemory) -> str | None:
 def check_redis_at_start(settings: Settings, process: str) -> RedisMemory | None:
     """Read the policy once at start: in production an evicting (or unknown) policy raises EvictingRedis; in dev
     it is logged as an error. An unreachable Redis is only logged (the process waits for it like for any outage;
-    /status, the metrics and their alerts keep reporting the policy). Returns what was read, or None."""
-    client = store_client(settings, socket_timeout=5.0, connect_timeout=5.0)
+    /status, the metrics and their alerts keep reporting the policy). Returns what was read, or None.
+
+    Once per process and Redis (`python -m api.server` checks before uvicorn starts, the app's lifespan again)."""
+    where = (settings.redis_url, settings.redis_sentinels)
+    if where in _CHECKED:
+        return None
+    _CHECKED.add(where)
+    client = store_client(settings, socket_timeout=2.0, connect_timeout=2.0)
     try:
         memory = read_memory(client)
     except redis.RedisError as exc:
@@ -99,7 +108,7 @@ def check_redis_at_start(settings: Settings, process: str) -> RedisMemory | None
         raise EvictingRedis(f"{process} refuses to start (SUPIR_ENVIRONMENT=production): {problem}")
     if problem is not None:
         log.error("%s: %s. Allowed only because SUPIR_ENVIRONMENT=%s", process, problem, settings.environment)
-    elif memory.max_bytes == 0:
+    elif memory.max_bytes == 0 and settings.environment == "production":
         log.warning("%s: Redis has no maxmemory: when the host runs out, Redis is killed, not refused", process)
     return memory
 

@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from tests.faults.test_redis_restart import RedisServer
-from tests.servers import FAST, Service, manifest_command, submit, wait_until
+from tests.servers import FAST, Service, manifest_command, submit, wait_for_status, wait_until
 
 PRODUCTION = {
     "SUPIR_ENVIRONMENT": "production",
@@ -28,7 +28,7 @@ PRODUCTION = {
     "SUPIR_WEBHOOK_SECRET": "w" * 48,
 }
 RESERVE = 0.2  # SUPIR_REDIS_MEMORY_RESERVE of the flooded service
-ROOM_BYTES = 450_000  # room for new jobs above the memory the idle service uses: a dozen creates or more
+ROOM_BYTES = 300_000  # room above the warmed-up service: 10-30 creates (a job takes 4-10 KB, buffers ±100 KB)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_production_api_and_workers_refuse_to_start_on_an_evicting_redis(
     }
     processes = {name: start(command, env, tmp_path / f"{name}.log") for name, command in commands.items()}
     try:
-        codes = {name: process.wait(180) for name, process in processes.items()}
+        codes = {name: process.wait(120) for name, process in processes.items()}
     finally:
         for process in processes.values():
             if process.poll() is None:
@@ -115,6 +115,12 @@ def full_redis_service(tmp_path: Path, fixture_a: Path, own_redis: RedisServer) 
     )
     try:
         service.start()
+        # a first burst opens the connections a flood uses (each holds buffers that count as used memory), so
+        # that the room is then taken by jobs
+        warm_up, _ = flood(service, limit=8)
+        with service.client("alice") as client:
+            for job_id in warm_up:
+                wait_for_status(client, job_id, {"succeeded"}, timeout=300)
         used = int(admin.info("memory")["used_memory"])
         admin.config_set("maxmemory", int((used + ROOM_BYTES) / (1 - RESERVE)))
         yield service
@@ -124,8 +130,8 @@ def full_redis_service(tmp_path: Path, fixture_a: Path, own_redis: RedisServer) 
 
 
 def flood(service: Service, clients: int = 4, limit: int = 400) -> tuple[list[str], list[httpx.Response]]:
-    """Creates from several clients at once until each has been refused 3 times in a row: (ids of the jobs
-    accepted, the refusals)."""
+    """Creates from several clients at once until each has been refused 3 times in a row, or `limit` requests:
+    (ids of the jobs accepted, the refusals)."""
     accepted: list[str] = []
     refused: list[httpx.Response] = []
     lock = threading.Lock()
