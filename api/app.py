@@ -12,7 +12,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
+from jobs.redis_memory import check_redis_at_start
 from jobs.settings import Settings, get_settings
 
 from . import docs, errors, events, metrics, openapi
@@ -30,6 +32,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # a Redis that may evict job records: in production startup fails (uvicorn exits non-zero)
+        await run_in_threadpool(check_redis_at_start, settings, "the API")
         DRAIN.reset()
         yield
         SHUTTING_DOWN.set()

@@ -23,6 +23,7 @@ from starlette.datastructures import UploadFile
 
 from jobs.cache import cacheable, record_key
 from jobs.record import JobRecord, JobResult, WebhookState, input_key, new_job_id, output_key
+from jobs.redis_memory import read_memory
 from jobs.settings import Settings
 from jobs.storage import ObjectMissing
 from jobs.store import JobStore
@@ -31,7 +32,7 @@ from supir_core.errors import InvalidInput
 from supir_core.params import MAX_SEED, PRESETS, RestoreParams, validate_params
 
 from . import metrics, shutdown
-from .errors import STATUS, ApiError
+from .errors import QUEUE_FULL_MESSAGE, QUEUE_FULL_RETRY_S, STATUS, ApiError
 from .intake import check_image, check_public_url, fetch_image
 from .models import WEBHOOK_EVENTS, JobFromUrl, JobUpload, RestoreFromPreview
 from .services import Services
@@ -290,6 +291,7 @@ async def create(
     Blocking work (Redis, storage, DNS, downloads, decodes) runs in the threadpool; downloads and decodes under
     their semaphores."""
     settings, store = services.settings, services.store
+    await run_in_threadpool(_room_for_a_job, services)
     if job.webhook_url is not None:
         await run_in_threadpool(
             check_public_url, job.webhook_url, settings, "webhook_url", settings.allow_private_webhooks
@@ -319,6 +321,15 @@ async def create(
     await _enqueue(services, record, owner, idempotency_key)
     metrics.JOBS_CREATED.inc()
     return record, False
+
+
+def _room_for_a_job(services: Services) -> None:
+    """Refuse a new job while Redis is within SUPIR_REDIS_MEMORY_RESERVE of its maxmemory: with noeviction a full
+    Redis refuses every write, and the jobs already accepted need some to start, end and be read."""
+    memory = read_memory(services.store.r)
+    if not memory.takes_jobs(services.settings.redis_memory_reserve):
+        metrics.REJECTED.labels("queue_full").inc()
+        raise ApiError("queue_full", QUEUE_FULL_MESSAGE, headers={"Retry-After": str(QUEUE_FULL_RETRY_S)})
 
 
 async def _stored_record(
@@ -389,6 +400,8 @@ async def _enqueue(services: Services, record: JobRecord, owner: str, idempotenc
         await run_in_threadpool(services.store.finish, record.id, "failed", error=error)  # ends it, frees its slot
         # the failed job stays visible, but its key is released: a retry with the key makes a new job
         await run_in_threadpool(_undo_claims, services.store, owner, record.id, None, idempotency_key)
+        if isinstance(exc, redis.OutOfMemoryError):  # the broker's Redis is full (noeviction)
+            raise ApiError("queue_full", QUEUE_FULL_MESSAGE, headers={"Retry-After": str(QUEUE_FULL_RETRY_S)}) from exc
         raise ApiError(
             "queue_unavailable", "the job queue is unavailable; try again", headers={"Retry-After": "5"}
         ) from exc

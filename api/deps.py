@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
+import redis
 from fastapi import Depends, Request
 
 from jobs.record import JobRecord
@@ -49,7 +50,12 @@ def authorize(request: Request, services: ServicesDep) -> Caller:
     else:
         kind, bucket = "write", key.id
         limit = key.rate_limit_per_minute or settings.rate_limit_per_minute
-    wait = services.store.hit_rate_limit(bucket, limit)
+    try:
+        wait = services.store.hit_rate_limit(bucket, limit)
+    except redis.OutOfMemoryError:
+        if kind == "write":
+            raise
+        wait = None  # a full Redis cannot count reads: let them through, so every accepted job stays readable
     if wait is not None:
         metrics.REJECTED.labels("rate_limited").inc()
         setting = "SUPIR_READ_RATE_LIMIT_PER_MINUTE" if kind == "read" else "SUPIR_RATE_LIMIT_PER_MINUTE"

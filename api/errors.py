@@ -15,6 +15,8 @@ from jobs.storage import StorageError
 from supir_core.errors import InvalidInput, SupirError
 
 log = logging.getLogger("api.errors")
+QUEUE_FULL_RETRY_S = 30
+QUEUE_FULL_MESSAGE = "the service holds as many jobs as it has room for (Redis memory); try again later"
 
 # code → HTTP status. Codes are part of the API: never rename one.
 STATUS: dict[str, int] = {
@@ -51,6 +53,7 @@ STATUS: dict[str, int] = {
     "storage_error": 503,
     "queue_unavailable": 503,
     "shutting_down": 503,
+    "queue_full": 503,
     "internal_error": 500,
 }
 
@@ -67,6 +70,11 @@ def error_response(
 ) -> JSONResponse:
     body = {"error": {"code": code, "message": message, "field": field}}
     return JSONResponse(body, status_code=STATUS[code], headers=headers)
+
+
+def queue_full() -> JSONResponse:
+    """Redis is (nearly) full: it frees memory as ended jobs pass their retention, so come back later."""
+    return error_response("queue_full", QUEUE_FULL_MESSAGE, headers={"Retry-After": str(QUEUE_FULL_RETRY_S)})
 
 
 def install(app: FastAPI) -> None:
@@ -87,6 +95,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(redis.RedisError)
     async def _redis(request: Request, exc: redis.RedisError) -> JSONResponse:
+        if isinstance(exc, redis.OutOfMemoryError):  # noeviction at maxmemory: Redis refuses writes until it frees
+            return queue_full()
         # Redis holds the records, the queue and the limits: without it no route can answer, but it comes back
         return error_response(
             "queue_unavailable", "the job queue is unavailable; try again", headers={"Retry-After": "5"}

@@ -10,11 +10,13 @@ import time
 from collections import Counter as Tally
 from collections.abc import Iterator
 
+import redis
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from jobs.redis_memory import SAFE_POLICY, read_memory
 from jobs.store import JobStore
 
 MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -113,6 +115,32 @@ def _load_failures_family(variants: tuple[str, ...], counts: dict[str, int]) -> 
     return family
 
 
+class RedisMemoryCollector(Collector):
+    """Redis's eviction policy, memory and evicted keys at scrape time (INFO, allowed on managed Redis): a policy
+    other than noeviction deletes accepted jobs when Redis is full, and a full noeviction Redis refuses writes."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        try:
+            memory = read_memory(self.client)
+        except redis.RedisError:  # supir_redis_up says so
+            return
+        policy = GaugeMetricFamily(
+            "supir_redis_evicting_policy",
+            "1 when Redis's maxmemory-policy (label) may delete keys, job records among them; 0 for noeviction",
+            labels=["policy"],
+        )
+        policy.add_metric([memory.policy or "unknown"], 0 if memory.policy == SAFE_POLICY else 1)
+        yield policy
+        yield GaugeMetricFamily("supir_redis_memory_used_bytes", "Redis used_memory", value=memory.used_bytes)
+        yield GaugeMetricFamily("supir_redis_memory_max_bytes", "Redis maxmemory (0: no limit)", value=memory.max_bytes)
+        yield CounterMetricFamily(
+            "supir_redis_evicted_keys", "keys Redis evicted since it started (INFO stats)", value=memory.evicted_keys
+        )
+
+
 def render(store: JobStore, job_time_limit_s: float = 0.0, variants: tuple[str, ...] = ()) -> tuple[bytes, str]:
     registry = CollectorRegistry()
     if MULTIPROC_DIR:
@@ -129,4 +157,5 @@ def render(store: JobStore, job_time_limit_s: float = 0.0, variants: tuple[str, 
         ):
             registry.register(collector)
     registry.register(QueueCollector(store, job_time_limit_s, variants))
+    registry.register(RedisMemoryCollector(store.r))
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -27,7 +27,8 @@ REASONS = {
     422: "the image or a parameter is unusable (invalid_image, invalid_parameter, image_too_large, "
     "variant_unavailable, …)",
     429: "over a rate limit or the active-job quota (rate_limited, quota_exceeded); see Retry-After",
-    503: "Redis or storage unavailable (queue_unavailable, storage_error); see Retry-After",
+    503: "Redis or storage unavailable, or Redis too full for new jobs (queue_unavailable, storage_error, "
+    "queue_full); see Retry-After",
 }
 
 

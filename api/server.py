@@ -25,6 +25,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
 
+from jobs.redis_memory import exit_if_evicting
 from jobs.settings import get_settings
 
 from .shutdown import DRAIN, FINISH_S
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     _check_keys_file(settings.api_keys_file)
     if settings.api_admin_port == args.port:
         parser.error(f"SUPIR_API_ADMIN_PORT ({settings.api_admin_port}) must differ from --port")
+    # here, not only in the app's lifespan: with --workers N uvicorn exits 0 when its workers fail to start
+    exit_if_evicting(settings, "the API")
     _fresh_metrics_dir(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
     config = uvicorn.Config(
         "api.main:app",

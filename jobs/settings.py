@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     redis_sentinel_password: SecretStr | None = None
     redis_socket_timeout_s: float = Field(10.0, gt=0, description="a Redis command waits at most this")
     redis_connect_timeout_s: float = Field(5.0, gt=0)
+    redis_memory_reserve: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="new jobs are refused (503 queue_full) once Redis uses more than 1 - this of its maxmemory: "
+        "the rest is kept for accepted jobs to run, end and be read (Redis refuses writes when full)",
+    )
     key_prefix: str = "supir"
     queue: str = "supir"
     # storage of inputs and results

@@ -103,7 +103,7 @@ case "$host" in
 esac
 # a URL with a password gets a server that asks for it (given on stdin, so it is not on the command line)
 { [ -z "$password" ] || printf 'requirepass "%s"\n' "$password"; } |
-  redis-server - --daemonize yes --bind "$bind" --port "$port" --save "" --appendonly no \
+  redis-server - --daemonize yes --bind "$bind" --port "$port" --save "" --appendonly no --maxmemory-policy noeviction \
     --dir /tmp --logfile "/tmp/redis-$port.log"
 for _ in $(seq 100); do
   if answers; then

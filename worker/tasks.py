@@ -36,6 +36,7 @@ from jobs.queue import RESTORE_TASK, WEBHOOK_EVENT_TASK, WEBHOOK_TASK, make_cele
 from jobs.reaper import Reaper
 from jobs.record import JobRecord
 from jobs.redis_conn import store_client
+from jobs.redis_memory import exit_if_evicting
 from jobs.settings import get_settings
 from jobs.store import JobStore, pid_alive
 
@@ -78,6 +79,12 @@ def _forget_an_earlier_life(sender: object = None, **_: object) -> None:
     _node = str(getattr(sender, "hostname", "") or "")
     if settings.ready_file is not None:
         settings.ready_file.unlink(missing_ok=True)
+
+
+@worker_init.connect
+def _refuse_an_evicting_redis(**_: object) -> None:
+    """In the main process, before any pool process starts: exits non-zero in production when Redis may evict."""
+    exit_if_evicting(settings, "the GPU worker")
 
 
 @worker_process_init.connect

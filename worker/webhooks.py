@@ -18,12 +18,13 @@ from typing import Protocol
 
 import httpx
 from celery import Task
-from celery.signals import worker_ready
+from celery.signals import worker_init, worker_ready
 
 from jobs.netguard import ForbiddenAddress, resolve_checked, send_pinned
 from jobs.queue import SWEEP_TASK, WEBHOOK_EVENT_TASK, WEBHOOK_TASK, make_celery
 from jobs.record import JobRecord
 from jobs.redis_conn import store_client
+from jobs.redis_memory import exit_if_evicting
 from jobs.settings import Settings, get_settings
 from jobs.storage import ObjectStore, make_store
 from jobs.store import JobStore
@@ -75,6 +76,11 @@ def stores() -> Stores:
             )
             _stores = Stores(settings, store, make_store(settings))
         return _stores
+
+
+@worker_init.connect
+def _refuse_an_evicting_redis(**_: object) -> None:
+    exit_if_evicting(settings, "the webhooks worker")
 
 
 @worker_ready.connect

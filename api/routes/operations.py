@@ -15,6 +15,8 @@ import redis
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from jobs.redis_memory import read_memory
+
 from .. import metrics
 from ..deps import ServicesDep, StreamsDep
 from ..services import Services
@@ -55,10 +57,12 @@ def readyz(services: ServicesDep, streams: StreamsDep) -> JSONResponse:
 def status(services: ServicesDep) -> dict[str, Any]:
     """The service as a whole, for people and dashboards: Redis, storage, GPU workers by state, the queue, the
     model served (`test_model`: true when the workers loaded the tiny test model, whose results are noise) and
-    this deployment's parameter defaults (`default_params`, SUPIR_DEFAULT_PARAMS). Always 200: each part says how
-    it is."""
+    this deployment's parameter defaults (`default_params`, SUPIR_DEFAULT_PARAMS). `redis` is `ok`, `nearly full`
+    (new jobs refused), `full` (Redis refuses writes), `evicting: …` or `unreachable: …`; `redis_memory` has the
+    policy and memory use. Always 200: each part says how it is."""
     report: dict[str, Any] = {
         "redis": "ok",
+        "redis_memory": None,
         "storage": "ok",
         "workers": None,
         "jobs": None,
@@ -82,6 +86,7 @@ def status(services: ServicesDep) -> dict[str, Any]:
             "oldest_waiting_s": round(time.time() - oldest, 1) if oldest is not None else None,
         }
         report.update(_served(services, beats))
+        report["redis"], report["redis_memory"] = redis_memory_report(services)
     except redis.RedisError as exc:
         report["redis"] = f"unreachable: {type(exc).__name__}"
     try:
@@ -118,6 +123,32 @@ def _served(services: Services, beats: dict[str, dict[str, Any]]) -> dict[str, A
     known = [bool(m["test_model"]) for m in models.values() if m.get("test_model") is not None]
     test_model = any(known) if known else None
     return {"variants": variants, "test_model": test_model, "notice": TEST_MODEL_NOTICE if test_model else None}
+
+
+def redis_memory_report(services: Services) -> tuple[str, dict[str, Any]]:
+    """Redis's state in a word, and its memory: `evicting` (its policy may delete accepted jobs), `full` (it
+    refuses writes: at maxmemory with noeviction), `nearly full` (new jobs refused, the reserve kept for the jobs
+    accepted), else `ok`."""
+    memory = read_memory(services.store.r)
+    takes_jobs = memory.takes_jobs(services.settings.redis_memory_reserve)
+    if memory.policy is None:
+        state = "unchecked: INFO memory gives no maxmemory_policy"
+    elif memory.evicting:
+        state = f"evicting: maxmemory-policy {memory.policy} may delete jobs; set noeviction"
+    elif memory.refuses_writes:
+        state = "full"
+    else:
+        state = "ok" if takes_jobs else "nearly full"
+    fraction = memory.used_fraction
+    return state, {
+        "policy": memory.policy,
+        "used_bytes": memory.used_bytes,
+        "max_bytes": memory.max_bytes or None,
+        "used_fraction": round(fraction, 3) if fraction is not None else None,
+        "evicted_keys": memory.evicted_keys,
+        "refuses_writes": memory.refuses_writes,
+        "takes_jobs": takes_jobs,
+    }
 
 
 @router.get(

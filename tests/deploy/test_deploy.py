@@ -192,6 +192,30 @@ def test_the_v0f_component_objects_match_their_shapes(tmp_path: Path) -> None:
     assert {d["kind"] for d in docs if d["metadata"]["name"] == "supir-worker-v0f"} == {"Deployment", "ScaledObject"}
 
 
+def test_the_redis_component_keeps_jobs_it_cannot_hold_out_rather_than_evicting_them(tmp_path: Path) -> None:
+    """components/redis: valid objects; AOF on, noeviction, maxmemory below the container's memory limit (an AOF
+    rewrite forks), data on a PVC, and the Service the ConfigMap's SUPIR_REDIS_URL names."""
+    from tests.deploy.kustomize import rendered
+
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in rendered(["components/redis"], tmp_path)}
+    for key in [
+        ("ConfigMap", "redis-config"),
+        ("Service", "redis"),
+        ("StatefulSet", "redis"),
+        ("NetworkPolicy", "redis"),
+    ]:
+        assert docs[key]["metadata"]["namespace"] == "supir"
+        kubernetes_validate.validate(docs[key], K8S_VERSION, strict=True)
+    conf = dict(line.split(" ", 1) for line in docs[("ConfigMap", "redis-config")]["data"]["redis.conf"].splitlines())
+    assert (conf["appendonly"], conf["maxmemory-policy"]) == ("yes", "noeviction")
+    pod = docs[("StatefulSet", "redis")]["spec"]
+    limit = pod["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    assert conf["maxmemory"].endswith("mb") and limit.endswith("Gi")
+    assert int(conf["maxmemory"][:-2]) <= 0.8 * int(limit[:-2]) * 1024
+    assert [c["metadata"]["name"] for c in pod["volumeClaimTemplates"]] == ["data"]
+    assert docs[("ConfigMap", "supir-config")]["data"]["SUPIR_REDIS_URL"].startswith("redis://redis.supir.svc:6379/")
+
+
 def test_the_kustomization_renders_and_its_references_resolve() -> None:
     kinds = [(d["kind"], d["metadata"]["name"]) for d in RENDERED]
     assert len(kinds) == len(set(kinds))
@@ -267,6 +291,14 @@ def exported_metrics() -> set[str]:
 
     collector = api.metrics.QueueCollector(Store(), variants=("v0Q", "v0F"))  # type: ignore[arg-type]
     found.update(f.name for f in collector.collect())
+
+    class Redis:  # what INFO memory and INFO stats answer
+        def info(self, section: str) -> dict:
+            return {"maxmemory_policy": "noeviction", "used_memory": 1} if section == "memory" else {"evicted_keys": 0}
+
+    for family in api.metrics.RedisMemoryCollector(Redis()).collect():  # type: ignore[arg-type]
+        found.add(family.name)
+        found.update(s.name for s in family.samples)
     return found
 
 
