@@ -42,6 +42,8 @@ API_KEYS_LOADED = Gauge("supir_api_keys_loaded", "API keys in the last keys load
 API_KEY_RELOADS = Counter(
     "supir_api_key_reloads_total", "SUPIR_API_KEYS_FILE reads after a change: loaded, or refused (kept)", ["result"]
 )
+for _result in ("loaded", "refused"):
+    API_KEY_RELOADS.labels(_result)  # both from 0: increase() then sees a process's first refusal
 
 
 class QueueCollector(Collector):

@@ -213,7 +213,8 @@ def test_the_redis_component_keeps_jobs_it_cannot_hold_out_rather_than_evicting_
     assert conf["maxmemory"].endswith("mb") and limit.endswith("Gi")
     assert int(conf["maxmemory"][:-2]) <= 0.8 * int(limit[:-2]) * 1024
     assert [c["metadata"]["name"] for c in pod["volumeClaimTemplates"]] == ["data"]
-    assert docs[("ConfigMap", "supir-config")]["data"]["SUPIR_REDIS_URL"].startswith("redis://redis.supir.svc:6379/")
+    (config,) = [d for (kind, name), d in docs.items() if kind == "ConfigMap" and name.startswith("supir-config-")]
+    assert config["data"]["SUPIR_REDIS_URL"].startswith("redis://redis.supir.svc:6379/")
 
 
 def test_the_kustomization_renders_and_its_references_resolve() -> None:
