@@ -104,7 +104,7 @@ def digest_step() -> dict:
 
 def test_the_digest_step_pins_every_image_and_writes_the_release(tmp_path: Path) -> None:
     """The workflow's own script, run as it is with bash, sed and kubectl in a copy of deploy/k8s."""
-    shutil.copytree(REPO / "deploy/k8s", tmp_path / "deploy/k8s")
+    shutil.copytree(REPO / "deploy", tmp_path / "deploy")  # all of it: k8s reads ../grafana
     summary = tmp_path / "summary.md"
     step = digest_step()
     env = {**os.environ, "GITHUB_STEP_SUMMARY": str(summary)}
@@ -132,7 +132,7 @@ def test_the_digest_step_pins_every_image_and_writes_the_release(tmp_path: Path)
 
 @pytest.mark.parametrize("components", [[], ["components/v0f"]], ids=["base", "v0f"])
 def test_the_kustomization_accepts_images_pinned_by_digest(tmp_path: Path, components: list[str]) -> None:
-    root = Path(shutil.copytree(REPO / "deploy/k8s", tmp_path / "k8s"))
+    root = Path(shutil.copytree(REPO / "deploy", tmp_path / "deploy")) / "k8s"  # with ../grafana
     kustomization = yaml.safe_load((root / "kustomization.yaml").read_text())
     digests = {"supir-serve-api": API_DIGEST, "supir-serve-worker": WORKER_DIGEST}
     short = {"supir-serve-api": "supir-api", "supir-serve-worker": "supir-worker"}

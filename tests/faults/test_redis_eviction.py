@@ -88,8 +88,8 @@ def test_a_dev_api_on_an_evicting_redis_starts_and_says_so(
     service = Service(tmp_path, fixture_a, {"alice": {}}, redis_url=f"redis://127.0.0.1:{own_redis.port}/0")
     try:
         service.start(with_workers=False)
-        status = httpx.get(f"{service.url}/status", timeout=30).json()
-        metrics = httpx.get(f"{service.url}/metrics", timeout=30).text
+        status = httpx.get(f"{service.admin_url}/status", timeout=30).json()
+        metrics = httpx.get(f"{service.admin_url}/metrics", timeout=30).text
     finally:
         service.stop()
     assert status["redis"].startswith("evicting: maxmemory-policy allkeys-lru"), status["redis"]
@@ -166,7 +166,7 @@ def test_a_full_noeviction_redis_refuses_new_jobs_and_loses_none(
     service, admin = full_redis_service, client_of(own_redis)
     started = time.monotonic()
     accepted, refused = flood(service)
-    status = httpx.get(f"{service.url}/status", timeout=30).json()
+    status = httpx.get(f"{service.admin_url}/status", timeout=30).json()
     assert 5 <= len(accepted) < 300 and len(refused) >= 3, (len(accepted), len(refused))
     for response in refused:
         assert response.status_code == 503 and response.headers["retry-after"] == "30", response.text
@@ -190,7 +190,7 @@ def test_a_full_noeviction_redis_refuses_new_jobs_and_loses_none(
                 admin.append(filler, b"x" * 50_000)
             except redis.OutOfMemoryError:
                 break
-        status = httpx.get(f"{service.url}/status", timeout=30).json()
+        status = httpx.get(f"{service.admin_url}/status", timeout=30).json()
         assert status["redis"] == "full" and status["redis_memory"]["refuses_writes"] is True, status
         refusal = submit(client, FAST)
         assert refusal.status_code == 503 and refusal.json()["error"]["code"] == "queue_full", refusal.text

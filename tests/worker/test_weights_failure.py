@@ -57,7 +57,7 @@ def broker_messages(service: Service) -> tuple[int, int]:
 
 def load_failures_exported(service: Service) -> float:
     """What the API's /metrics says of v0Q's failed loads (the series the alert reads)."""
-    metrics = httpx.get(f"{service.url}/metrics", timeout=30).text
+    metrics = httpx.get(f"{service.admin_url}/metrics", timeout=30).text
     found = re.search(r'^supir_worker_load_failures_total\{variant="v0Q"\} (\S+)$', metrics, re.MULTILINE)
     assert found, "the API exports no supir_worker_load_failures_total for v0Q"
     return float(found.group(1))
