@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from safetensors import safe_open
 from torch import nn
 
@@ -362,12 +361,18 @@ def _diffusers_rename(
 def _unet_entries(keys: Iterable[str], prefix: str, layers_per_block: int) -> list[Entry]:
     names = {UNET + k[len(prefix) :]: k for k in keys}
     config = {"layers_per_block": layers_per_block, "addition_embed_type": "text_time"}
+    # imported here: diffusers' single-file module takes seconds to import, and only loading needs it (not
+    # `supir weights verify`, which identifies a file by its key names)
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
     return _diffusers_rename(convert_ldm_unet_checkpoint, names, config)
 
 
 def _vae_entries(keys: Iterable[str], prefix: str, levels: int, as_prefix: str = VAE) -> list[Entry]:
     names = {as_prefix + k[len(prefix) :]: k for k in keys}
     config = {"down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels}
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
     return _diffusers_rename(convert_ldm_vae_checkpoint, names, config)
 
 

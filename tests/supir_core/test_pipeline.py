@@ -219,9 +219,9 @@ def test_every_sampler_option_reaches_the_sampler(pipeline: RestorationPipeline,
 
 
 def test_an_ordinary_photo_runs_untiled_as_the_official_code_does(pipeline: RestorationPipeline) -> None:
-    """800×600 is processed at 1344×1024 (latent 168×128, over one 128² tile): untiled on this CPU, with the same
-    latent as the untiled recipe; tiling=always still tiles it, as the tiled recipe run by hand does. (One step
-    instead of 50, for the test's time.)"""
+    """800×600 is processed at 1344×1024 (latent 168×128, over one 128² tile): untiled on this CPU, and why;
+    tiling=always still tiles it, as the tiled recipe run by hand does. (One step instead of 50, for the test's
+    time.)"""
     with Image.open(DATA / "chelsea_degraded.jpg") as img:
         photo = img.convert("RGB").resize((800, 600), Image.Resampling.BICUBIC)
     result = pipeline(photo, validate_params({"steps": 1, "seed": 3}))
@@ -230,9 +230,8 @@ def test_an_ordinary_photo_runs_untiled_as_the_official_code_does(pipeline: Rest
     assert (tiling.policy, tiling.sampling, tiling.vae) == ("auto", False, False)
     assert "fits in" in tiling.reason and tiling.planned_gb is not None and tiling.planned_gb["sampling"] > 0
     assert result.tile_captions == {}
-    # auto's untiled run is the untiled recipe's: the same pixels as tiling=never with the same seed
-    never = pipeline(photo, validate_params({"steps": 1, "seed": 3, "tiling": "never"}))
-    assert never.tiling.reason == "tiling=never" and np.array_equal(np.asarray(result.image), np.asarray(never.image))
+    # (that an untiled decision runs the untiled recipe exactly is checked at small sizes, where a run is cheap:
+    # test_every_sampler_option_reaches_the_sampler; a second 1344×1024 run here cost a minute of CPU)
 
     from supir_core.imageio import to_model_input
 
