@@ -266,3 +266,43 @@ def photo(name: str = "chelsea_degraded.jpg") -> tuple[str, bytes, str]:
 
 def submit(client: httpx.Client, params: dict, name: str = "chelsea_degraded.jpg", **fields: str) -> httpx.Response:
     return client.post("/v1/jobs", files={"image": photo(name)}, data={"params": json.dumps(params), **fields})
+
+
+def process_tree(pid: int) -> list[int]:
+    """The process and all its descendants (uvicorn's and Celery's pool processes), from /proc."""
+    pids, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        pids.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            children = (task / "children").read_text().split() if (task / "children").exists() else []
+            queue += [int(child) for child in children]
+    return pids
+
+
+class RedisServer:
+    """A redis-server of a test's own (AOF on, in its directory), for the faults that need one: restarts, policies."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory, self.port = directory, free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+             "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_until(self._answers, 30, 0.1, "redis-server")
+
+    def _answers(self) -> bool:
+        ping = subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True, timeout=30)
+        return ping.stdout.strip() == b"PONG"
+
+    def stop(self, how: str) -> None:
+        assert self.process is not None
+        if how == "kill -9":
+            self.process.send_signal(signal.SIGKILL)
+        else:
+            subprocess.run(["redis-cli", "-p", str(self.port), "shutdown"], check=False, timeout=30)
+        self.process.wait(30)

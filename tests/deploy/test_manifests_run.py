@@ -24,7 +24,7 @@ import yaml
 from jobs.store import JobStore
 from tests.deploy.kustomize import rendered
 from tests.paths import redis_url
-from tests.servers import REPO, free_port, manifest_command, wait_until
+from tests.servers import REPO, free_port, manifest_command, process_tree, wait_until
 from worker.health import ready_file_text
 
 K8S = REPO / "deploy" / "k8s"
@@ -235,13 +235,13 @@ def test_the_worker_runs_as_the_manifest_starts_it(tmp_path: Path, clean_redis: 
         assert probe("--live")
         wait_until(ready, 180, 0.2, f"the weights to load; log:\n{log.read_text()[-3000:]}")
         assert probe() and probe("--live") and probe(port=0)
-        pool = _children(worker.pid)
+        pool = process_tree(worker.pid)[1:]
         assert len(pool) == 1
         os.kill(pool[0], signal.SIGKILL)
         wait_until(lambda: not ready(), 30, 0.05, "not ready once the pool process is gone")
         assert probe("--live")  # reloading is progress, not a reason to restart the container
         wait_until(ready, 180, 0.2, "a replacement pool process to load")
-        assert _children(worker.pid) != pool
+        assert process_tree(worker.pid)[1:] != pool
     finally:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(30)
@@ -252,15 +252,3 @@ def _answers(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/livez", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found

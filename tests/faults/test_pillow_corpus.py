@@ -31,7 +31,7 @@ import pytest
 from PIL import Image
 
 from api.errors import STATUS
-from tests.servers import Service, running, wait_for_status
+from tests.servers import Service, process_tree, running, wait_for_status
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = {"min_size": 64, "steps": 1, "seed": 1}
@@ -85,17 +85,6 @@ def svc(tmp_path_factory: pytest.TempPathFactory, fixture_a: Path) -> Iterator[S
         max_concurrent_decodes=20,
     ) as service:
         yield service
-
-
-def process_tree(pid: int) -> list[int]:
-    pids, queue = [], [pid]
-    while queue:
-        current = queue.pop()
-        pids.append(current)
-        for task in Path(f"/proc/{current}/task").glob("*"):
-            children = (task / "children").read_text().split() if (task / "children").exists() else []
-            queue += [int(child) for child in children]
-    return pids
 
 
 def rss_bytes(pids: list[int]) -> int:

@@ -19,8 +19,7 @@ import httpx
 import pytest
 import redis
 
-from tests.faults.test_redis_restart import RedisServer
-from tests.servers import FAST, Service, manifest_command, submit, wait_for_status, wait_until
+from tests.servers import FAST, RedisServer, Service, manifest_command, submit, wait_for_status, wait_until
 
 PRODUCTION = {
     "SUPIR_ENVIRONMENT": "production",
@@ -29,16 +28,6 @@ PRODUCTION = {
 }
 RESERVE = 0.2  # SUPIR_REDIS_MEMORY_RESERVE of the flooded service
 ROOM_BYTES = 300_000  # room above the warmed-up service: 10-30 creates (a job takes 4-10 KB, buffers ±100 KB)
-
-
-@pytest.fixture(scope="module")
-def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    if server.process is not None and server.process.poll() is None:
-        server.process.kill()
-        server.process.wait(30)
 
 
 def client_of(server: RedisServer) -> redis.Redis:

@@ -4,8 +4,6 @@ docs/service.md asks of production) is stopped and started again while one job r
 from __future__ import annotations
 
 import contextlib
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,46 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import Service, free_port, submit, wait_until
+from tests.servers import RedisServer, Service, submit, wait_until
 
 RUNNING = {"min_size": 128, "steps": 40, "seed": 2}
 QUEUED = {"min_size": 64, "steps": 2, "seed": 3}
-
-
-class RedisServer:
-    def __init__(self, directory: Path) -> None:
-        self.directory, self.port = directory, free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_until(self._answers, 30, 0.1, "redis-server")
-
-    def _answers(self) -> bool:
-        ping = subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True, timeout=30)
-        return ping.stdout.strip() == b"PONG"
-
-    def stop(self, how: str) -> None:
-        assert self.process is not None
-        if how == "kill -9":
-            self.process.send_signal(signal.SIGKILL)
-        else:
-            subprocess.run(["redis-cli", "-p", str(self.port), "shutdown"], check=False, timeout=30)
-        self.process.wait(30)
-
-
-@pytest.fixture(scope="module")
-def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    if server.process is not None and server.process.poll() is None:
-        server.process.kill()
-        server.process.wait(30)
 
 
 @pytest.fixture(scope="module")
