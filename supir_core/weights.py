@@ -381,7 +381,7 @@ def verify(
         if pinned and record.get("repo") and record.get("revision") != pinned:
             problems.append(f"downloaded from {origin}, but {hub} is pinned at {pinned}; download it again")
     if structure:
-        from .checkpoints import identify, open_checkpoint
+        from .checkpoint_files import identify, open_checkpoint
 
         try:
             report["kind"] = identify(open_checkpoint(path).keys())
