@@ -155,12 +155,18 @@ def test_a_full_noeviction_redis_refuses_new_jobs_and_loses_none(
     service, admin = full_redis_service, client_of(own_redis)
     started = time.monotonic()
     accepted, refused = flood(service)
-    status = httpx.get(f"{service.admin_url}/status", timeout=30).json()
     assert 5 <= len(accepted) < 300 and len(refused) >= 3, (len(accepted), len(refused))
     for response in refused:
         assert response.status_code == 503 and response.headers["retry-after"] == "30", response.text
         assert response.json()["error"]["code"] == "queue_full", response.text
+    # jobs ending free memory, so the flood's last state may already have passed: hold Redis between the reserve's
+    # line (80 %) and full, from outside the service, to read what /status says there
+    nearly = f"{service.prefix}-nearly"
+    while (lambda info: info["used_memory"] / info["maxmemory"])(admin.info("memory")) < 1 - RESERVE / 2:
+        admin.append(nearly, b"x" * 20_000)
+    status = httpx.get(f"{service.admin_url}/status", timeout=30).json()
     assert status["redis"] == "nearly full" and status["redis_memory"]["takes_jobs"] is False, status
+    admin.delete(nearly)
 
     with service.client("alice") as client:
 
