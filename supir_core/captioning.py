@@ -83,6 +83,13 @@ class LlavaCaptioner:
     def loaded(self) -> bool:
         return self._model is not None
 
+    def resident_bytes(self) -> int:
+        """Device memory this captioner holds between captions: all of it when it stays loaded on the device
+        (loaded at start), none when it is offloaded or unloaded after each use."""
+        if self._model is None or not self.keep_loaded or self.offload:
+            return 0
+        return sum(t.numel() * t.element_size() for t in [*self._model.parameters(), *self._model.buffers()])
+
     def load(self) -> None:
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -227,3 +234,14 @@ def compose_positive(caption: str, user: str, quality: str, count_tokens: Any, l
     while words and count_tokens(_join([" ".join(words), user, quality])) > limit:
         words.pop()
     return _join([" ".join(words).rstrip(",;:"), user, quality])
+
+
+def compose_prompt(caption: str, user: str, quality: str, style: str, count_tokens: Any) -> str:
+    """The positive prompt of a run (spec §3.7). official (the default): caption and user text joined by a space,
+    then the quality prompt with no separator, as the official `batchify_sample` joins caption and `p_p`; CLIP's
+    77-token cut then drops whatever of the quality prompt a long caption pushes out. fit: compose_positive."""
+    if style == "official":
+        return " ".join(t for t in (caption.strip(), user.strip()) if t) + quality
+    if style == "fit":
+        return compose_positive(caption, user, quality, count_tokens)
+    raise ValueError(f"prompt_style={style!r}: official or fit")

@@ -130,7 +130,9 @@ def _load_pipeline(args: argparse.Namespace, sdxl: str, supir: str, params: Rest
 
         quantization = args.llava_quantization or env.get("SUPIR_LLAVA_QUANTIZATION") or None
         device = args.llava_device or env.get("SUPIR_LLAVA_DEVICE") or str(pipeline.device)
-        pipeline.captioner = LlavaCaptioner(llava, device=device, quantization=quantization)  # type: ignore[arg-type]
+        captioner = LlavaCaptioner(llava, device=device, quantization=quantization)  # type: ignore[arg-type]
+        captioner.load()  # before the first image: it stays loaded, and the tiling budget counts it from the first
+        pipeline.captioner = captioner
     return pipeline
 
 

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .checkpoints import ModelOptions, load_supir, options_from_config
+from .captioning import compose_prompt
 from .colorfix import adain_color_fix, wavelet_color_fix
 from .denoiser import Conditioning, Denoiser
 from .errors import WeightsError
@@ -153,8 +154,10 @@ def _text_conditioning(model: SupirModel, case: dict[str, Any], x: Tensors) -> T
         dim=-1,
     )
     result: Tensors = {}
+    texts = {"positive": [default_positive(model, p["caption"], p["p_p"]) for p in prompts]}
+    texts["negative"] = [p["n_p"] for p in prompts]
     for tag, field in (("c", "positive"), ("uc", "negative")):
-        ids_l, ids_g = model.text.tokenize([p[field] for p in prompts])
+        ids_l, ids_g = model.text.tokenize(texts[field])
         crossattn, pooled = model.text.encode_tokens(ids_l, ids_g)
         result.update(
             {
@@ -317,6 +320,13 @@ def _pipeline(model: SupirModel, case: dict[str, Any], x: Tensors, encode_prompt
     }
 
 
+def default_positive(model: SupirModel, caption: str, quality: str) -> str:
+    """The positive prompt our defaults make of a caption and a quality prompt (no user text): the fixtures' token
+    ids, made from the official joining, check it."""
+    params = RestoreParams(positive_prompt=quality)
+    return compose_prompt(caption, params.prompt, quality, params.prompt_style, model.text.tokenizer.count)
+
+
 def _pipeline_given_conditioning(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
     given = ((x["c_crossattn"], x["c_vector"]), (x["uc_crossattn"], x["uc_vector"]))
     return _pipeline(model, case, x, lambda x_stage1, tiles: given)
@@ -325,7 +335,7 @@ def _pipeline_given_conditioning(model: SupirModel, case: dict[str, Any], x: Ten
 def _pipeline_text(model: SupirModel, case: dict[str, Any], x: Tensors) -> Tensors:
     params = case["params"]
     batch = x["image"].shape[0]  # each row is restored with the same prompts
-    c = model.text([params["caption"] + params["p_p"]] * batch)
+    c = model.text([default_positive(model, params["caption"], params["p_p"])] * batch)
     uc = model.text([params["n_p"]] * batch)
     result = _pipeline(model, case, x, lambda x_stage1, tiles: ((c.crossattn, c.vector), (uc.crossattn, uc.vector)))
     for tag, t in (("c", c), ("uc", uc)):

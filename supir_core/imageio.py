@@ -236,14 +236,19 @@ def to_model_input(rgb: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     return (arr.permute(2, 0, 1)[None] / 127.5 - 1.0).contiguous()
 
 
-def to_pil(image: torch.Tensor, size: tuple[int, int]) -> Image.Image:
-    """[1, 3, H, W] in about [−1, 1] → 8-bit RGB at `size`, resized with antialiased bicubic."""
+def to_pil(image: torch.Tensor, size: tuple[int, int], quantize: str = "truncate") -> Image.Image:
+    """[1, 3, H, W] in about [−1, 1] → 8-bit RGB at `size`, resized with antialiased bicubic. Levels are truncated
+    as the official `Tensor2PIL` does (`quantize="round"`: to the nearest, as the official gradio demo)."""
     if tuple(image.shape[-2:]) != (size[1], size[0]):
         antialias = size[0] < image.shape[-1] or size[1] < image.shape[-2]
         image = F.interpolate(
             image.float(), size=(size[1], size[0]), mode="bicubic", antialias=antialias, align_corners=False
         )
-    arr = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    levels = (image[0].float().clamp(-1, 1) + 1) * 127.5
+    if quantize not in ("truncate", "round"):
+        raise ValueError(f"quantize={quantize!r}: truncate or round")
+    levels = levels.round() if quantize == "round" else levels.floor()
+    arr = levels.to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(arr, mode="RGB")
 
 

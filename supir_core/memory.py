@@ -13,6 +13,7 @@ kernels), so bytes per pixel at the reference size scale to any size. The trace 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,6 +127,18 @@ def _trace(model: SupirModel, side: int, dtype: torch.dtype, device: torch.devic
 
 
 @dataclass(frozen=True)
+class Budget:
+    """Bytes of activations a run may use, where the figure comes from, and what it was computed from (GB).
+
+    It depends only on the device, the loaded models and the settings, never on what other processes hold at the
+    moment: the same job on the same deployment takes the same path (and gives the same bytes) every time."""
+
+    bytes: float
+    source: str
+    inputs: dict[str, float] | None = None  # total_gb, models_gb, margin_gb (None: set by hand)
+
+
+@dataclass(frozen=True)
 class TilingDecision:
     """Which parts of a run are tiled, and why (reported in the job's metadata)."""
 
@@ -135,6 +148,7 @@ class TilingDecision:
     reason: str
     planned_gb: dict[str, float] | None = None  # untiled activations per stage
     budget_gb: float | None = None
+    budget_inputs: dict[str, float] | None = None  # what the budget was computed from
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -144,6 +158,7 @@ class TilingDecision:
             "reason": self.reason,
             "planned_gb": self.planned_gb,
             "budget_gb": self.budget_gb,
+            "budget_inputs": self.budget_inputs,
         }
 
 
@@ -152,51 +167,63 @@ def decide_tiling(
     *,
     sampler_can_tile: bool,
     vae_can_tile: bool,
-    plan: Callable[[], tuple[dict[str, float], float, str]],
+    plan: Callable[[], tuple[dict[str, float], Budget]],
 ) -> TilingDecision:
     """always/never as asked; auto: tile a part only when its planned untiled activations exceed the budget.
 
-    `plan()` gives (bytes per stage, budget bytes, where the budget comes from); it is called only when some
-    part could be tiled at all.
+    `plan()` gives (bytes per stage, the budget); it is called only when some part could be tiled at all.
     """
     if policy == "never" or not (sampler_can_tile or vae_can_tile):
         reason = "tiling=never" if policy == "never" else "the image fits in one tile"
         return TilingDecision(policy, False, False, reason)
     if policy == "always":
         return TilingDecision(policy, sampler_can_tile, vae_can_tile, "tiling=always")
-    planned, budget, source = plan()
+    planned, budget = plan()
     vae_bytes = max(planned["stage1"], planned["decode"])
-    sampling = sampler_can_tile and planned["sampling"] > budget
-    vae = vae_can_tile and vae_bytes > budget
+    sampling = sampler_can_tile and planned["sampling"] > budget.bytes
+    vae = vae_can_tile and vae_bytes > budget.bytes
     worst = max(planned, key=lambda k: planned[k])
     verdict = "exceeds" if sampling or vae else "fits in"
-    reason = f"planned {planned[worst] / GB:.2f} GB of activations ({worst}) {verdict} {budget / GB:.2f} GB ({source})"
+    reason = (
+        f"planned {planned[worst] / GB:.2f} GB of activations ({worst}) {verdict} {budget.bytes / GB:.2f} GB "
+        f"({budget.source})"
+    )
     gb = {k: round(v / GB, 4) for k, v in planned.items()}
-    return TilingDecision(policy, sampling, vae, reason, gb, round(budget / GB, 4))
+    return TilingDecision(policy, sampling, vae, reason, gb, round(budget.bytes / GB, 4), budget.inputs)
 
 
-def memory_budget(device: torch.device, override_gb: float | None = None) -> tuple[float, str]:
-    """Bytes of activations a run may use on `device`, and where the figure comes from.
+def memory_budget(device: torch.device, models_bytes: int, override_gb: float | None = None) -> Budget:
+    """Bytes of activations a run may use on `device`: its total memory less what the loaded models hold there
+    and a margin (10%, at least 1 GiB) for kernels' workspace and fragmentation; `override_gb`
+    (SUPIR_MEMORY_BUDGET_GB) replaces it. CPU: total RAM, or the container's memory limit when lower.
 
-    CUDA: free memory (plus what the caching allocator holds unused) less a margin for kernels' workspace and
-    fragmentation; CPU: available RAM less a margin; `override_gb` (SUPIR_MEMORY_BUDGET_GB) replaces either.
-    """
+    Not free memory: that changes with whatever else runs, and with it the path a job takes and its bytes."""
     if override_gb is not None:
-        return override_gb * GB, "the memory_budget_gb setting"
+        return Budget(override_gb * GB, "the memory_budget_gb setting")
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        unused_cache = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return float(free + unused_cache - max(total // 10, 2**30)), "free CUDA memory less 10%"
-    available = _available_ram()
-    return float(available - max(available // 10, 2**30)), "available RAM less 10%"
+        total, what = torch.cuda.get_device_properties(device).total_memory, "total CUDA memory"
+    else:
+        total, what = total_ram(), "total RAM"
+    margin = max(total // 10, 2**30)
+    inputs = {"total_gb": total / GB, "models_gb": models_bytes / GB, "margin_gb": margin / GB}
+    source = f"{what} less the loaded models and a 10% margin"
+    return Budget(float(total - models_bytes - margin), source, {k: round(v, 4) for k, v in inputs.items()})
 
 
-def _available_ram() -> int:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (on whatever device they are)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def total_ram() -> int:
+    """The machine's RAM (MemTotal), or the cgroup's memory limit when it is lower (a container's)."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total

@@ -40,14 +40,17 @@ def dtype_name(name: str) -> str:
     return DTYPES[name]
 
 
-Preset = Literal["quality", "fidelity", "lightning"]
+Preset = Literal["quality", "fidelity", "lightning", "portrait"]
 
-# Named settings from the official README ("empirical" presets) and its Lightning config (spec §3.9, §6.3).
+# Named settings from the official README ("empirical" presets) and its Lightning config (spec §3.9, §6.3);
+# portrait is ours: the official defaults plus a second pass over every face (supir_core.faces).
 PRESETS: dict[str, dict[str, Any]] = {
     "quality": {"cfg_scale": 6.0, "cfg_scale_start": 3.0, "s_noise": 1.02},
     "fidelity": {"cfg_scale": 4.0, "cfg_scale_start": 1.0, "s_noise": 1.01},
     "lightning": {"sampler": "dpmpp_2m", "steps": 8, "cfg_scale": 2.0, "cfg_scale_start": 2.0, "s_noise": 1.003},
+    "portrait": {"faces": "auto"},
 }
+FACE_SIZE = 512  # image pixels a face spans when restored again: 64 latent positions across
 
 
 class RestoreParams(BaseModel):
@@ -88,16 +91,33 @@ class RestoreParams(BaseModel):
         description="official: caption the stage-1 image of the input at a 512-px short side; full: at the "
         "processing size",
     )
-    caption_tiles: bool = Field(True, description="tiled sampling: caption every tile for its own prompt")
+    caption_tiles: bool = Field(
+        False, description="tiled sampling: caption every sampler tile for its own prompt (not official)"
+    )
     prompt: str = Field("", max_length=2000, description="your text: replaces the caption (caption=none) or follows it")
-    prompt_style: Literal["fit", "official"] = Field(
-        "fit",
-        description="fit: shorten the caption so the quality prompt survives CLIP's 77 tokens; official: join as is",
+    prompt_style: Literal["official", "fit"] = Field(
+        "official",
+        description="official: caption, your text and the quality prompt joined as the official code joins them "
+        "(CLIP's 77-token cut may drop the quality prompt's end); fit: shorten the caption so the quality prompt "
+        "survives",
     )
     positive_prompt: str = Field(QUALITY_PROMPT, max_length=2000)
     negative_prompt: str = Field(NEGATIVE_PROMPT, max_length=2000)
     # post-processing (spec §4.3)
     color_fix: Literal["wavelet", "adain", "none"] = "wavelet"
+    quantize: Literal["truncate", "round"] = Field(
+        "truncate",
+        description="how the result's values become 8-bit levels: truncate (official test.py) or round (the "
+        "official gradio demo; 0.5 level brighter on average)",
+    )
+    # faces (supir_core.faces): restored again at a size where SUPIR has enough latent positions, blended back
+    faces: Literal["off", "auto"] = Field(
+        "off", description="auto: find faces and restore each again at face_size pixels, blended into the result"
+    )
+    max_faces: int = Field(8, ge=1, le=32, description="faces: auto restores at most this many, the largest first")
+    face_size: int = Field(
+        FACE_SIZE, ge=256, le=1024, multiple_of=64, description="image pixels a face's box spans in its second pass"
+    )
     # the result file
     output_format: OutputFormat = Field(DEFAULT_FORMAT, description="PNG is lossless; JPEG and WebP are smaller")
     output_quality: int = Field(95, ge=1, le=100, description="JPEG and WebP quality (PNG ignores it)")

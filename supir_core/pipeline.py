@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .captioning import Captioner, compose_positive
+from .captioning import Captioner, compose_prompt
 from .checkpoints import ModelOptions, load_supir
 from .colorfix import color_fix
 from .denoiser import Conditioning, Denoiser
@@ -29,7 +29,15 @@ from .imageio import (
     to_model_input,
     to_pil,
 )
-from .memory import StageBytes, TilingDecision, decide_tiling, memory_budget, trace_stage_bytes
+from .memory import (
+    Budget,
+    StageBytes,
+    TilingDecision,
+    decide_tiling,
+    memory_budget,
+    module_bytes,
+    trace_stage_bytes,
+)
 from .models.supir import SupirModel
 from .params import MAX_SEED, RestoreParams, sample_seeds, validate_params
 from .prompts import PromptEmbeddings
@@ -269,8 +277,8 @@ class RestorationPipeline:
             )
 
             # 3. Back to the input's size and kind, every sample
-            outputs = [finish(to_pil(sample[None], sizes.output), loaded) for sample in stages.restored]
-            stage1_image = to_pil(stages.x_stage1, sizes.process)
+            outputs = [finish(to_pil(s[None], sizes.output, params.quantize), loaded) for s in stages.restored]
+            stage1_image = to_pil(stages.x_stage1, sizes.process, params.quantize)
 
         return RestorationResult(
             images=outputs,
@@ -418,7 +426,7 @@ class RestorationPipeline:
                 report(Progress("caption"))
                 with _timed(timings, "caption", self.device):
                     caption = self.captioner(self.caption_image(loaded, x_stage1, params), params.caption_question)
-            stage1_image = to_pil(x_stage1, sizes.process)
+            stage1_image = to_pil(x_stage1, sizes.process, params.quantize)
         return Preview(stage1_image, caption, Stage1(lq_latent, x_stage1), sizes, _rounded(timings))
 
     def _captions(self, params: RestoreParams) -> bool:
@@ -437,9 +445,8 @@ class RestorationPipeline:
 
     def positive_prompt(self, caption: str, params: RestoreParams) -> str:
         """Caption and/or user prompt, then the quality prompt (spec §3.7), composed as params.prompt_style says."""
-        if params.prompt_style == "official":  # no separator; CLIP's 77-token cut may drop the quality prompt
-            return " ".join(t for t in (caption.strip(), params.prompt.strip()) if t) + params.positive_prompt
-        return compose_positive(caption, params.prompt, params.positive_prompt, self.model.text.tokenizer.count)
+        count = self.model.text.tokenizer.count
+        return compose_prompt(caption, params.prompt, params.positive_prompt, params.prompt_style, count)
 
     def _prompt_encoder(
         self,
@@ -523,11 +530,18 @@ class RestorationPipeline:
             plan=lambda: self._memory_plan(image_hw[0] * image_hw[1], batch),
         )
 
-    def _memory_plan(self, pixels: int, batch: int) -> tuple[dict[str, float], float, str]:
+    def _memory_plan(self, pixels: int, batch: int) -> tuple[dict[str, float], Budget]:
         if self._stage_bytes is None:
             self._stage_bytes = trace_stage_bytes(self.model)
-        budget, source = memory_budget(self.device, self.memory_budget_gb)
-        return self._stage_bytes.at(pixels, batch), budget, source
+        return self._stage_bytes.at(pixels, batch), memory_budget(
+            self.device, self.resident_bytes(), self.memory_budget_gb
+        )
+
+    def resident_bytes(self) -> int:
+        """What the loaded models hold: SUPIR (all of it: offloaded text encoders visit the device too) and a
+        captioner that stays on the device (loaded at start). Fixed for a deployment, so is the tiling budget."""
+        resident = getattr(self.captioner, "resident_bytes", None)
+        return module_bytes(self.model) + (resident() if resident is not None else 0)
 
     def sampler_windows(self, latent_hw: tuple[int, ...], params: RestoreParams) -> list[Window]:
         """The tiles (latent pixels) a tiled sampler uses for a latent of this size."""

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from supir_core.memory import GB, LiveBytes, decide_tiling, memory_budget, trace_stage_bytes
+from supir_core.memory import (
+    GB,
+    Budget,
+    LiveBytes,
+    decide_tiling,
+    memory_budget,
+    module_bytes,
+    total_ram,
+    trace_stage_bytes,
+)
 
 
 def test_traced_bytes_are_what_a_real_run_allocates(tiny_model) -> None:
@@ -21,12 +30,12 @@ def test_traced_bytes_are_what_a_real_run_allocates(tiny_model) -> None:
     assert planned["decode"] == pytest.approx(8 * real.peak, rel=0.01)  # bytes grow with pixels × batch
 
 
-def never_called() -> tuple[dict[str, float], float, str]:
+def never_called() -> tuple[dict[str, float], Budget]:
     raise AssertionError("no plan is needed")
 
 
 def plan(stage1: float, sampling: float, decode: float, budget: float):
-    return lambda: ({"stage1": stage1 * GB, "sampling": sampling * GB, "decode": decode * GB}, budget * GB, "test")
+    return lambda: ({"stage1": stage1 * GB, "sampling": sampling * GB, "decode": decode * GB}, Budget(budget * GB, "test"))
 
 
 def test_forced_policies_and_single_tiles_need_no_plan() -> None:
@@ -62,26 +71,45 @@ def test_a_part_that_cannot_tile_is_not_tiled() -> None:
     assert (decision.sampling, decision.vae) == (False, False)  # DPM++ or a latent within one tile: whole
 
 
-def _mem_available() -> int:
-    """This machine's available RAM in bytes, read here from /proc/meminfo on its own."""
+def _meminfo(field: str) -> int:
+    """A /proc/meminfo figure in bytes, read here on its own."""
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    pytest.skip("no MemAvailable in /proc/meminfo on this machine")
+    pytest.skip(f"no {field} in /proc/meminfo on this machine")
 
 
-def test_the_budget() -> None:
-    assert memory_budget(torch.device("cpu"), 3.5) == (3.5 * GB, "the memory_budget_gb setting")
-    before = _mem_available()
-    budget, source = memory_budget(torch.device("cpu"))
-    after = _mem_available()
-    assert source == "available RAM less 10%"
-    # available RAM less 10% (at least 1 GiB), give or take what other processes took or gave back meanwhile
-    drift = 256 * 2**20
-    low, high = min(before, after) - drift, max(before, after) + drift
-    assert low - max(low // 10, 2**30) <= budget <= high - max(high // 10, 2**30)
-    assert budget > 0
+def test_the_budget_is_total_memory_less_the_models_and_a_margin(tiny_model) -> None:
+    cpu = torch.device("cpu")
+    assert memory_budget(cpu, 10**9, 3.5) == Budget(3.5 * GB, "the memory_budget_gb setting")
+    models = module_bytes(tiny_model)
+    assert models == sum(p.numel() * 4 for p in tiny_model.parameters()) + sum(
+        b.numel() * b.element_size() for b in tiny_model.buffers()
+    )
+    total = _meminfo("MemTotal")
+    assert total_ram() <= total  # a container's limit may be lower
+    budget = memory_budget(cpu, models)
+    margin = max(total_ram() // 10, 2**30)
+    assert budget.bytes == total_ram() - models - margin
+    assert budget.source == "total RAM less the loaded models and a 10% margin"
+    assert budget.inputs == {
+        "total_gb": round(total_ram() / GB, 4),
+        "models_gb": round(models / GB, 4),
+        "margin_gb": round(margin / GB, 4),
+    }
+
+
+def test_memory_others_hold_does_not_move_the_budget() -> None:
+    """The old budget (available RAM) shrank with whatever else ran: a job's path, and its bytes, with it."""
+    cpu = torch.device("cpu")
+    before = memory_budget(cpu, 10**9)
+    available = _meminfo("MemAvailable")
+    size = min(2 * GB, available // 4)
+    ballast = torch.ones(int(size) // 4)  # written, so its pages are really taken
+    assert _meminfo("MemAvailable") < available - size / 2
+    assert memory_budget(cpu, 10**9) == before
+    del ballast
