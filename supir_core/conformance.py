@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoints import ModelOptions, load_supir, options_from_config
 from .captioning import compose_prompt
+from .checkpoints import ModelOptions, load_supir, options_from_config
 from .colorfix import adain_color_fix, wavelet_color_fix
 from .denoiser import Conditioning, Denoiser
 from .errors import WeightsError

@@ -13,10 +13,10 @@ kernels), so bytes per pixel at the reference size scale to any size. The trace 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch

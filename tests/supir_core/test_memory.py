@@ -35,7 +35,10 @@ def never_called() -> tuple[dict[str, float], Budget]:
 
 
 def plan(stage1: float, sampling: float, decode: float, budget: float):
-    return lambda: ({"stage1": stage1 * GB, "sampling": sampling * GB, "decode": decode * GB}, Budget(budget * GB, "test"))
+    return lambda: (
+        {"stage1": stage1 * GB, "sampling": sampling * GB, "decode": decode * GB},
+        Budget(budget * GB, "test"),
+    )
 
 
 def test_forced_policies_and_single_tiles_need_no_plan() -> None:
