@@ -240,8 +240,9 @@ def compose_prompt(caption: str, user: str, quality: str, style: str, count_toke
     """The positive prompt of a run (spec §3.7). official (the default): caption and user text joined by a space,
     then the quality prompt with no separator, as the official `batchify_sample` joins caption and `p_p`; CLIP's
     77-token cut then drops whatever of the quality prompt a long caption pushes out. fit: compose_positive."""
-    if style == "official":
-        return " ".join(t for t in (caption.strip(), user.strip()) if t) + quality
+    if style == "official":  # the caption as it came (the official code strips nothing); a user's text after it
+        text = " ".join(t for t in (caption.strip(), user.strip()) if t) if user.strip() else caption
+        return text + quality
     if style == "fit":
         return compose_positive(caption, user, quality, count_tokens)
     raise ValueError(f"prompt_style={style!r}: official or fit")

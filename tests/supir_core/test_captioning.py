@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -143,7 +144,7 @@ def test_the_quality_prompt_survives_a_long_caption() -> None:
     assert compose_positive("A cat.", "Sharp", "", tokenizer.count) == "A cat. Sharp"
 
 
-def test_a_tiled_job_captions_every_tile(tiny_model, captioner: LlavaCaptioner) -> None:
+def test_a_tiled_job_captions_every_tile_only_when_asked(tiny_model, captioner: LlavaCaptioner) -> None:
     calls: list[tuple[int, int]] = []
 
     def counting(image: Image.Image, question: str | None = None) -> str:
@@ -151,9 +152,13 @@ def test_a_tiled_job_captions_every_tile(tiny_model, captioner: LlavaCaptioner) 
         return captioner(image, question)
 
     pipeline = RestorationPipeline(tiny_model, captioner=counting)
-    params = validate_params(
-        {"min_size": 512, "tile_size": 32, "tile_stride": 16, "steps": 2, "seed": 0, "tiling": "always"}
-    )
+    tiled = {"min_size": 512, "tile_size": 32, "tile_stride": 16, "steps": 2, "seed": 0, "tiling": "always"}
+    one_caption = pipeline(DATA / "chelsea_degraded.jpg", validate_params(tiled))  # the default: as official
+    assert one_caption.tiling.sampling and one_caption.tile_captions == {} and len(calls) == 1
+    assert one_caption.prompts.caption
+
+    calls.clear()
+    params = validate_params({**tiled, "caption_tiles": True})
     result = pipeline(DATA / "chelsea_degraded.jpg", params)
     windows = pipeline.windows((150, 113), params)
     assert len(calls) == len(windows) > 1 and set(calls) == {(256, 256)}
@@ -161,3 +166,25 @@ def test_a_tiled_job_captions_every_tile(tiny_model, captioner: LlavaCaptioner) 
     assert result.seconds["caption"] > 0
     untiled = pipeline(DATA / "chelsea_degraded.jpg", validate_params({"min_size": 64, "steps": 2, "seed": 0}))
     assert untiled.prompts.caption and untiled.tile_captions == {}
+
+
+def _fixture_prompts(fixture_a: Path) -> list[dict]:
+    cases = json.loads((fixture_a / "config.json").read_text())["cases"]
+    return next(c for c in cases if c["kind"] == "text_conditioning")["params"]["prompts"]
+
+
+def test_the_default_prompt_is_the_official_joining_of_a_long_caption(tiny_model, fixture_a: Path) -> None:
+    """The fixture's `positive` strings are what the official code made of caption + p_p; a captioned job with
+    default parameters must be conditioned on exactly that, token for token (CLIP's cut included)."""
+    long = next(p for p in _fixture_prompts(fixture_a) if p["truncated_positive"])
+    pipeline = RestorationPipeline(tiny_model, captioner=lambda image, question=None: long["caption"])
+    params = validate_params({"min_size": 64, "steps": 1, "seed": 0, "positive_prompt": long["p_p"]})
+    result = pipeline(DATA / "chelsea_degraded.jpg", params)
+    assert result.prompts.caption == long["caption"]
+    assert result.prompts.positive == long["positive"]
+
+    fit = pipeline.positive_prompt(long["caption"], params.model_copy(update={"prompt_style": "fit"}))
+    assert fit != long["positive"]
+    official_ids = tiny_model.text.tokenize([long["positive"]])
+    fit_ids = tiny_model.text.tokenize([fit])
+    assert any(not torch.equal(a, b) for a, b in zip(official_ids, fit_ids, strict=True))

@@ -30,7 +30,8 @@ def test_a_folder_of_photos(tmp_path: Path, env: dict[str, str]) -> None:
     out = tmp_path / "out"
     proc = restore(str(DATA), "-o", str(out), *FAST, "--upscale", "2", "--metadata", env=env)
     assert proc.returncode == 0, proc.stderr
-    assert "restored 3 of 3 images" in proc.stdout
+    assert "restored 4 of 4 images" in proc.stdout
+    assert kind(out / "astronaut_small.png") == ((400, 400), "RGB")
     assert kind(out / "chelsea_degraded.png") == ((300, 226), "RGB")
     assert kind(out / "astronaut_gray.png") == ((192, 192), "L")
     assert kind(out / "coffee_rgba.png") == ((240, 160), "RGBA")
@@ -105,7 +106,8 @@ def test_captions_from_llava(tmp_path: Path, env: dict[str, str], tiny_llava: Pa
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((tmp_path / "out/astronaut_gray.json").read_text())
     assert meta["caption"] and meta["positive_prompt"].startswith(meta["caption"].split()[0])
-    assert "An astronaut. Cinematic" in meta["positive_prompt"] and meta["seconds"]["caption"] > 0
+    # official joining (the default): caption, a space, your text, then the quality prompt with no separator
+    assert f'{meta["caption"]} An astronaut.Cinematic' in meta["positive_prompt"] and meta["seconds"]["caption"] > 0
 
 
 def test_speed_flags_keep_the_image(tmp_path: Path, env: dict[str, str]) -> None:

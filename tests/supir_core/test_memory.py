@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,9 @@ from supir_core.memory import (
     total_ram,
     trace_stage_bytes,
 )
+from supir_core.params import validate_params
+from supir_core.pipeline import RestorationPipeline
+from tests.paths import DATA
 
 
 def test_traced_bytes_are_what_a_real_run_allocates(tiny_model) -> None:
@@ -116,3 +120,24 @@ def test_memory_others_hold_does_not_move_the_budget() -> None:
     assert _meminfo("MemAvailable") < available - size / 2
     assert memory_budget(cpu, 10**9) == before
     del ballast
+
+
+def test_a_job_replays_to_the_same_bytes_while_other_memory_is_in_use(tiny_model) -> None:
+    """tiling=auto decides from the budget; with memory taken by someone else the job takes the same path and
+    gives the same bytes (the old budget, available RAM, moved with the ballast and was recorded so)."""
+    pipeline = RestorationPipeline(tiny_model)
+    params = validate_params({"min_size": 512, "tile_size": 32, "tile_stride": 16, "steps": 2, "seed": 7})
+    photo = DATA / "chelsea_degraded.jpg"
+    first = pipeline(photo, params)
+    assert first.tiling.policy == "auto" and first.tiling.budget_inputs is not None  # planned, not a single tile
+
+    available = _meminfo("MemAvailable")
+    size = min(available // 2, 6 * GB)
+    ballast = torch.ones(int(size) // 4)
+    assert _meminfo("MemAvailable") < available - size / 2
+    second = pipeline(photo, params)
+    del ballast
+
+    assert second.tiling == first.tiling
+    assert second.tiling.metadata() == first.tiling.metadata()
+    assert np.array_equal(np.asarray(second.image), np.asarray(first.image))

@@ -75,12 +75,12 @@ def test_cancel_stops_within_one_step(pipeline: RestorationPipeline) -> None:
 
 
 def test_user_prompt_goes_before_the_quality_prompt(pipeline: RestorationPipeline) -> None:
-    result = pipeline(DATA / "chelsea_degraded.jpg", validate_params({**FAST, "prompt": "A tabby cat."}))
-    assert result.prompts.positive.startswith("A tabby cat. Cinematic")
-    official = pipeline(
-        DATA / "chelsea_degraded.jpg", validate_params({**FAST, "prompt": "A tabby cat.", "prompt_style": "official"})
+    official = pipeline(DATA / "chelsea_degraded.jpg", validate_params({**FAST, "prompt": "A tabby cat."}))
+    assert official.prompts.positive.startswith("A tabby cat.Cinematic")  # the default: no separator, as official
+    fit = pipeline(
+        DATA / "chelsea_degraded.jpg", validate_params({**FAST, "prompt": "A tabby cat.", "prompt_style": "fit"})
     )
-    assert official.prompts.positive.startswith("A tabby cat.Cinematic")
+    assert fit.prompts.positive.startswith("A tabby cat. Cinematic")
 
 
 def test_a_captioner_is_used_when_no_prompt_is_given(tiny_model) -> None:
