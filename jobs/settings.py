@@ -183,8 +183,10 @@ class Settings(BaseSettings):
     offload_text: bool = False
     prompt_cache: int = Field(64, ge=0, le=10_000, description="prompt embeddings kept across jobs")
     memory_budget_gb: float | None = Field(
-        None, gt=0, description="activation memory a job may use before tiling=auto tiles it; default: the device's total "
-        "memory less the loaded models and 10%"
+        None,
+        gt=0,
+        description="activation memory a job may use before tiling=auto tiles it; default: the device's total "
+        "memory less the loaded models and 10%",
     )
     warmup_size: int = Field(
         0, ge=0, le=4096, description="restore a size² image before taking jobs (compiles graphs); 0: no warm-up"

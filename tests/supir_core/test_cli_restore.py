@@ -107,7 +107,7 @@ def test_captions_from_llava(tmp_path: Path, env: dict[str, str], tiny_llava: Pa
     meta = json.loads((tmp_path / "out/astronaut_gray.json").read_text())
     assert meta["caption"] and meta["positive_prompt"].startswith(meta["caption"].split()[0])
     # official joining (the default): caption, a space, your text, then the quality prompt with no separator
-    assert f'{meta["caption"]} An astronaut.Cinematic' in meta["positive_prompt"] and meta["seconds"]["caption"] > 0
+    assert f"{meta['caption']} An astronaut.Cinematic" in meta["positive_prompt"] and meta["seconds"]["caption"] > 0
 
 
 def test_speed_flags_keep_the_image(tmp_path: Path, env: dict[str, str]) -> None:

@@ -97,7 +97,7 @@ def test_a_captioner_is_used_when_no_prompt_is_given(tiny_model) -> None:
     none = RestorationPipeline(tiny_model, captioner=captioner)(
         DATA / "chelsea_degraded.jpg", validate_params({**FAST, "caption": "none", "prompt": "A cat."})
     )
-    assert len(captured) == 1 and none.prompts.caption == "" and none.prompts.positive.startswith("A cat. ")
+    assert len(captured) == 1 and none.prompts.caption == "" and none.prompts.positive.startswith("A cat.Cinematic")
     full = RestorationPipeline(tiny_model, captioner=captioner)(
         DATA / "chelsea_degraded.jpg", validate_params({**FAST, "caption_input": "full"})
     )
