@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageCms
 
 from supir_core.errors import InvalidInput
-from supir_core.imageio import finish, load_image, plan_sizes
+from supir_core.imageio import finish, load_image, plan_sizes, to_pil
 from tests.paths import DATA
 
 
@@ -96,3 +97,18 @@ def test_size_plan(size, upscale, min_size, process, output) -> None:
     sizes = plan_sizes(size, upscale, min_size)
     assert sizes.process == process and sizes.output == output
     assert all(side % 64 == 0 for side in sizes.process)
+
+
+def test_results_are_truncated_to_8_bits_as_test_py_does_or_rounded_when_asked() -> None:
+    """Official Tensor2PIL: (x · 127.5 + 127.5).clip(0, 255).astype(uint8), a truncation; gradio rounds."""
+    levels = torch.tensor([0.3, 10.7, 127.2, 200.9, 254.6, 300.0, -3.0])
+    x = (levels / 127.5 - 1).reshape(1, 1, 1, -1).expand(1, 3, 1, -1)
+    size = (levels.numel(), 1)
+    truncated = np.asarray(to_pil(x, size))[0, :, 0]
+    rounded = np.asarray(to_pil(x, size, "round"))[0, :, 0]
+    official = np.clip(x[0, 0, 0].double().numpy() * 127.5 + 127.5, 0, 255).astype(np.uint8)
+    assert truncated.tolist() == official.tolist() == [0, 10, 127, 200, 254, 255, 0]
+    assert rounded.tolist() == [0, 11, 127, 201, 255, 255, 0]
+    assert to_pil(x, size).tobytes() == to_pil(x, size, "truncate").tobytes()
+    with pytest.raises(ValueError, match="truncate or round"):
+        to_pil(x, size, "nearest")
