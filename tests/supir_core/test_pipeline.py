@@ -340,3 +340,11 @@ def test_a_stage_one_of_another_size_is_refused(pipeline: RestorationPipeline) -
     preview = pipeline.preview(DATA / "chelsea_degraded.jpg", validate_params(FAST))
     with pytest.raises(InvalidInput, match="same min_size and upscale"):
         pipeline(DATA / "chelsea_degraded.jpg", validate_params({**FAST, "upscale": 2}), stage1=preview.stage1)
+
+
+def test_quantize_round_is_truncate_plus_at_most_one_level(pipeline: RestorationPipeline) -> None:
+    truncated = pipeline(DATA / "chelsea_degraded.jpg", validate_params(FAST))  # the default, as test.py
+    rounded = pipeline(DATA / "chelsea_degraded.jpg", validate_params({**FAST, "quantize": "round"}))
+    difference = pixels(rounded.image) - pixels(truncated.image)
+    assert set(np.unique(difference).tolist()) <= {0.0, 1.0}
+    assert 0.3 < difference.mean() < 0.7  # about half a level brighter on average
