@@ -151,3 +151,17 @@ def test_the_cli_restores_faces_of_a_grayscale_photo(tmp_path: Path, env: dict[s
 def test_the_portrait_preset_turns_faces_on() -> None:
     assert validate_params(preset="portrait").faces == "auto"
     assert validate_params().faces == "off"
+
+
+def test_the_two_stage_flow_restores_the_same_faces(pipeline) -> None:
+    """A preview's stage 1, then a faces run from it, gives the single run's image, faces included."""
+    params = validate_params({**BASE, "steps": 1, "faces": "auto", "face_size": 256, "prompt": "an astronaut"})
+    preview = pipeline.preview(DATA / "astronaut_small.jpg", params)
+    resumed = pipeline(DATA / "astronaut_small.jpg", params, stage1=preview.stage1)
+    direct = pipeline(DATA / "astronaut_small.jpg", params)
+
+    def found(result) -> list[tuple]:
+        return [(f["box"], f["region"], f["restored"]) for f in result.to_dict()["faces"]["faces"]]
+
+    assert "stage1" not in resumed.seconds and found(resumed) == found(direct) and len(found(direct)) == 1
+    assert resumed.image.tobytes() == direct.image.tobytes()
