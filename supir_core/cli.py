@@ -422,11 +422,11 @@ def _add_conformance_command(commands: Commands) -> None:
 
 
 def _add_restore_command(commands: Commands) -> None:
-    from .params import PRESETS
-
     restore = commands.add_parser("restore", help="restore image files or folders of images")
     restore.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")
     restore.add_argument("-o", "--out", type=Path, required=True, help="output folder (--output-format files)")
+    from .params import PRESETS
+
     restore.add_argument("--preset", choices=list(PRESETS), help="named settings")
     restore.add_argument("--sdxl", help="SDXL single file (default $SUPIR_SDXL_CHECKPOINT)")
     restore.add_argument("--supir", help="SUPIR-v0Q/F file (default $SUPIR_CHECKPOINT)")

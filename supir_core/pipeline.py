@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -18,6 +20,17 @@ from .checkpoints import ModelOptions, load_supir
 from .colorfix import color_fix
 from .denoiser import Conditioning, Denoiser
 from .errors import Canceled, InvalidInput
+from .faces import (
+    FACE_HINT,
+    FaceDetector,
+    FacePass,
+    FaceRegion,
+    HaarFaceDetector,
+    blend_face,
+    face_seed,
+    plan_regions,
+    restored_side,
+)
 from .guidance import RestoreSettings, sample
 from .imageio import (
     LoadedImage,
@@ -48,7 +61,7 @@ from .tiling import Window, tile_windows
 
 @dataclass(frozen=True)
 class Progress:
-    stage: str  # "stage1" | "caption" | "conditioning" | "sampling" | "decoding"
+    stage: str  # "stage1" | "caption" | "conditioning" | "sampling" | "decoding" | "faces"
     step: int = 0
     steps: int = 0
 
@@ -164,6 +177,7 @@ class RestorationResult:
     seconds: dict[str, float]  # stage → seconds: stage1, caption, conditioning, encode, sampling, decoding
     device: str
     dtype: str
+    faces: FacePass | None = None  # faces=auto: what the face pass found and restored
 
     @property
     def image(self) -> Image.Image:
@@ -193,6 +207,7 @@ class RestorationResult:
             "seconds": self.seconds,
             "device": self.device,
             "dtype": self.dtype,
+            "faces": self.faces.metadata() if self.faces is not None else None,
         }
 
 
@@ -219,6 +234,7 @@ class RestorationPipeline:
         self.prompts = PromptEmbeddings(model.text, self.device, size=speed.prompt_cache, offload=speed.offload_text)
         self.memory_budget_gb = speed.memory_budget_gb
         self._stage_bytes: StageBytes | None = None  # traced on the first job that could be tiled
+        self.face_detector: FaceDetector = HaarFaceDetector()  # faces=auto; the cascades load on first use
 
     @classmethod
     def from_checkpoints(
@@ -276,8 +292,14 @@ class RestorationPipeline:
                 stage1=_checked(stage1, sizes.process, self.device) if stage1 is not None else None,
             )
 
-            # 3. Back to the input's size and kind, every sample
-            outputs = [finish(to_pil(s[None], sizes.output, params.quantize), loaded) for s in stages.restored]
+            # 3. Back to the input's size, every sample; faces restored again and blended in (faces=auto); the
+            #    input's kind (grayscale, alpha) last
+            images = [to_pil(s[None], sizes.output, params.quantize) for s in stages.restored]
+            faces = None
+            if params.faces == "auto":
+                _check_stop(should_stop, "faces")
+                faces = self._face_pass(loaded, params, seeds, prompts[-1], images, on_progress, should_stop, timings)
+            outputs = [finish(image, loaded) for image in images]
             stage1_image = to_pil(stages.x_stage1, sizes.process, params.quantize)
 
         return RestorationResult(
@@ -293,7 +315,95 @@ class RestorationPipeline:
             seconds=_rounded(timings),
             device=str(self.device),
             dtype=str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            faces=faces,
         )
+
+    def _face_pass(
+        self,
+        loaded: LoadedImage,
+        params: RestoreParams,
+        seeds: list[int],
+        used: Prompts,
+        images: list[Image.Image],
+        on_progress: Callable[[Progress], None] | None,
+        should_stop: Callable[[], bool] | None,
+        timings: dict[str, float],
+    ) -> FacePass:
+        """Find the faces of the input, restore each small one again (all faces of all samples in one batched run
+        where memory allows) and blend it into every sample's image (`images`, replaced in place)."""
+        report = on_progress or (lambda p: None)
+        side = restored_side(params.face_size)
+        found = FacePass(self.face_detector.name, params.face_size, side)
+        start = time.perf_counter()
+        boxes = self.face_detector(loaded.rgb)
+        found.regions = plan_regions(boxes, loaded.size, images[0].size, params.face_size, params.max_faces)
+        found.seconds["detect"] = time.perf_counter() - start
+        todo = [r for r in found.regions if r.restored]
+        if todo:
+            with _timed(found.seconds, "restore", self.device):
+                faces = self._restore_faces(loaded, params, seeds, used, todo, side, report, should_stop)
+            start = time.perf_counter()
+            for i, image in enumerate(images):
+                pixels = np.array(image)
+                for j, region in enumerate(todo):
+                    blend_face(pixels, faces[i * len(todo) + j][None], region.target, params.quantize)
+                images[i] = Image.fromarray(pixels, mode="RGB")
+            found.seconds["blend"] = time.perf_counter() - start
+            share = found.seconds["restore"] / len(todo)
+            found.face_seconds = [share if r.restored else 0.0 for r in found.regions]
+        timings["faces"] = sum(found.seconds.values())
+        return found
+
+    def _restore_faces(
+        self,
+        loaded: LoadedImage,
+        params: RestoreParams,
+        seeds: list[int],
+        used: Prompts,
+        regions: list[FaceRegion],
+        side: int,
+        report: Callable[[Progress], None],
+        should_stop: Callable[[], bool] | None,
+    ) -> torch.Tensor:
+        """Every region of every sample restored at side × side ([samples · faces, 3, side, side], sample-major),
+        in as few batched runs as the memory budget allows; a row's result does not depend on its batch."""
+        crops = torch.cat([to_model_input(loaded.rgb.crop(r.source), (side, side)) for r in regions])
+        lq = crops.repeat(len(seeds), 1, 1, 1).to(self.device)
+        row_seeds = [face_seed(seed, j) for seed in seeds for j in range(len(regions))]
+        hint = f"{params.prompt.strip()} {FACE_HINT}".strip()
+        face_params = params.model_copy(update={"num_samples": 1, "tiling": "never", "prompt": hint})
+        positive = self.positive_prompt(used.caption, face_params)
+
+        def encode(x_stage1: torch.Tensor, tiles_captioned: bool) -> tuple[Any, Any]:
+            return self.prompts(positive), self.prompts(params.negative_prompt)
+
+        rows = self._face_rows(side, len(row_seeds))
+        starts = range(0, len(row_seeds), rows)
+        restored = []
+        for chunk, first in enumerate(starts):
+
+            def progress(p: Progress, done: int = chunk * params.steps) -> None:
+                if p.stage == "sampling":
+                    report(Progress("faces", done + p.step, len(starts) * params.steps))
+
+            stages = self.restore_tensor(
+                lq[first : first + rows],
+                face_params,
+                noise=PipelineNoise.seeded(row_seeds[first : first + rows], self.device),
+                encode_prompts=encode,
+                on_progress=progress,
+                should_stop=should_stop,
+            )
+            restored.append(stages.restored)
+        return torch.cat(restored)
+
+    def _face_rows(self, side: int, total: int) -> int:
+        """Rows per face run: all of them if the plan fits the budget, else the fewest equal chunks that fit."""
+        planned, budget = self._memory_plan(side * side, 1)
+        per_row = max(planned.values())
+        fit = max(1, min(total, int(budget.bytes // per_row))) if per_row > 0 else total
+        chunks = math.ceil(total / fit)
+        return math.ceil(total / chunks)
 
     def restore_tensor(
         self,
@@ -593,12 +703,13 @@ def _rounded(timings: dict[str, float]) -> dict[str, float]:
 
 
 def _expanded(cond: Conditioning, batch: int) -> Conditioning:
-    """The one photo's conditioning for every sample (views, no copies: linear_cfg's concatenation copies)."""
-    if cond.control.shape[0] == batch:
-        return cond
-    return Conditioning(
-        cond.crossattn.expand(batch, -1, -1), cond.vector.expand(batch, -1), cond.control.expand(batch, -1, -1, -1)
-    )
+    """Every part with one row (the photo's prompts, its control) for every row of the batch: samples, or faces
+    sharing one prompt (views, no copies: linear_cfg's concatenation copies)."""
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t if t.shape[0] == batch else t.expand(batch, *t.shape[1:])
+
+    return Conditioning(rows(cond.crossattn), rows(cond.vector), rows(cond.control))
 
 
 @contextmanager
