@@ -46,8 +46,8 @@ class JobProgress(BaseModel):
     stage: str = Field(
         "queued", description="queued, starting, stage1, caption, conditioning, sampling, decoding, faces, done"
     )
-    step: int = Field(0, description="sampler steps done (faces: faces restored)")
-    steps: int = Field(0, description="sampler steps in all, 0 before sampling (faces: faces to restore)")
+    step: int = Field(0, description="sampler steps done (faces: over every face's run)")
+    steps: int = Field(0, description="sampler steps in all (0 before sampling)")
 
 
 class JobError(BaseModel):
@@ -93,8 +93,10 @@ class Face(BaseModel):
     region: list[int] = Field(
         min_length=4, max_length=4, description="[x0, y0, x1, y1] of the result it was blended into, output pixels"
     )
-    restored: bool = Field(description="false: found but not restored again (beyond max_faces, say)")
-    seconds: float = Field(description="its second pass")
+    restored: bool = Field(
+        description="false: it already spans face_size pixels in the result, so it was left as it was"
+    )
+    seconds: float = Field(description="its share of the second pass (0 when not restored again)")
 
 
 class Faces(BaseModel):
@@ -104,8 +106,8 @@ class Faces(BaseModel):
     detector: str = Field(description="the face detector that found them")
     face_size: int = Field(description="params.face_size: the pixels a face's box spans in its second pass")
     restored_size: int = Field(description="the side, in pixels, each face was restored at")
-    faces: list[Face] = Field(description="every face found")
-    seconds: dict[str, float] = Field(description="detect, restore, blend")
+    faces: list[Face] = Field(description="the faces found, the largest max_faces of them")
+    seconds: dict[str, float] = Field(description="detect, and restore and blend when a face was restored again")
 
 
 WebhookEvent = Literal["started", "progress", "completed"]

@@ -418,7 +418,7 @@ def test_progress_is_weighted_by_stage_and_never_goes_backwards(browser, service
     assert seen == [50, 50, 55, 75, 95], seen
     said = page.evaluate("""statusText({id: 'job_g', kind: 'restore', status: 'running', params: {faces: 'auto'},
                                         progress: {stage: 'faces', step: 1, steps: 2}})""")
-    assert said == "Restoration running: restoring faces (1 of 2 done), 75% done.", said
+    assert said == "Restoration running: restoring faces, step 1 of 2, 75% done.", said
     page.context.close()
 
 
