@@ -15,7 +15,17 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
-from jobs.record import JobError, JobProgress, JobRecord, ResultImage, Status, WebhookEvent, WebhookState
+from jobs.record import (
+    Faces,
+    JobError,
+    JobProgress,
+    JobRecord,
+    ResultImage,
+    Status,
+    Tiling,
+    WebhookEvent,
+    WebhookState,
+)
 from supir_core.params import PRESETS, RestoreParams
 
 __all__ = [
@@ -47,6 +57,14 @@ class JobResultInfo(ResultImage):
     model_config = SENT
 
     url: str = Field(description="a signed link to the restored image, valid for an hour")
+
+
+class TilingInfo(Tiling):
+    model_config = SENT
+
+
+class FacesInfo(Faces):
+    model_config = SENT
 
 
 class InputImage(BaseModel):
@@ -92,6 +110,12 @@ class Job(BaseModel):
     gpu_seconds: float = Field(0.0, description="the worker's pipeline seconds (what usage counts); 0 when cached")
     cached: bool = Field(False, description="answered from the result cache (an identical earlier request): no GPU")
     cached_from: str | None = Field(None, description="the earlier job whose result a cached job copied")
+    tiling: TilingInfo | None = Field(
+        None, description="which parts of the restoration ran tiled, and why; null for previews and older jobs"
+    )
+    faces: FacesInfo | None = Field(
+        None, description="the faces found and restored again (params.faces=auto); null when faces is off"
+    )
 
     @classmethod
     def from_record(

@@ -43,8 +43,10 @@ def stage1_key(job_id: str) -> str:
 
 
 class JobProgress(BaseModel):
-    stage: str = Field("queued", description="queued, starting, stage1, caption, sampling, decoding, done")
-    step: int = Field(0, description="sampler steps done")
+    stage: str = Field(
+        "queued", description="queued, starting, stage1, caption, conditioning, sampling, decoding, faces, done"
+    )
+    step: int = Field(0, description="sampler steps done (faces: over every face's run)")
     steps: int = Field(0, description="sampler steps in all (0 before sampling)")
 
 
@@ -68,6 +70,44 @@ class ResultImage(BaseModel):
 
 class JobResult(ResultImage):
     key: str
+
+
+class Tiling(BaseModel):
+    """How a restoration was tiled and why (supir_core.memory.TilingDecision.metadata())."""
+
+    policy: str = Field(description="params.tiling as asked: auto, always or never")
+    sampling: Literal["tiled", "untiled"] = Field(description="whether the sampler ran on overlapping latent tiles")
+    vae: Literal["tiled", "untiled"] = Field(description="whether the VAE encoded and decoded in tiles")
+    reason: str = Field(description="why, in words: the planned activations against the memory budget, or the policy")
+    planned_gb: dict[str, float] | None = Field(
+        description="auto: the untiled activations each stage would take (stage1, sampling, decode), GB"
+    )
+    budget_gb: float | None = Field(description="auto: the activations' memory budget the plan was held to, GB")
+    budget_inputs: dict[str, float] | None = Field(
+        description="what the budget was computed from (total_gb, models_gb, margin_gb); null when set by hand"
+    )
+
+
+class Face(BaseModel):
+    box: list[int] = Field(min_length=4, max_length=4, description="[x0, y0, x1, y1] in the input's pixels")
+    region: list[int] = Field(
+        min_length=4, max_length=4, description="[x0, y0, x1, y1] of the result it was blended into, output pixels"
+    )
+    restored: bool = Field(
+        description="false: it already spans face_size pixels in the result, so it was left as it was"
+    )
+    seconds: float = Field(description="its share of the second pass (0 when not restored again)")
+
+
+class Faces(BaseModel):
+    """The face pass (params.faces=auto): each face found and restored again at face_size, blended back."""
+
+    policy: str = Field(description="params.faces: auto")
+    detector: str = Field(description="the face detector that found them")
+    face_size: int = Field(description="params.face_size: the pixels a face's box spans in its second pass")
+    restored_size: int = Field(description="the side, in pixels, each face was restored at")
+    faces: list[Face] = Field(description="the faces found, the largest max_faces of them")
+    seconds: dict[str, float] = Field(description="detect, and restore and blend when a face was restored again")
 
 
 WebhookEvent = Literal["started", "progress", "completed"]
@@ -122,6 +162,8 @@ class JobRecord(BaseModel):
     cached: bool = False  # answered from the result cache: no GPU work
     cached_from: str | None = None  # the job whose result this one copied
     gpu_seconds: float = 0.0  # the pipeline's stage seconds on the worker (usage)
+    tiling: Tiling | None = None  # a restoration's; None for previews and records from before it was kept
+    faces: Faces | None = None  # the face pass's; None when params.faces is off, for previews and older records
 
     @property
     def terminal(self) -> bool:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import redis
 
 from jobs.cache import cacheable, record_key
-from jobs.record import JobError, JobProgress, JobRecord, JobResult, Status, output_key, stage1_key
+from jobs.record import Faces, JobError, JobProgress, JobRecord, JobResult, Status, Tiling, output_key, stage1_key
 from jobs.storage import ObjectMissing, StorageError
 from supir_core.errors import Canceled, InvalidInput, WeightsError
 from supir_core.params import RestoreParams
@@ -200,6 +200,8 @@ class _Made:
     caption: str | None
     positive_prompt: str | None  # None: a preview encodes no prompts
     negative_prompt: str | None
+    tiling: Tiling | None = None  # None: a preview samples nothing
+    faces: Faces | None = None  # None: a preview, or params.faces off
 
 
 def _make(
@@ -218,8 +220,17 @@ def _make(
 
     result = pipeline(loaded, params, on_progress=on_progress, should_stop=should_stop, stage1=stage1)
     prompts = result.prompts
+    # validated here, inside the run: metadata of another shape fails the job loudly rather than its view
+    faces = result.to_dict().get("faces")
     return _Made(
-        list(result.images), list(result.seeds), result.seconds, prompts.caption, prompts.positive, prompts.negative
+        list(result.images),
+        list(result.seeds),
+        result.seconds,
+        prompts.caption,
+        prompts.positive,
+        prompts.negative,
+        Tiling.model_validate(result.tiling.metadata()),
+        Faces.model_validate(faces) if faces is not None else None,
     )
 
 
@@ -268,7 +279,7 @@ def _succeed(
 ) -> str:
     """Metrics, the result cache's entry, then the job's ending with its results; usage once it stands."""
     for stage, value in seconds.items():
-        if stage in ("stage1", "caption", "encode", "sampling", "decoding", "upload", "total"):
+        if stage in ("stage1", "caption", "encode", "sampling", "decoding", "faces", "upload", "total"):
             metrics.STAGE_SECONDS.labels("decode" if stage == "decoding" else stage).observe(value)
     if made.seconds.get("sampling"):
         metrics.STEPS_PER_SECOND.set(params.steps / made.seconds["sampling"])
@@ -287,6 +298,8 @@ def _succeed(
         caption=made.caption,
         positive_prompt=made.positive_prompt,
         negative_prompt=made.negative_prompt,
+        tiling=made.tiling,
+        faces=made.faces,
         progress=JobProgress(stage="done", step=steps, steps=steps),
         gpu_seconds=gpu_seconds,
         model_sha256=model.get("supir_sha256"),

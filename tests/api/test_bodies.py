@@ -180,7 +180,10 @@ def test_the_messages_say_what_is_wrong(client: TestClient) -> None:
     assert message({"colour": "red"}) == "unknown field 'colour'"
     assert message({"webhook_url": 7}) == "webhook_url must be a string"
     assert message({"webhook_url": "ftp://x"}) == "webhook_url must be an http or https URL"
-    assert message({"preset": "turbo"}) == "preset='turbo' is unknown: choose one of quality, fidelity, lightning"
+    assert (
+        message({"preset": "turbo"})
+        == "preset='turbo' is unknown: choose one of quality, fidelity, lightning, portrait"
+    )
     assert message({"webhook_events": ["started"]}) == "webhook_events needs a webhook_url"
     assert message({"webhook_url": HOOK, "webhook_events": ["finished"]}) == (
         "unknown webhook event 'finished'; choose from started, progress, completed"
@@ -213,7 +216,7 @@ def test_the_request_bodies_document_what_the_models_accept() -> None:
     for schema in (upload, from_url, from_preview):
         assert schema["additionalProperties"] is False
         assert schema["properties"]["params"] == {"$ref": "#/components/schemas/RestoreParams"}
-        assert schema["properties"]["preset"]["enum"] == ["quality", "fidelity", "lightning"]
+        assert schema["properties"]["preset"]["enum"] == ["quality", "fidelity", "lightning", "portrait"]
         assert schema["properties"]["webhook_events"]["minItems"] == 1
         assert schema["dependentSchemas"]["webhook_events"]["required"] == ["webhook_url"]
     assert upload["properties"]["webhook_url"]["type"] == "string"  # a form has no null

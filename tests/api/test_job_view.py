@@ -7,7 +7,7 @@ from typing import Any
 
 from api.models import Job
 from api.services import Services
-from jobs.record import JobError, JobProgress, JobRecord, JobResult, WebhookState
+from jobs.record import Face, Faces, JobError, JobProgress, JobRecord, JobResult, Tiling, WebhookState
 from jobs.settings import Settings
 from supir_core.params import validate_params
 
@@ -102,6 +102,49 @@ def test_the_document_marks_every_key_the_view_sends_required() -> None:
     """The view sends every key (null where it has none): a generated client may rely on each one."""
     schema = Job.model_json_schema(mode="serialization")
     shown = {"Job": schema, **{k: v for k, v in schema["$defs"].items() if k != "RestoreParams"}}
-    assert set(shown) == {"Job", "Progress", "InputImage", "JobErrorInfo", "JobResultInfo", "Webhook"}
+    assert set(shown) == {
+        "Job", "Progress", "InputImage", "JobErrorInfo", "JobResultInfo", "Webhook", "TilingInfo", "FacesInfo", "Face",
+    }  # fmt: skip
     for name, model in shown.items():
         assert set(model["required"]) == set(model["properties"]), name
+
+
+TILING = Tiling(
+    policy="auto",
+    sampling="untiled",
+    vae="tiled",
+    reason="planned 3.10 GB of activations (decode) exceeds 2.00 GB (total RAM less the loaded models)",
+    planned_gb={"stage1": 3.1, "sampling": 1.2, "decode": 3.1},
+    budget_gb=2.0,
+    budget_inputs={"total_gb": 8.0, "models_gb": 5.0, "margin_gb": 1.0},
+)
+FACES = Faces(
+    policy="auto",
+    detector="haar",
+    face_size=512,
+    restored_size=512,
+    faces=[Face(box=[10, 12, 46, 48], region=[20, 24, 92, 96], restored=True, seconds=1.25)],
+    seconds={"detect": 0.1, "restore": 1.25, "blend": 0.02},
+)
+
+
+def test_a_restoration_shows_how_it_was_tiled_and_the_faces_it_restored() -> None:
+    record = JobRecord(owner="a", params=PARAMS, status="succeeded", tiling=TILING, faces=FACES)
+    shown = view(record)
+    assert shown["tiling"] == TILING.model_dump() and shown["tiling"]["vae"] == "tiled"
+    assert shown["faces"]["faces"] == [{"box": [10, 12, 46, 48], "region": [20, 24, 92, 96], "restored": True,
+                                        "seconds": 1.25}]  # fmt: skip
+    Job.model_validate(shown)
+    stored = JobRecord.model_validate_json(record.model_dump_json())  # as Redis keeps it
+    assert stored.tiling == TILING and stored.faces == FACES
+
+
+def test_a_preview_or_an_older_record_shows_no_tiling_and_no_faces() -> None:
+    older = {"owner": "a", "params": PARAMS, "status": "succeeded"}  # written before either was kept
+    shown = view(JobRecord.model_validate(older))
+    assert shown["tiling"] is None and shown["faces"] is None
+    schema = Job.model_json_schema(mode="serialization")
+    for name in ("tiling", "faces"):
+        assert "description" in schema["properties"][name], name
+    described = schema["$defs"]["TilingInfo"]["properties"]
+    assert all(field.get("description") for field in described.values()), described

@@ -71,7 +71,8 @@ def test_integral_numbers_are_integers_as_in_json_schema() -> None:
 
 
 def test_unknown_preset() -> None:
-    with pytest.raises(InvalidInput, match="preset='turbo' is unknown: choose one of quality, fidelity, lightning"):
+    choices = "quality, fidelity, lightning, portrait"
+    with pytest.raises(InvalidInput, match=f"preset='turbo' is unknown: choose one of {choices}"):
         validate_params({}, preset="turbo")
 
 

@@ -21,6 +21,7 @@ from tests.paths import DATA, DOCS
 from tests.servers import Service, running, wait_until
 
 PHOTO = DATA / "chelsea_degraded.jpg"
+PORTRAIT = DATA / "astronaut_small.jpg"  # one face about 36 px across
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
@@ -201,6 +202,9 @@ def test_the_whole_flow_by_keyboard(browser, service: Service, tmp_path: Path) -
     assert saved.name == f"{job_id}.png" and saved.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     details = page.inner_text("#details")
     assert "seed" in details and "sampling (s)" in details
+    assert "sampling untiled" in details and "tiling, why" in details  # how it ran, and why
+    expect(page.locator("#faces-note")).to_be_hidden()  # faces off: nothing said of them
+    expect(page.locator("#face-boxes")).to_be_hidden()
 
     assert serious_violations(page) == []
 
@@ -406,6 +410,55 @@ def test_progress_is_weighted_by_stage_and_never_goes_backwards(browser, service
                                                progress: {stage, step, steps}}))""")
     assert seen == [0, 0, 15, 20, 20, 20, 55, 55, 90], seen
     assert page.evaluate("percent({id: 'job_x', kind: 'restore', status: 'succeeded', progress: {}})") == 100
+    # with faces=auto every face is a restoration of its own: the face pass has a share of the bar
+    seen = page.evaluate("""() => [['sampling', 10, 10], ['decoding', 0, 0], ['faces', 0, 2], ['faces', 1, 2],
+                                   ['faces', 2, 2]]
+      .map(([stage, step, steps]) => percent({id: 'job_f', kind: 'restore', status: 'running',
+                                               params: {faces: 'auto'}, progress: {stage, step, steps}}))""")
+    assert seen == [50, 50, 55, 75, 95], seen
+    said = page.evaluate("""statusText({id: 'job_g', kind: 'restore', status: 'running', params: {faces: 'auto'},
+                                        progress: {stage: 'faces', step: 1, steps: 2}})""")
+    assert said == "Restoration running: restoring faces, step 1 of 2, 75% done.", said
+    page.context.close()
+
+
+def test_faces_are_sent_then_outlined_on_the_before_image_and_listed(browser, service: Service) -> None:
+    page = open_page(browser, service, DESKTOP)
+    expect(page.locator("#p-faces")).to_be_visible()  # among the first fields, not under the advanced ones
+    assert page.locator('#p-faces option[value="auto"]').inner_text() == "restore faces again (slower)"
+    assert "one more restoration per face" in page.inner_text("#p-faces-hint")
+    page.set_input_files("#file", str(PORTRAIT))
+    for field, value in (("#p-min_size", "256"), ("#p-steps", "2"), ("#p-seed", "3")):
+        page.fill(field, value)
+    page.select_option("#p-faces", "auto")
+    page.click("#advanced summary")
+    page.fill("#p-face_size", "256")
+    page.click("#submit")
+    expect(page.locator("#result")).to_be_visible(timeout=JOB_DONE)
+    expect(page.locator("#before")).to_have_js_property("complete", True)
+    with api(service) as client:
+        job = client.get(f"/v1/jobs/{page.inner_text('#job-id')}").json()
+    assert job["params"]["faces"] == "auto"  # sent in the form's params: the default is off
+    found = job["faces"]["faces"]
+    assert len(found) == 1, found  # the astronaut's
+    outlines = page.locator("#face-boxes rect")
+    expect(outlines).to_have_count(1)
+    before = page.locator("#before").bounding_box()
+    scale = before["width"] / job["input"]["width"]  # the box is in the input's pixels, drawn at the shown size
+    drawn = outlines.first.bounding_box()
+    x0, y0, x1, y1 = found[0]["box"]
+    expected = (before["x"] + x0 * scale, before["y"] + y0 * scale, (x1 - x0) * scale, (y1 - y0) * scale)
+    shown = (drawn["x"], drawn["y"], drawn["width"], drawn["height"])
+    assert all(abs(a - b) <= 3 for a, b in zip(shown, expected, strict=True)), (shown, expected)
+    assert page.get_attribute("#face-boxes", "aria-hidden") == "true"  # the words below say it
+    expect(page.locator("#faces-summary")).to_contain_text("1 face restored again, outlined on the before image")
+    expect(page.locator("#faces-list li")).to_have_text(
+        [re.compile(rf"^Face 1: {x1 - x0} × {y1 - y0} px at {x0}, {y0}")]
+    )
+    details = page.inner_text("#details")
+    assert "face 1" in details and "faces (s)" in details and "tiling, why" in details
+    no_horizontal_overflow(page)
+    assert serious_violations(page) == []
     page.context.close()
 
 

@@ -53,6 +53,8 @@ def test_a_job_runs_once_and_a_redelivery_does_nothing(runtime: Runtime) -> None
     done = runtime.store.get(job.id)
     assert done is not None and done.status == "succeeded" and done.result is not None
     assert (done.result.width, done.result.height) == (96, 96) and done.attempts == 1
+    assert done.tiling is not None and done.tiling.policy == "auto" and done.tiling.reason  # how it ran, and why
+    assert done.faces is None  # params.faces is off by default
     assert execute.run_job(runtime, job.id) == "skipped"
     assert runtime.store.get(job.id) == done
 
