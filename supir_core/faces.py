@@ -73,7 +73,7 @@ class HaarFaceDetector:
 
         with self._lock:
             if self._cascades is None:
-                root = cv2.data.haarcascades
+                root = cv2.data.haarcascades  # type: ignore[attr-defined]  # the wheel's data folder, untyped
                 face = cv2.CascadeClassifier(root + "haarcascade_frontalface_default.xml")
                 eye = cv2.CascadeClassifier(root + "haarcascade_eye.xml")
                 if face.empty() or eye.empty():
