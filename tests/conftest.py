@@ -77,6 +77,7 @@ HEAVIEST_FIRST = [
     "tests/supir_core/test_pipeline.py",
     "tests/deploy/test_stack.py",
     "tests/faults/test_worker_faults.py",
+    "tests/supir_core/test_faces.py",
     "tests/deploy/test_manifests_run.py",
     "tests/service/test_schemathesis.py",
     "tests/worker/test_weights_failure.py",
