@@ -5,6 +5,7 @@
 #   device run, carry [".whl"], timeout 560:  bash bench/gpu_session.sh fp8      # fp8 weights + offload, fp8 compute
 #   device run, carry [".whl"], timeout 560:  bash bench/gpu_session.sh ablate   # each setting alone
 #   device run, carry [".whl"], timeout 560:  bash bench/gpu_session.sh samples  # 3 samples in one batched run
+#   device run, carry [".whl"], timeout 560:  bash bench/gpu_session.sh faces    # the face pass: 4 faces (faces.py)
 # Each part is sized for one call of under 10 minutes (compiling takes most of it); run them in this order.
 #
 # Smoke test on a CPU: SKIP_WHEELS=1 PATH=.venv/bin:$PATH bash bench/gpu_session.sh ablate --tiny --size 128 --steps 2
@@ -28,7 +29,8 @@ case "${1:-main}" in
   fp8)    args=(--configs lean,fp8compute) ;;
   ablate) args=(--configs bf16,channels_last,fuse_qkv,regional,full_graphs,fp8weights --repeats 1) ;;
   samples) args=(--configs tuned --num-samples 3 --tiled-size 1024) ;;  # s_per_image against main's tuned 1024²
-  *) echo "usage: $0 main|fp8|ablate|samples [gpu_restore.py flags]"; exit 2 ;;
+  faces) shift; python3 bench/faces.py --faces 4 "$@" 2>&1 | tee "$OUT/log.txt"; exit ;;
+  *) echo "usage: $0 main|fp8|ablate|samples|faces [gpu_restore.py / faces.py flags]"; exit 2 ;;
 esac
 shift || true
 python3 bench/gpu_restore.py "${args[@]}" "$@" 2>&1 | tee "$OUT/log.txt"
