@@ -60,6 +60,18 @@ def test_side_by_side_restore_benchmark_runs_on_the_tiny_model(tmp_path: Path) -
     assert fp8compute["speed"]["fp8"] == "compute" and "error" not in fp8compute
 
 
+def test_face_pass_benchmark_runs_on_the_tiny_model(tmp_path: Path) -> None:
+    env = {**os.environ, "OUT": str(tmp_path)}
+    cmd = [sys.executable, str(BENCH / "faces.py"), "--tiny", "--faces", "1", "--steps", "1", "--min-size", "128",
+           "--face-size", "256"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "faces.json").read_text())["rows"]
+    assert rows["plain"]["faces_found"] == 0 and rows["plain"]["face_seconds"] is None
+    for name in ("faces batched", "faces one per run"):
+        assert rows[name]["faces_found"] == 1 and rows[name]["face_seconds"]["restore"] > 0
+
+
 def _bench_module(name: str):
     loader = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     assert loader is not None and loader.loader is not None
