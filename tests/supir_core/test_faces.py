@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageOps
 
+from supir_core.errors import Canceled
 from supir_core.faces import FaceBox, HaarFaceDetector, feather_mask, plan_regions, restored_side
 from supir_core.params import validate_params
-from supir_core.pipeline import Progress, RestorationPipeline
+from supir_core.pipeline import PipelineNoise, Progress, RestorationPipeline
 from supir_core.speed import SpeedSettings
 from tests.paths import DATA
 
@@ -165,3 +167,36 @@ def test_the_two_stage_flow_restores_the_same_faces(pipeline) -> None:
 
     assert "stage1" not in resumed.seconds and found(resumed) == found(direct) and len(found(direct)) == 1
     assert resumed.image.tobytes() == direct.image.tobytes()
+
+
+def test_cancel_during_the_face_pass_stops_within_one_step(pipeline) -> None:
+    seen: list[Progress] = []
+    params = validate_params({**BASE, "steps": 3, "faces": "auto", "face_size": 256})
+    with pytest.raises(Canceled):
+        pipeline(
+            DATA / "astronaut_small.jpg",
+            params,
+            on_progress=seen.append,
+            should_stop=lambda: any(p.stage == "faces" for p in seen),
+        )
+    assert [p.step for p in seen if p.stage == "faces"] == [1]
+
+
+def test_each_row_of_a_batch_of_crops_is_restored_as_alone(pipeline) -> None:
+    """restore_tensor on the face rows: one prompt (one row, expanded) for all, each row its own control and seed."""
+    lq = torch.rand(3, 3, 64, 96, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    spec, gen = pipeline.model.spec.unet, torch.Generator().manual_seed(5)
+    prompt = (torch.randn(1, 77, spec.context_dim, generator=gen), torch.randn(1, spec.adm_in_channels, generator=gen))
+    params = validate_params({"steps": 3, "tiling": "never"})
+
+    def run(rows: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            noise = PipelineNoise.seeded(seeds, pipeline.device)
+            return pipeline.restore_tensor(
+                rows, params, noise=noise, encode_prompts=lambda x, t: (prompt, prompt)
+            ).restored
+
+    batch = run(lq, [7, 8, 9])
+    for i, seed in enumerate([7, 8, 9]):
+        torch.testing.assert_close(batch[i : i + 1], run(lq[i : i + 1], [seed]), rtol=1e-4, atol=1e-4)
+    assert (batch[0] - batch[1]).abs().max() > 0.1
