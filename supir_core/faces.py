@@ -135,7 +135,8 @@ class FaceRegion:
     box: FaceBox
     source: Box  # input pixels
     target: Box  # output pixels
-    restored: bool  # False: the face already spans face_size pixels in the output
+    restored: bool  # False: the face already spanned face_size pixels where the main pass sampled it
+    edges: tuple[bool, bool, bool, bool] = (False, False, False, False)  # left, top, right, bottom on the photo's edge
 
     def metadata(self, seconds: float) -> dict[str, Any]:
         box = [self.box.x0, self.box.y0, self.box.x1, self.box.y1]
@@ -148,12 +149,19 @@ def restored_side(face_size: int) -> int:
 
 
 def plan_regions(
-    boxes: list[FaceBox], input_size: tuple[int, int], output_size: tuple[int, int], face_size: int, max_faces: int
+    boxes: list[FaceBox],
+    input_size: tuple[int, int],
+    output_size: tuple[int, int],
+    process_size: tuple[int, int],
+    face_size: int,
+    max_faces: int,
 ) -> list[FaceRegion]:
     """The largest `max_faces` faces' regions: squares around each face, moved (not shrunk) to stay inside the
-    photo, shrunk only where the photo is smaller."""
+    photo, shrunk only where the photo is smaller. A face is restored again only if it spanned fewer than
+    face_size pixels at the processing size: that, not the output size, set its latent positions in the main pass."""
     width, height = input_size
     sx, sy = output_size[0] / width, output_size[1] / height
+    process_scale = process_size[0] / width
     regions = []
     for box in boxes[:max_faces]:
         side = min(round(REGION_SCALE * box.side), width, height)
@@ -161,36 +169,41 @@ def plan_regions(
         x0 = min(max(0, round(cx - side / 2)), width - side)
         y0 = min(max(0, round(cy - side / 2)), height - side)
         target = (round(x0 * sx), round(y0 * sy), round((x0 + side) * sx), round((y0 + side) * sy))
-        regions.append(FaceRegion(box, (x0, y0, x0 + side, y0 + side), target, box.side * sx < face_size))
+        edges = (x0 == 0, y0 == 0, x0 + side == width, y0 + side == height)
+        small = box.side * process_scale < face_size
+        regions.append(FaceRegion(box, (x0, y0, x0 + side, y0 + side), target, small, edges))
     return regions
 
 
-def feather_mask(height: int, width: int) -> torch.Tensor:
-    """1 inside, easing to 0 at the border over a sixth of the side (smoothstep of the distance to the edge)."""
+def feather_mask(height: int, width: int, edges: tuple[bool, bool, bool, bool] = (False,) * 4) -> torch.Tensor:
+    """1 inside, easing to 0 at the border over a sixth of the side (smoothstep of the distance to the edge); no
+    easing on a side that lies on the photo's own edge (`edges`: left, top, right, bottom), where there is no seam."""
     ramp = max(2.0, min(height, width) / 6)
     ys = torch.arange(height, dtype=torch.float64) + 0.5
     xs = torch.arange(width, dtype=torch.float64) + 0.5
-    dy = torch.minimum(ys, height - ys)[:, None]
-    dx = torch.minimum(xs, width - xs)[None, :]
+    far = torch.tensor(float("inf"), dtype=torch.float64)
+    left, top, right, bottom = edges
+    dx = torch.minimum(far if left else xs, far if right else width - xs)[None, :]
+    dy = torch.minimum(far if top else ys, far if bottom else height - ys)[:, None]
     t = (torch.minimum(dy, dx) / ramp).clamp(0, 1)
     return t * t * (3 - 2 * t)
 
 
-def blend_face(plain: np.ndarray, face: torch.Tensor, target: Box, quantize: str) -> None:
+def blend_face(plain: np.ndarray, face: torch.Tensor, region: FaceRegion, quantize: str) -> None:
     """Blend a restored face ([1, 3, h, w] in [−1, 1], any size) into `plain` (H × W × 3 uint8, changed in place)
-    within `target` only. Colours first: the face keeps its detail and takes the plain restoration's low
-    frequencies (wavelet), which also hides the seam. Where the mask is 0 the pixel keeps its exact value."""
-    x0, y0, x1, y1 = target
+    within the region's target only. Colours first: the face keeps its detail and takes the plain restoration's
+    low frequencies (wavelet), which also hides the seam. Where the mask is 0 the pixel keeps its exact value."""
+    x0, y0, x1, y1 = region.target
     if x1 <= x0 or y1 <= y0:
         return
-    region = torch.from_numpy(plain[y0:y1, x0:x1].astype(np.float64))  # h × w × 3 levels
-    reference = (region.permute(2, 0, 1)[None] / 127.5 - 1).float()
+    patch = torch.from_numpy(plain[y0:y1, x0:x1].astype(np.float64))  # h × w × 3 levels
+    reference = (patch.permute(2, 0, 1)[None] / 127.5 - 1).float()
     antialias = face.shape[-1] > x1 - x0 or face.shape[-2] > y1 - y0
     face = F.interpolate(face.float(), size=(y1 - y0, x1 - x0), mode="bicubic", antialias=antialias)
     face = wavelet_color_fix(face, reference)
     levels = ((face[0].clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).double()
-    mask = feather_mask(y1 - y0, x1 - x0)[..., None]
-    mixed = region + mask * (levels - region)
+    mask = feather_mask(y1 - y0, x1 - x0, region.edges)[..., None]
+    mixed = patch + mask * (levels - patch)
     mixed = mixed.round() if quantize == "round" else mixed.floor()
     plain[y0:y1, x0:x1] = mixed.clamp(0, 255).to(torch.uint8).numpy()
 

@@ -336,7 +336,10 @@ class RestorationPipeline:
         found = FacePass(self.face_detector.name, params.face_size, side)
         start = time.perf_counter()
         boxes = self.face_detector(loaded.rgb)
-        found.regions = plan_regions(boxes, loaded.size, images[0].size, params.face_size, params.max_faces)
+        sizes = plan_sizes(loaded.size, params.upscale, params.min_size)
+        found.regions = plan_regions(
+            boxes, loaded.size, sizes.output, sizes.process, params.face_size, params.max_faces
+        )
         found.seconds["detect"] = time.perf_counter() - start
         todo = [r for r in found.regions if r.restored]
         if todo:
@@ -346,7 +349,7 @@ class RestorationPipeline:
             for i, image in enumerate(images):
                 pixels = np.array(image)
                 for j, region in enumerate(todo):
-                    blend_face(pixels, faces[i * len(todo) + j][None], region.target, params.quantize)
+                    blend_face(pixels, faces[i * len(todo) + j][None], region, params.quantize)
                 images[i] = Image.fromarray(pixels, mode="RGB")
             found.seconds["blend"] = time.perf_counter() - start
             share = found.seconds["restore"] / len(todo)

@@ -40,16 +40,22 @@ def test_the_detector_finds_the_astronauts_face_and_nothing_in_photos_without_on
 
 def test_regions_are_squares_inside_the_photo_largest_first() -> None:
     boxes = [FaceBox(0, 0, 40, 40), FaceBox(150, 150, 170, 170)]
-    regions = plan_regions(boxes, (200, 200), (400, 400), face_size=512, max_faces=8)
+    regions = plan_regions(boxes, (200, 200), (400, 400), (1024, 1024), face_size=512, max_faces=8)
     assert [r.source for r in regions] == [(0, 0, 60, 60), (145, 145, 175, 175)]  # moved in, not shrunk
     assert [r.target for r in regions] == [(0, 0, 120, 120), (290, 290, 350, 350)]
+    assert [r.edges for r in regions] == [(True, True, False, False), (False, False, False, False)]
     assert all(r.restored for r in regions)
-    assert len(plan_regions(boxes, (200, 200), (400, 400), 512, max_faces=1)) == 1
-    big = plan_regions([FaceBox(0, 0, 300, 300)], (400, 400), (800, 800), face_size=512, max_faces=8)
-    assert not big[0].restored  # 600 px in the output: enough latent positions already
+    assert len(plan_regions(boxes, (200, 200), (400, 400), (1024, 1024), 512, max_faces=1)) == 1
+    # the main pass sampled the face at the processing size: 600 px there is enough, whatever the output size
+    big = plan_regions([FaceBox(0, 0, 300, 300)], (400, 400), (400, 400), (800, 800), face_size=512, max_faces=8)
+    assert not big[0].restored
+    small = plan_regions([FaceBox(0, 0, 300, 300)], (400, 400), (800, 800), (400, 400), face_size=512, max_faces=8)
+    assert small[0].restored
     assert restored_side(512) == 768 and restored_side(256) == 384  # the face then spans ≥ face_size
     mask = feather_mask(60, 60)
     assert mask[30, 30] == 1 and mask[0, 0] < 0.01 and mask[0, 30] < 0.01 and 0 < mask[5, 30] < 1
+    on_edge = feather_mask(60, 60, (True, True, False, False))  # the photo's own edge: no seam to hide
+    assert on_edge[0, 0] == 1 and on_edge[0, 30] == 1 and on_edge[59, 30] < 0.01
 
 
 def border_steps(image: np.ndarray, region: list[int], offset: int = 0) -> float:
