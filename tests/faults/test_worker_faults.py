@@ -143,7 +143,8 @@ def test_sigkill_of_the_pool_process_mid_job_runs_the_job_once_on_a_fresh_proces
     """Injects: SIGKILL of the pool process while it samples (as an OOM kill, SIGBUS or CUDA crash would).
     Celery's default 4 s start-up timer used to kill every replacement while it loaded the weights."""
     with svc.client("alice") as client:
-        job_id, events = submit_running(client, svc, SLOW)
+        # 200 steps: the readiness probes below run first, and on a busy machine 40 steps could end before the kill
+        job_id, events = submit_running(client, svc, {**SLOW, "steps": 200})
         child = holder_pid(svc, job_id)
         worker = parent_of(child)
         assert worker_ready(svc, worker) and probe_passes(svc, worker) and probe_passes(svc, worker, via_file=True)
