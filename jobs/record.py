@@ -94,7 +94,8 @@ class Face(BaseModel):
         min_length=4, max_length=4, description="[x0, y0, x1, y1] of the result it was blended into, output pixels"
     )
     restored: bool = Field(
-        description="false: it already spans face_size pixels in the result, so it was left as it was"
+        description="false: it already spanned face_size pixels where the main pass sampled it (the processing "
+        "size), so it was left as it was"
     )
     seconds: float = Field(description="its share of the second pass (0 when not restored again)")
 
