@@ -484,7 +484,7 @@ def _answer_from_cache(
         }
     )
     store.create_finished(record)
-    usage = UsageBook(store.r, store.p, store.retention_s)
+    usage = UsageBook(store.r, store.p, services.settings.usage_retention_s)
     with contextlib.suppress(redis.RedisError):  # informative: the job itself is made
         usage.record(owner, images=len(results), gpu_seconds=0.0, cached=True)
     metrics.RESULT_CACHE.labels("hit").inc()

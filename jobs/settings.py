@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     s3_read_timeout_s: float = Field(10.0, gt=0)
     s3_max_attempts: int = Field(3, ge=1, description="tries per S3 call (botocore standard retries with backoff)")
     retention_hours: float = Field(24.0, gt=0)
+    usage_retention_days: float = Field(
+        400.0,
+        gt=0,
+        description="days each key's daily usage stays readable after the day ends (a year's bills), "
+        "apart from job retention",
+    )
     # HTTP
     public_url: str = "http://127.0.0.1:8000"
     signing_secret: SecretStr = SecretStr(PLACEHOLDER_SECRET)
@@ -247,6 +253,10 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"SUPIR_WORKER_VARIANTS names {', '.join(sorted(unknown))}, not in SUPIR_VARIANTS")
         return self
+
+    @property
+    def usage_retention_s(self) -> float:
+        return self.usage_retention_days * 86_400
 
     @property
     def variant_files(self) -> dict[str, Path | None]:

@@ -35,7 +35,7 @@ class Runtime:
         client = store_client(settings, socket_timeout=30)
         self.store = store or JobStore(client, settings.key_prefix, retention_s=settings.retention_hours * 3600)
         self.objects = objects or make_store(settings)
-        self.usage = UsageBook(self.store.r, self.store.p, self.store.retention_s)
+        self.usage = UsageBook(self.store.r, self.store.p, settings.usage_retention_s)
         self.pipeline: Any = None  # the first served variant's (tests may set it alone)
         self.pipelines: dict[str, Any] = {}  # variant → its pipeline (the SDXL parts shared between them)
         self.models: dict[str, dict[str, Any]] = {}  # variant → {model_id, supir_sha256, sdxl_sha256, test_model…}

@@ -1,4 +1,4 @@
-"""`/v1/usage`: what the calling key has used, per UTC day (jobs.usage keeps the counts, for the retention window)."""
+"""`/v1/usage`: what the calling key has used, per UTC day (jobs.usage keeps the counts, for the usage retention)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,8 @@ def get_usage(
     last: Annotated[Day | None, Query(alias="to", description="last day (UTC), YYYY-MM-DD; default: today")] = None,
 ) -> dict[str, Any]:
     """Your key's jobs, images and GPU seconds per UTC day, from `from` to `to` inclusive (at most 366 days).
-    Days are kept as long as job records (the retention window after each day ends); older days read as zeros."""
+    Days are kept SUPIR_USAGE_RETENTION_DAYS (400) after they end, whatever the jobs' own retention; older days
+    read as zeros."""
     last = last or utc_day(time.time())
     first = first or last
     if first > last:
@@ -71,7 +72,7 @@ def get_usage(
             "invalid_parameter", f"from {first} to {last} is {span} days; at most {MAX_DAYS} at a time", field="from"
         )
     settings = services.settings
-    book = UsageBook(services.store.r, settings.key_prefix, settings.retention_hours * 3600)
+    book = UsageBook(services.store.r, settings.key_prefix, settings.usage_retention_s)
     days = book.read(caller.id, first, last)  # the caller's own keys only: no key reads another's usage
     return {
         "key": caller.id,

@@ -7,14 +7,18 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
+from jobs.settings import Settings
+from jobs.storage import LocalStore
 from jobs.usage import DayUsage, UsageBook, day_end, utc_day
 from tests.paths import REDIS_URL
 from tests.servers import Service, running
+from worker.runtime import Runtime
 
 DAY_S = 86_400
 RETENTION_S = 30 * DAY_S  # the API's below keeps usage a month, so the route tests can place days in the past
@@ -225,3 +229,18 @@ def test_the_openapi_document_lists_get_usage(api: Service) -> None:
     assert {"200", "400", "401", "422", "429"} <= set(operation["responses"])
     usage = document["components"]["schemas"]["Usage"]
     assert set(usage["required"]) == {"key", "from", "to", "days", "total"}
+
+
+def test_usage_outlives_the_jobs_retention(api: Service, tmp_path: Path) -> None:
+    """A monthly bill needs last month: a day 40 days back is still there, though this deployment keeps jobs for
+    RETENTION_S (30 days); usage stays SUPIR_USAGE_RETENTION_DAYS (400 by default) after each day."""
+    settings = Settings(redis_url=REDIS_URL, key_prefix=api.prefix, retention_hours=RETENTION_S / 3600)
+    runtime = Runtime(settings, objects=LocalStore(tmp_path, "http://test", "secret"))  # the worker's books
+    assert runtime.store.retention_s == RETENTION_S and runtime.usage.retention_s == 400 * DAY_S
+    day = utc_day(time.time()) - timedelta(days=40)
+    runtime.usage.record("bob", images=2, gpu_seconds=3.0, cached=False, at=noon(day))
+    with redis.Redis.from_url(REDIS_URL) as r:
+        assert r.expiretime(f"{api.prefix}:usage:bob:{day.isoformat()}") == day_end(day) + 400 * DAY_S
+    with api.client("bob") as client:
+        body = client.get("/v1/usage", params={"from": day.isoformat(), "to": day.isoformat()}).json()
+    assert body["days"] == [{"date": day.isoformat(), "jobs": 1, "images": 2, "cached_jobs": 0, "gpu_seconds": 3.0}]
