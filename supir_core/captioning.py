@@ -88,7 +88,9 @@ class LlavaCaptioner:
         (loaded at start), none when it is offloaded or unloaded after each use."""
         if self._model is None or not self.keep_loaded or self.offload:
             return 0
-        return sum(t.numel() * t.element_size() for t in [*self._model.parameters(), *self._model.buffers()])
+        from .memory import module_bytes
+
+        return module_bytes(self._model)
 
     def load(self) -> None:
         from transformers import AutoProcessor, LlavaForConditionalGeneration

@@ -188,3 +188,17 @@ def test_the_default_prompt_is_the_official_joining_of_a_long_caption(tiny_model
     official_ids = tiny_model.text.tokenize([long["positive"]])
     fit_ids = tiny_model.text.tokenize([fit])
     assert any(not torch.equal(a, b) for a, b in zip(official_ids, fit_ids, strict=True))
+
+
+def test_a_captioner_that_stays_loaded_counts_in_the_tiling_budget(tiny_model, tiny_llava: Path) -> None:
+    from supir_core.memory import module_bytes
+
+    resident = LlavaCaptioner(tiny_llava)
+    assert resident.resident_bytes() == 0  # not loaded yet (the worker and the CLI load it at start)
+    resident.load()
+    assert resident.resident_bytes() == module_bytes(resident._model) > 0
+    offloaded = LlavaCaptioner(tiny_llava, offload=True)
+    offloaded.load()
+    assert offloaded.resident_bytes() == 0  # waits in host memory between captions
+    pipeline = RestorationPipeline(tiny_model, captioner=resident)
+    assert pipeline.resident_bytes() == module_bytes(tiny_model) + resident.resident_bytes()
