@@ -184,7 +184,9 @@ class Settings(BaseSettings):
     compile: Literal["none", "regional", "full"] = "none"
     cuda_graphs: bool = False
     compile_cache_dir: Path | None = None
-    compile_dynamic: bool = False
+    compile_dynamic: bool = Field(
+        True, description="one compiled graph serves every image size (False: a graph per size, recompiled per size)"
+    )
     fp8: Literal["none", "weights", "compute"] = "none"  # not exact: docs/performance.md
     offload_text: bool = False
     prompt_cache: int = Field(64, ge=0, le=10_000, description="prompt embeddings kept across jobs")

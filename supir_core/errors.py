@@ -3,6 +3,7 @@
     SupirError                 base; `code` is a stable machine-readable string
      ├── InvalidInput          the caller's image or parameters are wrong (never retried)
      ├── WeightsError          checkpoint files missing, unreadable or of the wrong kind
+     ├── SettingsError         speed or device settings that cannot work together (refused at start)
      ├── InferenceError        the model failed while running on valid input
      ├── Canceled              the caller asked to stop; raised between sampler steps
      └── StorageError          (jobs.storage: the service's object stores; the model never raises it)
@@ -33,6 +34,10 @@ class InvalidInput(SupirError):
 
 class WeightsError(SupirError):
     code = "weights_error"
+
+
+class SettingsError(SupirError):
+    code = "invalid_settings"
 
 
 class InferenceError(SupirError):

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 from .denoiser import Conditioning, Denoiser
+from .memory import free_device_cache, is_out_of_memory
 from .params import RestoreParams
 from .sampling import (
     RESTORATION_MIN_SIGMA,
@@ -57,7 +58,7 @@ class RestoreSettings:
     dpmpp_full_guidance: bool
     tile_size: int  # latent pixels, when the run is tiled
     tile_stride: int
-    tiles_per_batch: int  # 0: all tiles of a step in one call
+    tiles_per_batch: int  # 0: as many as memory allows (the pipeline's plan; all tiles when nothing plans it)
     centered_tile_weights: bool
     restoration_min_sigma: float = RESTORATION_MIN_SIGMA
     eta: float = 1.0  # DPM++'s SDE noise level
@@ -97,6 +98,7 @@ def sample(
     step_noise: NoiseFn | None = None,
     tiled: bool = False,
     tile_conds: Mapping[Window, Conditioning] | None = None,
+    tile_batch: TileBatch | None = None,
     callback: Callback | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
@@ -104,7 +106,8 @@ def sample(
 
     cond / uncond: both sides of CFG (control = the LQ latent, full-size); x_center: the restoration guidance anchor;
     step_noise: each step's noise (EDM: churn, DPM++: SDE noise), the global RNG when None; tiled: the EDM sampler
-    on overlapping tiles (DPM++ never tiles), tile_conds: a tile's own positive side, by window."""
+    on overlapping tiles (DPM++ never tiles), tile_conds: a tile's own positive side, by window; tile_batch: how
+    many tiles go into one network call (default: settings.tiles_per_batch, 0 = all)."""
     sigmas = sampler_sigmas(settings, denoiser.train_sigmas)
     run: dict[str, Any] = {  # what every sampler takes, under the same names
         "sigma_max": denoiser.sigma_max,
@@ -135,14 +138,15 @@ def sample(
         guided = linear_cfg(denoiser, cond, uncond, settings.cfg_scale_at_start, settings.cfg_scale)
         return restore_edm(guided, noise, sigmas, s_churn=settings.s_churn, **run)
     tile, stride = settings.tile(tuple(noise.shape[-2:]))
+    tile_batch = tile_batch or TileBatch(settings.tiles_per_batch)
     return restore_edm_tiled(
-        tiled_cfg(denoiser, tile_conds or cond, uncond, settings.cfg_scale_at_start, settings.cfg_scale),
+        tiled_cfg(denoiser, tile_conds or cond, uncond, settings.cfg_scale_at_start, settings.cfg_scale, tile_batch),
         noise,
         sigmas,
         tile=tile,
         stride=stride,
         s_churn=settings.s_churn,
-        tiles_per_batch=settings.tiles_per_batch,
+        tiles_per_batch=tile_batch.limit,
         centered_tile_weights=settings.centered_tile_weights,
         **run,
     )
@@ -183,20 +187,40 @@ def _crop(c: Conditioning, window: Window) -> Conditioning:
     return Conditioning(c.crossattn, c.vector, c.control[..., h0:h1, w0:w1])
 
 
+@dataclass
+class TileBatch:
+    """How many tiles go into one network call of a tiled run: at most `limit` (0: all), lowered to what fitted
+    when the device runs out of memory. A pipeline keeps one across jobs, so a job after an out-of-memory error
+    starts at the size that fitted instead of failing again (and compiling a new shape for every halved group)."""
+
+    limit: int = 0
+    lowered: int = 0  # out-of-memory errors that lowered it
+
+    def fits(self, tiles: int) -> bool:
+        return not self.limit or tiles <= self.limit
+
+    def lower(self, failed: int) -> None:
+        """`failed` tiles in one call ran out of memory: half of them is the new limit."""
+        self.limit = (failed + 1) // 2
+        self.lowered += 1
+
+
 def tiled_cfg(
     denoiser: Denoiser,
     cond: Conditioning | Mapping[Window, Conditioning],
     uncond: Conditioning,
     cfg_scale_start: float,
     cfg_scale: float,
+    batch: TileBatch | None = None,
 ) -> TiledDenoise:
     """`linear_cfg` for `restore_edm_tiled`: crops the full-size control latent to each window.
 
     cond may map each window to its own Conditioning (per-tile prompts); controls are full-size.
-    A group of windows that does not fit in GPU memory is split in halves until it does, and later groups
-    are cut to the size that fitted before they are tried: one out-of-memory error per run, not per step.
+    A group of windows that runs out of device memory (in any of its forms: `memory.is_out_of_memory`) is split
+    in halves until it fits, and `batch` keeps the size that fitted: later groups, steps and jobs sharing it are
+    cut to that size before they are tried.
     """
-    fits = 0  # the most windows per call known to fit; 0: none failed yet
+    batch = batch if batch is not None else TileBatch()
 
     def guided(x: torch.Tensor, sigma_hat: torch.Tensor, control_scale: float, windows: list[Window]) -> torch.Tensor:
         conds = [_crop(cond[w] if isinstance(cond, Mapping) else cond, w) for w in windows]
@@ -206,17 +230,16 @@ def tiled_cfg(
         )
 
     def denoise(x: torch.Tensor, sigma_hat: torch.Tensor, control_scale: float, windows: list[Window]) -> torch.Tensor:
-        nonlocal fits
-        if not fits or len(windows) <= fits:
+        if batch.fits(len(windows)):
             try:
                 return guided(x, sigma_hat, control_scale, windows)
-            except torch.OutOfMemoryError:
-                if len(windows) == 1:
+            except Exception as exc:
+                if len(windows) == 1 or not is_out_of_memory(exc):
                     raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            fits = (len(windows) + 1) // 2
-        rows, size = x.shape[0] // len(windows), fits
+            # out of the except block: the error and the frames holding the failed call's tensors are gone
+            free_device_cache(x.device)
+            batch.lower(len(windows))
+        rows, size = x.shape[0] // len(windows), batch.limit
         parts = []
         for first in range(0, len(windows), size):
             part = windows[first : first + size]

@@ -13,6 +13,7 @@ kernels), so bytes per pixel at the reference size scale to any size. The trace 
 from __future__ import annotations
 
 import os
+import re
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -227,3 +228,26 @@ def total_ram() -> int:
         if text.isdigit():
             total = min(total, int(text))
     return total
+
+
+# How running out of device memory reads when it is not torch.OutOfMemoryError: cuBLAS / cuDNN failing to create
+# a workspace, Triton or the driver failing to load a module, the caching allocator's own message
+_OUT_OF_MEMORY = re.compile(
+    r"out of memory|CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_ALLOC_FAILED|CUDNN_STATUS_NOT_ENOUGH_WORKSPACE"
+    r"|CUDA_ERROR_OUT_OF_MEMORY|cudaErrorMemoryAllocation",
+    re.IGNORECASE,
+)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` means the device ran out of memory, in any of the forms torch and its libraries raise."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and bool(_OUT_OF_MEMORY.search(str(exc)))
+
+
+def free_device_cache(device: torch.device) -> None:
+    """Give the caching allocator's free blocks back, so a smaller retry gets whole segments (CUDA only). Call it
+    after the failed call's error is out of scope: its traceback's frames hold the call's tensors."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

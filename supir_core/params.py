@@ -136,7 +136,9 @@ class RestoreParams(BaseModel):
         128, ge=32, le=256, multiple_of=8, description="latent pixels per sampler tile (×8 image pixels)"
     )
     tile_stride: int = Field(64, ge=16, le=256, multiple_of=8, description="at most tile_size")
-    tiles_per_batch: int = Field(0, ge=0, le=64, description="tiles per UNet call; 0 = all, halved on GPU OOM")
+    tiles_per_batch: int = Field(
+        0, ge=0, le=64, description="tiles per UNet call; 0 = as many as memory holds (halved on GPU out-of-memory)"
+    )
     centered_tile_weights: bool = False
     vae_tile_size: int = Field(1024, ge=256, le=4096, description="image pixels per VAE tile")
 

@@ -31,7 +31,7 @@ from .faces import (
     plan_regions,
     restored_side,
 )
-from .guidance import RestoreSettings, sample
+from .guidance import RestoreSettings, TileBatch, sample
 from .imageio import (
     LoadedImage,
     Sizes,
@@ -234,6 +234,7 @@ class RestorationPipeline:
         self.prompts = PromptEmbeddings(model.text, self.device, size=speed.prompt_cache, offload=speed.offload_text)
         self.memory_budget_gb = speed.memory_budget_gb
         self._stage_bytes: StageBytes | None = None  # traced on the first job that could be tiled
+        self._tile_batches: dict[tuple[int, int], TileBatch] = {}  # (tile, rows per tile) → tiles per network call
         self.face_detector: FaceDetector = HaarFaceDetector()  # faces=auto; the cascades load on first use
 
     @classmethod
@@ -458,8 +459,9 @@ class RestorationPipeline:
         _check_stop(should_stop, "sampling")
         initial = noise.initial(latent_shape)
         with _timed(timings, "sampling", self.device):
+            tile_batch = self.tile_batch(params, tuple(initial.shape[-2:]), batch) if tiling.sampling else None
             sampled = self._sample(
-                params, initial, cond, uncond, tile_conds, x_center, noise.step, tiling.sampling, report, should_stop
+                params, initial, cond, uncond, tile_conds, x_center, noise.step, tile_batch, report, should_stop
             )
 
         # 5. Decode and pull each sample's colours back to the (one) stage-1 image
@@ -484,11 +486,12 @@ class RestorationPipeline:
         tile_conds: dict[Window, Conditioning] | None,
         x_center: torch.Tensor,
         step_noise: NoiseFn,
-        tiled: bool,
+        tile_batch: TileBatch | None,
         report: Callable[[Progress], None],
         should_stop: Callable[[], bool] | None,
     ) -> torch.Tensor:
-        """The sampler `params` names, from the initial noise to a latent, every step reported."""
+        """The sampler `params` names, from the initial noise to a latent, every step reported; tiled when given
+        `tile_batch` (tiles per network call)."""
         return sample(
             RestoreSettings.from_params(params),
             self.denoiser,
@@ -497,8 +500,9 @@ class RestorationPipeline:
             uncond,
             x_center=x_center,
             step_noise=step_noise,
-            tiled=tiled,
+            tiled=tile_batch is not None,
             tile_conds=tile_conds,
+            tile_batch=tile_batch,
             callback=lambda info: report(Progress("sampling", info["i"] + 1, info["steps"])),
             should_stop=should_stop,
         )
@@ -642,6 +646,18 @@ class RestorationPipeline:
             vae_can_tile=max(image_hw) > params.vae_tile_size,
             plan=lambda: self._memory_plan(image_hw[0] * image_hw[1], batch),
         )
+
+    def tile_batch(self, params: RestoreParams, latent_hw: tuple[int, ...], batch: int) -> TileBatch:
+        """Tiles per network call of a tiled run: params.tiles_per_batch when set; else as many as the memory
+        budget holds by the plan, fewer once that many ran out of memory. The learned size is kept per tile size
+        and batch for the pipeline's life: each later job starts at it, and compiles no new shapes."""
+        if params.tiles_per_batch:
+            return TileBatch(params.tiles_per_batch)
+        tile, _ = RestoreSettings.from_params(params).tile(latent_hw)
+        if (tile, batch) not in self._tile_batches:
+            planned, budget = self._memory_plan((tile * 8) ** 2, batch)
+            self._tile_batches[tile, batch] = TileBatch(max(1, int(budget.bytes // planned["sampling"])))
+        return self._tile_batches[tile, batch]
 
     def _memory_plan(self, pixels: int, batch: int) -> tuple[dict[str, float], Budget]:
         if self._stage_bytes is None:

@@ -5,18 +5,23 @@ fuse_qkv        one matmul for q, k, v (self-attention) and for k, v (cross-atte
                 projections are dropped, so fusing costs no memory
 compile         "regional": torch.compile each repeated block (transformer blocks, ResNet blocks) of the
                 UNet and the adaptor — compile time stays low because equal blocks share one graph;
-                "full": the adaptor and the UNet each as one graph (fullgraph=True: no graph breaks), the
-                form CUDA graphs need; "none": eager
-compile_dynamic False: graphs specialised to each shape (fastest kernels; each new image size or number of tiles
-                per call compiles anew, once, and the compile cache keeps it); True: sizes symbolic from the
-                start, one compile serves every size (a service with sizes that vary a lot)
-cuda_graphs     compile in "reduce-overhead" mode: each compiled graph is replayed as a CUDA graph, which
-                removes the per-kernel launch cost (CUDA only; inductor skips it on other devices)
+                "full": the adaptor and the UNet together as one graph (fullgraph=True: no graph breaks), the
+                form CUDA graphs need; "none": eager. The control scale α changes every step with
+                linear_control_scale, so it enters the full graph as a tensor: one graph serves every α
+compile_dynamic False: graphs specialised to each shape (fastest kernels; each new image size, sample count or
+                number of tiles per call compiles anew, once, and the compile cache keeps it); True: sizes
+                symbolic from the start, one compile serves every size (the worker's default: a service's sizes
+                vary). `compile_counts` says how many graphs were compiled and how many calls fell back to eager
+cuda_graphs     compile="full" in "reduce-overhead" mode: the graph is replayed as a CUDA graph, which removes
+                the per-kernel launch cost. CUDA, inductor and compile="full" only (refused otherwise: with
+                regional compile each block would be its own CUDA graph whose output the next one overwrites)
 fp8             float8 (e4m3) Linear layers in the UNet, connectors and adaptor, one scale per weight row.
                 "weights": weight-only storage, half the memory of bf16 weights; matmuls stay in the model dtype.
                 "compute": the transformer blocks' weights and, per token, their activations in float8, multiplied
-                by torch._scaled_mm (Hopper/Ada fp8 tensor cores: about twice bf16's rate). Neither is exact: their
-                tolerance is looser than the conformance one (see tests/supir_core/test_speed.py).
+                by torch._scaled_mm (Hopper/Ada fp8 tensor cores: about twice bf16's rate). On CUDA it needs
+                compile: eager, rounding the activations costs more kernels and traffic than the matmul saves
+                (refused at start). Neither is exact: their tolerance is looser than the conformance one (see
+                tests/supir_core/test_speed.py).
                 Written here rather than taken from torchao: a few lines that run (and are tested) on the CPU
                 too, with no import-time side effects and no coupling of versions to the installed torch
 offload_text    the CLIP text encoders wait in CPU memory and visit the device only to encode a prompt that
@@ -25,6 +30,7 @@ offload_text    the CLIP text encoders wait in CPU memory and visit the device o
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -37,8 +43,10 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import WeightsError
+from .errors import SettingsError
 from .models.supir import SupirModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,9 +68,39 @@ class SpeedSettings:
         """The settings that `source` (CLI arguments, worker settings) holds under these fields' names."""
         return cls(**{f.name: getattr(source, f.name) for f in fields(cls) if hasattr(source, f.name)})
 
+    def check(self, device: torch.device) -> None:
+        """Refuse combinations that cannot work on `device` now, at start, rather than mid-job (or silently)."""
+        if self.cuda_graphs:
+            if self.compile != "full":
+                raise SettingsError(
+                    f"cuda_graphs needs compile=full, not {self.compile!r}: each regionally compiled block would be "
+                    "its own CUDA graph, and the next block's replay overwrites the output it reads"
+                )
+            if self.compile_backend != "inductor":
+                raise SettingsError(f"cuda_graphs needs the inductor compile backend, not {self.compile_backend!r}")
+            if device.type != "cuda":
+                raise SettingsError(f"cuda_graphs needs a CUDA device, not {device.type}")
+        if self.fp8 == "compute" and device.type == "cuda":
+            if self.compile == "none":
+                raise SettingsError(
+                    "fp8=compute needs compile (regional or full) on CUDA: eager, rounding each activation to "
+                    "float8 takes more kernels and memory traffic than the float8 matmul saves"
+                )
+            if torch.cuda.get_device_capability(device) < (8, 9):
+                name = torch.cuda.get_device_name(device)
+                raise SettingsError(
+                    f"fp8=compute needs fp8 tensor cores (Ada or Hopper, compute capability 8.9+), not {name}"
+                )
+
+    @property
+    def numerics(self) -> str:
+        """The settings that change the numbers a seed gives (others change speed only): part of result-cache keys."""
+        return f"fp8={self.fp8}"
+
 
 def optimize(model: SupirModel, settings: SpeedSettings) -> SupirModel:
     """Apply the settings in place to the diffusion networks (UNet + connectors, adaptor) and the VAE."""
+    settings.check(next(model.unet.parameters()).device)
     networks: tuple[nn.Module, nn.Module] = (model.unet, model.adaptor)
     if settings.channels_last:
         for net in (*networks, model.vae):
@@ -76,7 +114,7 @@ def optimize(model: SupirModel, settings: SpeedSettings) -> SupirModel:
     if settings.offload_text:
         model.text.to("cpu")
     if settings.compile != "none":
-        compile_networks(networks, settings)
+        compile_networks(model, settings)
     return model
 
 
@@ -116,8 +154,8 @@ class Fp8Linear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.compute:
-            return F.linear(x, self.weight.to(x.dtype) * self.weight_scale.to(x.dtype), self.bias)
+        if not self.compute:  # scaled in fp32, rounded once: a bf16 scale would be off by up to 0.4% per row
+            return F.linear(x, (self.weight.float() * self.weight_scale).to(x.dtype), self.bias)
         rows = x.reshape(-1, x.shape[-1])
         x8, x_scale = _to_fp8_rows(rows)
         # weight.t() is column-major, the layout _scaled_mm wants for its second operand
@@ -144,32 +182,54 @@ def quantize_fp8(net: nn.Module, mode: str) -> None:
     if mode == "weights":
         swap_fp8_linear(net, compute=False)
         return
-    device = next(net.parameters()).device
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        name = torch.cuda.get_device_name(device)
-        raise WeightsError(f"fp8=compute needs fp8 tensor cores (Ada or Hopper, compute capability 8.9+), not {name}")
     for block in [m for m in net.modules() if isinstance(m, BasicTransformerBlock)]:
         swap_fp8_linear(block, compute=True)
 
 
-def compile_networks(networks: tuple[nn.Module, ...], settings: SpeedSettings) -> None:
-    if settings.compile_cache_dir is not None:
-        settings.compile_cache_dir.mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.compile_cache_dir))
-    # every block class shares one forward, so its graphs (one per width and resolution) share one cache
+def compile_networks(model: SupirModel, settings: SpeedSettings) -> None:
+    _use_cache_dir(settings.compile_cache_dir)
+    # every block class shares one forward, so its graphs (one per block shape, and per size unless dynamic) share
+    # one cache; past the limit a call runs eager (counted by compile_counts)
     dynamo = torch._dynamo.config
-    dynamo.cache_size_limit = max(dynamo.cache_size_limit, 64)
-    dynamo.accumulated_cache_size_limit = max(dynamo.accumulated_cache_size_limit, 1024)
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 1024)
     options: dict[str, Any] = {"backend": settings.compile_backend, "dynamic": settings.compile_dynamic}
-    if settings.cuda_graphs and settings.compile_backend == "inductor":
-        options["mode"] = "reduce-overhead"
-    for net in networks:
-        if settings.compile == "full":
-            net.compile(fullgraph=True, **options)
-            continue
+    if settings.compile == "full":
+        if settings.cuda_graphs:
+            options["mode"] = "reduce-overhead"
+        model.compile(fullgraph=True, **options)  # forward: adaptor + UNet, one graph
+        model.whole_graph, model.cuda_graphs = True, settings.cuda_graphs
+        return
+    for net in (model.unet, model.adaptor):
         for module in net.modules():
             if isinstance(module, BasicTransformerBlock | ResnetBlock2D):
                 module.compile(**options)
+
+
+def _use_cache_dir(path: Path | None) -> None:
+    """The setting wins over an inherited TORCHINDUCTOR_CACHE_DIR (inductor reads the variable when it compiles)."""
+    if path is None:
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    inherited = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if inherited and Path(inherited) != path:
+        log.info(
+            "compile cache: %s (the compile_cache_dir setting) instead of TORCHINDUCTOR_CACHE_DIR=%s", path, inherited
+        )
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+
+
+def compile_counts() -> dict[str, int]:
+    """What torch.compile did in this process so far, from Dynamo's own counters: graphs compiled (the first of each
+    function and every recompile), and functions that hit the recompile limit (each runs eager from then on)."""
+    from torch._dynamo.utils import counters
+
+    limit_hits = sum(
+        n
+        for reason, n in counters["unimplemented"].items()
+        if "recompile limit" in reason or "cache_size_limit" in reason
+    )
+    return {"graphs": int(counters["stats"]["unique_graphs"]), "eager_fallbacks": int(limit_hits)}
 
 
 def weight_bytes(module: nn.Module) -> int:

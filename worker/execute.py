@@ -145,6 +145,7 @@ def run_job(runtime: Runtime, job_id: str) -> str:
         return _run(runtime, job_id)
     finally:
         runtime.job = None
+        runtime.count_compiles(f"job {job_id}")
         with contextlib.suppress(redis.RedisError):
             runtime.beat()
 

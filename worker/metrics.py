@@ -15,6 +15,10 @@ GPU_MEMORY_BYTES = Gauge("supir_gpu_memory_bytes", "GPU memory", ["kind"])
 WEBHOOKS = Counter("supir_webhook_deliveries_total", "webhook delivery attempts", ["event", "outcome"])
 GPU_SECONDS = Counter("supir_gpu_seconds_total", "pipeline seconds of succeeded jobs (usage)", ["variant"])
 IMAGES = Counter("supir_images_restored_total", "results delivered by succeeded jobs (samples)", ["variant"])
+COMPILED_GRAPHS = Counter("supir_compiled_graphs_total", "graphs torch.compile built (first compiles and recompiles)")
+COMPILE_FALLBACKS = Counter(
+    "supir_compile_eager_fallbacks_total", "compiled functions that hit the recompile limit and run eager since"
+)
 READY = Gauge("supir_worker_ready", "1 when the weights are loaded on the device")
 POD_MARKS = Counter("supir_pod_marks_total", "patches of this pod's marks (worker.podmarks)", ["state", "outcome"])
 

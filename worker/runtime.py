@@ -20,6 +20,7 @@ from jobs.settings import Settings
 from jobs.storage import ObjectStore, make_store
 from jobs.store import JobStore
 from jobs.usage import UsageBook
+from supir_core.errors import SettingsError
 
 from . import metrics
 
@@ -49,6 +50,7 @@ class Runtime:
         self.job: str | None = None  # the job this process runs, named in every beat
         self._stop = threading.Event()
         self._beat_now = threading.Event()
+        self._compiles = {"graphs": 0, "eager_fallbacks": 0}  # torch.compile's counts at the last look
 
     def load(self) -> None:
         """Weights → device, in up to `worker_load_tries` tries with a doubling back-off between them (a file still
@@ -65,6 +67,11 @@ class Runtime:
             start = time.monotonic()
             try:
                 self._load_once()
+            except SettingsError as exc:  # no try can mend settings that cannot work together
+                log.error("refused: %s", exc.message)
+                self.failed_tries = attempt
+                self._count_load_failure()
+                break
             except Exception:
                 log.exception("loading the weights failed (try %d of %d)", attempt, s.worker_load_tries)
                 self.pipelines, self.pipeline = {}, None  # nothing of a failed try is kept (GPU memory)
@@ -98,6 +105,7 @@ class Runtime:
         from supir_core.variants import load_variants
 
         speed = SpeedSettings.from_attributes(s)
+        speed.check(_device(s.device))  # before minutes of loading
         paths = {name: Path(str(path)) for name, path in files.items()}
         self.pipelines = load_variants(
             s.sdxl_checkpoint, paths, device=s.device, dtype=_dtype(s.dtype), options=options, speed=speed
@@ -111,6 +119,29 @@ class Runtime:
             seconds = self.pipeline.warm_up(s.warmup_size)
             metrics.WARMUP_SECONDS.set(seconds)
             log.info("warm-up restoration at %d² took %.1f s", s.warmup_size, seconds)
+            self.count_compiles("the warm-up")
+
+    def count_compiles(self, what: str) -> None:
+        """Graphs torch.compile built during `what` (a job, the warm-up) into metrics and the log; a function that
+        hit the recompile limit (it runs eager from now on, slowly) is a warning."""
+        if self.settings.compile == "none":
+            return
+        from supir_core.speed import compile_counts
+
+        now = compile_counts()
+        graphs, fallbacks = (now[k] - self._compiles[k] for k in ("graphs", "eager_fallbacks"))
+        self._compiles = now
+        if graphs > 0:
+            metrics.COMPILED_GRAPHS.inc(graphs)
+            log.info("%s compiled %d graphs (%d in this process)", what, graphs, now["graphs"])
+        if fallbacks > 0:
+            metrics.COMPILE_FALLBACKS.inc(fallbacks)
+            log.warning(
+                "%s: %d compiled functions hit the recompile limit and run eager from now on; sizes vary more than "
+                "the compile cache holds (SUPIR_COMPILE_DYNAMIC=1: one graph serves every size)",
+                what,
+                fallbacks,
+            )
 
     def _loaded(self, seconds: float) -> None:
         metrics.MODEL_LOAD_SECONDS.set(seconds)
@@ -221,6 +252,14 @@ class Runtime:
             self.settings.ready_file.unlink(missing_ok=True)
         with contextlib.suppress(redis.RedisError):
             self.store.drop_heartbeat(self.name)
+
+
+def _device(name: str | None) -> Any:
+    import torch
+
+    from supir_core.pipeline import default_device
+
+    return torch.device(name or default_device())
 
 
 def _dtype(name: str | None) -> Any:

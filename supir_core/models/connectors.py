@@ -31,7 +31,11 @@ class ZeroSFT(nn.Module):
         self.zero_conv = nn.Conv2d(label_nc, norm_nc, 1)
 
     def forward(
-        self, control: torch.Tensor, skip: torch.Tensor, hidden: torch.Tensor | None = None, scale: float = 1.0
+        self,
+        control: torch.Tensor,
+        skip: torch.Tensor,
+        hidden: torch.Tensor | None = None,
+        scale: float | torch.Tensor = 1.0,
     ) -> torch.Tensor:
         """out = α·(GN(u)(1 + γ(c)) + β(c)) + (1 − α)·raw.
 
@@ -64,7 +68,7 @@ class ZeroCrossAttn(nn.Module):
             out_bias=True,
         )
 
-    def forward(self, control: torch.Tensor, hidden: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    def forward(self, control: torch.Tensor, hidden: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
         """out = x + α · Attn(GN₁(x), GN₂(c)) over all h·w positions."""
         b, ch, h, w = hidden.shape
         queries = self.norm1(hidden).flatten(2).transpose(1, 2)  # [B, h*w, C]

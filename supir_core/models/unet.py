@@ -157,7 +157,7 @@ class SupirUNet(nn.Module):
         context: torch.Tensor,
         vector: torch.Tensor,
         control: list[torch.Tensor],
-        control_scale: float = 1.0,
+        control_scale: float | torch.Tensor = 1.0,
     ) -> torch.Tensor:
         """ε prediction; every connector blends its control feature in with the same scale α."""
         base = self.base

@@ -284,11 +284,11 @@ def test_an_ordinary_photo_runs_untiled_as_the_official_code_does(pipeline: Rest
 def test_a_small_memory_budget_tiles_and_says_why(tiny_model) -> None:
     from supir_core.speed import SpeedSettings
 
-    lean = RestorationPipeline(tiny_model, speed=SpeedSettings(memory_budget_gb=0.01))
+    lean = RestorationPipeline(tiny_model, speed=SpeedSettings(memory_budget_gb=0.03))  # untiled: 0.046 GB
     params = validate_params({**FAST, "min_size": 512, "tile_size": 32, "tile_stride": 16, "steps": 1})
     tiling = lean(DATA / "chelsea_degraded.jpg", params).tiling
     assert tiling.sampling and tiling.metadata()["sampling"] == "tiled"
-    assert tiling.budget_gb == 0.01 and "exceeds 0.01 GB (the memory_budget_gb setting)" in tiling.reason
+    assert tiling.budget_gb == 0.03 and "exceeds 0.03 GB (the memory_budget_gb setting)" in tiling.reason
     assert not tiling.vae  # 512-px images are within one VAE tile
     roomy = RestorationPipeline(tiny_model, speed=SpeedSettings(memory_budget_gb=100.0))
     assert not roomy(DATA / "chelsea_degraded.jpg", params).tiling.sampling
@@ -348,3 +348,72 @@ def test_quantize_round_is_truncate_plus_at_most_one_level(pipeline: Restoration
     difference = pixels(rounded.image) - pixels(truncated.image)
     assert set(np.unique(difference).tolist()) <= {0.0, 1.0}
     assert 0.3 < difference.mean() < 0.7  # about half a level brighter on average
+
+
+TILED = {**FAST, "min_size": 384, "tile_size": 32, "tile_stride": 16, "steps": 2, "tiling": "always"}  # 6 tiles
+
+
+def _counting_network(pipeline: RestorationPipeline, fail_above: int | None, error: Exception | None) -> list[int]:
+    """Wrap the pipeline's network: raise `error` above `fail_above` tiles in a call, as a device out of memory
+    would; the tiles of each call that ran (CFG: 2 rows a tile, one sample)."""
+    real, ran = pipeline.denoiser.network, []
+
+    def network(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if fail_above is not None and x.shape[0] // 2 > fail_above:
+            assert error is not None
+            raise error
+        ran.append(x.shape[0] // 2)
+        return real(x, *args, **kwargs)
+
+    pipeline.denoiser.network = network
+    return ran
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    ],
+    ids=["OutOfMemoryError", "cublas_alloc"],
+)
+def test_tiles_that_run_out_of_memory_are_split_and_the_next_job_starts_at_what_fitted(
+    tiny_model, error: Exception
+) -> None:
+    params = validate_params(TILED)
+    reference = RestorationPipeline(tiny_model)
+    fine = _counting_network(reference, None, None)
+    expected = reference(DATA / "chelsea_degraded.jpg", params)
+    windows = len(reference.windows((150, 113), params))
+    assert fine == [windows] * 2  # memory to spare (this CPU): all tiles of a step in one call
+
+    short = RestorationPipeline(tiny_model)
+    first = _counting_network(short, 2, error)
+    result = short(DATA / "chelsea_degraded.jpg", params)  # 6 tiles fail, 3 fail, 2 fit: the job succeeds
+    # step 1: 6 fail, 3 fail, then 2 + 1 for each half; step 2: groups of 2 from the start
+    assert first == [2, 1, 2, 1] + [2, 2, 2]
+    assert np.abs(pixels(result.image) - pixels(expected.image)).max() <= 1
+
+    second = _counting_network(short, 2, error)
+    short(DATA / "chelsea_degraded.jpg", params)
+    assert second == [2, 2, 2] * 2  # starts at the size that fitted: no error, no new shapes
+
+
+def test_an_error_that_is_not_out_of_memory_is_not_retried_in_smaller_groups(tiny_model) -> None:
+    pipeline = RestorationPipeline(tiny_model)
+    calls = _counting_network(pipeline, 2, RuntimeError("expected all tensors to be on the same device"))
+    with pytest.raises(RuntimeError, match="same device"):
+        pipeline(DATA / "chelsea_degraded.jpg", validate_params(TILED))
+    assert calls == []
+
+
+def test_tiles_per_call_are_planned_from_the_memory_budget(tiny_model) -> None:
+    from supir_core.memory import trace_stage_bytes
+    from supir_core.speed import SpeedSettings
+
+    per_tile = trace_stage_bytes(tiny_model).at((32 * 8) ** 2)["sampling"]
+    budget_gb = 3.5 * per_tile / 1e9  # room for 3 tiles a call
+    lean = RestorationPipeline(tiny_model, speed=SpeedSettings(memory_budget_gb=budget_gb))
+    calls = _counting_network(lean, None, None)
+    lean(DATA / "chelsea_degraded.jpg", validate_params(TILED))
+    assert calls == [3, 3] * 2
