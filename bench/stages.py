@@ -28,6 +28,17 @@ MANIFEST = CONFORMANCE / "manifest_full.json"
 PHOTO = HERE.parent / "tests" / "data" / "chelsea_degraded.jpg"
 
 
+def save_json(name: str, report: dict) -> None:
+    """$OUT/name (where $OUT is set), replaced whole: a run killed mid-write leaves the previous version, never half
+    a file. Called after every run, so a part cut off at its time limit keeps every figure it finished."""
+    if not os.environ.get("OUT"):
+        return
+    path = Path(os.environ["OUT"], name)
+    partial = path.with_name(f".{name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(report, indent=1))
+    os.replace(partial, path)
+
+
 def tiny_pipeline(device: str):
     from supir_core.conformance import Fixture
     from supir_core.pipeline import RestorationPipeline
@@ -119,8 +130,7 @@ def main() -> None:
     print(f"  {'per step':<14} {report['ms_per_step']:9.1f} ms")
     if report["peak_gpu_GB"] is not None:
         print(f"  peak GPU memory {report['peak_gpu_GB']} GB")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "stages.json").write_text(json.dumps(report, indent=1))
+    save_json("stages.json", report)
 
 
 if __name__ == "__main__":

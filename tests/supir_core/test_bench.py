@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
+from PIL import Image
 
 from supir_core.memory import LiveBytes
 from tests.paths import BENCH, DATA
@@ -46,30 +51,123 @@ def test_random_weights_for_the_full_size_run_give_a_working_model(fixture_a: Pa
     assert result.image.size == (96, 96)
 
 
-def test_side_by_side_restore_benchmark_runs_on_the_tiny_model(tmp_path: Path) -> None:
-    env = {**os.environ, "OUT": str(tmp_path)}
-    cmd = [sys.executable, str(BENCH / "gpu_restore.py"), "--tiny", "--size", "128", "--tiled-size", "384",
-           "--tile-size", "32", "--steps", "2", "--repeats", "1"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+TINY_RESTORE = ["--tiny", "--size", "128", "--tiled-size", "384", "--tile-size", "32", "--steps", "2",
+                "--repeats", "1", "--warmup-steps", "1"]  # fmt: skip
+TINY_FACES = ["--tiny", "--faces", "1", "--steps", "1", "--min-size", "128", "--face-size", "256"]
+# gpu_session.sh part → the configurations it runs, each with its run sizes (384: the tiled one)
+SESSION_PARTS = {
+    "main": {"baseline": [128], "tuned": [128]},
+    "tiled": {"tuned": [384]},
+    "fp8": {"lean": [128]},
+    "fp8compute": {"fp8compute": [128]},
+    "ablate": {key: [128] for key in ("bf16", "channels_last", "fuse_qkv", "fp8weights", "regional")},
+    "graphs": {"full_graphs": [128]},
+    "samples": {"tuned": [128]},
+}
+
+
+def _session(part: str, out: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """bash bench/gpu_session.sh PART as on the device, with this venv's python and no wheels to install."""
+    env = {**os.environ, "OUT": str(out), "SKIP_WHEELS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    cmd = ["bash", str(BENCH / "gpu_session.sh"), part, *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.parametrize("part", SESSION_PARTS)
+def test_gpu_session_part_runs_end_to_end_on_the_tiny_model(part: str, tmp_path: Path) -> None:
+    proc = _session(part, tmp_path, *TINY_RESTORE)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_restore.json").read_text())
-    baseline, tuned, lean, fp8compute = report["configs"].values()
-    assert baseline["runs"][0]["tflops_per_s"] > 0 and baseline["runs"][0]["steps_per_s"] > 0
-    assert tuned["speed"]["fuse_qkv"] == "True" and tuned["runs"][1]["tiled_sampling"] is True
-    assert lean["speed"]["fp8"] == "weights" and lean["runs"][0]["steps_per_s"] > 0
-    assert fp8compute["speed"]["fp8"] == "compute" and "error" not in fp8compute
+    assert report["finished"] is True and (tmp_path / "env.txt").exists() and (tmp_path / "log.txt").exists()
+    configs = {entry["key"]: entry for entry in report["configs"].values()}
+    assert {key: [r["size"] for r in entry["runs"]] for key, entry in configs.items()} == SESSION_PARTS[part]
+    for entry in configs.values():
+        assert "error" not in entry and "skipped" not in entry and entry["load_s"] > 0
+        for r in entry["runs"]:
+            assert r["steps_per_s"] > 0 and r["warmup_s"] > 0
+            assert r["tiled_sampling"] is (r["size"] == 384)
+            assert r["tflops_per_s"] > 0 if not r["tiled_sampling"] else "tflops_per_s" not in r
+    if part == "main":
+        assert configs["tuned"]["speed"]["fuse_qkv"] == "True" and configs["baseline"]["runs"][0]["repeats"] == 1
+    if part == "tiled":
+        assert configs["tuned"]["runs"][0]["tiles_per_batch"] == 1
+    if part == "fp8":
+        assert configs["lean"]["speed"]["fp8"] == "weights" and configs["lean"]["speed"]["offload_text"] == "True"
+    if part == "fp8compute":
+        assert configs["fp8compute"]["speed"]["fp8"] == "compute"
+    if part == "samples":
+        run = configs["tuned"]["runs"][0]
+        assert run["num_samples"] == 3 and run["s_per_image"] == pytest.approx(run["total_s"] / 3, abs=1e-3)
 
 
-def test_face_pass_benchmark_runs_on_the_tiny_model(tmp_path: Path) -> None:
-    env = {**os.environ, "OUT": str(tmp_path)}
-    cmd = [sys.executable, str(BENCH / "faces.py"), "--tiny", "--faces", "1", "--steps", "1", "--min-size", "128",
-           "--face-size", "256"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads((tmp_path / "faces.json").read_text())["rows"]
+def test_gpu_session_faces_part_runs_end_to_end_on_the_tiny_model(tmp_path: Path) -> None:
+    proc = _session("faces", tmp_path, *TINY_FACES)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "faces.json").read_text())
+    rows = summary["rows"]
+    assert summary["finished"] is True and summary["detector"] == "opencv-haar-frontalface+eye-pair"
     assert rows["plain"]["faces_found"] == 0 and rows["plain"]["face_seconds"] is None
     for name in ("faces batched", "faces one per run"):
         assert rows[name]["faces_found"] == 1 and rows[name]["face_seconds"]["restore"] > 0
+
+
+def test_faces_bench_without_opencv_places_the_boxes_the_detector_finds() -> None:
+    """The GPU machines lack OpenCV: the face pass there works on the boxes the cascade finds here."""
+    from supir_core.faces import HaarFaceDetector
+
+    faces = _bench_module("faces")
+    photo = faces.group_photo(4)
+    with Image.open(faces.FACE) as img:
+        known = faces.KnownFaces(4, img.width)
+    found = sorted(HaarFaceDetector()(photo), key=lambda box: box.x0)
+    for small in (1.0, 0.5):  # the photo as given and as a pipeline might load it smaller
+        resized = photo.resize((round(photo.width * small), round(photo.height * small)))
+        boxes = known(resized)
+        assert len(boxes) == len(found) == 4
+        for box, reference in zip(boxes, found, strict=True):
+            got = (box.x0, box.y0, box.x1, box.y1)
+            want = (reference.x0, reference.y0, reference.x1, reference.y1)
+            assert got == pytest.approx([v * small for v in want], abs=2)
+
+
+def test_gpu_restore_killed_half_way_leaves_the_finished_runs(tmp_path: Path) -> None:
+    env = {**os.environ, "OUT": str(tmp_path)}
+    cmd = [sys.executable, str(BENCH / "gpu_restore.py"), *TINY_RESTORE, "--configs", "tuned,bf16"]
+    path, report, log = tmp_path / "gpu_restore.json", None, tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if path.exists():  # replaced whole, so never read half-written
+                report = json.loads(path.read_text())
+                if any(entry["runs"] for entry in report["configs"].values()):
+                    break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"ended before it was killed: {log.read_text()[-2000:]}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # ended early: the assertion above says why
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole group, as a device call's time limit does
+        proc.wait()
+    assert report is not None
+    left = json.loads(path.read_text())
+    tuned = left["configs"]["tuned"]
+    # the 128² run is there; the tiled 384² one (seconds on the CPU) was under way and never reached the file
+    assert left["finished"] is False and list(left["configs"]) == ["tuned"] and tuned["load_s"] > 0
+    assert [r["size"] for r in tuned["runs"]] == [128] and tuned["runs"][0]["total_s"] > 0
+
+
+def test_gpu_restore_skips_configurations_past_its_deadline(tmp_path: Path) -> None:
+    env = {**os.environ, "OUT": str(tmp_path)}
+    cmd = [sys.executable, str(BENCH / "gpu_restore.py"), *TINY_RESTORE, "--configs", "baseline,tuned",
+           "--deadline-s", "0"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_restore.json").read_text())
+    assert report["finished"] is True and len(report["configs"]) == 2
+    for entry in report["configs"].values():
+        assert entry["skipped"] == "deadline" and entry["runs"] == [] and "load_s" not in entry
 
 
 def _bench_module(name: str):
