@@ -445,8 +445,9 @@ class RestorationPipeline:
         windows = self.sampler_windows(tuple(lq_latent.shape[-2:]), params) if tiling.sampling else []
         if tile_captions is None and windows and self._captions(params) and params.caption_tiles:
             tile_captions = self._caption_tiles(x_stage1, windows, params, timings, report)
-        cond, uncond = _conditionings(encode_prompts(x_stage1, bool(tile_captions)), lq_latent, batch)
-        tile_conds = self._tile_conditions(tile_captions, params, lq_latent, batch)
+        with self.prompts.on_device():  # offloaded text encoders: one visit for the prompts and every tile's
+            cond, uncond = _conditionings(encode_prompts(x_stage1, bool(tile_captions)), lq_latent, batch)
+            tile_conds = self._tile_conditions(tile_captions, params, lq_latent, batch)
 
         # 3. Guidance anchor: a posterior sample of the stage-1 image under the plain SDXL encoder, one per sample
         #    (one encode: the noise's rows broadcast over the posterior's one row)
