@@ -57,6 +57,7 @@ from .prompts import PromptEmbeddings
 from .sampling import NoiseFn, noise_from
 from .speed import SpeedSettings, optimize
 from .tiling import Window, tile_windows
+from .variants import numerics_identity
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,9 @@ class RestorationPipeline:
         speed = speed or SpeedSettings()
         self.prompts = PromptEmbeddings(model.text, self.device, size=speed.prompt_cache, offload=speed.offload_text)
         self.memory_budget_gb = speed.memory_budget_gb
+        # the networks' dtype: the first parameter wider than a byte (fp8 weights are the speed setting's part)
+        dtype = next(p.dtype for p in model.unet.parameters() if p.dtype.itemsize > 1)
+        self.numerics = numerics_identity(self.device.type, str(dtype).removeprefix("torch."), speed.fp8)
         self._stage_bytes: StageBytes | None = None  # traced on the first job that could be tiled
         self.face_detector: FaceDetector = HaarFaceDetector()  # faces=auto; the cascades load on first use
 

@@ -288,7 +288,7 @@ def _succeed(
     steps = 0 if record.kind == "preview" else params.steps
     gpu_seconds = round(sum(made.seconds.values()), 4)  # the pipeline's stages: upload and waits excluded
     model = runtime.models.get(record.variant, {})
-    _remember_result(runtime, record, model.get("model_id"))  # before the ending: a repeat right after it hits
+    _remember_result(runtime, record, model)  # before the ending: a repeat right after it hits
     status = _end(
         runtime,
         record.id,
@@ -350,13 +350,14 @@ def _write_results(
     return results
 
 
-def _remember_result(runtime: Runtime, record: JobRecord, model_id: str | None) -> None:
+def _remember_result(runtime: Runtime, record: JobRecord, model: dict[str, Any]) -> None:
     """The result cache's entry for a reproducible job. Written before the job ends: the API answers from it only
     once the job it names has succeeded with its results, so an entry whose run did not end it is never used."""
-    if model_id is None or not cacheable(runtime.settings, record):
+    model_id, numerics = model.get("model_id"), model.get("numerics")
+    if model_id is None or numerics is None or not cacheable(runtime.settings, record):
         return
     try:
-        runtime.store.remember_result(record_key(runtime.settings, record, model_id), record.id)
+        runtime.store.remember_result(record_key(runtime.settings, record, model_id, numerics), record.id)
     except redis.RedisError:
         log.warning("job %s: no result cache entry (Redis)", record.id)
 
