@@ -498,10 +498,10 @@ def _cached_results(services: Services, probe: JobRecord) -> tuple[JobRecord, li
     if not cacheable(settings, probe):
         return None
     model = store.variant_info(probe.variant)  # what this variant's workers load (None before any has)
-    if model is None:
+    if model is None or "numerics" not in model:  # no numerics: published by a worker that keys no entries
         metrics.RESULT_CACHE.labels("miss").inc()
         return None
-    key = record_key(settings, probe, model["model_id"])
+    key = record_key(settings, probe, model["model_id"], model["numerics"])
     source_id = store.cached_job(key)
     source = store.get(source_id) if source_id else None
     if source is None or source.status != "succeeded" or not source.results:

@@ -9,7 +9,7 @@ Keys (all under the settings' key_prefix, `p`):
     p:running              set of running ids
     p:running:<variant>    the same, per variant
     p:cache:<key>          result cache: the id of the job whose stored result answers a repeated request
-    p:variant:<name>       what the workers of a variant load: {model_id, supir_sha256, sdxl_sha256, at}
+    p:variant:<name>       what the workers of a variant load: {model_id, numerics, supir_sha256, sdxl_sha256, at}
     p:filehash:<digest>    sha256 of a weights file by path, size and mtime (hashed once per cluster)
     p:cancel:<id>          cancel flag, read by the worker between sampler steps
     p:events:<id>          pub/sub channel: the record after each change, with its "version"

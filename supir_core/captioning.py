@@ -125,9 +125,18 @@ class LlavaCaptioner:
         with self._lock:
             if self._model is None:
                 self.load()
-            self._visits += 1
-            if self.offload and self._visits == 1:
-                self._model.to(self.device)
+            if self.offload and self._visits == 0:
+                try:
+                    self._model.to(self.device)
+                except BaseException as exc:
+                    # A move that fails half-way (out of memory) leaves some layers on the device: bring them all
+                    # home, or every later caption fails with a device mismatch.
+                    from .memory import release_after_failure
+
+                    self._model.to("cpu")
+                    release_after_failure(exc)
+                    raise
+            self._visits += 1  # counted only once the model is on the device: a failed visit leaves no trace
             try:
                 yield
             finally:

@@ -12,8 +12,9 @@ kernels), so bytes per pixel at the reference size scale to any size. The trace 
 
 from __future__ import annotations
 
+import gc
 import os
-import re
+import traceback
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -230,20 +231,48 @@ def total_ram() -> int:
     return total
 
 
-# How running out of device memory reads when it is not torch.OutOfMemoryError: cuBLAS / cuDNN failing to create
-# a workspace, Triton or the driver failing to load a module, the caching allocator's own message
-_OUT_OF_MEMORY = re.compile(
-    r"out of memory|CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_ALLOC_FAILED|CUDNN_STATUS_NOT_ENOUGH_WORKSPACE"
-    r"|CUDA_ERROR_OUT_OF_MEMORY|cudaErrorMemoryAllocation",
-    re.IGNORECASE,
+# How running out of device memory reads when it is not torch.OutOfMemoryError: cuBLAS and cuDNN failing to allocate
+# their workspace, Triton failing to load a compiled kernel's module, a CUDA call's cudaErrorMemoryAllocation.
+# All are plain RuntimeErrors; matched in lower case.
+OUT_OF_MEMORY_MARKERS = (
+    "out of memory",  # "CUDA out of memory", "CUDA error: out of memory", "Triton Error [CUDA]: out of memory"
+    "cublas_status_alloc_failed",
+    "cudnn_status_alloc_failed",
+    "cudnn_status_not_enough_workspace",
+    "cuda_error_out_of_memory",  # the driver API's name (module loading)
+    "cudaerrormemoryallocation",
 )
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether `exc` means the device ran out of memory, in any of the forms torch and its libraries raise."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and bool(_OUT_OF_MEMORY.search(str(exc)))
+    """Whether `exc` (or an exception it was raised from, such as a compiler's wrapper) is the device running out
+    of memory, in any of the forms torch, cuBLAS, cuDNN and Triton raise it."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, torch.OutOfMemoryError):
+            return True
+        if isinstance(current, RuntimeError):
+            message = str(current).lower()
+            if any(marker in message for marker in OUT_OF_MEMORY_MARKERS):
+                return True
+        current = current.__cause__
+    return False
+
+
+def release_after_failure(exc: BaseException) -> None:
+    """Give back the device memory a failed run held. Its traceback's frames keep the run's tensors alive (their
+    locals), so `empty_cache` alone frees nothing of them: the frames are cleared first, then collected."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:  # the chained exceptions' frames hold tensors too
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)  # frames still running (the caller's) are left alone
+        current = current.__cause__ or current.__context__
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def free_device_cache(device: torch.device) -> None:

@@ -57,6 +57,7 @@ from .prompts import PromptEmbeddings
 from .sampling import NoiseFn, noise_from
 from .speed import SpeedSettings, optimize
 from .tiling import Window, tile_windows
+from .variants import numerics_identity
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,9 @@ class RestorationPipeline:
         speed = speed or SpeedSettings()
         self.prompts = PromptEmbeddings(model.text, self.device, size=speed.prompt_cache, offload=speed.offload_text)
         self.memory_budget_gb = speed.memory_budget_gb
+        # the networks' dtype: the first parameter wider than a byte (fp8 weights are the speed setting's part)
+        dtype = next(p.dtype for p in model.unet.parameters() if p.dtype.itemsize > 1)
+        self.numerics = numerics_identity(self.device.type, str(dtype).removeprefix("torch."), speed.fp8)
         self._stage_bytes: StageBytes | None = None  # traced on the first job that could be tiled
         self._tile_batches: dict[tuple[int, int], TileBatch] = {}  # (tile, rows per tile) → tiles per network call
         self.face_detector: FaceDetector = HaarFaceDetector()  # faces=auto; the cascades load on first use
@@ -446,8 +450,9 @@ class RestorationPipeline:
         windows = self.sampler_windows(tuple(lq_latent.shape[-2:]), params) if tiling.sampling else []
         if tile_captions is None and windows and self._captions(params) and params.caption_tiles:
             tile_captions = self._caption_tiles(x_stage1, windows, params, timings, report)
-        cond, uncond = _conditionings(encode_prompts(x_stage1, bool(tile_captions)), lq_latent, batch)
-        tile_conds = self._tile_conditions(tile_captions, params, lq_latent, batch)
+        with self.prompts.on_device():  # offloaded text encoders: one visit for the prompts and every tile's
+            cond, uncond = _conditionings(encode_prompts(x_stage1, bool(tile_captions)), lq_latent, batch)
+            tile_conds = self._tile_conditions(tile_captions, params, lq_latent, batch)
 
         # 3. Guidance anchor: a posterior sample of the stage-1 image under the plain SDXL encoder, one per sample
         #    (one encode: the noise's rows broadcast over the posterior's one row)

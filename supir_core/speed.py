@@ -92,11 +92,6 @@ class SpeedSettings:
                     f"fp8=compute needs fp8 tensor cores (Ada or Hopper, compute capability 8.9+), not {name}"
                 )
 
-    @property
-    def numerics(self) -> str:
-        """The settings that change the numbers a seed gives (others change speed only): part of result-cache keys."""
-        return f"fp8={self.fp8}"
-
 
 def optimize(model: SupirModel, settings: SpeedSettings) -> SupirModel:
     """Apply the settings in place to the diffusion networks (UNet + connectors, adaptor) and the VAE."""

@@ -38,6 +38,13 @@ def model_identity(sdxl_sha256: str, supir_sha256: str) -> str:
     return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:IDENTITY_DIGITS]
 
 
+def numerics_identity(device_type: str, dtype: str, fp8: str) -> str:
+    """What, beyond the model files, decides a seeded run's numbers: the device type (CUDA and the CPU draw different
+    noise for one seed), the networks' dtype and fp8 (weights or compute). The result cache keys on it; the other
+    speed settings change results only within the conformance tolerance, as a GPU's kernels do from run to run."""
+    return f"{device_type}/{dtype}/fp8={fp8}"
+
+
 def load_variants(
     sdxl_path: str | Path,
     supir_paths: Mapping[str, str | Path],

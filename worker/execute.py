@@ -163,6 +163,7 @@ def _run(runtime: Runtime, job_id: str) -> str:
             return _end(runtime, job_id, "failed", "variant_unavailable", message)
         data = _stored(runtime, "reading the input", lambda: runtime.objects.get(record.input_key))
         loaded = _load_image(data)
+        _reset_gpu_peak(pipeline)  # the peak this job reports is its own (not a failed job's before it)
         made = _make(runtime, record, params, pipeline, loaded)
         upload_start = time.perf_counter()
         results = _write_results(runtime, record, params, made.images, made.seeds, loaded)
@@ -258,7 +259,7 @@ def _end_failed(runtime: Runtime, job_id: str, exc: Exception) -> str:
         log.error("job %s: storage kept failing: %s", job_id, exc.message)
         return _end(runtime, job_id, "failed", "storage_error", "the object store kept failing; try again later")
     if _is_out_of_memory(exc):
-        _free_gpu_cache()
+        _free_gpu_cache(exc)
         message = "the GPU ran out of memory; try a smaller image or upscale"
         return _end(runtime, job_id, "failed", "gpu_out_of_memory", message)
     if _is_time_limit(exc):
@@ -284,11 +285,11 @@ def _succeed(
             metrics.STAGE_SECONDS.labels("decode" if stage == "decoding" else stage).observe(value)
     if made.seconds.get("sampling"):
         metrics.STEPS_PER_SECOND.set(params.steps / made.seconds["sampling"])
-    _record_gpu_memory()
+    _record_gpu_memory(runtime.pipeline_for(record.variant))
     steps = 0 if record.kind == "preview" else params.steps
     gpu_seconds = round(sum(made.seconds.values()), 4)  # the pipeline's stages: upload and waits excluded
     model = runtime.models.get(record.variant, {})
-    _remember_result(runtime, record, model.get("model_id"))  # before the ending: a repeat right after it hits
+    _remember_result(runtime, record, model)  # before the ending: a repeat right after it hits
     status = _end(
         runtime,
         record.id,
@@ -350,13 +351,14 @@ def _write_results(
     return results
 
 
-def _remember_result(runtime: Runtime, record: JobRecord, model_id: str | None) -> None:
+def _remember_result(runtime: Runtime, record: JobRecord, model: dict[str, Any]) -> None:
     """The result cache's entry for a reproducible job. Written before the job ends: the API answers from it only
     once the job it names has succeeded with its results, so an entry whose run did not end it is never used."""
-    if model_id is None or not cacheable(runtime.settings, record):
+    model_id, numerics = model.get("model_id"), model.get("numerics")
+    if model_id is None or numerics is None or not cacheable(runtime.settings, record):
         return
     try:
-        runtime.store.remember_result(record_key(runtime.settings, record, model_id), record.id)
+        runtime.store.remember_result(record_key(runtime.settings, record, model_id, numerics), record.id)
     except redis.RedisError:
         log.warning("job %s: no result cache entry (Redis)", record.id)
 
@@ -373,9 +375,9 @@ def _after_success(runtime: Runtime, record: JobRecord, images: int, gpu_seconds
 
 
 def _is_out_of_memory(exc: Exception) -> bool:
-    import torch
+    from supir_core.memory import is_out_of_memory  # torch: only ever in the pool process
 
-    return isinstance(exc, torch.OutOfMemoryError)
+    return is_out_of_memory(exc)
 
 
 def _is_time_limit(exc: Exception) -> bool:
@@ -384,16 +386,38 @@ def _is_time_limit(exc: Exception) -> bool:
     return isinstance(exc, SoftTimeLimitExceeded)
 
 
-def _free_gpu_cache() -> None:
+def _free_gpu_cache(exc: Exception) -> None:
+    """The failed run's tensors freed (its traceback's frames hold them) and the allocator's cache given back."""
+    from supir_core.memory import release_after_failure
+
+    release_after_failure(exc)
+
+
+def _cuda_device(pipeline: Any) -> Any:
+    """The CUDA device the pipeline runs on (not the process's current device), or None off CUDA."""
     import torch
 
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    device = getattr(pipeline, "device", None)  # stand-in pipelines in tests have none
+    if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.device(device)
 
 
-def _record_gpu_memory() -> None:
+def _reset_gpu_peak(pipeline: Any) -> None:
+    device = _cuda_device(pipeline)
+    if device is not None:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _record_gpu_memory(pipeline: Any) -> None:
+    """What stays allocated on the pipeline's device after the job, and the job's own peak (reset for the next)."""
+    device = _cuda_device(pipeline)
+    if device is None:
+        return
     import torch
 
-    if torch.cuda.is_available():
-        metrics.GPU_MEMORY_BYTES.labels("allocated").set(torch.cuda.memory_allocated())
-        metrics.GPU_MEMORY_BYTES.labels("peak").set(torch.cuda.max_memory_allocated())
+    metrics.GPU_MEMORY_BYTES.labels("allocated").set(torch.cuda.memory_allocated(device))
+    metrics.GPU_MEMORY_BYTES.labels("peak").set(torch.cuda.max_memory_allocated(device))
+    torch.cuda.reset_peak_memory_stats(device)

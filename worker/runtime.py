@@ -180,6 +180,8 @@ class Runtime:
             supir_sha256 = self._file_sha256(path)
             info = {
                 "model_id": model_identity(sdxl_sha256, supir_sha256),
+                # device type, dtype, fp8: a seed's result differs between them (the result cache keys on it)
+                "numerics": self.pipeline_for(name).numerics,
                 "supir_sha256": supir_sha256,
                 "sdxl_sha256": sdxl_sha256,
                 "unet_parameters": unet,

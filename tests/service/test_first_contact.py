@@ -410,7 +410,8 @@ def test_workers_publish_whether_they_loaded_a_test_model(
     runtime = Runtime(settings, store=store, objects=LocalStore(tmp_path, "http://test", "secret"))
     unet = nn.Module()
     unet.weight = nn.Parameter(torch.empty(unet_parameters, device="meta"))
-    runtime.pipeline = type("Pipeline", (), {"model": type("Model", (), {"unet": unet})()})()
+    model = type("Model", (), {"unet": unet})()
+    runtime.pipeline = type("Pipeline", (), {"model": model, "numerics": "cuda/bfloat16/fp8=none"})()
     files = {name: tmp_path / name for name in ("sdxl.safetensors", "supir.safetensors")}
     for path in files.values():
         path.write_bytes(b"weights")
@@ -419,6 +420,7 @@ def test_workers_publish_whether_they_loaded_a_test_model(
         published = store.variant_info("v0Q")
         assert published is not None
         assert published["unet_parameters"] == unet_parameters and published["test_model"] is test_model
+        assert published["numerics"] == "cuda/bfloat16/fp8=none"  # the result cache keys on it
     finally:
         for key in store.r.scan_iter(f"{settings.key_prefix}:*"):
             store.r.delete(key)

@@ -64,6 +64,42 @@ def test_offloaded_captioner_gives_the_same_caption(captioner: LlavaCaptioner, t
     assert offloaded.loaded
 
 
+def test_a_move_to_the_device_that_fails_half_way_leaves_the_model_at_home(
+    tiny_llava: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No GPU here: float64 weights stand for weights on the device. The first visit runs out of memory after
+    moving half the weights; the model must go home whole, so the next caption works (on a GPU a half-moved
+    model fails every later caption with a device mismatch)."""
+    captioner = LlavaCaptioner(
+        tiny_llava, device="cuda", dtype=torch.float32, offload=True, settings=CaptionSettings(max_new_tokens=4)
+    )
+    captioner.load()
+    model = captioner._model
+    real_to = model.to
+    moves: list[str] = []
+
+    def flaky_to(target: str | torch.device) -> torch.nn.Module:
+        moves.append(str(target))
+        if str(target) == "cpu":
+            return real_to(torch.float32)
+        if len(moves) == 1:  # the first visit: half the weights make it, then the device is full
+            params = list(model.parameters())
+            for param in params[: len(params) // 2]:
+                param.data = param.data.to(torch.float64)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB")
+        return real_to(torch.float64)
+
+    monkeypatch.setattr(model, "to", flaky_to)
+    with Image.open(DATA / "astronaut_gray.png") as img:
+        with pytest.raises(torch.OutOfMemoryError):
+            captioner(img)
+        assert {p.dtype for p in model.parameters()} == {torch.float32}  # all home, none left "on the device"
+        assert captioner._visits == 0
+        assert isinstance(captioner(img), str)  # the next caption visits the device and comes back
+    assert moves == ["cuda", "cpu", "cuda", "cpu"]
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 def _three_bands(width: int, height: int) -> Image.Image:
     """A wide image: red left quarter, green centre half, blue right quarter."""
     image = Image.new("RGB", (width, height), (0, 255, 0))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -11,8 +13,10 @@ from supir_core.memory import (
     Budget,
     LiveBytes,
     decide_tiling,
+    is_out_of_memory,
     memory_budget,
     module_bytes,
+    release_after_failure,
     total_ram,
     trace_stage_bytes,
 )
@@ -141,3 +145,60 @@ def test_a_job_replays_to_the_same_bytes_while_other_memory_is_in_use(tiny_model
     assert second.tiling == first.tiling
     assert second.tiling.metadata() == first.tiling.metadata()
     assert np.array_equal(np.asarray(second.image), np.asarray(first.image))
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+        RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+        RuntimeError("cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE"),
+        RuntimeError("Triton Error [CUDA]: out of memory"),
+        RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"),
+    ],
+)
+def test_out_of_memory_is_recognised_in_all_its_forms(exc: BaseException) -> None:
+    assert is_out_of_memory(exc)
+
+
+def test_an_out_of_memory_a_wrapper_was_raised_from_is_recognised() -> None:
+    try:
+        try:
+            raise RuntimeError("Triton Error [CUDA]: out of memory")
+        except RuntimeError as inner:
+            raise ValueError("the compiled kernel failed") from inner  # as a compiler's wrapper would
+    except ValueError as wrapper:
+        assert is_out_of_memory(wrapper)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"),
+        RuntimeError("Expected all tensors to be on the same device, but found at least two devices"),
+        RuntimeError("CUDA error: device-side assert triggered"),
+        ValueError("out of memory"),  # not an error torch or a CUDA library raises
+        MemoryError(),  # host memory: not the device's
+    ],
+)
+def test_other_errors_are_not_out_of_memory(exc: BaseException) -> None:
+    assert not is_out_of_memory(exc)
+
+
+def test_a_failed_runs_tensors_are_freed_before_the_cache_is_emptied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The traceback holds the failed frames' tensors; they must be gone when empty_cache runs (faked: no GPU)."""
+    alive: list[bool] = []
+
+    def run() -> None:
+        activations = torch.zeros(1024)
+        watch = weakref.ref(activations)
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: alive.append(watch() is not None))
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    try:
+        run()
+    except torch.OutOfMemoryError as exc:
+        release_after_failure(exc)
+    assert alive == [False]

@@ -313,6 +313,71 @@ def test_prompt_embeddings_are_cached_and_change_nothing(tiny_model) -> None:
     assert {p.device.type for p in tiny_model.text.parameters()} == {"cpu"}
 
 
+def _count_text_moves(model, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every move of the text encoders (to the device, or home), recorded; the move itself still happens."""
+    moves: list[str] = []
+    real_to = model.text.to
+
+    def to(target: str | torch.device) -> torch.nn.Module:
+        moves.append("home" if target == "cpu" else "device")  # home is the string "cpu", the device a torch.device
+        return real_to(target)
+
+    monkeypatch.setattr(model.text, "to", to)
+    return moves
+
+
+def test_offloaded_text_encoders_visit_the_device_once_for_every_tile_prompt(tiny_model, monkeypatch) -> None:
+    from supir_core.speed import SpeedSettings
+
+    moves = _count_text_moves(tiny_model, monkeypatch)
+    pipeline = RestorationPipeline(tiny_model, speed=SpeedSettings(offload_text=True))
+    params = validate_params(
+        {**FAST, "min_size": 512, "tile_size": 32, "tile_stride": 16, "steps": 1, "tiling": "always"}
+    )
+    windows = pipeline.windows((150, 113), params)
+    captions = {w: f"tile {i}. " for i, w in enumerate(windows)}
+    pipeline(DATA / "chelsea_degraded.jpg", params, tile_captions=captions)
+    assert pipeline.prompts.encoded == len(windows) + 2 > 3  # every tile's prompt, the positive and the negative
+    assert moves == ["device", "home"]  # one round trip, not one per prompt
+    pipeline(DATA / "chelsea_degraded.jpg", params, tile_captions=captions)
+    assert moves == ["device", "home"]  # every prompt cached: no trip at all
+
+
+def test_prompt_blocks_nest_and_a_failed_move_leaves_the_encoders_home(tiny_model, monkeypatch) -> None:
+    from supir_core.prompts import PromptEmbeddings
+
+    moves = _count_text_moves(tiny_model, monkeypatch)
+    prompts = PromptEmbeddings(tiny_model.text, torch.device("cpu"), offload=True)
+    with prompts.on_device():
+        prompts("a")
+        with prompts.on_device():
+            prompts("b")
+        assert moves == ["device"]  # the inner block's end keeps them there
+        prompts("c")
+    assert moves == ["device", "home"]
+    prompts("d")  # outside a block: a visit per encoding, as before
+    assert moves == ["device", "home"] * 2
+
+    counting = tiny_model.text.to
+
+    def out_of_memory(target: str | torch.device) -> torch.nn.Module:
+        counting(target)
+        if target != "cpu":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")  # after moving (some of) them
+        return tiny_model.text
+
+    moves.clear()
+    monkeypatch.setattr(tiny_model.text, "to", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError), prompts.on_device():
+        prompts("e")
+    assert moves == ["device", "home"]  # sent home at once, not left half-moved for the rest of the block
+    monkeypatch.setattr(tiny_model.text, "to", counting)
+    moves.clear()
+    with prompts.on_device():
+        prompts("e")  # the next visit moves them again
+    assert moves == ["device", "home"]
+
+
 def test_warm_up_restores_a_throwaway_image(tiny_model) -> None:
     pipeline = RestorationPipeline(tiny_model)
     assert pipeline.warm_up(64, steps=2) > 0
@@ -391,7 +456,7 @@ def test_tiles_that_run_out_of_memory_are_split_and_the_next_job_starts_at_what_
     first = _counting_network(short, 2, error)
     result = short(DATA / "chelsea_degraded.jpg", params)  # 6 tiles fail, 3 fail, 2 fit: the job succeeds
     # step 1: 6 fail, 3 fail, then 2 + 1 for each half; step 2: groups of 2 from the start
-    assert first == [2, 1, 2, 1] + [2, 2, 2]
+    assert first == [2, 1, 2, 1, 2, 2, 2]
     assert np.abs(pixels(result.image) - pixels(expected.image)).max() <= 1
 
     second = _counting_network(short, 2, error)

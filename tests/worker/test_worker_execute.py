@@ -59,11 +59,19 @@ def test_a_job_runs_once_and_a_redelivery_does_nothing(runtime: Runtime) -> None
     assert runtime.store.get(job.id) == done
 
 
-def test_gpu_out_of_memory_fails_the_job_and_the_worker_goes_on(runtime: Runtime) -> None:
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+        # cuBLAS failing to allocate its workspace: a plain RuntimeError, the same out of memory
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    ],
+)
+def test_gpu_out_of_memory_fails_the_job_and_the_worker_goes_on(runtime: Runtime, error: Exception) -> None:
     real = runtime.pipeline
 
     def exhausted(*args: object, **kwargs: object) -> None:
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        raise error
 
     runtime.pipeline = exhausted
     job = queued_job(runtime)
@@ -72,6 +80,50 @@ def test_gpu_out_of_memory_fails_the_job_and_the_worker_goes_on(runtime: Runtime
     assert failed is not None and failed.error is not None and failed.error.code == "gpu_out_of_memory"
     runtime.pipeline = real
     assert execute.run_job(runtime, queued_job(runtime).id) == "succeeded"
+
+
+def test_gpu_memory_metrics_read_the_pipelines_device_and_each_jobs_own_peak(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No GPU here: torch.cuda's counters are faked, the pipeline (on the CPU) says it runs on cuda:1."""
+    from worker import metrics
+
+    calls: list[tuple[str, torch.device]] = []
+    peaks = iter([700, 300])  # the second job's own peak is lower than the first's
+
+    def counter(name: str, value: object) -> object:
+        def read(device: torch.device) -> object:
+            calls.append((name, device))
+            return next(peaks) if name == "peak" else value
+
+        return read
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", counter("allocated", 100))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", counter("peak", None))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", counter("reset", None))
+    real = runtime.pipeline
+
+    class OnSecondGpu:
+        device = torch.device("cuda", 1)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def __call__(self, *args: object, **kwargs: object) -> object:
+            return real(*args, **kwargs)
+
+    runtime.pipeline = OnSecondGpu()
+    gauge = metrics.GPU_MEMORY_BYTES.labels("peak")
+    assert execute.run_job(runtime, queued_job(runtime).id) == "succeeded"
+    assert gauge._value.get() == 700
+    assert execute.run_job(runtime, queued_job(runtime).id) == "succeeded"
+    assert gauge._value.get() == 300
+    assert metrics.GPU_MEMORY_BYTES.labels("allocated")._value.get() == 100
+    job = ["reset", "allocated", "peak", "reset"]  # reset at the start, read at the end, reset after reading
+    assert [name for name, _ in calls] == job + job
+    assert {device for _, device in calls} == {torch.device("cuda", 1)}
 
 
 def test_a_job_past_the_time_limit_fails_naming_the_setting_and_the_worker_goes_on(runtime: Runtime) -> None:
