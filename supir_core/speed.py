@@ -188,6 +188,12 @@ def compile_networks(model: SupirModel, settings: SpeedSettings) -> None:
     dynamo = torch._dynamo.config
     dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
     dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 1024)
+    if settings.compile_dynamic:
+        # duck shaping gives dims of equal size one symbol: at a size where a token count equals a channel count
+        # (64 tokens of 64 channels), layer norm's width pins both, and each later size compiles again
+        import torch.fx.experimental._config as fx_config
+
+        fx_config.use_duck_shape = False
     options: dict[str, Any] = {"backend": settings.compile_backend, "dynamic": settings.compile_dynamic}
     if settings.compile == "full":
         if settings.cuda_graphs:

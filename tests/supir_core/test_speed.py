@@ -103,12 +103,95 @@ def test_fp8_linear_matches_a_float8_reference() -> None:
     torch.testing.assert_close(weights_only, x @ w8.t() + linear.bias, rtol=1e-5, atol=1e-4)
 
 
-def test_full_graph_compile_has_no_graph_breaks(fixture_a: Path) -> None:
-    """compile="full" (fullgraph=True) fails on any graph break, so tracing the sampler through it proves none."""
+def _linear_control_run(model: torch.nn.Module, side: int = 16) -> tuple[torch.Tensor, list[int]]:
+    """6 EDM steps with α ramping from 0 to 1 (a new control scale every step) on random conditioning: the latent,
+    and the graphs torch.compile had built after each step."""
+    from supir_core.denoiser import Conditioning, Denoiser
+    from supir_core.guidance import RestoreSettings, sample
+    from supir_core.params import validate_params
+    from supir_core.speed import compile_counts
+
+    spec = model.spec.unet
+    gen = torch.Generator().manual_seed(0)
+
+    def side_of_cfg() -> Conditioning:
+        return Conditioning(
+            torch.randn(1, 77, spec.context_dim, generator=gen),
+            torch.randn(1, spec.adm_in_channels, generator=gen),
+            torch.randn(1, 4, side, side, generator=gen),
+        )
+
+    cond, uncond = side_of_cfg(), side_of_cfg()
+    noise = torch.randn(1, 4, side, side, generator=gen)
+    settings = RestoreSettings.from_params(validate_params({"steps": 6, "linear_control_scale": True, "s_churn": 0}))
+    graphs: list[int] = []
+    with torch.inference_mode():
+        latent = sample(
+            settings, Denoiser(model.eps), noise, cond, uncond, x_center=cond.control,
+            callback=lambda info: graphs.append(compile_counts()["graphs"]),
+        )  # fmt: skip
+    return latent, graphs
+
+
+def test_full_graph_compile_has_no_graph_breaks_and_one_graph_serves_every_control_scale(fixture_a: Path) -> None:
+    """compile="full" (fullgraph=True) fails on any graph break, so tracing the sampler through it proves none.
+    α enters the graph as a tensor: a linear control scale (a new α each step) compiles nothing after step 1."""
     fixture = Fixture.open(fixture_a)
+    torch._dynamo.reset()
     model = optimize(fixture.load_model(), SpeedSettings(compile="full", compile_backend="aot_eager"))
     rows = compare(fixture, run_fixture(fixture, model, only=["denoiser_cs1", "sampler_churn"]))
     assert rows and all(r.passed for r in rows), [(r.case, r.output, r.error) for r in rows if not r.passed]
+    compiled, graphs = _linear_control_run(model)
+    assert len(graphs) == 6 and graphs[1:] == [graphs[0]] * 5  # 0 recompiles after the first step
+    eager, _ = _linear_control_run(fixture.load_model())
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_three_sizes_with_dynamic_compile_add_no_graphs_after_the_second(fixture_a: Path) -> None:
+    """The worker's default (regional, compile_dynamic): the first size builds a graph per block shape, a second
+    may add one more per function (measured: 15, then 1), later sizes none; nothing falls back to eager."""
+    from supir_core.speed import compile_counts
+
+    torch._dynamo.reset()  # graphs of equal blocks compiled by earlier tests in this process would serve these
+    model = optimize(
+        Fixture.open(fixture_a).load_model(),
+        SpeedSettings(compile="regional", compile_backend="eager", compile_dynamic=True),
+    )
+    before = compile_counts()
+    graphs = [_linear_control_run(model, side)[1][-1] - before["graphs"] for side in (16, 24, 32)]
+    assert graphs[0] > 0 and graphs[1:] == [graphs[0]] * 2, graphs
+    assert compile_counts()["eager_fallbacks"] == before["eager_fallbacks"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "device", "message"),
+    [
+        (SpeedSettings(compile="regional", cuda_graphs=True), "cuda", "cuda_graphs needs compile=full"),
+        (SpeedSettings(compile="none", cuda_graphs=True), "cuda", "cuda_graphs needs compile=full"),
+        (SpeedSettings(compile="full", cuda_graphs=True, compile_backend="aot_eager"), "cuda", "inductor"),
+        (SpeedSettings(compile="full", cuda_graphs=True), "cpu", "needs a CUDA device"),
+        (SpeedSettings(fp8="compute"), "cuda", "fp8=compute needs compile"),
+    ],
+    ids=["regional_graphs", "eager_graphs", "graphs_backend", "graphs_on_cpu", "fp8_compute_eager"],
+)
+def test_settings_that_cannot_work_are_refused_at_start(settings: SpeedSettings, device: str, message: str) -> None:
+    from supir_core.errors import SettingsError
+
+    with pytest.raises(SettingsError, match=message):
+        settings.check(torch.device(device))  # no CUDA call is needed to refuse these
+
+
+def test_a_model_with_refused_settings_is_not_touched(fixture_a: Path) -> None:
+    from supir_core.errors import SettingsError
+
+    model = Fixture.open(fixture_a).load_model()
+    with pytest.raises(SettingsError, match="cuda_graphs"):
+        optimize(model, SpeedSettings(compile="regional", cuda_graphs=True, fuse_qkv=True))
+    from diffusers.models.attention_processor import Attention
+
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    assert attentions and not any(getattr(a, "fused_projections", False) for a in attentions)
+    assert not model.whole_graph
 
 
 def test_every_speed_setting_reaches_the_worker_and_the_cli(monkeypatch: pytest.MonkeyPatch) -> None:

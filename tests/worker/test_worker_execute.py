@@ -3,12 +3,14 @@ happen here (a GPU running out of memory) and the real tiny one for the rest."""
 
 from __future__ import annotations
 
+import copy
 import io
 import socket
 import subprocess
 import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -310,3 +312,31 @@ def test_the_service_can_strip_every_results_metadata(runtime: Runtime, tmp_path
         with Image.open(io.BytesIO(runtime.objects.get(done.result.key))) as result:
             dates[strip] = result.getexif().get_ifd(0x8769).get(0x9003)
     assert dates == {False: "2001:02:03 04:05:06", True: None}
+
+
+def test_compiles_are_counted_per_job_and_three_sizes_fall_back_to_eager_never(
+    runtime: Runtime, tiny_model, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker's defaults with compile on (regional, dynamic shapes): three processing sizes in one process;
+    the graphs each job built reach the metric and the log, the third size builds none, nothing runs eager."""
+    from supir_core.speed import SpeedSettings, optimize
+    from worker import metrics
+
+    from_settings = SpeedSettings.from_attributes(runtime.settings.model_copy(update={"compile": "regional"}))
+    assert from_settings.compile_dynamic  # the worker's default
+    runtime.settings = runtime.settings.model_copy(update={"compile": "regional"})
+    model = copy.deepcopy(tiny_model)
+    torch._dynamo.reset()  # graphs of equal blocks compiled by earlier tests in this process would serve these
+    runtime.pipeline = RestorationPipeline(optimize(model, replace(from_settings, compile_backend="eager")))
+    runtime.count_compiles("earlier tests")  # this process's graphs so far are not these jobs'
+    fallbacks = metrics.COMPILE_FALLBACKS._value.get()
+    built = []
+    for min_size in (64, 128, 192):
+        before = metrics.COMPILED_GRAPHS._value.get()
+        job = queued_job(runtime, {**FAST, "min_size": min_size})
+        with caplog.at_level("INFO", logger="supir.worker"):
+            assert execute.run_job(runtime, job.id) == "succeeded"
+        built.append(metrics.COMPILED_GRAPHS._value.get() - before)
+    assert built[0] > 0 and built[1:] == [0, 0], built
+    assert f"job {job.id}" not in caplog.text and "compiled" in caplog.text
+    assert metrics.COMPILE_FALLBACKS._value.get() == fallbacks
