@@ -82,6 +82,7 @@ class StageBytes:
     stage1: float  # robust encode, decode, encode of the stage-1 image
     sampling: float  # one guided network call (adaptor + UNet, CFG batch of 2)
     decode: float
+    vae_maps: float = 0.0  # what a tiled VAE pass's full-size maps and output add per pixel, the maps on the device
 
     def at(self, pixels: int, batch: int = 1) -> dict[str, float]:
         """Planned bytes of each stage for `batch` samples of one image of `pixels` pixels: stage 1 runs once per
@@ -124,8 +125,22 @@ def _trace(model: SupirModel, side: int, dtype: torch.dtype, device: torch.devic
         stage1 = peak_bytes(lambda: vae.encode(vae.decode(vae.encode_lq(image)), z))
         sampling = peak_bytes(lambda: model.eps(x, t, context, vector, x))
         decode = peak_bytes(lambda: vae.decode(z))
+        maps = max(
+            _growth(side, lambda z_, chunk: vae.decode(z_, chunk), z),
+            _growth(side, lambda x_, chunk: vae.encode(x_, None, chunk), image),
+        )
     pixels = side * side
-    return StageBytes(stage1 / pixels, sampling / pixels, decode / pixels)
+    return StageBytes(stage1 / pixels, sampling / pixels, decode / pixels, maps)
+
+
+def _growth(side: int, tiled_pass: Callable[..., Any], full: torch.Tensor) -> float:
+    """Bytes per image pixel that a tiled VAE pass adds as the image grows with its chunk size fixed: its full-size
+    maps and its output. Two sizes (side/2 and side, chunks of side/4) differ by nothing else."""
+    chunk = side // 4
+    half = full[..., : full.shape[-2] // 2, : full.shape[-1] // 2]
+    small = peak_bytes(lambda: tiled_pass(half.contiguous(), chunk))
+    large = peak_bytes(lambda: tiled_pass(full, chunk))
+    return (large - small) / (side * side * 3 / 4)
 
 
 @dataclass(frozen=True)

@@ -436,7 +436,7 @@ class RestorationPipeline:
             raise ValueError(f"num_samples={params.num_samples} restores one image; got a batch of {lq.shape[0]}")
         batch = lq.shape[0] * params.num_samples  # the rows the sampler and the decoder run on
         tiling = self.plan_tiling(params, (lq.shape[-2], lq.shape[-1]), batch)
-        vae_tile = self._prepare_vae(params, tiling)
+        vae_tile = self._prepare_vae(params, tiling, lq.shape[-2] * lq.shape[-1], batch)
 
         # 1. Stage 1: the robust encoder's latent steers the adaptor; its decoding is the colour reference
         if stage1 is not None:
@@ -476,11 +476,20 @@ class RestorationPipeline:
             restored = color_fix(decoded, x_stage1, params.color_fix)
         return Stages(lq_latent, x_stage1, x_center, sampled, decoded, restored, tiling, dict(tile_captions or {}))
 
-    def _prepare_vae(self, params: RestoreParams, tiling: TilingDecision) -> int | None:
+    def _prepare_vae(self, params: RestoreParams, tiling: TilingDecision, pixels: int, batch: int) -> int | None:
         """The VAE's chunk side for this run (None: untiled). A tiled VAE keeps full-size maps between its layers:
-        on a GPU short of memory they wait in host memory."""
-        self.model.vae.map_device = "cpu" if tiling.vae and self.device.type == "cuda" else None
+        on the device when they fit beside a chunk's activations, else in (pinned) host memory."""
+        host = tiling.vae and self.device.type == "cuda" and not self.vae_maps_fit(params, pixels, batch)
+        self.model.vae.map_device = "cpu" if host else None
         return params.vae_tile_size if tiling.vae else None
+
+    def vae_maps_fit(self, params: RestoreParams, pixels: int, batch: int) -> bool:
+        """Whether a tiled VAE pass over `pixels` (batch rows) fits on the device with its full-size maps: the maps
+        (traced, bytes per pixel) plus one chunk's untiled activations within the memory budget."""
+        chunk, budget = self._memory_plan(params.vae_tile_size**2, batch)
+        assert self._stage_bytes is not None  # traced by the plan
+        maps = self._stage_bytes.vae_maps * pixels * batch
+        return maps + max(chunk["stage1"], chunk["decode"]) <= budget.bytes
 
     def _sample(
         self,
@@ -540,7 +549,8 @@ class RestorationPipeline:
             loaded = _as_loaded(image)
             sizes = plan_sizes(loaded.size, params.upscale, params.min_size)
             lq = to_model_input(loaded.rgb, sizes.process).to(self.device)
-            vae_tile = self._prepare_vae(params, self.plan_tiling(params, (lq.shape[-2], lq.shape[-1]), lq.shape[0]))
+            tiling = self.plan_tiling(params, (lq.shape[-2], lq.shape[-1]), lq.shape[0])
+            vae_tile = self._prepare_vae(params, tiling, lq.shape[-2] * lq.shape[-1], lq.shape[0])
             lq_latent, x_stage1 = self.stage1(lq, vae_tile, timings, report)
             caption = ""
             if self._captions(params):

@@ -183,7 +183,7 @@ class AddMap(LocalOp):
 
     def __call__(self, x: torch.Tensor, origin: Origin) -> torch.Tensor:
         (h0, w0), (h, w) = origin, x.shape[-2:]
-        residual = self.saved[..., h0 : h0 + h, w0 : w0 + w].to(x.device)
+        residual = fetch(self.saved[..., h0 : h0 + h, w0 : w0 + w], x.device)
         if self.shortcut is not None:
             residual = self.shortcut(residual)
         return torch.add(residual, x).div_(self.divisor)  # in place: one chunk-sized temporary fewer
@@ -410,20 +410,42 @@ def run_tiled(
     """The flattened network on x, chunk by chunk; equals running it on the whole of x up to float rounding.
 
     Chunks run on x's device; the full-size maps between sync points live on `map_device` (default: x's device).
+    Host maps for a CUDA run are pinned and filled by asynchronous copies (see `_Executor`).
     """
     return _Executor(grid, x.device, map_device or x.device).run(ops, x)
 
 
+def _host_maps_for(compute: torch.device, storage: torch.device) -> bool:
+    return compute.type == "cuda" and storage.type == "cpu"
+
+
+def fetch(piece: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A crop of a full map on the compute device. From a pinned host map the crop (strided) is gathered into a
+    pinned buffer and copied without blocking the host; the caching host allocator keeps that buffer until the
+    copy has run. Host maps are only read once their writes have landed (`_Executor._flush` waits for them)."""
+    if not _host_maps_for(device, piece.device):
+        return piece.to(device)
+    staged = torch.empty(piece.shape, dtype=piece.dtype, pin_memory=True)
+    staged.copy_(piece)
+    return staged.to(device, non_blocking=True)
+
+
 class _Executor:
+    """Runs the ops segment by segment. With host maps for a CUDA run, each chunk's output goes to a pinned map by
+    an asynchronous copy (the GPU goes on with the next chunk meanwhile) and the host waits once per segment, for
+    its last copy, before anything reads the map: one wait per sync point instead of one per chunk and copy."""
+
     def __init__(self, grid: ChunkGrid, compute: torch.device, storage: torch.device) -> None:
         self.grid, self.compute, self.storage = grid, compute, storage
+        self.host_maps = _host_maps_for(compute, storage)
         self.current = torch.empty(0)
         self.scale = Fraction(1)
         self.pending: list[LocalOp] = []  # the segment since the last sync point, run at the next one
         self.saved: dict[str, tuple[torch.Tensor, Fraction]] = {}
 
     def run(self, ops: Sequence[Op], x: torch.Tensor) -> torch.Tensor:
-        self.current, self.scale = x.to(self.storage), Fraction(1)
+        self.current, self.scale = self._new_map(x.shape, x.dtype), Fraction(1)
+        self.current.copy_(x)
         for op in ops:
             if isinstance(op, LocalOp):
                 self.pending.append(op)
@@ -441,7 +463,10 @@ class _Executor:
             else:
                 self.pending.append(self._attend(op.module))
         self._flush()
-        return self.current.to(self.compute)
+        return fetch(self.current, self.compute)
+
+    def _new_map(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(tuple(shape), dtype=dtype, device=self.storage, pin_memory=self.host_maps)
 
     def _pending_scale(self) -> Fraction:
         scale = self.scale
@@ -456,9 +481,11 @@ class _Executor:
         out: torch.Tensor | None = None
         for (rows, cols), y in self._run_segment():
             if out is None:
-                out = y.new_empty((*y.shape[:-2], *self._sizes()[-1]), device=self.storage)
-            out[..., rows[0] : rows[1], cols[0] : cols[1]] = y
+                out = self._new_map((*y.shape[:-2], *self._sizes()[-1]), y.dtype)
+            out[..., rows[0] : rows[1], cols[0] : cols[1]].copy_(y, non_blocking=self.host_maps)
         assert out is not None
+        if self.host_maps:
+            torch.cuda.current_stream(self.compute).synchronize()  # the map's copies have landed: the host may read it
         self.current, self.scale, self.pending = out, self._pending_scale(), []
 
     def _sizes(self) -> list[tuple[int, int]]:
@@ -483,7 +510,7 @@ class _Executor:
         rows = _needed(self.pending, core[0], [s[0] for s in sizes])
         cols = _needed(self.pending, core[1], [s[1] for s in sizes])
         (h0, h1), (w0, w1) = rows[0], cols[0]
-        x, origin = self.current[..., h0:h1, w0:w1].to(self.compute), (h0, w0)
+        x, origin = fetch(self.current[..., h0:h1, w0:w1], self.compute), (h0, w0)
         for i, op in enumerate(self.pending):
             if op.scale() < 1:  # a strided op needs its crop to start on its stride grid; others take any margin
                 x, origin = _crop(x, origin, (rows[i], cols[i]))
@@ -509,7 +536,7 @@ class _Executor:
     def _moments(self, rows: Interval, cols: Interval, groups: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         """(count, mean, M2) per (sample, group) of one chunk core, in float32 (float64 for float64 maps)."""
         core = self.current[..., rows[0] : rows[1], cols[0] : cols[1]]
-        core = core.to(self.compute, torch.promote_types(core.dtype, torch.float32))
+        core = fetch(core, self.compute).to(torch.promote_types(core.dtype, torch.float32))
         var, mean = torch.var_mean(core, dim=(2, 3), correction=0)  # per channel: no reshaped copy of the core
         # the channels of a group have equal counts: merge them with the same formula
         plane = core.shape[-2] * core.shape[-1]

@@ -38,6 +38,34 @@ def test_traced_bytes_are_what_a_real_run_allocates(tiny_model) -> None:
     assert planned["decode"] == pytest.approx(8 * real.peak, rel=0.01)  # bytes grow with pixels × batch
 
 
+def test_a_tiled_vae_passs_maps_are_traced_and_grow_with_the_pixels(tiny_model) -> None:
+    """The maps' bytes per pixel traced on fake tensors are what real tiled decodes allocate: two sizes decoded in
+    chunks of one size differ only by their maps."""
+    traced = trace_stage_bytes(tiny_model)
+    peaks = {}
+    for side in (256, 512):
+        z = torch.randn(1, 4, side // 8, side // 8)
+        with torch.no_grad(), LiveBytes() as real:
+            tiny_model.vae.decode(z, 128)
+        peaks[side] = real.peak
+    per_pixel = (peaks[512] - peaks[256]) / (512 * 512 - 256 * 256)
+    assert traced.vae_maps > 0 and traced.vae_maps == pytest.approx(per_pixel, rel=0.05)
+
+
+def test_tiled_vae_maps_stay_on_the_device_when_they_fit_the_budget(tiny_model) -> None:
+    from supir_core.speed import SpeedSettings
+
+    params = validate_params({"vae_tile_size": 256})
+    traced = trace_stage_bytes(tiny_model)
+    pixels = 2048 * 2048
+    maps = traced.vae_maps * pixels
+    chunk = max(traced.at(256 * 256)["stage1"], traced.at(256 * 256)["decode"])
+    roomy = RestorationPipeline(tiny_model, speed=SpeedSettings(memory_budget_gb=(maps + chunk) * 1.01 / GB))
+    tight = RestorationPipeline(tiny_model, speed=SpeedSettings(memory_budget_gb=(maps + chunk) * 0.99 / GB))
+    assert roomy.vae_maps_fit(params, pixels, 1) and not tight.vae_maps_fit(params, pixels, 1)
+    assert not roomy.vae_maps_fit(params, pixels, 2)  # two rows: twice the maps
+
+
 def never_called() -> tuple[dict[str, float], Budget]:
     raise AssertionError("no plan is needed")
 
