@@ -296,6 +296,12 @@ async def create(
         await run_in_threadpool(
             check_public_url, job.webhook_url, settings, "webhook_url", settings.allow_private_webhooks
         )
+    if job.stage1_job is not None:  # resolved first, so the Idempotency-Key's digest covers the params that run
+        try:
+            job = await run_in_threadpool(_over_preview, services, owner, job)
+        except ApiError as exc:
+            metrics.REJECTED.labels(exc.code).inc()
+            raise
     request_hash = await run_in_threadpool(job.digest)
 
     # the same Idempotency-Key with the same request returns the first job: claimed before any work
@@ -379,10 +385,9 @@ async def _stored_record(
 
 
 async def _photo(services: Services, owner: str, job: JobRequest) -> tuple[JobRequest, bytes, str | None]:
-    """The job's photo and its declared type: the preview's (with the preview's sizes), the upload, or the
-    download of image_url."""
+    """The job's photo and its declared type: the preview's, the upload, or the download of image_url."""
     if job.stage1_job is not None:
-        return await _from_stage1(services, owner, job)
+        return await _preview_photo(services, owner, job)
     if job.image is not None:
         return job, job.image, job.declared_type
     assert job.image_url is not None  # read_job_request: one of the three
@@ -407,34 +412,50 @@ async def _enqueue(services: Services, record: JobRecord, owner: str, idempotenc
         ) from exc
 
 
-async def _from_stage1(services: Services, owner: str, job: JobRequest) -> tuple[JobRequest, bytes, str]:
-    """The preview job's photo, and the params with its processing size (a kept stage 1 fits only that size)."""
+def _over_preview(services: Services, owner: str, job: JobRequest) -> JobRequest:
+    """The request over its preview: every parameter the preview ran with (its seed too) < the request's preset
+    < the request's params. The processing size and the variant must stay the preview's (a kept stage 1 fits
+    only those)."""
     assert job.stage1_job is not None
-    source = await run_in_threadpool(services.store.get, job.stage1_job)
-    if source is None or source.owner != owner:
-        raise ApiError("not_found", f"no job {job.stage1_job[:80]}")
-    if source.kind != "preview" or source.status != "succeeded":
-        message = f"job {source.id} is no finished preview (a job created with preview: true that has succeeded)"
-        raise ApiError("stage1_unavailable", message)
+    source = _preview_of(services, owner, job.stage1_job)
     for name in SIZE_PARAMS:
         if name in job.raw_params and job.raw_params[name] != source.params.get(name):
             message = f"{name} must be the stage-1 job's ({source.params.get(name)}): it fixes the processing size"
             raise ApiError("invalid_parameter", message, field=f"params.{name}")
-    try:
-        sizes = {n: source.params[n] for n in SIZE_PARAMS}
-        raw = with_defaults({**job.raw_params, **sizes}, job.preset, services.settings.default_params)
-        params = validate_params(raw, preset=job.preset)
-    except InvalidInput as exc:
-        raise _params_refusal(exc) from None
     if job.variant is not None and source.variant and job.variant != source.variant:
         message = f"variant must be the stage-1 job's ({source.variant}): stage 1 ran that variant's encoder"
         raise ApiError("invalid_parameter", message, field="variant")
+    # a record from an older release may hold a parameter since retired: not the request's fault
+    inherited = {k: v for k, v in source.params.items() if k in RestoreParams.model_fields}
+    preset_sets = PRESETS.get(job.preset, {}) if job.preset is not None else {}
+    try:
+        params = validate_params({**inherited, **preset_sets, **job.raw_params})
+    except InvalidInput as exc:
+        raise _params_refusal(exc) from None
+    variant = source.variant or services.settings.default_variant
+    return replace(job, params=params, preset=job.preset or source.preset, variant=variant)
+
+
+def _preview_of(services: Services, owner: str, job_id: str) -> JobRecord:
+    """The owner's finished preview job, or the error that says why there is none."""
+    source = services.store.get(job_id)
+    if source is None or source.owner != owner:
+        raise ApiError("not_found", f"no job {job_id[:80]}")
+    if source.kind != "preview" or source.status != "succeeded":
+        message = f"job {source.id} is no finished preview (a job created with preview: true that has succeeded)"
+        raise ApiError("stage1_unavailable", message)
+    return source
+
+
+async def _preview_photo(services: Services, owner: str, job: JobRequest) -> tuple[JobRequest, bytes, str]:
+    """The preview job's photo and its type."""
+    assert job.stage1_job is not None
+    source = await run_in_threadpool(_preview_of, services, owner, job.stage1_job)
     try:
         image = await run_in_threadpool(services.objects.get, source.input_key)
     except ObjectMissing:
         raise ApiError("stage1_unavailable", f"job {source.id}'s photo is past retention") from None
-    variant = source.variant or services.settings.default_variant
-    return replace(job, params=params, variant=variant), image, source.input_content_type
+    return job, image, source.input_content_type
 
 
 def _answer_from_cache(

@@ -4,6 +4,8 @@ request-validation failures with `400 invalid_request`)."""
 
 from __future__ import annotations
 
+import copy
+import json
 from typing import Any
 
 from fastapi import FastAPI
@@ -30,6 +32,16 @@ REASONS = {
     503: "Redis or storage unavailable, or Redis too full for new jobs (queue_unavailable, storage_error, "
     "queue_full); see Retry-After",
 }
+
+
+OCTET_STREAM = "application/octet-stream"
+
+
+def binary_content(*media_types: str) -> dict[str, Any]:
+    """A binary answer's `content`: its image types, then application/octet-stream, which generators (such as
+    openapi-python-client) read as bytes without configuration; the routes answer it to `Accept:
+    application/octet-stream` (api.routes.jobs)."""
+    return {media: {"schema": {"type": "string", "format": "binary"}} for media in (*media_types, OCTET_STREAM)}
 
 
 # the `image` part's media types: what api.intake reads, so clients and generators send images, not any bytes
@@ -93,6 +105,7 @@ def install(app: FastAPI, variants: tuple[str, ...] = (), default_params: dict[s
                 _served_variants(schema, variants)
             if default_params:
                 _deployment_defaults(schema, default_params)
+            _request_params(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -145,3 +158,40 @@ def _deployment_defaults(schema: dict[str, Any], defaults: dict[str, Any]) -> No
         if field is not None:
             field["x-official-default"] = field.get("default")
             field["default"] = value
+
+
+REQUEST_PARAMS = "RestoreParamsInput"
+REQUEST_PARAMS_ABOUT = (
+    "The restoration parameters a request sets. No field has a schema default, on purpose: a generated client "
+    "then sends only the fields its caller set, and a field left out takes the preset's value (`preset`), else "
+    "the default its description names; `POST /v1/jobs/{id}/restore` takes the preview's value instead. The "
+    "job's `params` (`RestoreParams`) show every value used."
+)
+
+
+def _request_params(schema: dict[str, Any]) -> None:
+    """The request bodies' `params` as `RestoreParamsInput`: `RestoreParams` without schema defaults, each field's
+    effective default named in its description. Generators give a field with a schema default that value and
+    send it, so a preset would be overridden by defaults the caller never chose; the response's `RestoreParams`
+    keeps its defaults (the web page builds its form from them)."""
+    components = schema.get("components", {}).get("schemas", {})
+    restore = components.get("RestoreParams")
+    if restore is None:
+        return
+    request = {k: copy.deepcopy(v) for k, v in restore.items() if not k.startswith("x-")}
+    request.update(title=REQUEST_PARAMS, description=REQUEST_PARAMS_ABOUT)
+    for field in request["properties"].values():
+        default = field.pop("default", None)
+        official = field.pop("x-official-default", default)
+        said = f"default {json.dumps(default)}"
+        if official != default:
+            said += f" (this service's; officially {json.dumps(official)})"
+        field["description"] = f"{field['description']}; {said}" if field.get("description") else said
+    components[REQUEST_PARAMS] = request
+    ref = {"$ref": f"#/components/schemas/{REQUEST_PARAMS}"}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for media in operation.get("requestBody", {}).get("content", {}).values():
+                properties = media.get("schema", {}).get("properties", {})
+                if properties.get("params", {}).get("$ref", "").endswith("/RestoreParams"):
+                    properties["params"] = ref

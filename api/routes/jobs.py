@@ -23,7 +23,7 @@ from ..creation import create, idempotency_key_of, read_job_request
 from ..deps import CallerDep, OwnedJobDep, ServicesDep, StreamsDep
 from ..errors import ApiError
 from ..models import Job, JobList
-from ..openapi import CREATE_JOB_DOCS, FROM_PREVIEW_DOCS, errors
+from ..openapi import CREATE_JOB_DOCS, FROM_PREVIEW_DOCS, OCTET_STREAM, binary_content, errors
 from ..services import RESULT_URL_TTL_S, results_of
 
 log = logging.getLogger("api.jobs")
@@ -164,17 +164,17 @@ async def job_events(job: OwnedJobDep, request: Request, services: ServicesDep, 
     responses={
         200: {
             "description": "the restored image (params.output_format)",
-            "content": {media: {"schema": {"type": "string", "format": "binary"}} for media in RESULT_MEDIA_TYPES},
+            "content": binary_content(*RESULT_MEDIA_TYPES),
         },
         307: {"description": "a redirect to a presigned URL of the image (S3 storage)"},
         **errors(400, 401, 404, 409, 422, 429, 503),
     },
 )
-def job_result(job: OwnedJobDep, services: ServicesDep, index: int = SAMPLE_INDEX) -> Response:
+def job_result(job: OwnedJobDep, services: ServicesDep, request: Request, index: int = SAMPLE_INDEX) -> Response:
     """One sample's image (`index`, 0 = the first; `params.num_samples` of them)."""
     result = _sample(job, index)
     if isinstance(services.objects, LocalStore):
-        return Response(services.objects.get(result.key), media_type=result.content_type)
+        return Response(services.objects.get(result.key), media_type=_labelled(request, result.content_type))
     return RedirectResponse(services.objects.url(result.key, RESULT_URL_TTL_S), status_code=307)
 
 
@@ -195,13 +195,17 @@ def _sample(job: JobRecord, index: int) -> JobResult:
     responses={
         200: {
             "description": "a JPEG of the result, its longer side `size` pixels (made once, then kept)",
-            "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+            "content": binary_content("image/jpeg"),
         },
         **errors(400, 401, 404, 409, 422, 429, 503),
     },
 )
 async def job_thumbnail(
-    job: OwnedJobDep, services: ServicesDep, size: int = Query(256, ge=32, le=1024), index: int = SAMPLE_INDEX
+    job: OwnedJobDep,
+    services: ServicesDep,
+    request: Request,
+    size: int = Query(256, ge=32, le=1024),
+    index: int = SAMPLE_INDEX,
 ) -> Response:
     """A small picture of a result for lists (the web page's history), instead of the full image."""
     sample = _sample(job, index)
@@ -213,7 +217,15 @@ async def job_thumbnail(
         async with services.decodes:
             data = await run_in_threadpool(_thumbnail, result, size)
         await run_in_threadpool(services.objects.put, key, data, "image/jpeg")
-    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+    headers = {"Cache-Control": "private, max-age=3600", "Vary": "Accept"}
+    return Response(data, media_type=_labelled(request, "image/jpeg"), headers=headers)
+
+
+def _labelled(request: Request, media_type: str) -> str:
+    """The image's own media type, or application/octet-stream where Accept asks for bytes and for no image."""
+    accepted = {part.split(";")[0].strip().lower() for part in request.headers.get("accept", "").split(",")}
+    wants_image = bool(accepted & {media_type, "image/*", "*/*"})
+    return OCTET_STREAM if OCTET_STREAM in accepted and not wants_image else media_type
 
 
 def _thumbnail(image: bytes, size: int) -> bytes:
