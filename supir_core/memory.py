@@ -209,10 +209,13 @@ def decide_tiling(
     return TilingDecision(policy, sampling, vae, reason, gb, round(budget.bytes / GB, 4), budget.inputs)
 
 
-def memory_budget(device: torch.device, models_bytes: int, override_gb: float | None = None) -> Budget:
-    """Bytes of activations a run may use on `device`: its total memory less what the loaded models hold there
-    and a margin (10%, at least 1 GiB) for kernels' workspace and fragmentation; `override_gb`
-    (SUPIR_MEMORY_BUDGET_GB) replaces it. CPU: total RAM, or the container's memory limit when lower.
+def memory_budget(
+    device: torch.device, models_bytes: int, override_gb: float | None = None, graph_pools: int = 0
+) -> Budget:
+    """Bytes of activations a run may use on `device`: its total memory less what the loaded models hold there,
+    what CUDA-graph pools hold (`graph_pool_bytes`: kept for the graphs' replays, of no use to other work) and a
+    margin (10%, at least 1 GiB) for kernels' workspace and fragmentation; `override_gb` (SUPIR_MEMORY_BUDGET_GB)
+    replaces it. CPU: total RAM, or the container's memory limit when lower.
 
     Not free memory: that changes with whatever else runs, and with it the path a job takes and its bytes."""
     if override_gb is not None:
@@ -224,7 +227,20 @@ def memory_budget(device: torch.device, models_bytes: int, override_gb: float | 
     margin = max(total // 10, 2**30)
     inputs = {"total_gb": total / GB, "models_gb": models_bytes / GB, "margin_gb": margin / GB}
     source = f"{what} less the loaded models and a 10% margin"
-    return Budget(float(total - models_bytes - margin), source, {k: round(v, 4) for k, v in inputs.items()})
+    if graph_pools:
+        inputs["graph_pools_gb"] = graph_pools / GB
+        source = f"{what} less the loaded models, the CUDA-graph pools and a 10% margin"
+    usable = total - models_bytes - graph_pools - margin
+    return Budget(float(usable), source, {k: round(v, 4) for k, v in inputs.items()})
+
+
+def graph_pool_bytes(device: torch.device) -> int:
+    """Bytes the CUDA-graph private pools hold on `device` (compile with cuda_graphs records one per graph and
+    size): reserved for the graphs' replays, free or not. 0 off CUDA."""
+    if device.type != "cuda":
+        return 0
+    segments = torch.cuda.memory._snapshot(device)["segments"]
+    return sum(int(s["total_size"]) for s in segments if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0))
 
 
 def module_bytes(module: torch.nn.Module) -> int:

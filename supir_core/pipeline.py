@@ -47,6 +47,7 @@ from .memory import (
     StageBytes,
     TilingDecision,
     decide_tiling,
+    graph_pool_bytes,
     memory_budget,
     module_bytes,
     trace_stage_bytes,
@@ -677,9 +678,9 @@ class RestorationPipeline:
     def _memory_plan(self, pixels: int, batch: int) -> tuple[dict[str, float], Budget]:
         if self._stage_bytes is None:
             self._stage_bytes = trace_stage_bytes(self.model)
-        return self._stage_bytes.at(pixels, batch), memory_budget(
-            self.device, self.resident_bytes(), self.memory_budget_gb
-        )
+        pools = graph_pool_bytes(self.device) if self.model.cuda_graphs else 0
+        budget = memory_budget(self.device, self.resident_bytes(), self.memory_budget_gb, pools)
+        return self._stage_bytes.at(pixels, batch), budget
 
     def resident_bytes(self) -> int:
         """What the loaded models hold: SUPIR (all of it: offloaded text encoders visit the device too) and a

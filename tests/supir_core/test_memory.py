@@ -142,6 +142,28 @@ def test_the_budget_is_total_memory_less_the_models_and_a_margin(tiny_model) -> 
     }
 
 
+def test_cuda_graph_pools_are_not_counted_as_usable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Faked CUDA (none here): 80 GB, two segments in graph pools, one in the default pool."""
+    from types import SimpleNamespace
+
+    from supir_core.memory import graph_pool_bytes
+
+    segments = [
+        {"total_size": 6 * 2**30, "segment_pool_id": (1, 0)},
+        {"total_size": 2 * 2**30, "segment_pool_id": (2, 0)},
+        {"total_size": 9 * 2**30, "segment_pool_id": (0, 0)},  # the caching allocator's own: not a graph's
+    ]
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda device=None: {"segments": segments})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 10**9))
+    cuda = torch.device("cuda", 0)
+    pools = graph_pool_bytes(cuda)
+    assert pools == 8 * 2**30 and graph_pool_bytes(torch.device("cpu")) == 0
+    plain, with_pools = memory_budget(cuda, 10 * 10**9), memory_budget(cuda, 10 * 10**9, graph_pools=pools)
+    assert plain.bytes - with_pools.bytes == pools
+    assert with_pools.inputs is not None and with_pools.inputs["graph_pools_gb"] == round(pools / GB, 4)
+    assert "CUDA-graph pools" in with_pools.source and "graph_pools_gb" not in (plain.inputs or {})
+
+
 def test_memory_others_hold_does_not_move_the_budget() -> None:
     """The old budget (available RAM) shrank with whatever else ran: a job's path, and its bytes, with it."""
     cpu = torch.device("cpu")
