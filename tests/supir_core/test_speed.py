@@ -216,3 +216,20 @@ def test_every_speed_setting_reaches_the_worker_and_the_cli(monkeypatch: pytest.
         ["restore", "x.png", "-o", "out", "--fp8", "compute", "--offload-text", "--memory-budget-gb", "3"]
     )
     assert SpeedSettings.from_attributes(args) == SpeedSettings(fp8="compute", offload_text=True, memory_budget_gb=3.0)
+
+
+def test_fp8_weights_carry_their_row_scales_without_a_bias_in_bf16() -> None:
+    """Weight-only fp8 in bf16: the fp32 row scale is applied before the one rounding to bf16. Rounding the scale to
+    bf16 first shifts each output channel by up to 0.4% (measured: 0.15% on average, against 0.05% here)."""
+    from supir_core.speed import Fp8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(1024, 512, bias=False)
+    with torch.no_grad():
+        linear.weight.mul_(torch.logspace(-3, 1, 512)[:, None])  # rows of many magnitudes: many scales
+    layer = Fp8Linear(linear, compute=False)
+    x = torch.randn(4096, 1024).bfloat16()
+    expected = x.float() @ (layer.weight.float() * layer.weight_scale).t()  # the fp8 weights, scaled exactly
+    got = layer(x).float()
+    gain = (got * expected).sum(0) / (expected * expected).sum(0) - 1  # each channel's systematic error
+    assert gain.abs().mean() < 8e-4 and gain.abs().max() < 3e-3, (gain.abs().mean(), gain.abs().max())

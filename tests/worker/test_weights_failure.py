@@ -160,3 +160,30 @@ def test_the_load_is_tried_with_back_off_then_given_up(
     assert rt.state == "failed" and rt.pipelines == {} and rt.failed_tries == failed_tries
     assert rt.store.load_failures() == {"v0Q": failed_tries}
     assert waited_s <= time.monotonic() - start < waited_s + 10
+
+
+def test_settings_that_cannot_work_are_refused_once_before_loading(
+    tmp_path: Path, fixture_a: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """regional compile + CUDA graphs: refused at start with the reason, no retries, the weights never read."""
+    settings = Settings(
+        redis_url=REDIS_URL,
+        key_prefix=f"test-{uuid.uuid4().hex[:10]}",
+        local_dir=tmp_path,
+        sdxl_checkpoint=fixture_a / "sdxl.safetensors",
+        variants={"v0Q": fixture_a / "supir.ckpt"},
+        compile="regional",
+        cuda_graphs=True,
+        worker_load_tries=3,
+        worker_load_backoff_s=30.0,  # a retry would show in the time taken
+    )
+    rt = Runtime(settings)
+    start = time.monotonic()
+    try:
+        with caplog.at_level("ERROR", logger="supir.worker"):
+            rt.load()
+    finally:
+        rt.stop()
+    assert rt.state == "failed" and rt.pipelines == {} and rt.failed_tries == 1
+    assert time.monotonic() - start < 30
+    assert "refused: cuda_graphs needs compile=full" in caplog.text
