@@ -148,7 +148,7 @@ def webhook_payload(record: JobRecord, deps: Deps, event: str | None = None) -> 
             "created_at": record.created_at,
             "finished_at": record.finished_at,
             # as in the job's view: when its record and files are erased (RFC 3339, UTC)
-            "expires_after": record.expires_after or deps.store.retention_s,
+            "expires_after": record.expires_after or deps.settings.retention_s,
             "expires_at": rfc3339(record.expires_at),
         },
     }
