@@ -621,6 +621,13 @@ async def _claim_or_replay(
         queue_failed = record is not None and record.error is not None and record.error.code == "queue_unavailable"
         if record is not None and not queue_failed:  # a queue failure releases the key next: wait for that
             return record
+        if record is None and holder.get("state") == "created":  # its job was made, and is gone since
+            gone = await run_in_threadpool(missing_job, store, holder["job"], owner)
+            if gone.code == "job_deleted":  # erased: the key's one job is no more, and says so
+                raise gone
+            # past its expires_after: the key is free for a new job
+            await run_in_threadpool(store.release_idempotency_key, owner, key, holder["job"])
+            continue
         if time.time() - float(holder.get("at", 0)) > IDEMPOTENCY_STALE_S:
             await run_in_threadpool(store.release_idempotency_key, owner, key, holder["job"])
             continue

@@ -11,7 +11,16 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
@@ -212,6 +221,11 @@ def _json_object(value: object) -> dict[str, Any]:
     return value
 
 
+def _whole_number(value: object) -> object:
+    """JSON Schema's integer includes 3600.0: taken as 3600 (strict mode refuses every float otherwise)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _in_fixed_order(events: list[WebhookEvent]) -> list[WebhookEvent]:
     return [name for name in get_args(WebhookEvent) if name in events]  # duplicates dropped, not refused
 
@@ -272,7 +286,9 @@ class _JobOptions(BaseModel):
     variant: Variant | SkipJsonSchema[None] = None
     webhook_url: HttpUrl | SkipJsonSchema[None] = Field(None, description=WEBHOOK_URL)
     webhook_events: WebhookEvents | SkipJsonSchema[None] = None
-    expires_after: Annotated[int, Field(ge=1, description=EXPIRES_AFTER)] | SkipJsonSchema[None] = None
+    expires_after: (
+        Annotated[int, Field(ge=1, description=EXPIRES_AFTER), BeforeValidator(_whole_number)] | SkipJsonSchema[None]
+    ) = None
 
     @field_validator("webhook_events")
     @classmethod
