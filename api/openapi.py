@@ -24,7 +24,7 @@ REASONS = {
     408: "the request body stalled (request_timeout)",
     409: "a conflict (idempotency_conflict, idempotency_in_progress, job_not_cancelable, result_not_ready, "
     "stage1_unavailable)",
-    410: "the job was erased: deleted by its owner, or after delivery (job_deleted)",
+    410: "the job was erased: deleted by its owner, or after delivery; or the Idempotency-Key's job was (job_deleted)",
     413: "the upload or body is too large (file_too_large, url_too_large)",
     415: "not an image format the service reads (unsupported_media_type)",
     422: "the image or a parameter is unusable (invalid_image, invalid_parameter, image_too_large, "

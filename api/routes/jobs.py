@@ -53,7 +53,7 @@ def created(*statuses: int) -> dict[int | str, dict[str, Any]]:
     status_code=202,
     operation_id="createJob",
     response_model=Job,
-    responses=created(400, 401, 403, 408, 409, 413, 415, 422, 429, 503),
+    responses=created(400, 401, 403, 408, 409, 410, 413, 415, 422, 429, 503),
     openapi_extra=CREATE_JOB_DOCS,
 )
 async def create_job(request: Request, caller: CallerDep, services: ServicesDep, streams: StreamsDep) -> JSONResponse:

@@ -18,7 +18,7 @@ import redis
 from jobs.queue import SWEEP_TASK, make_celery
 from jobs.settings import Settings
 from tests.paths import DATA
-from tests.servers import FAST, SLOW, Service, running, serving, submit, wait_for_status, wait_until
+from tests.servers import FAST, SLOW, Service, photo, running, serving, submit, wait_for_status, wait_until
 
 RETENTION_H = 0.001  # 3.6 s
 
@@ -169,6 +169,17 @@ def test_delete_erases_a_job_at_once_and_its_reads_answer_410(svc: Service) -> N
         assert httpx.get(link).status_code == 410
         assert bob.get(f"/v1/jobs/{job['id']}").status_code == 404  # the tombstone is its owner's only
         assert job["id"] not in {j["id"] for j in alice.get("/v1/jobs").json()["jobs"]}
+
+        # a create repeated with the Idempotency-Key of an erased job is told so, at once (no job is made again)
+        def keyed() -> httpx.Response:
+            body = {"params": json.dumps(FAST)}
+            return alice.post("/v1/jobs", files={"image": photo()}, data=body, headers={"Idempotency-Key": key})
+
+        key = f"erased-{time.time()}"
+        first = finished(alice, keyed())
+        assert alice.delete(f"/v1/jobs/{first['id']}").status_code == 204
+        again = keyed()
+        assert again.status_code == 410 and again.json()["error"]["code"] == "job_deleted", again.text
 
 
 def test_deleting_a_running_job_stops_it_and_its_worker_writes_nothing_after(svc: Service) -> None:
