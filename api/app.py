@@ -20,6 +20,7 @@ from jobs.settings import Settings, get_settings
 from . import docs, errors, events, metrics, openapi
 from .admin import AdminPort
 from .limits import BodyLimits
+from .ratelimit import RateLimitHeaders
 from .routes import jobs, operations, pages, usage
 from .services import Services
 from .shutdown import DRAIN, SHUTTING_DOWN, ShutdownGuard
@@ -50,7 +51,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.state.services, app.state.streams = services, streams
     errors.install(app)
     docs.install(app)
-    openapi.install(app, tuple(settings.variant_files), settings.default_params)
+    openapi.install(app, tuple(settings.variant_files), settings.default_params, settings.retention_s)
     for router in (jobs.router, usage.router, pages.router, operations.router):
         app.include_router(router)
 
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         metrics.REQUEST_SECONDS.labels(route, request.method).observe(time.perf_counter() - start)
         return response
 
+    app.add_middleware(RateLimitHeaders)  # api.ratelimit: the per-key limiter's headers on every response
     app.add_middleware(ShutdownGuard)  # api.shutdown: a 503 with Retry-After, never a 500, once SIGTERM came
     app.add_middleware(AdminPort, admin_port=settings.api_admin_port)  # /metrics, /status: the admin port only
     # added last, so it is the outermost middleware: bodies are bounded before any other code sees them

@@ -32,6 +32,7 @@ from supir_core.errors import InvalidInput
 from supir_core.params import MAX_SEED, PRESETS, RestoreParams, validate_params
 
 from . import metrics, shutdown
+from .deps import missing_job
 from .errors import QUEUE_FULL_MESSAGE, QUEUE_FULL_RETRY_S, STATUS, ApiError
 from .intake import check_image, check_public_url, fetch_image
 from .models import WEBHOOK_EVENTS, JobFromUrl, JobUpload, RestoreFromPreview
@@ -48,7 +49,9 @@ SIZE_PARAMS = ("min_size", "upscale")  # fix the processing size: a run from a k
 Body = TypeVar("Body", JobUpload, JobFromUrl, RestoreFromPreview)
 # A body with several faults is answered with one: unknown fields first, then wrong JSON types, then wrong
 # values, the fields in this order (the order the API has always checked them in)
-FIELD_ORDER = ("image", "image_url", "webhook_url", "preset", "params", "variant", "preview", "webhook_events")
+FIELD_ORDER = (
+    "image", "image_url", "webhook_url", "preset", "params", "variant", "preview", "webhook_events", "expires_after",
+)  # fmt: skip
 # each field's code, and the message for a value of the right JSON type that is still refused
 REFUSALS = {
     "image_url": ("invalid_url", "image_url must be an http or https URL"),
@@ -61,6 +64,7 @@ REFUSALS = {
         "invalid_request",
         f"webhook_events must be a non-empty list of event names ({', '.join(WEBHOOK_EVENTS)})",
     ),
+    "expires_after": ("invalid_parameter", "expires_after must be a whole number of seconds, at least 1"),
 }
 NO_UPLOAD = "send the photo as the multipart file field 'image' (or JSON image_url)"
 
@@ -80,6 +84,7 @@ class JobRequest:
     preview: bool = False  # stop after stage 1 and its caption
     stage1_job: str | None = None  # sample from this preview job's stage 1 (its photo too)
     variant: str | None = None  # the SUPIR variant asked for (None: the service's default)
+    expires_after: int | None = None  # seconds kept after the job ends (None: the service's retention)
 
     def digest(self) -> str:
         """Over the validated request (params with their defaults, so `2` and `2.0` or an omitted default match)."""
@@ -93,6 +98,7 @@ class JobRequest:
             "preview": self.preview,
             "stage1_job": self.stage1_job,
             "variant": self.variant,
+            "expires_after": self.expires_after,
         }
         return hashlib.sha256(json.dumps(normalised, sort_keys=True).encode()).hexdigest()
 
@@ -138,6 +144,8 @@ async def _form_body(request: Request, settings: Settings) -> tuple[JobUpload | 
         fields["params"] = _parse_json(fields["params"], "the params field", field="params")
     if isinstance(fields.get("webhook_events"), str):
         fields["webhook_events"] = _event_list(fields["webhook_events"])
+    if isinstance(fields.get("expires_after"), str) and fields["expires_after"].strip().isdigit():
+        fields["expires_after"] = int(fields["expires_after"])
     if isinstance(fields.get("preview"), str):
         fields["preview"] = {"true": True, "false": False}.get(fields["preview"].strip().lower(), fields["preview"])
     if "image_url" in fields:
@@ -153,7 +161,8 @@ async def _form_body(request: Request, settings: Settings) -> tuple[JobUpload | 
 async def _from_preview_body(request: Request, content_type: str, settings: Settings) -> RestoreFromPreview:
     body = await request.body()
     if body.strip() and not content_type.startswith("application/json"):
-        raise ApiError("unsupported_media_type", "send JSON (params, preset, webhook_url, webhook_events) or nothing")
+        message = "send JSON (params, preset, webhook_url, webhook_events, expires_after) or nothing"
+        raise ApiError("unsupported_media_type", message)
     return _validated(RestoreFromPreview, _json_object(body) if body.strip() else {}, settings)
 
 
@@ -207,6 +216,12 @@ def _job_request(
         params = validate_params(with_defaults(raw_params, body.preset, settings.default_params), preset=body.preset)
     except InvalidInput as exc:
         raise _params_refusal(exc) from None
+    if body.expires_after is not None and body.expires_after > settings.retention_s:
+        message = (
+            f"expires_after={body.expires_after}: at most {settings.retention_s} seconds (the service's retention, "
+            "SUPIR_RETENTION_HOURS)"
+        )
+        raise ApiError("invalid_parameter", message, field="expires_after")
     return JobRequest(
         params=params,
         preset=body.preset,
@@ -219,6 +234,7 @@ def _job_request(
         preview=not isinstance(body, RestoreFromPreview) and body.preview,
         stage1_job=stage1_job,
         variant=body.variant,
+        expires_after=body.expires_after,
     )
 
 
@@ -433,14 +449,15 @@ def _over_preview(services: Services, owner: str, job: JobRequest) -> JobRequest
     except InvalidInput as exc:
         raise _params_refusal(exc) from None
     variant = source.variant or services.settings.default_variant
-    return replace(job, params=params, preset=job.preset or source.preset, variant=variant)
+    expires_after = job.expires_after or source.expires_after  # the preview's too, unless the request says
+    return replace(job, params=params, preset=job.preset or source.preset, variant=variant, expires_after=expires_after)
 
 
 def _preview_of(services: Services, owner: str, job_id: str) -> JobRecord:
     """The owner's finished preview job, or the error that says why there is none."""
     source = services.store.get(job_id)
     if source is None or source.owner != owner:
-        raise ApiError("not_found", f"no job {job_id[:80]}")
+        raise missing_job(services.store, job_id, owner)
     if source.kind != "preview" or source.status != "succeeded":
         message = f"job {source.id} is no finished preview (a job created with preview: true that has succeeded)"
         raise ApiError("stage1_unavailable", message)
@@ -502,9 +519,11 @@ def _answer_from_cache(
             "cached": True,
             "cached_from": source.id,
             "gpu_seconds": 0.0,
+            "expires_after": job.expires_after,
+            "expires_at": None,  # its own, from its own end (now)
         }
     )
-    store.create_finished(record)
+    record = store.create_finished(record)
     usage = UsageBook(store.r, store.p, services.settings.usage_retention_s)
     with contextlib.suppress(redis.RedisError):  # informative: the job itself is made
         usage.record(owner, images=len(results), gpu_seconds=0.0, cached=True)
@@ -579,6 +598,7 @@ def _record(
         variant=job.variant or "",
         input_sha256=image_sha256,
         seed_given=job.params.seed is not None,
+        expires_after=job.expires_after,
     )
 
 
@@ -601,6 +621,13 @@ async def _claim_or_replay(
         queue_failed = record is not None and record.error is not None and record.error.code == "queue_unavailable"
         if record is not None and not queue_failed:  # a queue failure releases the key next: wait for that
             return record
+        if record is None and holder.get("state") == "created":  # its job was made, and is gone since
+            gone = await run_in_threadpool(missing_job, store, holder["job"], owner)
+            if gone.code == "job_deleted":  # erased: the key's one job is no more, and says so
+                raise gone
+            # past its expires_after: the key is free for a new job
+            await run_in_threadpool(store.release_idempotency_key, owner, key, holder["job"])
+            continue
         if time.time() - float(holder.get("at", 0)) > IDEMPOTENCY_STALE_S:
             await run_in_threadpool(store.release_idempotency_key, owner, key, holder["job"])
             continue

@@ -36,6 +36,7 @@ STATUS: dict[str, int] = {
     "stage1_unavailable": 409,
     "idempotency_conflict": 409,
     "idempotency_in_progress": 409,
+    "job_deleted": 410,
     "file_too_large": 413,
     "url_too_large": 413,
     "unsupported_media_type": 415,
@@ -69,6 +70,8 @@ def error_response(
     code: str, message: str, field: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     body = {"error": {"code": code, "message": message, "field": field}}
+    if STATUS[code] == 429 and "Retry-After" not in (headers or {}):  # every 429 says when to come back
+        headers = {**(headers or {}), "Retry-After": "60"}
     return JSONResponse(body, status_code=STATUS[code], headers=headers)
 
 

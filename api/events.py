@@ -114,6 +114,8 @@ class EventStreams:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=min(left, WAKE_S))
                 if message is not None:
                     data = json.loads(message["data"])
+                    if "deleted" in data:  # erased (JobStore.bury): it will never end
+                        return None
                     data.pop("version", None)
                     record = JobRecord.model_validate(data)
             return record if record is not None and record.terminal else None
@@ -163,6 +165,8 @@ class EventStreams:
                 now = time.monotonic()
                 if message is not None:
                     data = json.loads(message["data"])
+                    if "deleted" in data:  # erased (JobStore.bury): no more events; a read now answers 410
+                        return
                     version = data.pop("version", None)
                     if version is not None and version <= sent:
                         continue  # already covered by the first read, or seen before the client resumed

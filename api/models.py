@@ -11,7 +11,16 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
@@ -25,6 +34,7 @@ from jobs.record import (
     Tiling,
     WebhookEvent,
     WebhookState,
+    rfc3339,
 )
 from supir_core.params import PRESETS, RestoreParams
 
@@ -116,14 +126,30 @@ class Job(BaseModel):
     faces: FacesInfo | None = Field(
         None, description="the faces found and restored again (params.faces=auto); null when faces is off"
     )
+    expires_after: int = Field(
+        description="seconds the job is kept after it ends (the request's `expires_after`, else the service's "
+        "retention, SUPIR_RETENTION_HOURS)"
+    )
+    expires_at: str | None = Field(
+        json_schema_extra={"format": "date-time"},
+        description="when the job's record and files (photo, results, thumbnails, stage 1) are erased, RFC 3339 "
+        "UTC: `expires_after` after it ends; null while it is queued or running. Its reads then answer 404",
+    )
 
     @classmethod
     def from_record(
-        cls, record: JobRecord, *, queue_position: int | None, cancel_requested: bool, results: list[JobResultInfo]
+        cls,
+        record: JobRecord,
+        *,
+        queue_position: int | None,
+        cancel_requested: bool,
+        results: list[JobResultInfo],
+        retention_s: int,
     ) -> Job:
         """What a client sees of a record (never its owner, worker or storage keys): each field the record has
         by the same name as stored, so a new one is shown by declaring it here; the rest derived."""
         shown = {"input", "result", "results", "variant", "queue_position", "cancel_requested"}
+        shown |= {"expires_after", "expires_at"}
         shared = (set(cls.model_fields) & set(JobRecord.model_fields)) - shown
         return cls.model_validate(
             {
@@ -138,6 +164,8 @@ class Job(BaseModel):
                 "variant": record.variant or None,  # "" in records from before variants
                 "queue_position": queue_position,
                 "cancel_requested": cancel_requested,
+                "expires_after": record.expires_after or retention_s,
+                "expires_at": rfc3339(record.expires_at),
             }
         )
 
@@ -193,6 +221,11 @@ def _json_object(value: object) -> dict[str, Any]:
     return value
 
 
+def _whole_number(value: object) -> object:
+    """JSON Schema's integer includes 3600.0: taken as 3600 (strict mode refuses every float otherwise)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _in_fixed_order(events: list[WebhookEvent]) -> list[WebhookEvent]:
     return [name for name in get_args(WebhookEvent) if name in events]  # duplicates dropped, not refused
 
@@ -231,6 +264,10 @@ PREVIEW = (
     "stop after stage 1 and its caption (as the official demo's first step): the result is the stage-1 image, "
     "`caption` what the captioner saw; correct it and run `POST /v1/jobs/{id}/restore`"
 )
+EXPIRES_AFTER = (
+    "seconds to keep the job, its record and its files after it ends (at least 1; at most, and by default, the "
+    "service's retention, SUPIR_RETENTION_HOURS: the document's maximum); a longer one is 422 invalid_parameter"
+)
 # webhook_events without a (non-null) webhook_url is refused: 400 invalid_request
 NEEDS_WEBHOOK_URL: dict[str, Any] = {
     "webhook_events": {"required": ["webhook_url"], "properties": {"webhook_url": {"type": "string"}}}
@@ -249,6 +286,9 @@ class _JobOptions(BaseModel):
     variant: Variant | SkipJsonSchema[None] = None
     webhook_url: HttpUrl | SkipJsonSchema[None] = Field(None, description=WEBHOOK_URL)
     webhook_events: WebhookEvents | SkipJsonSchema[None] = None
+    expires_after: (
+        Annotated[int, Field(ge=1, description=EXPIRES_AFTER), BeforeValidator(_whole_number)] | SkipJsonSchema[None]
+    ) = None
 
     @field_validator("webhook_events")
     @classmethod

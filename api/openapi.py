@@ -24,6 +24,7 @@ REASONS = {
     408: "the request body stalled (request_timeout)",
     409: "a conflict (idempotency_conflict, idempotency_in_progress, job_not_cancelable, result_not_ready, "
     "stage1_unavailable)",
+    410: "the job was erased: deleted by its owner, or after delivery; or the Idempotency-Key's job was (job_deleted)",
     413: "the upload or body is too large (file_too_large, url_too_large)",
     415: "not an image format the service reads (unsupported_media_type)",
     422: "the image or a parameter is unusable (invalid_image, invalid_parameter, image_too_large, "
@@ -35,6 +36,25 @@ REASONS = {
 
 
 OCTET_STREAM = "application/octet-stream"
+# the per-key limiter's headers (api.ratelimit), on every answer to a keyed request that got past authentication
+RATE_LIMIT_HEADERS: dict[str, Any] = {
+    "RateLimit-Policy": {
+        "description": 'the policy this request was counted against (IETF draft httpapi-ratelimit-headers): `"read";'
+        'q=1200;w=60` (GET) or `"write";q=120;w=60`: q requests per w seconds for this key',
+        "required": False,
+        "schema": {"type": "string"},
+    },
+    "RateLimit": {
+        "description": 'what is left of that policy: `"read";r=1187;t=42`: r requests in the next t seconds',
+        "required": False,
+        "schema": {"type": "string"},
+    },
+}
+RETRY_AFTER: dict[str, Any] = {
+    "description": "seconds to wait before sending the request again",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+}
 
 
 def binary_content(*media_types: str) -> dict[str, Any]:
@@ -94,7 +114,12 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": Error, "description": REASONS[status]} for status in statuses}
 
 
-def install(app: FastAPI, variants: tuple[str, ...] = (), default_params: dict[str, Any] | None = None) -> None:
+def install(
+    app: FastAPI,
+    variants: tuple[str, ...] = (),
+    default_params: dict[str, Any] | None = None,
+    max_expires_after: int | None = None,
+) -> None:
     def build() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(
@@ -105,6 +130,8 @@ def install(app: FastAPI, variants: tuple[str, ...] = (), default_params: dict[s
                 _served_variants(schema, variants)
             if default_params:
                 _deployment_defaults(schema, default_params)
+            if max_expires_after is not None:
+                _retention(schema, max_expires_after)
             _request_params(schema)
             app.openapi_schema = schema
         return app.openapi_schema
@@ -127,6 +154,11 @@ def _tidy(schema: dict[str, Any]) -> None:
                 del responses["422"]
             if not path.startswith(PUBLIC):
                 operation["security"] = [{"bearer": []}]
+                for status, response in responses.items():
+                    if status != "401":  # an unauthenticated request is never counted
+                        response.setdefault("headers", {}).update(copy.deepcopy(RATE_LIMIT_HEADERS))
+            if "429" in responses:
+                responses["429"].setdefault("headers", {})["Retry-After"] = copy.deepcopy(RETRY_AFTER)
     for unused in ("HTTPValidationError", "ValidationError"):
         components.get("schemas", {}).pop(unused, None)
     restore = components.get("schemas", {}).get("RestoreParams")
@@ -144,6 +176,16 @@ def _served_variants(schema: dict[str, Any], variants: tuple[str, ...]) -> None:
                 if "variant" in properties:
                     field = {k: v for k, v in properties["variant"].items() if k != "pattern"}
                     properties["variant"] = {**field, "enum": list(variants)}
+
+
+def _retention(schema: dict[str, Any], longest_s: int) -> None:
+    """A request's `expires_after` is bounded by this deployment's retention (SUPIR_RETENTION_HOURS): its maximum."""
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for media in operation.get("requestBody", {}).get("content", {}).values():
+                field = media.get("schema", {}).get("properties", {}).get("expires_after")
+                if field is not None:
+                    field["maximum"] = longest_s
 
 
 def _deployment_defaults(schema: dict[str, Any], defaults: dict[str, Any]) -> None:

@@ -66,6 +66,7 @@ class Services:
             # the cancel was taken: a running job stops at its next step (one EXISTS, for active jobs only)
             cancel_requested=record.status == "canceled" or (active and self.store.cancel_requested(record.id)),
             results=[self._result(r) for r in results_of(record)] if record.status == "succeeded" else [],
+            retention_s=self.settings.retention_s,
         )
         # params as stored: an older record's partial params are not filled in with today's defaults here
         return {**job.model_dump(mode="json"), "params": record.params}

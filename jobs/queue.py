@@ -11,6 +11,7 @@ RESTORE_TASK = "supir.restore"
 WEBHOOK_TASK = "supir.webhook"  # the `completed` event, retried until delivered
 WEBHOOK_EVENT_TASK = "supir.webhook_event"  # `started` / `progress`: best effort
 SWEEP_TASK = "supir.sweep"
+EXPIRE_TASK = "supir.expire"  # the objects of jobs past their expires_at (jobs.retention)
 
 
 def webhook_queue(settings: Settings) -> str:
@@ -48,7 +49,11 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         # whoever sends these (the API, a GPU worker, beat, a retry), they go to the light worker
-        task_routes={name: {"queue": light} for name in (WEBHOOK_TASK, WEBHOOK_EVENT_TASK, SWEEP_TASK)},
-        beat_schedule={"sweep": {"task": SWEEP_TASK, "schedule": 3600.0}},
+        task_routes={name: {"queue": light} for name in (WEBHOOK_TASK, WEBHOOK_EVENT_TASK, SWEEP_TASK, EXPIRE_TASK)},
+        beat_schedule={
+            "sweep": {"task": SWEEP_TASK, "schedule": 3600.0},
+            # a job's files go within this of its expires_at (one ZRANGEBYSCORE when none is due)
+            "expire": {"task": EXPIRE_TASK, "schedule": settings.expiry_sweep_s},
+        },
     )
     return app

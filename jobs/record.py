@@ -39,6 +39,17 @@ def stage1_key(job_id: str) -> str:
     return f"stage1/{job_id}.safetensors"
 
 
+def object_prefixes(job_id: str) -> tuple[str, ...]:
+    """Every object a job may own, as key prefixes (the keys above): erasing these erases the job's files, whatever
+    its formats, samples and thumbnail sizes. Ids have one length, so no prefix reaches another job's keys."""
+    return (input_key(job_id), f"results/{job_id}", f"thumbs/{job_id}-", f"stage1/{job_id}.")
+
+
+def rfc3339(unix: float | None) -> str | None:
+    """A Unix time as RFC 3339 in UTC, to the second: `expires_at` in views and webhooks."""
+    return None if unix is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
+
+
 # The sub-models below are also what the API shows of them (api.models.Job): their descriptions are its document's
 
 
@@ -165,6 +176,8 @@ class JobRecord(BaseModel):
     gpu_seconds: float = 0.0  # the pipeline's stage seconds on the worker (usage)
     tiling: Tiling | None = None  # a restoration's; None for previews and records from before it was kept
     faces: Faces | None = None  # the face pass's; None when params.faces is off, for previews and older records
+    expires_after: int | None = None  # seconds the job is kept after it ends (None: the deployment's retention)
+    expires_at: float | None = None  # set when it ends (JobStore.update): then its record and files are erased
 
     @property
     def terminal(self) -> bool:

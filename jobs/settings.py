@@ -74,7 +74,20 @@ class Settings(BaseSettings):
     s3_connect_timeout_s: float = Field(3.0, gt=0)
     s3_read_timeout_s: float = Field(10.0, gt=0)
     s3_max_attempts: int = Field(3, ge=1, description="tries per S3 call (botocore standard retries with backoff)")
-    retention_hours: float = Field(24.0, gt=0)
+    retention_hours: float = Field(
+        24.0,
+        gt=0,
+        description="an ended job, its record and files are kept this long; the default and the maximum of a "
+        "request's expires_after",
+    )
+    expiry_sweep_s: float = Field(
+        60.0, gt=0, description="how often the light worker's beat erases the files of jobs past their expires_at"
+    )
+    delete_after_delivery: bool = Field(
+        False,
+        description="zero retention: a restoration is erased (as DELETE does) once every sample has been downloaded "
+        "through GET /v1/jobs/{id}/result",
+    )
     usage_retention_days: float = Field(
         400.0,
         gt=0,
@@ -255,6 +268,11 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"SUPIR_WORKER_VARIANTS names {', '.join(sorted(unknown))}, not in SUPIR_VARIANTS")
         return self
+
+    @property
+    def retention_s(self) -> int:
+        """The longest a job is kept after it ends (whole seconds, at least one): a request's expires_after bound."""
+        return max(1, int(self.retention_hours * 3600))
 
     @property
     def usage_retention_s(self) -> float:

@@ -42,6 +42,7 @@ class ObjectStore(Protocol):
     def delete(self, key: str) -> None: ...
     def url(self, key: str, expires_s: int) -> str: ...
     def delete_older_than(self, cutoff: float) -> int: ...
+    def delete_prefix(self, prefix: str) -> int: ...
     def ping(self) -> None: ...
 
 
@@ -116,6 +117,20 @@ class LocalStore:
                         removed += 1
         except OSError as exc:
             raise self._failed("sweep", self.root, exc) from exc
+        return removed
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Every object whose key starts with prefix (a half-written `.part` too); how many were removed."""
+        directory, start = self._path(prefix).parent, prefix.rpartition("/")[2]
+        removed = 0
+        try:
+            for path in directory.glob(f"{start}*") if directory.is_dir() else ():
+                with contextlib.suppress(FileNotFoundError):
+                    if path.is_file():
+                        path.unlink()
+                        removed += 1
+        except OSError as exc:
+            raise self._failed("delete", directory, exc) from exc
         return removed
 
     def ping(self) -> None:
@@ -202,6 +217,25 @@ class S3Store:
                         removed += 1
         except (BotoCoreError, ClientError) as exc:
             raise self._failed("sweep", "", exc) from exc
+        return removed
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Every object whose key starts with prefix: listed, then deleted a thousand at a time."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        removed = 0
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            for page in pages:
+                keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+                if keys:
+                    answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+                    if answer.get("Errors"):
+                        log.warning("S3 delete of %d keys under %s refused: %r", len(keys), prefix, answer["Errors"])
+                        raise StorageError("S3 delete failed: refused")
+                    removed += len(keys)
+        except (BotoCoreError, ClientError) as exc:
+            raise self._failed("delete", prefix, exc) from exc
         return removed
 
     def ping(self) -> None:

@@ -1,7 +1,11 @@
 """Job records in Redis: atomic lifecycle transitions, queue positions, progress events, cancel flags.
 
 Keys (all under the settings' key_prefix, `p`):
-    p:job:<id>             the JobRecord as JSON (expires `retention` after it ends)
+    p:job:<id>             the JobRecord as JSON (expires at its expires_at: its expires_after, or `retention`,
+                           after it ends)
+    p:expiring             sorted set of ended job ids by expires_at: the expiry sweep erases their objects
+    p:deleted:<id>         tombstone of an erased job {owner, reason, at}: its reads answer 410 for `retention`
+    p:delivered:<id>       set of the sample indexes downloaded (SUPIR_DELETE_AFTER_DELIVERY)
     p:owner:<owner>        sorted set of the owner's job ids by creation time
     p:slots:<owner>        sorted set of the owner's queued + running job ids by claim time (quota)
     p:queued               sorted set of queued ids by creation time
@@ -28,13 +32,23 @@ import math
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
 from .record import ACTIVE, JobError, JobProgress, JobRecord, Status
 
 WATCH_RETRIES = 20
+RATE_WINDOW_S = 60
+
+
+class RateWindow(NamedTuple):
+    """A key's request count in the current minute, as the RateLimit headers tell it."""
+
+    limit: int  # requests the window allows
+    remaining: int  # left in it after this one
+    reset_s: int  # seconds until the next window
+    exceeded: bool  # this request was over the limit
 
 
 WORKERS_KEPT_S = 3600.0  # how long a silent worker stays in p:workers (its beat expires far sooner)
@@ -151,12 +165,32 @@ class JobStore:
                 pipe.zadd(self._queued(record.variant), {record.id: record.created_at})
             pipe.execute()
 
-    def create_finished(self, record: JobRecord) -> None:
+    def create_finished(self, record: JobRecord) -> JobRecord:
         """A job that is born ended (answered from the result cache): listed, never queued, kept for retention."""
+        record = self._with_expiry(record)
         with self.r.pipeline() as pipe:
-            pipe.set(self._job(record.id), record.model_dump_json(), ex=self.retention_s)
+            pipe.set(self._job(record.id), record.model_dump_json())
             pipe.zadd(f"{self.p}:owner:{record.owner}", {record.id: record.created_at})
+            self._expire_at(pipe, record)
             pipe.execute()
+        return record
+
+    def _with_expiry(self, record: JobRecord) -> JobRecord:
+        """An ended record's expires_at, fixed once, when it ends: its own expires_after or the retention, later."""
+        if record.status in ACTIVE or record.expires_at is not None:
+            return record
+        ended = record.finished_at or time.time()
+        # whole seconds (views show it so), rounded up: never before the job's own expires_after has passed
+        expires_at = math.ceil(ended + (record.expires_after or self.retention_s))
+        return record.model_copy(update={"expires_at": float(expires_at)})
+
+    def _expire_at(self, pipe: redis.client.Pipeline, record: JobRecord) -> None:
+        """The ended record's keys expire at its expires_at, and the expiry sweep erases its objects then."""
+        assert record.expires_at is not None
+        at_ms = math.ceil(record.expires_at * 1000)
+        pipe.pexpireat(self._job(record.id), at_ms)
+        pipe.pexpireat(self.version_key(record.id), at_ms)
+        pipe.zadd(self._expiring, {record.id: record.expires_at})
 
     def update(self, job_id: str, change: Callable[[JobRecord], JobRecord | None]) -> JobRecord | None:
         """Apply `change` atomically (optimistic WATCH); it returns None to leave the record as it is."""
@@ -171,12 +205,12 @@ class JobStore:
                     record = change(JobRecord.model_validate_json(raw))
                     if record is None:
                         return None
+                    record = self._with_expiry(record)
                     # safe to read here: the version only changes with the watched record, in this transaction
                     version = int(pipe.get(self.version_key(job_id)) or 0) + 1
                     pipe.multi()
                     pipe.set(key, record.model_dump_json(), keepttl=True)
-                    ended = record.status not in ACTIVE
-                    pipe.set(self.version_key(job_id), version, ex=self.retention_s if ended else None)
+                    pipe.set(self.version_key(job_id), version)
                     self._index(pipe, record)
                     # the version rides along as an extra key (JobRecord ignores it): event streams number
                     # their events with it, so a client can resume after the last one it saw
@@ -200,7 +234,7 @@ class JobStore:
                 pipe.srem(self._running(variant), record.id)
         if record.status not in ACTIVE:
             pipe.zrem(self._slots(record.owner), record.id)
-            pipe.expire(self._job(record.id), self.retention_s)
+            self._expire_at(pipe, record)
 
     def start(self, job_id: str, worker: str, max_lost: int) -> tuple[str, JobRecord | None]:
         """Take job_id for `worker`: ("started", record), or ("ended" | "busy" | "lost", record or None).
@@ -304,6 +338,55 @@ class JobStore:
         ]
         return int(self.r.zrem(self._slots(owner), *orphans)) if orphans else 0
 
+    # expiry and erasure (jobs.retention erases the objects)
+    @property
+    def _expiring(self) -> str:
+        return f"{self.p}:expiring"
+
+    def _tombstone(self, job_id: str) -> str:
+        return f"{self.p}:deleted:{job_id}"
+
+    def expired_ids(self, now: float, limit: int = 500) -> list[str]:
+        """Ended jobs whose expires_at has passed, oldest first, whose objects are still to be erased."""
+        ids = self.r.zrangebyscore(self._expiring, 0, now, start=0, num=limit)
+        return [i.decode() if isinstance(i, bytes) else i for i in ids]
+
+    def forget_expired(self, job_id: str) -> None:
+        self.r.zrem(self._expiring, job_id)
+
+    def tombstone(self, job_id: str) -> dict[str, Any] | None:
+        """{owner, reason, at} of an erased job (reads answer 410), or None."""
+        raw = self.r.get(self._tombstone(job_id))
+        return None if raw is None else dict(json.loads(raw))
+
+    def bury(self, record: JobRecord, reason: str) -> None:
+        """Leave a tombstone and drop the record and every index entry at once (one transaction), flag a run to
+        stop, and tell open event streams: no reader finds the job after this, and its worker writes nothing
+        more (worker.execute looks for the tombstone around every object it writes)."""
+        job_id = record.id
+        stone = json.dumps({"owner": record.owner, "reason": reason, "at": time.time()})
+        with self.r.pipeline() as pipe:
+            pipe.set(self._tombstone(job_id), stone, ex=self.retention_s)
+            pipe.set(f"{self.p}:cancel:{job_id}", 1, ex=self.retention_s)
+            pipe.delete(self._job(job_id), self.version_key(job_id), f"{self.p}:delivered:{job_id}")
+            pipe.zrem(f"{self.p}:owner:{record.owner}", job_id)
+            pipe.zrem(self._slots(record.owner), job_id)
+            for variant in {None, record.variant or None}:
+                pipe.zrem(self._queued(variant), job_id)
+                pipe.srem(self._running(variant), job_id)
+            pipe.zrem(self._expiring, job_id)
+            pipe.publish(self.channel(job_id), json.dumps({"deleted": reason}))
+            pipe.execute()
+
+    def mark_delivered(self, job_id: str, index: int) -> int:
+        """Sample `index` of the job was downloaded: how many of its samples have been."""
+        key = f"{self.p}:delivered:{job_id}"
+        with self.r.pipeline() as pipe:
+            pipe.sadd(key, index)
+            pipe.expire(key, self.retention_s)
+            pipe.scard(key)
+            return int(pipe.execute()[2])
+
     # cancel flags
     def request_cancel(self, job_id: str) -> None:
         self.r.set(f"{self.p}:cancel:{job_id}", 1, ex=self.retention_s)
@@ -347,19 +430,24 @@ class JobStore:
         """Drop the claim if job_id still holds it (never another create's newer claim)."""
         return bool(self.r.eval(self._RELEASE_KEY, 1, self._idem(owner, key), job_id))
 
-    # rate limits
-    def hit_rate_limit(self, owner: str, limit_per_minute: int) -> int | None:
-        """Count a request in the current minute; return seconds to wait when over the limit, else None."""
+    # rate limits: a fixed window of a minute per owner
+    def count_request(self, owner: str, limit_per_minute: int) -> RateWindow:
+        """Count a request in the current minute: the window's limit, what is left of it and when it resets."""
         now = time.time()
-        window = int(now // 60)
+        window = int(now // RATE_WINDOW_S)
         name = f"{self.p}:rate:{owner}:{window}"
         with self.r.pipeline() as pipe:
             pipe.incr(name)
-            pipe.expire(name, 61)
-            count = pipe.execute()[0]
-        if count > limit_per_minute:
-            return max(1, int(60 - now % 60) + 1)
-        return None
+            pipe.expire(name, RATE_WINDOW_S + 1)
+            count = int(pipe.execute()[0])
+        # rounded up: a client that waits this long is in the next window
+        reset_s = max(1, int(RATE_WINDOW_S - now % RATE_WINDOW_S) + 1)
+        return RateWindow(limit_per_minute, max(0, limit_per_minute - count), reset_s, count > limit_per_minute)
+
+    def hit_rate_limit(self, owner: str, limit_per_minute: int) -> int | None:
+        """Count a request in the current minute; return seconds to wait when over the limit, else None."""
+        counted = self.count_request(owner, limit_per_minute)
+        return counted.reset_s if counted.exceeded else None
 
     # workers: each worker process ("host:pid") keeps a short-lived beat naming the job it runs
     def _beat(self, worker: str) -> str:

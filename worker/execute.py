@@ -15,6 +15,7 @@ import redis
 
 from jobs.cache import cacheable, record_key
 from jobs.record import Faces, JobError, JobProgress, JobRecord, JobResult, Status, Tiling, output_key, stage1_key
+from jobs.retention import erase_objects
 from jobs.storage import ObjectMissing, StorageError
 from supir_core.errors import Canceled, InvalidInput, WeightsError
 from supir_core.params import RestoreParams
@@ -35,6 +36,10 @@ T = TypeVar("T")
 
 class Busy(Exception):
     """Another live worker process runs this job (a duplicate delivery): look again later."""
+
+
+class Erased(Exception):
+    """The job was erased (DELETE) while it ran: what it wrote is removed again, and nothing more is written."""
 
 
 REDIS_WAIT_S = 300.0  # how long a job waits out a Redis restart or failover (a worker can do nothing without it)
@@ -171,9 +176,21 @@ def _run(runtime: Runtime, job_id: str) -> str:
         seconds["total"] = time.perf_counter() - started
     except redis.RedisError:
         raise  # Redis stayed away past REDIS_WAIT_S: the reaper queues the job again once it is back
+    except Erased:
+        log.info("job %s: erased while it ran; its files are removed and it ends here", job_id)
+        return "erased"
     except Exception as exc:
         return _end_failed(runtime, job_id, exc)
     return _succeed(runtime, record, params, made, results, seconds)
+
+
+def _put(runtime: Runtime, job_id: str, what: str, key: str, data: bytes, content_type: str) -> None:
+    """Store one of the job's objects, then make sure the job was not erased meanwhile: the API writes the
+    tombstone before it erases, so a write that raced the erase is found here and removed."""
+    _stored(runtime, what, lambda: runtime.objects.put(key, data, content_type))
+    if _redis(lambda: runtime.store.tombstone(job_id)) is not None:
+        _stored(runtime, "erasing the files of an erased job", lambda: erase_objects(runtime.objects, job_id))
+        raise Erased(job_id)
 
 
 def _start(runtime: Runtime, job_id: str) -> JobRecord | str:
@@ -213,7 +230,7 @@ def _make(
     if record.kind == "preview":
         preview = pipeline.preview(loaded, params, on_progress=on_progress)
         kept = preview.stage1.to_bytes()  # what a later job from this preview starts from
-        _stored(runtime, "keeping stage 1", lambda: runtime.objects.put(stage1_key(record.id), kept, _TENSORS))
+        _put(runtime, record.id, "keeping stage 1", stage1_key(record.id), kept, _TENSORS)
         return _Made([preview.stage1_image], [None], preview.seconds, preview.caption, None, None)
     stage1 = _read_stage1(runtime, record.stage1_job) if record.stage1_job is not None else None
 
@@ -337,7 +354,7 @@ def _write_results(
     results = []
     for index, (file, seed) in enumerate(zip(files, seeds, strict=True)):
         key = output_key(record.id, index, file.extension)
-        _stored(runtime, "writing the result", lambda: runtime.objects.put(key, file.data, file.media_type))  # noqa: B023
+        _put(runtime, record.id, "writing the result", key, file.data, file.media_type)
         results.append(
             JobResult(
                 key=key,

@@ -21,10 +21,11 @@ from celery import Task
 from celery.signals import worker_init, worker_ready
 
 from jobs.netguard import ForbiddenAddress, resolve_checked, send_pinned
-from jobs.queue import SWEEP_TASK, WEBHOOK_EVENT_TASK, WEBHOOK_TASK, make_celery
-from jobs.record import JobRecord
+from jobs.queue import EXPIRE_TASK, SWEEP_TASK, WEBHOOK_EVENT_TASK, WEBHOOK_TASK, make_celery
+from jobs.record import JobRecord, rfc3339
 from jobs.redis_conn import store_client
 from jobs.redis_memory import exit_if_evicting
+from jobs.retention import expire_due
 from jobs.settings import Settings, get_settings
 from jobs.storage import ObjectStore, make_store
 from jobs.store import JobStore
@@ -112,12 +113,22 @@ def deliver_event(self: Task, job_id: str, event: str) -> str:
         raise self.retry(countdown=1.0 + self.request.retries) from exc
 
 
+@app.task(name=EXPIRE_TASK)
+def expire() -> int:
+    """Erase the objects of jobs past their expires_at (jobs.retention); their records expire on their own."""
+    s = stores()
+    return expire_due(s.store, s.objects)
+
+
 @app.task(name=SWEEP_TASK)
 def sweep() -> dict[str, int]:
-    """Drop inputs and results past the retention window, and expired jobs from the owners' lists."""
+    """Drop objects older than the retention window (whatever no job's expiry names: a safety net), and expired
+    jobs from the owners' lists."""
     s = stores()
     cutoff = time.time() - settings.retention_hours * 3600
-    return {"objects": s.objects.delete_older_than(cutoff), "index_entries": s.store.sweep(s.store.owners())}
+    expired = expire_due(s.store, s.objects)
+    objects = s.objects.delete_older_than(cutoff)
+    return {"expired_jobs": expired, "objects": objects, "index_entries": s.store.sweep(s.store.owners())}
 
 
 def webhook_payload(record: JobRecord, deps: Deps, event: str | None = None) -> bytes:
@@ -136,6 +147,9 @@ def webhook_payload(record: JobRecord, deps: Deps, event: str | None = None) -> 
             "seconds": record.seconds,
             "created_at": record.created_at,
             "finished_at": record.finished_at,
+            # as in the job's view: when its record and files are erased (RFC 3339, UTC)
+            "expires_after": record.expires_after or deps.settings.retention_s,
+            "expires_at": rfc3339(record.expires_at),
         },
     }
     return json.dumps(body, separators=(",", ":")).encode()

@@ -11,16 +11,18 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from PIL import Image
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from jobs.record import JobRecord, JobResult, thumbnail_key
+from jobs.retention import erase, erase_objects
 from jobs.storage import LocalStore, ObjectMissing
 from supir_core.formats import OUTPUT_FORMATS
 from supir_core.params import MAX_SAMPLES
 
 from .. import events
 from ..creation import create, idempotency_key_of, read_job_request
-from ..deps import CallerDep, OwnedJobDep, ServicesDep, StreamsDep
+from ..deps import CallerDep, OwnedJobDep, ServicesDep, StreamsDep, missing_job
 from ..errors import ApiError
 from ..models import Job, JobList
 from ..openapi import CREATE_JOB_DOCS, FROM_PREVIEW_DOCS, OCTET_STREAM, binary_content, errors
@@ -51,7 +53,7 @@ def created(*statuses: int) -> dict[int | str, dict[str, Any]]:
     status_code=202,
     operation_id="createJob",
     response_model=Job,
-    responses=created(400, 401, 403, 408, 409, 413, 415, 422, 429, 503),
+    responses=created(400, 401, 403, 408, 409, 410, 413, 415, 422, 429, 503),
     openapi_extra=CREATE_JOB_DOCS,
 )
 async def create_job(request: Request, caller: CallerDep, services: ServicesDep, streams: StreamsDep) -> JSONResponse:
@@ -65,7 +67,7 @@ async def create_job(request: Request, caller: CallerDep, services: ServicesDep,
     status_code=202,
     operation_id="restoreFromPreview",
     response_model=Job,
-    responses=created(400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 503),
+    responses=created(400, 401, 403, 404, 408, 409, 410, 413, 415, 422, 429, 503),
     openapi_extra=FROM_PREVIEW_DOCS,
 )
 async def restore_from_preview(
@@ -107,13 +109,39 @@ def list_jobs(
     return {"jobs": [services.view(r) for r in page], "next_cursor": next_cursor}
 
 
-@router.get("/{job_id}", operation_id="getJob", response_model=Job, responses=errors(401, 404, 429, 503))
+@router.get("/{job_id}", operation_id="getJob", response_model=Job, responses=errors(401, 404, 410, 429, 503))
 def get_job(job: OwnedJobDep, services: ServicesDep) -> dict[str, Any]:
     return services.view(job)
 
 
+@router.delete(
+    "/{job_id}",
+    operation_id="deleteJob",
+    status_code=204,
+    response_class=Response,
+    responses={
+        204: {"description": "erased (or erased already): the job's reads now answer 410 job_deleted"},
+        **errors(401, 404, 429, 503),
+    },
+)
+def delete_job(job_id: str, caller: CallerDep, services: ServicesDep) -> Response:
+    """Erase the job now: its photo, results, thumbnails and stage-1 files, and its record. A queued or running job
+    is canceled first (a run stops before its next step and writes nothing more); no webhook follows. Its reads
+    answer `410 job_deleted` for the retention window. Idempotent: a second DELETE answers the same."""
+    store = services.store
+    record = store.get(job_id)
+    if record is None or record.owner != caller.id:
+        error = missing_job(store, job_id, caller.id)
+        if error.code != "job_deleted":
+            raise error
+        erase_objects(services.objects, job_id)  # erased already: again, in case that erase was cut short
+    else:
+        erase(store, services.objects, record, "deleted")
+    return Response(status_code=204)
+
+
 @router.post(
-    "/{job_id}/cancel", operation_id="cancelJob", response_model=Job, responses=errors(401, 404, 409, 429, 503)
+    "/{job_id}/cancel", operation_id="cancelJob", response_model=Job, responses=errors(401, 404, 409, 410, 429, 503)
 )
 def cancel_job(job: OwnedJobDep, services: ServicesDep) -> dict[str, Any]:
     """Queued jobs end at once; running ones stop before their next sampler step."""
@@ -147,7 +175,7 @@ def cancel_job(job: OwnedJobDep, services: ServicesDep) -> dict[str, Any]:
             "description": "Server-Sent Events: `event: job`, `id: <version>`, `data: <Job as JSON>`",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
-        **errors(401, 404, 429, 503),
+        **errors(401, 404, 410, 429, 503),
     },
 )
 async def job_events(job: OwnedJobDep, request: Request, services: ServicesDep, streams: StreamsDep) -> Response:
@@ -167,15 +195,42 @@ async def job_events(job: OwnedJobDep, request: Request, services: ServicesDep, 
             "content": binary_content(*RESULT_MEDIA_TYPES),
         },
         307: {"description": "a redirect to a presigned URL of the image (S3 storage)"},
-        **errors(400, 401, 404, 409, 422, 429, 503),
+        **errors(400, 401, 404, 409, 410, 422, 429, 503),
     },
 )
 def job_result(job: OwnedJobDep, services: ServicesDep, request: Request, index: int = SAMPLE_INDEX) -> Response:
     """One sample's image (`index`, 0 = the first; `params.num_samples` of them)."""
     result = _sample(job, index)
-    if isinstance(services.objects, LocalStore):
-        return Response(services.objects.get(result.key), media_type=_labelled(request, result.content_type))
+    # zero retention: served here, whatever the storage, so the service knows the bytes went out; then erased
+    delivered = _delivered(services, job, index) if services.settings.delete_after_delivery else None
+    if isinstance(services.objects, LocalStore) or delivered is not None:
+        data = _read(services, job, result.key)
+        return Response(data, media_type=_labelled(request, result.content_type), background=delivered)
     return RedirectResponse(services.objects.url(result.key, RESULT_URL_TTL_S), status_code=307)
+
+
+def _read(services: ServicesDep, job: JobRecord, key: str) -> bytes:
+    """One of the job's objects; 410 when the job was erased since its record was read."""
+    try:
+        return services.objects.get(key)
+    except ObjectMissing:
+        error = missing_job(services.store, job.id, job.owner)
+        if error.code == "job_deleted":
+            raise error from None
+        raise
+
+
+def _delivered(services: ServicesDep, job: JobRecord, index: int) -> BackgroundTask | None:
+    """SUPIR_DELETE_AFTER_DELIVERY: once this response is sent, count the sample delivered; the last of a
+    restoration's samples erases the job. A preview is kept (its restore needs its photo and stage 1)."""
+    if job.kind != "restore":
+        return None
+
+    def after_sending() -> None:
+        if services.store.mark_delivered(job.id, index) >= len(results_of(job)):
+            erase(services.store, services.objects, job, "delivered")
+
+    return BackgroundTask(after_sending)
 
 
 def _sample(job: JobRecord, index: int) -> JobResult:
@@ -197,7 +252,7 @@ def _sample(job: JobRecord, index: int) -> JobResult:
             "description": "a JPEG of the result, its longer side `size` pixels (made once, then kept)",
             "content": binary_content("image/jpeg"),
         },
-        **errors(400, 401, 404, 409, 422, 429, 503),
+        **errors(400, 401, 404, 409, 410, 422, 429, 503),
     },
 )
 async def job_thumbnail(
@@ -213,12 +268,21 @@ async def job_thumbnail(
     try:
         data = await run_in_threadpool(services.objects.get, key)
     except ObjectMissing:  # the first request for this size makes it: one decode, bounded like the API's others
-        result = await run_in_threadpool(services.objects.get, sample.key)
+        result = await run_in_threadpool(_read, services, job, sample.key)
         async with services.decodes:
             data = await run_in_threadpool(_thumbnail, result, size)
-        await run_in_threadpool(services.objects.put, key, data, "image/jpeg")
+        await run_in_threadpool(_keep, services, job, key, data)
     headers = {"Cache-Control": "private, max-age=3600", "Vary": "Accept"}
     return Response(data, media_type=_labelled(request, "image/jpeg"), headers=headers)
+
+
+def _keep(services: ServicesDep, job: JobRecord, key: str, data: bytes) -> None:
+    """Store a thumbnail, unless the job was erased meanwhile (the tombstone comes before the erase, so a put that
+    raced it is found here and removed): then 410."""
+    services.objects.put(key, data, "image/jpeg")
+    if services.store.tombstone(job.id) is not None:
+        erase_objects(services.objects, job.id)
+        raise missing_job(services.store, job.id, job.owner)
 
 
 def _labelled(request: Request, media_type: str) -> str:

@@ -3,18 +3,20 @@ in local-disk storage. Not part of the documented API."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from fastapi import APIRouter
 from fastapi.responses import RedirectResponse, Response
 
-from jobs.storage import LocalStore
+from jobs.storage import LocalStore, ObjectMissing
 from supir_core.formats import media_type_of
 
 from ..deps import ServicesDep
 from ..errors import ApiError
 
 router = APIRouter(include_in_schema=False)
+JOB_IN_KEY = re.compile(r"job_[0-9a-f]{32}")  # every object key names its job (jobs.record)
 UI_PAGE = Path(__file__).parent.parent / "ui" / "index.html"
 
 
@@ -45,5 +47,12 @@ def signed_file(key: str, expires: int, signature: str, services: ServicesDep) -
     objects = services.objects
     if not isinstance(objects, LocalStore) or not objects.verify(key, expires, signature):
         raise ApiError("not_found", "no such file, or the link has expired")
+    try:
+        data = objects.get(key)
+    except ObjectMissing:
+        erased = JOB_IN_KEY.search(key)
+        if erased is not None and services.store.tombstone(erased.group(0)) is not None:
+            raise ApiError("job_deleted", f"job {erased.group(0)} was erased: its files are gone") from None
+        raise ApiError("not_found", "no such file, or the link has expired") from None
     # by the extension its key ends in (jobs.record's key helpers); thumbnails are .jpg
-    return Response(objects.get(key), media_type=media_type_of(key), headers={"X-Content-Type-Options": "nosniff"})
+    return Response(data, media_type=media_type_of(key), headers={"X-Content-Type-Options": "nosniff"})

@@ -94,7 +94,7 @@ def test_a_field_the_record_and_the_job_share_needs_no_mapping() -> None:
     shared = set(Job.model_fields) & set(JobRecord.model_fields)
     assert {"caption", "cached_from", "gpu_seconds", "stage1_job", "kind"} <= shared
     record = JobRecord(owner="a", params=PARAMS, cached=True, cached_from="job_1", kind="preview", stage1_job="job_0")
-    job = Job.from_record(record, queue_position=None, cancel_requested=False, results=[])
+    job = Job.from_record(record, queue_position=None, cancel_requested=False, results=[], retention_s=60)
     assert (job.cached, job.cached_from, job.kind, job.stage1_job) == (True, "job_1", "preview", "job_0")
 
 
