@@ -20,7 +20,7 @@ from jobs.settings import Settings, get_settings
 from . import docs, errors, events, metrics, openapi
 from .admin import AdminPort
 from .limits import BodyLimits
-from .routes import jobs, operations, pages, usage
+from .routes import estimates, jobs, operations, pages, usage
 from .services import Services
 from .shutdown import DRAIN, SHUTTING_DOWN, ShutdownGuard
 
@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     errors.install(app)
     docs.install(app)
     openapi.install(app, tuple(settings.variant_files), settings.default_params)
-    for router in (jobs.router, usage.router, pages.router, operations.router):
+    for router in (jobs.router, estimates.router, usage.router, pages.router, operations.router):
         app.include_router(router)
 
     @app.middleware("http")
