@@ -12,7 +12,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
@@ -299,7 +308,14 @@ class RestoreFromPreview(_JobOptions):
 
 
 MAX_DECLARED_SIDE = 65_535  # the largest side any format the intake reads can declare (TIFF's a little more)
-Side = Annotated[int, Field(ge=1, le=MAX_DECLARED_SIDE)]
+
+
+def _whole_number(value: object) -> object:
+    """JSON has one number type: 3000.0 is the integer 3000 (JSON Schema agrees), 3000.5 is not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Side = Annotated[int, BeforeValidator(_whole_number)]
 
 
 class EstimateRequest(BaseModel):
@@ -308,8 +324,8 @@ class EstimateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    width: Side = Field(description="the photo's width in pixels (upright: after its EXIF orientation)")
-    height: Side = Field(description="the photo's height in pixels")
+    width: Side = Field(ge=1, le=MAX_DECLARED_SIDE, description="the photo's width in pixels (upright: after EXIF)")
+    height: Side = Field(ge=1, le=MAX_DECLARED_SIDE, description="the photo's height in pixels")
     # upload_id: the next way to name the photo (issue 27's direct uploads), its size read from the stored object;
     # then exactly one of (width, height) and upload_id
     params: ParamsObject | SkipJsonSchema[None] = None
