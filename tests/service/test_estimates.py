@@ -78,6 +78,7 @@ def test_estimates_come_within_25_percent_of_the_measured_gpu_seconds(service: S
             measured[BETWEEN].append(wait_for_status(client, job["id"], {"succeeded"}, timeout=180)["gpu_seconds"])
 
     report = {size: (estimates[size], statistics.median(measured[size]), measured[size]) for size in measured}
+    print("estimate, median measured, measured:", report)
     for size in measured:
         assert abs(estimates[size] / statistics.median(measured[size]) - 1) <= TOLERANCE, report
     # not a constant that happens to fit: the largest size is predicted to take far longer than the smallest
