@@ -35,7 +35,14 @@ from . import metrics, shutdown
 from .deps import missing_job
 from .errors import QUEUE_FULL_MESSAGE, QUEUE_FULL_RETRY_S, STATUS, ApiError
 from .intake import check_image, check_public_url, fetch_image
-from .models import WEBHOOK_EVENTS, JobFromUrl, JobUpload, RestoreFromPreview
+from .models import (
+    MAX_DECLARED_SIDE,
+    WEBHOOK_EVENTS,
+    EstimateRequest,
+    JobFromUrl,
+    JobUpload,
+    RestoreFromPreview,
+)
 from .services import Services
 
 MAX_JSON_DEPTH = 32  # nesting allowed in a JSON body or the params field
@@ -46,16 +53,19 @@ IDEMPOTENCY_WAIT_S = 30.0  # how long a repeat waits for the first create's job 
 IDEMPOTENCY_POLL_S = 0.1
 IDEMPOTENCY_STALE_S = 300.0  # a claim this old with no job: its API process died; the next request takes it
 SIZE_PARAMS = ("min_size", "upscale")  # fix the processing size: a run from a kept stage 1 must share them
-Body = TypeVar("Body", JobUpload, JobFromUrl, RestoreFromPreview)
+Body = TypeVar("Body", JobUpload, JobFromUrl, RestoreFromPreview, EstimateRequest)
 # A body with several faults is answered with one: unknown fields first, then wrong JSON types, then wrong
 # values, the fields in this order (the order the API has always checked them in)
 FIELD_ORDER = (
-    "image", "image_url", "webhook_url", "preset", "params", "variant", "preview", "webhook_events", "expires_after",
+    "image", "image_url", "width", "height", "webhook_url", "preset", "params", "variant", "preview", "webhook_events",
+    "expires_after",
 )  # fmt: skip
 # each field's code, and the message for a value of the right JSON type that is still refused
 REFUSALS = {
     "image_url": ("invalid_url", "image_url must be an http or https URL"),
     "webhook_url": ("invalid_webhook_url", "webhook_url must be an http or https URL"),
+    "width": ("invalid_request", f"width must be a whole number of pixels from 1 to {MAX_DECLARED_SIDE}"),
+    "height": ("invalid_request", f"height must be a whole number of pixels from 1 to {MAX_DECLARED_SIDE}"),
     "preset": ("invalid_parameter", "preset must be a string"),
     "params": ("invalid_request", "params must be a JSON object"),
     "variant": ("invalid_request", "variant must be a string"),
@@ -164,6 +174,21 @@ async def _from_preview_body(request: Request, content_type: str, settings: Sett
         message = "send JSON (params, preset, webhook_url, webhook_events, expires_after) or nothing"
         raise ApiError("unsupported_media_type", message)
     return _validated(RestoreFromPreview, _json_object(body) if body.strip() else {}, settings)
+
+
+def read_estimate_request(body: bytes, settings: Settings) -> tuple[EstimateRequest, RestoreParams, str]:
+    """`POST /v1/estimates`' JSON body, checked as a create body is: (the body, its params over this deployment's
+    defaults and the preset, the variant that would run it)."""
+    estimate = _validated(EstimateRequest, _json_object(body) if body.strip() else {}, settings)
+    try:
+        raw = with_defaults(estimate.params or {}, estimate.preset, settings.default_params)
+        params = validate_params(raw, preset=estimate.preset)
+    except InvalidInput as exc:
+        raise _params_refusal(exc) from None
+    variant = estimate.variant or settings.default_variant
+    if variant not in settings.variant_files:
+        raise _unserved(variant, settings)
+    return estimate, params, variant
 
 
 def _json_object(body: bytes) -> dict[str, Any]:

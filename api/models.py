@@ -8,6 +8,7 @@ then validates it with the body models here; their JSON Schema is the operation'
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
@@ -39,8 +40,8 @@ from jobs.record import (
 from supir_core.params import PRESETS, RestoreParams
 
 __all__ = [
-    "Error", "ErrorBody", "Job", "JobFromUrl", "JobList", "JobUpload", "RestoreFromPreview", "RestoreParams",
-    "body_schema",
+    "Error", "ErrorBody", "Estimate", "EstimateRequest", "Job", "JobFromUrl", "JobList", "JobUpload",
+    "RestoreFromPreview", "RestoreParams", "body_schema",
 ]  # fmt: skip
 
 
@@ -135,6 +136,13 @@ class Job(BaseModel):
         description="when the job's record and files (photo, results, thumbnails, stage 1) are erased, RFC 3339 "
         "UTC: `expires_after` after it ends; null while it is queued or running. Its reads then answer 404",
     )
+    expected_start_s: float | None = Field(
+        None,
+        description="queued: seconds until a worker is expected to start it, from its queue position, the jobs "
+        "running, the ready workers of its variant and their measured mean job time (docs/service.md, Estimates); "
+        "null once it runs, or while no worker of its variant is ready",
+    )
+    eta: datetime | None = Field(None, description="queued: when it is expected to start (now + expected_start_s)")
 
     @classmethod
     def from_record(
@@ -145,10 +153,11 @@ class Job(BaseModel):
         cancel_requested: bool,
         results: list[JobResultInfo],
         retention_s: int,
+        expected_start_s: float | None = None,
     ) -> Job:
         """What a client sees of a record (never its owner, worker or storage keys): each field the record has
         by the same name as stored, so a new one is shown by declaring it here; the rest derived."""
-        shown = {"input", "result", "results", "variant", "queue_position", "cancel_requested"}
+        shown = {"input", "result", "results", "variant", "queue_position", "cancel_requested", "expected_start_s"}
         shown |= {"expires_after", "expires_at"}
         shared = (set(cls.model_fields) & set(JobRecord.model_fields)) - shown
         return cls.model_validate(
@@ -166,6 +175,8 @@ class Job(BaseModel):
                 "cancel_requested": cancel_requested,
                 "expires_after": record.expires_after or retention_s,
                 "expires_at": rfc3339(record.expires_at),
+                "expected_start_s": expected_start_s,
+                "eta": None if expected_start_s is None else datetime.now(UTC) + timedelta(seconds=expected_start_s),
             }
         )
 
@@ -320,6 +331,86 @@ class RestoreFromPreview(_JobOptions):
     (stage 1 ran that variant's encoder)."""
 
     webhook_url: HttpUrl | None = Field(None, description=WEBHOOK_URL)
+
+
+MAX_DECLARED_SIDE = 65_535  # the largest side any format the intake reads can declare (TIFF's a little more)
+
+
+Side = Annotated[int, BeforeValidator(_whole_number)]
+
+
+class EstimateRequest(BaseModel):
+    """`POST /v1/estimates`: what a job would be sent (params, preset, variant, preview), with the photo's size in
+    place of the photo. Strict, as the create bodies."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    width: Side = Field(ge=1, le=MAX_DECLARED_SIDE, description="the photo's width in pixels (upright: after EXIF)")
+    height: Side = Field(ge=1, le=MAX_DECLARED_SIDE, description="the photo's height in pixels")
+    # upload_id: the next way to name the photo (issue 27's direct uploads), its size read from the stored object;
+    # then exactly one of (width, height) and upload_id
+    params: ParamsObject | SkipJsonSchema[None] = None
+    preset: Preset | SkipJsonSchema[None] = None
+    variant: Variant | SkipJsonSchema[None] = None
+    preview: bool = Field(False, description="estimate a preview (stage 1 and its caption only)")
+
+
+class Size(BaseModel):
+    width: int
+    height: int
+
+
+class EstimateTiling(BaseModel):
+    """Which parts would run tiled: decided as the worker decides (params.tiling; auto: its traced memory plan
+    against its budget, which each worker publishes); unknown when that needs a plan no worker has published."""
+
+    model_config = SENT
+
+    sampling: Literal["tiled", "untiled", "unknown"]
+    vae: Literal["tiled", "untiled", "unknown"]
+    reason: str
+
+
+class EstimateQueue(BaseModel):
+    """The variant's queue now, and when a job sent now is expected to start (docs/service.md, Estimates)."""
+
+    model_config = SENT
+
+    queued: int = Field(description="jobs of the variant waiting")
+    running: int = Field(description="jobs of the variant running")
+    ready_workers: int = Field(description="worker processes of the variant that are ready")
+    job_seconds: float = Field(description="a job's mean wall seconds on a worker of the variant")
+    job_seconds_basis: Literal["default", "measured"] = Field(
+        description="measured: from the variant's succeeded jobs; default: none yet (a documented constant)"
+    )
+    expected_wait_s: float | None = Field(
+        description="seconds until a job sent now is expected to start; null while no worker of the variant is ready"
+    )
+
+
+class Estimate(BaseModel):
+    """What a job would do and cost, before it is sent (`POST /v1/estimates`)."""
+
+    model_config = SENT
+
+    variant: str
+    kind: Literal["restore", "preview"]
+    input: Size
+    processing: Size = Field(description="the size the model runs at (params.upscale, params.min_size; sides ÷ 64)")
+    output: Size
+    steps: int
+    sampler: str
+    num_samples: int
+    tiling: EstimateTiling
+    gpu_seconds: float = Field(description="predicted pipeline seconds on a worker (what usage counts)")
+    gpu_seconds_by_stage: dict[str, float]
+    basis: Literal["default", "measured", "mixed"] = Field(
+        description="measured: every stage from the rates the variant's workers measured; default: none measured "
+        "yet (documented default rates); mixed: some stages not yet measured (`default_stages`)"
+    )
+    measured_jobs: int = Field(description="succeeded jobs of the variant the measured rates rest on")
+    default_stages: list[str] = Field(description="stages predicted from the default rates")
+    queue: EstimateQueue
 
 
 def body_schema(model: type[BaseModel]) -> dict[str, Any]:

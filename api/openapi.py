@@ -13,7 +13,7 @@ from fastapi.openapi.utils import get_openapi
 
 from supir_core.params import PRESETS
 
-from .models import Error, JobFromUrl, JobUpload, RestoreFromPreview, body_schema
+from .models import Error, EstimateRequest, JobFromUrl, JobUpload, RestoreFromPreview, body_schema
 
 PUBLIC = ("/healthz", "/readyz", "/status", "/metrics", "/v1/service")  # no key needed
 REASONS = {
@@ -106,6 +106,11 @@ CREATE_JOB_DOCS: dict[str, Any] = {
 FROM_PREVIEW_DOCS: dict[str, Any] = {
     "requestBody": {"required": False, "content": {"application/json": {"schema": body_schema(RestoreFromPreview)}}},
     "parameters": CREATE_HEADERS,
+}
+
+# read by hand too (api.creation.read_estimate_request: the create bodies' checks and codes)
+ESTIMATE_DOCS: dict[str, Any] = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": body_schema(EstimateRequest)}}},
 }
 
 

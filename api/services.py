@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from jobs.estimates import RateBook, expected_start_s, job_seconds, ready_workers
 from jobs.queue import RESTORE_TASK, WEBHOOK_TASK, make_celery, variant_queue, webhook_queue
 from jobs.record import TERMINAL, JobRecord, JobResult
 from jobs.redis_conn import store_client
@@ -36,6 +37,7 @@ class Services:
         # timeout (1 s by default) even when Redis hangs
         self.probe = store_client(settings, socket_timeout=0.5, connect_timeout=0.5)
         self.notify = notify  # sends a job's webhook (to the light worker), for jobs the API itself ends
+        self.rates = RateBook(store)  # what workers measured, for estimates and queued jobs' ETA
         # image_url downloads and full decodes run in the threadpool; these bound how many threads they take,
         # so slow URLs or big images cannot starve the other routes of threads
         self.fetches = asyncio.Semaphore(settings.max_concurrent_fetches)
@@ -58,11 +60,11 @@ class Services:
     def view(self, record: JobRecord) -> dict[str, Any]:
         """What a client sees of a job, as JSON (api.models.Job); blocking (Redis, signing)."""
         active = record.status not in TERMINAL
+        position = self.store.queue_position(record.id, record.variant or None) if record.status == "queued" else None
         job = Job.from_record(
             record,
-            queue_position=(
-                self.store.queue_position(record.id, record.variant or None) if record.status == "queued" else None
-            ),
+            queue_position=position,
+            expected_start_s=self._expected_start(record.variant, position) if position is not None else None,
             # the cancel was taken: a running job stops at its next step (one EXISTS, for active jobs only)
             cancel_requested=record.status == "canceled" or (active and self.store.cancel_requested(record.id)),
             results=[self._result(r) for r in results_of(record)] if record.status == "succeeded" else [],
@@ -70,6 +72,14 @@ class Services:
         )
         # params as stored: an older record's partial params are not filled in with today's defaults here
         return {**job.model_dump(mode="json"), "params": record.params}
+
+    def _expected_start(self, variant: str, ahead: int) -> float | None:
+        """A queued job's expected start (jobs.estimates.expected_start_s); a record without a variant is the
+        default variant's."""
+        variant = variant or self.settings.default_variant
+        seconds, _ = job_seconds(self.rates.rates(variant))
+        running, workers = self.store.running_count(variant), ready_workers(self.store, variant)
+        return expected_start_s(ahead, running, workers, seconds)
 
     def _result(self, result: JobResult) -> JobResultInfo:
         shown = result.model_dump(exclude={"key"})

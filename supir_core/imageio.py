@@ -23,8 +23,11 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from .errors import InvalidInput
 from .formats import OUTPUT_FORMATS
+from .plan import SIZE_MULTIPLE as SIZE_MULTIPLE  # the size plan is torch-free (the API estimates with it)
+from .plan import Sizes as Sizes
+from .plan import plan_caption_sizes as plan_caption_sizes
+from .plan import plan_sizes as plan_sizes
 
-SIZE_MULTIPLE = 64  # processing sides are rounded to this (latent /8, UNet /4 more, and the adaptor likewise)
 MAX_INPUT_PIXELS = 64_000_000
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 ORIENTATION = 0x0112  # EXIF IFD0 tag
@@ -197,36 +200,6 @@ def _normalise(img: Image.Image) -> LoadedImage:
         icc_profile=icc if isinstance(icc, bytes) else None,
         icc_converted=converted,
     )
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """Input, processing and output sizes, (width, height)."""
-
-    input: tuple[int, int]
-    process: tuple[int, int]
-    output: tuple[int, int]
-
-
-def plan_sizes(size: tuple[int, int], upscale: float, min_size: int) -> Sizes:
-    """Output = upscale × input; processing size = that, raised to a min_size short side, sides rounded to 64."""
-    w, h = size
-    out_w, out_h = max(round(w * upscale), 1), max(round(h * upscale), 1)
-    scale = max(1.0, min_size / min(out_w, out_h))
-    proc_w = max(SIZE_MULTIPLE, round(out_w * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE)
-    proc_h = max(SIZE_MULTIPLE, round(out_h * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE)
-    return Sizes(input=(w, h), process=(proc_w, proc_h), output=(out_w, out_h))
-
-
-def plan_caption_sizes(size: tuple[int, int], upscale: float, short_side: int = 512) -> Sizes:
-    """The official caption input: the upscaled input's shape at a `short_side` short side; processed with sides
-    rounded to 64 (`process`), handed to the captioner at the unrounded size (`output`)."""
-    w, h = size[0] * upscale, size[1] * upscale
-    scale = short_side / min(w, h)
-    out_w, out_h = round(w * scale), round(h * scale)
-    proc_w = max(SIZE_MULTIPLE, round(w * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE)
-    proc_h = max(SIZE_MULTIPLE, round(h * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE)
-    return Sizes(input=size, process=(proc_w, proc_h), output=(out_w, out_h))
 
 
 def to_model_input(rgb: Image.Image, size: tuple[int, int]) -> torch.Tensor:

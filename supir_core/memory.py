@@ -17,7 +17,6 @@ import os
 import traceback
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .models.supir import SupirModel
+from .plan import GB, Budget, StageBytes
+from .plan import TilingDecision as TilingDecision  # the plan's arithmetic is torch-free (the API estimates with it)
+from .plan import decide_tiling as decide_tiling
 
-GB = 1e9
 REFERENCE_SIDE = 512  # image pixels: a 64² latent, big enough that fixed-size tensors (text, embeddings) are noise
 
 
@@ -73,22 +74,6 @@ def peak_bytes(run: Callable[[], Any]) -> int:
         result = run()
         del result
     return tracker.peak
-
-
-@dataclass(frozen=True)
-class StageBytes:
-    """Activation bytes per image pixel (processing size, one image) of each stage, run untiled."""
-
-    stage1: float  # robust encode, decode, encode of the stage-1 image
-    sampling: float  # one guided network call (adaptor + UNet, CFG batch of 2)
-    decode: float
-    vae_maps: float = 0.0  # what a tiled VAE pass's full-size maps and output add per pixel, the maps on the device
-
-    def at(self, pixels: int, batch: int = 1) -> dict[str, float]:
-        """Planned bytes of each stage for `batch` samples of one image of `pixels` pixels: stage 1 runs once per
-        image (the samples share it), sampling (CFG batch 2·batch) and decoding run on every sample at once."""
-        scale = pixels * batch
-        return {"stage1": self.stage1 * pixels, "sampling": self.sampling * scale, "decode": self.decode * scale}
 
 
 _traced: weakref.WeakKeyDictionary[SupirModel, dict[tuple[Any, ...], StageBytes]] = weakref.WeakKeyDictionary()
@@ -141,72 +126,6 @@ def _growth(side: int, tiled_pass: Callable[..., Any], full: torch.Tensor) -> fl
     small = peak_bytes(lambda: tiled_pass(half.contiguous(), chunk))
     large = peak_bytes(lambda: tiled_pass(full, chunk))
     return (large - small) / (side * side * 3 / 4)
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Bytes of activations a run may use, where the figure comes from, and what it was computed from (GB).
-
-    It depends only on the device, the loaded models and the settings, never on what other processes hold at the
-    moment: the same job on the same deployment takes the same path (and gives the same bytes) every time."""
-
-    bytes: float
-    source: str
-    inputs: dict[str, float] | None = None  # total_gb, models_gb, margin_gb (None: set by hand)
-
-
-@dataclass(frozen=True)
-class TilingDecision:
-    """Which parts of a run are tiled, and why (reported in the job's metadata)."""
-
-    policy: str  # what was asked (params.tiling): auto, always or never
-    sampling: bool
-    vae: bool
-    reason: str
-    planned_gb: dict[str, float] | None = None  # untiled activations per stage
-    budget_gb: float | None = None
-    budget_inputs: dict[str, float] | None = None  # what the budget was computed from
-
-    def metadata(self) -> dict[str, Any]:
-        return {
-            "policy": self.policy,
-            "sampling": "tiled" if self.sampling else "untiled",
-            "vae": "tiled" if self.vae else "untiled",
-            "reason": self.reason,
-            "planned_gb": self.planned_gb,
-            "budget_gb": self.budget_gb,
-            "budget_inputs": self.budget_inputs,
-        }
-
-
-def decide_tiling(
-    policy: str,
-    *,
-    sampler_can_tile: bool,
-    vae_can_tile: bool,
-    plan: Callable[[], tuple[dict[str, float], Budget]],
-) -> TilingDecision:
-    """always/never as asked; auto: tile a part only when its planned untiled activations exceed the budget.
-
-    `plan()` gives (bytes per stage, the budget); it is called only when some part could be tiled at all.
-    """
-    if policy == "never" or not (sampler_can_tile or vae_can_tile):
-        reason = "tiling=never" if policy == "never" else "the image fits in one tile"
-        return TilingDecision(policy, False, False, reason)
-    if policy == "always":
-        return TilingDecision(policy, sampler_can_tile, vae_can_tile, "tiling=always")
-    planned, budget = plan()
-    vae_bytes = max(planned["stage1"], planned["decode"])
-    sampling = sampler_can_tile and planned["sampling"] > budget.bytes
-    vae = vae_can_tile and vae_bytes > budget.bytes
-    worst = max(planned, key=lambda k: planned[k])
-    verdict = "exceeds" if sampling or vae else "fits in"
-    reason = (
-        f"planned {planned[worst] / GB:.2f} GB of activations ({worst}) {verdict} {budget.bytes / GB:.2f} GB "
-        f"({budget.source})"
-    )
-    gb = {k: round(v / GB, 4) for k, v in planned.items()}
-    return TilingDecision(policy, sampling, vae, reason, gb, round(budget.bytes / GB, 4), budget.inputs)
 
 
 def memory_budget(

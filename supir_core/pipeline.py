@@ -46,7 +46,6 @@ from .memory import (
     Budget,
     StageBytes,
     TilingDecision,
-    decide_tiling,
     graph_pool_bytes,
     memory_budget,
     module_bytes,
@@ -54,6 +53,7 @@ from .memory import (
 )
 from .models.supir import SupirModel
 from .params import MAX_SEED, RestoreParams, sample_seeds, validate_params
+from .plan import plan_tiling
 from .prompts import PromptEmbeddings
 from .sampling import NoiseFn, noise_from
 from .speed import SpeedSettings, optimize
@@ -655,13 +655,7 @@ class RestorationPipeline:
     def plan_tiling(self, params: RestoreParams, image_hw: tuple[int, int], batch: int = 1) -> TilingDecision:
         """Which parts of a run on an image of this processing size (pixels) are tiled, per `params.tiling`; batch:
         the rows sampled and decoded together (num_samples)."""
-        latent_hw = (image_hw[0] // 8, image_hw[1] // 8)
-        return decide_tiling(
-            params.tiling,
-            sampler_can_tile=params.sampler == "edm" and max(latent_hw) > params.tile_size,  # DPM++: never tiled
-            vae_can_tile=max(image_hw) > params.vae_tile_size,
-            plan=lambda: self._memory_plan(image_hw[0] * image_hw[1], batch),
-        )
+        return plan_tiling(params, image_hw, lambda: self._memory_plan(image_hw[0] * image_hw[1], batch))
 
     def tile_batch(self, params: RestoreParams, latent_hw: tuple[int, ...], batch: int) -> TileBatch:
         """Tiles per network call of a tiled run: params.tiles_per_batch when set; else as many as the memory
@@ -676,11 +670,16 @@ class RestorationPipeline:
         return self._tile_batches[tile, batch]
 
     def _memory_plan(self, pixels: int, batch: int) -> tuple[dict[str, float], Budget]:
+        per_pixel, budget = self.memory_plan()
+        return per_pixel.at(pixels, batch), budget
+
+    def memory_plan(self) -> tuple[StageBytes, Budget]:
+        """The traced bytes per pixel of each stage and the budget tiling=auto holds them to (the worker publishes
+        them, so the API can tell before a job runs which of its parts would tile)."""
         if self._stage_bytes is None:
             self._stage_bytes = trace_stage_bytes(self.model)
         pools = graph_pool_bytes(self.device) if self.model.cuda_graphs else 0
-        budget = memory_budget(self.device, self.resident_bytes(), self.memory_budget_gb, pools)
-        return self._stage_bytes.at(pixels, batch), budget
+        return self._stage_bytes, memory_budget(self.device, self.resident_bytes(), self.memory_budget_gb, pools)
 
     def resident_bytes(self) -> int:
         """What the loaded models hold: SUPIR (all of it: offloaded text encoders visit the device too) and a

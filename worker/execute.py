@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import redis
 
 from jobs.cache import cacheable, record_key
+from jobs.estimates import RateBook
 from jobs.record import Faces, JobError, JobProgress, JobRecord, JobResult, Status, Tiling, output_key, stage1_key
 from jobs.retention import erase_objects
 from jobs.storage import ObjectMissing, StorageError
@@ -325,7 +326,8 @@ def _succeed(
         model_id=model.get("model_id"),
     )
     if status == "succeeded":  # this run's ending stands: count it once
-        _after_success(runtime, record, len(results), gpu_seconds)
+        ran = record.model_copy(update={"seconds": seconds, "tiling": made.tiling, "status": "succeeded"})
+        _after_success(runtime, ran, len(results), gpu_seconds)
     return status
 
 
@@ -389,6 +391,11 @@ def _after_success(runtime: Runtime, record: JobRecord, images: int, gpu_seconds
         runtime.usage.record(record.owner, images=images, gpu_seconds=gpu_seconds, cached=False)
     except redis.RedisError:
         log.warning("job %s: usage not recorded (Redis)", record.id)
+    try:  # the rates estimates rest on, and the memory plan as it stands now (CUDA-graph pools grow with jobs)
+        RateBook(runtime.store).record(variant, record)
+        runtime.publish_plan(variant)
+    except redis.RedisError:
+        log.warning("job %s: not counted in the rates of estimates (Redis)", record.id)
 
 
 def _is_out_of_memory(exc: Exception) -> bool:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import redis
 
+from jobs.estimates import RateBook
 from jobs.redis_conn import store_client
 from jobs.settings import Settings
 from jobs.storage import ObjectStore, make_store
@@ -120,6 +121,8 @@ class Runtime:
             metrics.WARMUP_SECONDS.set(seconds)
             log.info("warm-up restoration at %d² took %.1f s", s.warmup_size, seconds)
             self.count_compiles("the warm-up")
+        for name in self.variants:
+            self.publish_plan(name)
 
     def count_compiles(self, what: str) -> None:
         """Graphs torch.compile built during `what` (a job, the warm-up) into metrics and the log; a function that
@@ -189,6 +192,15 @@ class Runtime:
             }
             self.models[name] = info
             self.store.publish_variant(name, info)
+
+    def publish_plan(self, variant: str) -> None:
+        """The variant's memory plan (traced bytes per pixel, budget) into Redis: the API's estimates tell from it
+        which parts of a job would tile."""
+        pipeline = self.pipeline_for(variant)
+        if pipeline is None or not hasattr(pipeline, "memory_plan"):  # a stand-in pipeline (tests)
+            return
+        stage_bytes, budget = pipeline.memory_plan()
+        RateBook(self.store).publish_plan(variant, stage_bytes, budget, self.name)
 
     def _file_sha256(self, path: Path) -> str:
         from supir_core.weights import sha256_of

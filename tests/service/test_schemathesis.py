@@ -53,6 +53,12 @@ include-operation-id = "restoreFromPreview"
 phases.coverage.checks.positive_data_acceptance.enabled = false
 
 [[operations]]
+include-operation-id = "estimateJob"
+# the photo's pixels (width × height) and its output's (× upscale²) are bounded (422 image_too_large,
+# output_too_large): rules between fields that JSON Schema cannot state; so is tile_stride ≤ tile_size
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "422", "429", "503"]
+
+[[operations]]
 include-operation-id = "getUsage"
 # `from` after `to`, or over 366 days apart, is refused (422 invalid_parameter): a rule between two parameters that
 # JSON Schema cannot state. A malformed date is 400, so the check still catches a date format the API will not read.
