@@ -16,9 +16,22 @@ FIRST = JobResult(key="results/a.png", width=10, height=20, bytes=300, seed=5)
 SECOND = JobResult(key="results/a-1.webp", width=10, height=20, bytes=300, content_type="image/webp", seed=6)
 
 
+class Redis:
+    def get(self, key: str) -> None:
+        return None  # no rates measured yet
+
+
 class Store:
+    r, p = Redis(), "test"
+
     def queue_position(self, job_id: str, variant: str | None) -> int:
         return 3
+
+    def running_count(self, variant: str | None) -> int:
+        return 1
+
+    def worker_beats(self) -> dict:
+        return {}  # no worker ready: a queued job has no expected start
 
     def cancel_requested(self, job_id: str) -> bool:
         return True
