@@ -13,17 +13,18 @@ from fastapi.openapi.utils import get_openapi
 
 from supir_core.params import PRESETS
 
-from .models import Error, JobFromUrl, JobUpload, RestoreFromPreview, body_schema
+from .models import Error, JobFromUpload, JobFromUrl, JobUpload, RestoreFromPreview, body_schema
 
 PUBLIC = ("/healthz", "/readyz", "/status", "/metrics", "/v1/service")  # no key needed
 REASONS = {
     400: "a malformed request (codes: invalid_request, invalid_json, missing_image, invalid_url, …)",
     401: "no key, or an unknown one (unauthorized)",
-    403: "an image_url or webhook_url to a private address (url_forbidden)",
-    404: "no such job for this key (not_found)",
+    403: "an image_url or webhook_url to a private address (url_forbidden); an upload URL whose signature is "
+    "forged (invalid_signature) or past its expires_at (upload_expired)",
+    404: "no such job or upload for this key (not_found)",
     408: "the request body stalled (request_timeout)",
     409: "a conflict (idempotency_conflict, idempotency_in_progress, job_not_cancelable, result_not_ready, "
-    "stage1_unavailable)",
+    "stage1_unavailable, upload_incomplete, upload_used)",
     410: "the job was erased: deleted by its owner, or after delivery; or the Idempotency-Key's job was (job_deleted)",
     413: "the upload or body is too large (file_too_large, url_too_large)",
     415: "not an image format the service reads (unsupported_media_type)",
@@ -98,7 +99,7 @@ CREATE_JOB_DOCS: dict[str, Any] = {
                     "webhook_events": {"contentType": "application/json"},
                 },
             },
-            "application/json": {"schema": body_schema(JobFromUrl)},
+            "application/json": {"schema": {"oneOf": [body_schema(JobFromUrl), body_schema(JobFromUpload)]}},
         },
     },
     "parameters": CREATE_HEADERS,
