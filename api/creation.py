@@ -57,7 +57,7 @@ FIELD_ORDER = (
 # each field's code, and the message for a value of the right JSON type that is still refused
 REFUSALS = {
     "image_url": ("invalid_url", "image_url must be an http or https URL"),
-    "upload_id": ("not_found", "no such upload for this key"),
+    "upload_id": ("invalid_request", "upload_id must be the id POST /v1/uploads answered (upl_…)"),
     "webhook_url": ("invalid_webhook_url", "webhook_url must be an http or https URL"),
     "preset": ("invalid_parameter", "preset must be a string"),
     "params": ("invalid_request", "params must be a JSON object"),

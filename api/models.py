@@ -335,7 +335,9 @@ class UploadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     content_type: Literal[UPLOAD_TYPES] = Field(description="the photo's media type")  # type: ignore[valid-type]
-    size: int = Field(ge=1, description="the photo's exact size in bytes (at most the service's upload limit)")
+    size: Annotated[int, BeforeValidator(_whole_number)] = Field(
+        ge=1, description="the photo's exact size in bytes (at most the service's upload limit)"
+    )
 
 
 class UploadTarget(BaseModel):

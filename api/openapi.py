@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI
@@ -167,26 +168,31 @@ def _tidy(schema: dict[str, Any]) -> None:
         restore["x-presets"] = PRESETS
 
 
-def _served_variants(schema: dict[str, Any], variants: tuple[str, ...]) -> None:
-    """The `variant` request fields list the variants this deployment serves (its settings), so generated
-    clients and the web page offer exactly those."""
+def _body_properties(schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The `properties` of every request body, each alternative of a `oneOf` body too."""
     for operations in schema.get("paths", {}).values():
         for operation in operations.values():
             for media in operation.get("requestBody", {}).get("content", {}).values():
-                properties = media.get("schema", {}).get("properties", {})
-                if "variant" in properties:
-                    field = {k: v for k, v in properties["variant"].items() if k != "pattern"}
-                    properties["variant"] = {**field, "enum": list(variants)}
+                body = media.get("schema", {})
+                for alternative in body.get("oneOf", [body]):
+                    yield alternative.get("properties", {})
+
+
+def _served_variants(schema: dict[str, Any], variants: tuple[str, ...]) -> None:
+    """The `variant` request fields list the variants this deployment serves (its settings), so generated
+    clients and the web page offer exactly those."""
+    for properties in _body_properties(schema):
+        if "variant" in properties:
+            field = {k: v for k, v in properties["variant"].items() if k != "pattern"}
+            properties["variant"] = {**field, "enum": list(variants)}
 
 
 def _retention(schema: dict[str, Any], longest_s: int) -> None:
     """A request's `expires_after` is bounded by this deployment's retention (SUPIR_RETENTION_HOURS): its maximum."""
-    for operations in schema.get("paths", {}).values():
-        for operation in operations.values():
-            for media in operation.get("requestBody", {}).get("content", {}).values():
-                field = media.get("schema", {}).get("properties", {}).get("expires_after")
-                if field is not None:
-                    field["maximum"] = longest_s
+    for properties in _body_properties(schema):
+        field = properties.get("expires_after")
+        if field is not None:
+            field["maximum"] = longest_s
 
 
 def _deployment_defaults(schema: dict[str, Any], defaults: dict[str, Any]) -> None:
@@ -232,9 +238,6 @@ def _request_params(schema: dict[str, Any]) -> None:
         field["description"] = f"{field['description']}; {said}" if field.get("description") else said
     components[REQUEST_PARAMS] = request
     ref = {"$ref": f"#/components/schemas/{REQUEST_PARAMS}"}
-    for operations in schema.get("paths", {}).values():
-        for operation in operations.values():
-            for media in operation.get("requestBody", {}).get("content", {}).values():
-                properties = media.get("schema", {}).get("properties", {})
-                if properties.get("params", {}).get("$ref", "").endswith("/RestoreParams"):
-                    properties["params"] = ref
+    for properties in _body_properties(schema):
+        if properties.get("params", {}).get("$ref", "").endswith("/RestoreParams"):
+            properties["params"] = ref
