@@ -51,7 +51,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.state.services, app.state.streams = services, streams
     errors.install(app)
     docs.install(app)
-    openapi.install(app, tuple(settings.variant_files), settings.default_params, settings.retention_s)
+    openapi.install(
+        app, tuple(settings.variant_files), settings.default_params, settings.retention_s, settings.max_upload_bytes
+    )
     for router in (jobs.router, uploads.router, usage.router, pages.router, operations.router):
         app.include_router(router)
 

@@ -121,6 +121,7 @@ def install(
     variants: tuple[str, ...] = (),
     default_params: dict[str, Any] | None = None,
     max_expires_after: int | None = None,
+    max_upload_bytes: int | None = None,
 ) -> None:
     def build() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -134,6 +135,8 @@ def install(
                 _deployment_defaults(schema, default_params)
             if max_expires_after is not None:
                 _retention(schema, max_expires_after)
+            if max_upload_bytes is not None:
+                _upload_limit(schema, max_upload_bytes)
             _request_params(schema)
             app.openapi_schema = schema
         return app.openapi_schema
@@ -193,6 +196,14 @@ def _retention(schema: dict[str, Any], longest_s: int) -> None:
         field = properties.get("expires_after")
         if field is not None:
             field["maximum"] = longest_s
+
+
+def _upload_limit(schema: dict[str, Any], largest: int) -> None:
+    """A direct upload's `size` is bounded by this deployment's SUPIR_MAX_UPLOAD_BYTES: its maximum."""
+    body = schema.get("paths", {}).get("/v1/uploads", {}).get("post", {}).get("requestBody", {})
+    size = body.get("content", {}).get("application/json", {}).get("schema", {}).get("properties", {}).get("size")
+    if size is not None:
+        size["maximum"] = largest
 
 
 def _deployment_defaults(schema: dict[str, Any], defaults: dict[str, Any]) -> None:
