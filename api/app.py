@@ -21,7 +21,7 @@ from . import docs, errors, events, metrics, openapi
 from .admin import AdminPort
 from .limits import BodyLimits
 from .ratelimit import RateLimitHeaders
-from .routes import estimates, jobs, operations, pages, usage
+from .routes import estimates, jobs, operations, pages, uploads, usage
 from .services import Services
 from .shutdown import DRAIN, SHUTTING_DOWN, ShutdownGuard
 
@@ -51,8 +51,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.state.services, app.state.streams = services, streams
     errors.install(app)
     docs.install(app)
-    openapi.install(app, tuple(settings.variant_files), settings.default_params, settings.retention_s)
-    for router in (jobs.router, estimates.router, usage.router, pages.router, operations.router):
+    openapi.install(
+        app, tuple(settings.variant_files), settings.default_params, settings.retention_s, settings.max_upload_bytes
+    )
+    for router in (jobs.router, estimates.router, uploads.router, usage.router, pages.router, operations.router):
         app.include_router(router)
 
     @app.middleware("http")

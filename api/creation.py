@@ -27,6 +27,7 @@ from jobs.redis_memory import read_memory
 from jobs.settings import Settings
 from jobs.storage import ObjectMissing
 from jobs.store import JobStore
+from jobs.uploads import Upload, UploadBook
 from jobs.usage import UsageBook
 from supir_core.errors import InvalidInput
 from supir_core.params import MAX_SEED, PRESETS, RestoreParams, validate_params
@@ -34,11 +35,12 @@ from supir_core.params import MAX_SEED, PRESETS, RestoreParams, validate_params
 from . import metrics, shutdown
 from .deps import missing_job
 from .errors import QUEUE_FULL_MESSAGE, QUEUE_FULL_RETRY_S, STATUS, ApiError
-from .intake import check_image, check_public_url, fetch_image
+from .intake import check_image, check_public_url, fetch_image, sniff
 from .models import (
     MAX_DECLARED_SIDE,
     WEBHOOK_EVENTS,
     EstimateRequest,
+    JobFromUpload,
     JobFromUrl,
     JobUpload,
     RestoreFromPreview,
@@ -53,16 +55,18 @@ IDEMPOTENCY_WAIT_S = 30.0  # how long a repeat waits for the first create's job 
 IDEMPOTENCY_POLL_S = 0.1
 IDEMPOTENCY_STALE_S = 300.0  # a claim this old with no job: its API process died; the next request takes it
 SIZE_PARAMS = ("min_size", "upscale")  # fix the processing size: a run from a kept stage 1 must share them
-Body = TypeVar("Body", JobUpload, JobFromUrl, RestoreFromPreview, EstimateRequest)
+Body = TypeVar("Body", JobUpload, JobFromUrl, JobFromUpload, RestoreFromPreview, EstimateRequest)
 # A body with several faults is answered with one: unknown fields first, then wrong JSON types, then wrong
 # values, the fields in this order (the order the API has always checked them in)
 FIELD_ORDER = (
-    "image", "image_url", "width", "height", "webhook_url", "preset", "params", "variant", "preview", "webhook_events",
+    "image", "image_url", "upload_id", "width", "height", "webhook_url", "preset", "params", "variant", "preview",
+    "webhook_events",
     "expires_after",
 )  # fmt: skip
 # each field's code, and the message for a value of the right JSON type that is still refused
 REFUSALS = {
     "image_url": ("invalid_url", "image_url must be an http or https URL"),
+    "upload_id": ("invalid_request", "upload_id must be the id POST /v1/uploads answered (upl_…)"),
     "webhook_url": ("invalid_webhook_url", "webhook_url must be an http or https URL"),
     "width": ("invalid_request", f"width must be a whole number of pixels from 1 to {MAX_DECLARED_SIDE}"),
     "height": ("invalid_request", f"height must be a whole number of pixels from 1 to {MAX_DECLARED_SIDE}"),
@@ -76,7 +80,7 @@ REFUSALS = {
     ),
     "expires_after": ("invalid_parameter", "expires_after must be a whole number of seconds, at least 1"),
 }
-NO_UPLOAD = "send the photo as the multipart file field 'image' (or JSON image_url)"
+NO_UPLOAD = "send the photo as the multipart file field 'image' (or JSON image_url or upload_id)"
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,7 @@ class JobRequest:
     stage1_job: str | None = None  # sample from this preview job's stage 1 (its photo too)
     variant: str | None = None  # the SUPIR variant asked for (None: the service's default)
     expires_after: int | None = None  # seconds kept after the job ends (None: the service's retention)
+    upload_id: str | None = None  # the photo is this upload's (POST /v1/uploads)
 
     def digest(self) -> str:
         """Over the validated request (params with their defaults, so `2` and `2.0` or an omitted default match)."""
@@ -109,6 +114,7 @@ class JobRequest:
             "stage1_job": self.stage1_job,
             "variant": self.variant,
             "expires_after": self.expires_after,
+            "upload_id": self.upload_id,
         }
         return hashlib.sha256(json.dumps(normalised, sort_keys=True).encode()).hexdigest()
 
@@ -127,7 +133,7 @@ async def read_job_request(request: Request, settings: Settings, stage1_job: str
     what the run is told; the photo and stage 1 are the preview's."""
     content_type = request.headers.get("content-type", "")
     declared: str | None = None
-    body: JobUpload | JobFromUrl | RestoreFromPreview
+    body: JobUpload | JobFromUrl | JobFromUpload | RestoreFromPreview
     if stage1_job is not None:
         body = await _from_preview_body(request, content_type, settings)
         if not JOB_ID.fullmatch(stage1_job):
@@ -135,9 +141,18 @@ async def read_job_request(request: Request, settings: Settings, stage1_job: str
     elif content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         body, declared = await _form_body(request, settings)
     elif content_type.startswith("application/json"):
-        body = _validated(JobFromUrl, _json_object(await request.body()), settings)
+        fields = _json_object(await request.body())
+        if "upload_id" in fields and "image_url" in fields:
+            message = "send either image_url or upload_id, not both"
+            raise ApiError("conflicting_image_sources", message, field="upload_id")
+        if "upload_id" in fields:
+            body = _validated(JobFromUpload, fields, settings)
+        else:
+            body = _validated(JobFromUrl, fields, settings)
     else:
-        raise ApiError("unsupported_media_type", "send multipart/form-data with an image, or JSON with image_url")
+        raise ApiError(
+            "unsupported_media_type", "send multipart/form-data with an image, or JSON with image_url or upload_id"
+        )
     return _served(_job_request(body, declared, settings, stage1_job), settings)
 
 
@@ -233,7 +248,10 @@ def _precedence(error: ErrorDetails) -> tuple[int, int, str]:
 
 
 def _job_request(
-    body: JobUpload | JobFromUrl | RestoreFromPreview, declared: str | None, settings: Settings, stage1_job: str | None
+    body: JobUpload | JobFromUrl | JobFromUpload | RestoreFromPreview,
+    declared: str | None,
+    settings: Settings,
+    stage1_job: str | None,
 ) -> JobRequest:
     """The validated body with its params over this deployment's defaults and the preset, checked."""
     raw_params = body.params or {}
@@ -260,6 +278,7 @@ def _job_request(
         stage1_job=stage1_job,
         variant=body.variant,
         expires_after=body.expires_after,
+        upload_id=body.upload_id if isinstance(body, JobFromUpload) else None,
     )
 
 
@@ -390,7 +409,7 @@ async def _stored_record(
 ) -> tuple[JobRecord, bool]:
     """Claim a quota slot, get the photo, and store the job: (its record, whether it was born succeeded from the
     result cache, holding no slot)."""
-    store, claimed = services.store, False
+    store, claimed, upload = services.store, False, None
     try:
         # one atomic check-and-claim: concurrent creates cannot all pass a separate count
         claimed = await run_in_threadpool(store.claim_slot, owner, job_id, quota)
@@ -400,7 +419,9 @@ async def _stored_record(
                 "SUPIR_MAX_ACTIVE_JOBS, or the key's max_active_jobs in SUPIR_API_KEYS)"
             )
             raise ApiError("quota_exceeded", message, headers={"Retry-After": "10"})
-        job, image, declared = await _photo(services, owner, job)
+        if job.upload_id is not None:
+            upload = await run_in_threadpool(_claimed_upload, services, owner, job.upload_id, job_id)
+        job, image, declared = await _photo(services, owner, job, upload)
         image_sha256 = await run_in_threadpool(lambda: hashlib.sha256(image).hexdigest())
         # the point of no return: from here a job gets stored (a cached one at once), so a shutdown lets this
         # request finish and answer it rather than refuse it with a 503 whose retry would make a second job
@@ -409,6 +430,8 @@ async def _stored_record(
         if hit is not None:
             await run_in_threadpool(store.release_slot, owner, job_id)  # it ended at birth: no slot held
             claimed = False
+            if upload is not None:
+                await run_in_threadpool(_consume_upload, services, upload)
             return hit, True
         async with services.decodes:
             info = await run_in_threadpool(check_image, image, services.settings, job.params.upscale, declared)
@@ -416,19 +439,29 @@ async def _stored_record(
         # input first, record second, task last: a failure leaves no record pointing at a missing input
         await run_in_threadpool(services.objects.put, record.input_key, image, info.content_type)
         await run_in_threadpool(store.create, record)  # the record keeps the claimed slot
+        if upload is not None:
+            await run_in_threadpool(_consume_upload, services, upload)
         return record, False
     except BaseException as exc:  # any failure, a cancelled request too, gives back the slot and the key
         with anyio.CancelScope(shield=True):
             await run_in_threadpool(_undo_claims, store, owner, job_id, job_id if claimed else None, idempotency_key)
+            if upload is not None:
+                with contextlib.suppress(redis.RedisError):
+                    await run_in_threadpool(_uploads(services).release, upload.id, job_id)
         if isinstance(exc, ApiError):
             metrics.REJECTED.labels(exc.code).inc()
         raise
 
 
-async def _photo(services: Services, owner: str, job: JobRequest) -> tuple[JobRequest, bytes, str | None]:
-    """The job's photo and its declared type: the preview's, the upload, or the download of image_url."""
+async def _photo(
+    services: Services, owner: str, job: JobRequest, upload: Upload | None = None
+) -> tuple[JobRequest, bytes, str | None]:
+    """The job's photo and its declared type: the preview's, the upload, a direct upload's object, or the
+    download of image_url."""
     if job.stage1_job is not None:
         return await _preview_photo(services, owner, job)
+    if upload is not None:
+        return job, await run_in_threadpool(_upload_bytes, services, upload), upload.content_type
     if job.image is not None:
         return job, job.image, job.declared_type
     assert job.image_url is not None  # read_job_request: one of the three
@@ -451,6 +484,54 @@ async def _enqueue(services: Services, record: JobRecord, owner: str, idempotenc
         raise ApiError(
             "queue_unavailable", "the job queue is unavailable; try again", headers={"Retry-After": "5"}
         ) from exc
+
+
+def _uploads(services: Services) -> UploadBook:
+    return UploadBook(services.store.r, services.store.p)
+
+
+def _claimed_upload(services: Services, owner: str, upload_id: str, job_id: str) -> Upload:
+    """The owner's upload, marked used by this job (another key's upload is as absent as a missing one)."""
+    book = _uploads(services)
+    upload = book.get(upload_id)
+    if upload is None or upload.owner != owner:
+        raise ApiError("not_found", f"no upload {upload_id[:80]} for this key", field="upload_id")
+    if not book.claim(upload_id, job_id):
+        raise ApiError("upload_used", f"upload {upload_id} was already used by a job", field="upload_id")
+    return upload
+
+
+def _upload_bytes(services: Services, upload: Upload) -> bytes:
+    """The upload's bytes, once its stored size is the signed one and its leading bytes are the signed type.
+    The size is asked first, so an object S3 took against its policy is never read whole."""
+    limit = services.settings.max_upload_bytes
+    try:
+        size = services.objects.size(upload.key)
+    except ObjectMissing:
+        raise ApiError("upload_incomplete", f"upload {upload.id} has not been received", field="upload_id") from None
+    if size > min(upload.size, limit):
+        message = f"upload {upload.id} holds {size:,} bytes; {upload.size:,} were signed for"
+        raise ApiError("file_too_large", message, field="upload_id")
+    if size < upload.size:
+        message = f"upload {upload.id} holds {size:,} of the {upload.size:,} bytes signed for"
+        raise ApiError("upload_incomplete", message, field="upload_id")
+    try:
+        data = services.objects.get(upload.key)
+    except ObjectMissing:
+        raise ApiError("upload_incomplete", f"upload {upload.id} has not been received", field="upload_id") from None
+    found = sniff(data[:16])
+    if found is not None and found[1] != upload.content_type:
+        message = f"upload {upload.id} is {found[1]}, not the {upload.content_type} it was signed for"
+        raise ApiError("unsupported_media_type", message, field="upload_id")
+    return data
+
+
+def _consume_upload(services: Services, upload: Upload) -> None:
+    """The job holds its own copy now (its retention and DELETE cover it): the upload goes (best effort; the
+    expiry sweep removes an object left behind)."""
+    with contextlib.suppress(Exception):
+        services.objects.delete(upload.key)
+        _uploads(services).forget(upload.id)
 
 
 def _over_preview(services: Services, owner: str, job: JobRequest) -> JobRequest:

@@ -38,6 +38,8 @@ class BodyLimits:
         upload = scope["method"] == "POST" and scope["path"] == "/v1/jobs"
         if upload and content_type.startswith("multipart/form-data"):
             return self.settings.max_upload_bytes + FORM_OVERHEAD_BYTES
+        if scope["method"] == "PUT" and scope["path"].startswith("/v1/uploads/"):  # a direct upload's bytes
+            return self.settings.max_upload_bytes
         return self.settings.max_json_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -326,6 +326,45 @@ class JobFromUrl(_JobOptions):
     webhook_url: HttpUrl | None = Field(None, description=WEBHOOK_URL)  # JSON null: no webhook
 
 
+UPLOAD_ID_PATTERN = r"^upl_[0-9a-f]{32}$"
+
+
+class JobFromUpload(_JobOptions):
+    """`POST /v1/jobs` as JSON: the photo sent before through `POST /v1/uploads` (each upload makes one job)."""
+
+    upload_id: str = Field(pattern=UPLOAD_ID_PATTERN, description="the id `POST /v1/uploads` answered")
+    preview: bool = Field(False, description=PREVIEW)
+    webhook_url: HttpUrl | None = Field(None, description=WEBHOOK_URL)  # JSON null: no webhook
+
+
+UPLOAD_TYPES = ("image/png", "image/jpeg", "image/webp", "image/tiff", "image/bmp", "image/gif")
+
+
+class UploadRequest(BaseModel):
+    """`POST /v1/uploads`: what will be sent; the URL accepts exactly this many bytes of this type."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    content_type: Literal[UPLOAD_TYPES] = Field(description="the photo's media type")  # type: ignore[valid-type]
+    size: Annotated[int, BeforeValidator(_whole_number)] = Field(
+        ge=1, description="the photo's exact size in bytes (at most the service's upload limit)"
+    )
+
+
+class UploadTarget(BaseModel):
+    """Where to send the photo's bytes, and how: `PUT` the body (local storage) with `headers`, or a multipart
+    `POST` (S3) with every `fields` entry, then the file as the last field `file`."""
+
+    id: str = Field(description="name it as `upload_id` in `POST /v1/jobs`")
+    method: Literal["PUT", "POST"]
+    url: str
+    fields: dict[str, str] = Field(description="form fields of a POST (S3's signed policy); empty for PUT")
+    headers: dict[str, str] = Field(description="headers to send with the bytes")
+    content_type: str
+    size: int
+    expires_at: str = Field(description="the URL refuses the bytes after this time (RFC 3339, UTC)")
+
+
 class RestoreFromPreview(_JobOptions):
     """`POST /v1/jobs/{id}/restore`: the photo and stage 1 are the preview's; `variant` may only be its own
     (stage 1 ran that variant's encoder)."""

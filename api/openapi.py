@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI
@@ -13,17 +14,18 @@ from fastapi.openapi.utils import get_openapi
 
 from supir_core.params import PRESETS
 
-from .models import Error, EstimateRequest, JobFromUrl, JobUpload, RestoreFromPreview, body_schema
+from .models import Error, EstimateRequest, JobFromUpload, JobFromUrl, JobUpload, RestoreFromPreview, body_schema
 
 PUBLIC = ("/healthz", "/readyz", "/status", "/metrics", "/v1/service")  # no key needed
 REASONS = {
     400: "a malformed request (codes: invalid_request, invalid_json, missing_image, invalid_url, …)",
     401: "no key, or an unknown one (unauthorized)",
-    403: "an image_url or webhook_url to a private address (url_forbidden)",
-    404: "no such job for this key (not_found)",
+    403: "an image_url or webhook_url to a private address (url_forbidden); an upload URL whose signature is "
+    "forged (invalid_signature) or past its expires_at (upload_expired)",
+    404: "no such job or upload for this key (not_found)",
     408: "the request body stalled (request_timeout)",
     409: "a conflict (idempotency_conflict, idempotency_in_progress, job_not_cancelable, result_not_ready, "
-    "stage1_unavailable)",
+    "stage1_unavailable, upload_incomplete, upload_used)",
     410: "the job was erased: deleted by its owner, or after delivery; or the Idempotency-Key's job was (job_deleted)",
     413: "the upload or body is too large (file_too_large, url_too_large)",
     415: "not an image format the service reads (unsupported_media_type)",
@@ -98,7 +100,7 @@ CREATE_JOB_DOCS: dict[str, Any] = {
                     "webhook_events": {"contentType": "application/json"},
                 },
             },
-            "application/json": {"schema": body_schema(JobFromUrl)},
+            "application/json": {"schema": {"oneOf": [body_schema(JobFromUrl), body_schema(JobFromUpload)]}},
         },
     },
     "parameters": CREATE_HEADERS,
@@ -124,6 +126,7 @@ def install(
     variants: tuple[str, ...] = (),
     default_params: dict[str, Any] | None = None,
     max_expires_after: int | None = None,
+    max_upload_bytes: int | None = None,
 ) -> None:
     def build() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -137,6 +140,8 @@ def install(
                 _deployment_defaults(schema, default_params)
             if max_expires_after is not None:
                 _retention(schema, max_expires_after)
+            if max_upload_bytes is not None:
+                _upload_limit(schema, max_upload_bytes)
             _request_params(schema)
             app.openapi_schema = schema
         return app.openapi_schema
@@ -171,26 +176,39 @@ def _tidy(schema: dict[str, Any]) -> None:
         restore["x-presets"] = PRESETS
 
 
-def _served_variants(schema: dict[str, Any], variants: tuple[str, ...]) -> None:
-    """The `variant` request fields list the variants this deployment serves (its settings), so generated
-    clients and the web page offer exactly those."""
+def _body_properties(schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The `properties` of every request body, each alternative of a `oneOf` body too."""
     for operations in schema.get("paths", {}).values():
         for operation in operations.values():
             for media in operation.get("requestBody", {}).get("content", {}).values():
-                properties = media.get("schema", {}).get("properties", {})
-                if "variant" in properties:
-                    field = {k: v for k, v in properties["variant"].items() if k != "pattern"}
-                    properties["variant"] = {**field, "enum": list(variants)}
+                body = media.get("schema", {})
+                for alternative in body.get("oneOf", [body]):
+                    yield alternative.get("properties", {})
+
+
+def _served_variants(schema: dict[str, Any], variants: tuple[str, ...]) -> None:
+    """The `variant` request fields list the variants this deployment serves (its settings), so generated
+    clients and the web page offer exactly those."""
+    for properties in _body_properties(schema):
+        if "variant" in properties:
+            field = {k: v for k, v in properties["variant"].items() if k != "pattern"}
+            properties["variant"] = {**field, "enum": list(variants)}
 
 
 def _retention(schema: dict[str, Any], longest_s: int) -> None:
     """A request's `expires_after` is bounded by this deployment's retention (SUPIR_RETENTION_HOURS): its maximum."""
-    for operations in schema.get("paths", {}).values():
-        for operation in operations.values():
-            for media in operation.get("requestBody", {}).get("content", {}).values():
-                field = media.get("schema", {}).get("properties", {}).get("expires_after")
-                if field is not None:
-                    field["maximum"] = longest_s
+    for properties in _body_properties(schema):
+        field = properties.get("expires_after")
+        if field is not None:
+            field["maximum"] = longest_s
+
+
+def _upload_limit(schema: dict[str, Any], largest: int) -> None:
+    """A direct upload's `size` is bounded by this deployment's SUPIR_MAX_UPLOAD_BYTES: its maximum."""
+    body = schema.get("paths", {}).get("/v1/uploads", {}).get("post", {}).get("requestBody", {})
+    size = body.get("content", {}).get("application/json", {}).get("schema", {}).get("properties", {}).get("size")
+    if size is not None:
+        size["maximum"] = largest
 
 
 def _deployment_defaults(schema: dict[str, Any], defaults: dict[str, Any]) -> None:
@@ -236,9 +254,6 @@ def _request_params(schema: dict[str, Any]) -> None:
         field["description"] = f"{field['description']}; {said}" if field.get("description") else said
     components[REQUEST_PARAMS] = request
     ref = {"$ref": f"#/components/schemas/{REQUEST_PARAMS}"}
-    for operations in schema.get("paths", {}).values():
-        for operation in operations.values():
-            for media in operation.get("requestBody", {}).get("content", {}).values():
-                properties = media.get("schema", {}).get("properties", {})
-                if properties.get("params", {}).get("$ref", "").endswith("/RestoreParams"):
-                    properties["params"] = ref
+    for properties in _body_properties(schema):
+        if properties.get("params", {}).get("$ref", "").endswith("/RestoreParams"):
+            properties["params"] = ref

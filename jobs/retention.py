@@ -20,6 +20,7 @@ import time
 from .record import JobRecord, object_prefixes
 from .storage import ObjectStore, StorageError
 from .store import JobStore
+from .uploads import is_upload_id, upload_key
 
 log = logging.getLogger("supir.retention")
 
@@ -41,12 +42,16 @@ def erase(store: JobStore, objects: ObjectStore, record: JobRecord, reason: str)
 
 
 def expire_due(store: JobStore, objects: ObjectStore, now: float | None = None) -> int:
-    """The expiry sweep's pass: erase the objects of every job past its expires_at; how many jobs were done. A job
-    whose objects could not be removed stays in the index for the next pass."""
+    """The expiry sweep's pass: erase the objects of every job past its expires_at, and of every upload past its
+    retention that no job used; how many were done. One whose objects could not be removed stays in the index for
+    the next pass."""
     done = 0
     for job_id in store.expired_ids(time.time() if now is None else now):
         try:
-            erase_objects(objects, job_id)
+            if is_upload_id(job_id):  # an upload never used (jobs.uploads)
+                objects.delete_prefix(upload_key(job_id))
+            else:
+                erase_objects(objects, job_id)
         except StorageError as exc:
             log.warning("job %s: objects not erased yet (%s)", job_id, exc.message)
             continue

@@ -88,6 +88,12 @@ class Settings(BaseSettings):
         description="zero retention: a restoration is erased (as DELETE does) once every sample has been downloaded "
         "through GET /v1/jobs/{id}/result",
     )
+    upload_url_expires_s: int = Field(
+        900, ge=1, description="how long the URL (or S3 POST policy) of POST /v1/uploads accepts the bytes"
+    )
+    upload_retention_s: int = Field(
+        3600, ge=1, description="an upload no job has used is erased this long after it was made"
+    )
     usage_retention_days: float = Field(
         400.0,
         gt=0,

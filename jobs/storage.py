@@ -8,8 +8,9 @@ import hmac
 import logging
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import quote, urlencode
 
 from supir_core.errors import SupirError
@@ -40,6 +41,7 @@ class ObjectStore(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
     def get(self, key: str) -> bytes: ...
     def delete(self, key: str) -> None: ...
+    def size(self, key: str) -> int: ...
     def url(self, key: str, expires_s: int) -> str: ...
     def delete_older_than(self, cutoff: float) -> int: ...
     def delete_prefix(self, prefix: str) -> int: ...
@@ -84,6 +86,31 @@ class LocalStore:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)  # a full disk leaves a partial .part: no litter
             raise self._failed("write", path, exc) from exc
+
+    @contextlib.contextmanager
+    def writing(self, key: str) -> Iterator[BinaryIO]:
+        """A file to stream an object into: it appears under its key only once the block ends without error."""
+        path = self._path(key)
+        tmp = path.with_name(path.name + ".part")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tmp.open("wb") as file:
+                yield file
+            tmp.replace(path)
+        except OSError as exc:
+            raise self._failed("write", path, exc) from exc
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)  # a refused or broken stream leaves no litter
+
+    def size(self, key: str) -> int:
+        path = self._path(key)
+        try:
+            return path.stat().st_size
+        except FileNotFoundError as exc:
+            raise self._failed("read", path, exc) from exc
+        except OSError as exc:
+            raise self._failed("stat", path, exc) from exc
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
@@ -200,6 +227,19 @@ class S3Store:
 
     def delete(self, key: str) -> None:
         self._call("delete", self.client.delete_object, Key=key)
+
+    def size(self, key: str) -> int:
+        return int(self._call("get", self.client.head_object, Key=key)["ContentLength"])
+
+    def presigned_post(self, key: str, content_type: str, size: int, expires_s: int) -> dict[str, Any]:
+        """{url, fields} of a browser-style POST that S3 itself holds to this key, this exact size and type, and
+        the expiry (the policy is signed: a changed field or a late upload is refused by S3)."""
+        conditions: list[Any] = [{"Content-Type": content_type}, ["content-length-range", size, size]]
+        return dict(
+            self.signer.generate_presigned_post(
+                self.bucket, key, Fields={"Content-Type": content_type}, Conditions=conditions, ExpiresIn=expires_s
+            )
+        )
 
     def url(self, key: str, expires_s: int) -> str:
         params = {"Bucket": self.bucket, "Key": key}

@@ -53,12 +53,13 @@ def created(*statuses: int) -> dict[int | str, dict[str, Any]]:
     status_code=202,
     operation_id="createJob",
     response_model=Job,
-    responses=created(400, 401, 403, 408, 409, 410, 413, 415, 422, 429, 503),
+    responses=created(400, 401, 403, 404, 408, 409, 410, 413, 415, 422, 429, 503),
     openapi_extra=CREATE_JOB_DOCS,
 )
 async def create_job(request: Request, caller: CallerDep, services: ServicesDep, streams: StreamsDep) -> JSONResponse:
     """Queue a restoration: multipart (`image`, `params` JSON, `preset`, `preview`, `webhook_url`,
-    `webhook_events`) or JSON with `image_url`. With `preview`, only stage 1 and its caption run."""
+    `webhook_events`) or JSON with `image_url` or `upload_id` (a direct upload, `POST /v1/uploads`). With `preview`,
+    only stage 1 and its caption run."""
     return await _create(request, caller, services, streams)
 
 

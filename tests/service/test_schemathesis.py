@@ -35,6 +35,11 @@ hooks = "tests.schemathesis_hooks"
 enabled = true  # all of them
 # schemathesis' own list, and 410: a job its stateful phase deleted (DELETE /v1/jobs/{{id}}) answers 410 job_deleted
 positive_data_acceptance.expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "410", "429", "5xx"]
+# schemathesis' own list, and 410: a deleted job's routes answer 410 whatever else is wrong with the request, as a
+# missing one's answer 404
+negative_data_rejection.expected-statuses = [
+    "400", "401", "403", "404", "405", "406", "409", "410", "415", "422", "428", "429", "5xx",
+]
 
 [generation]
 deterministic = true
@@ -57,6 +62,13 @@ include-operation-id = "estimateJob"
 # the photo's pixels (width × height) and its output's (× upscale²) are bounded (422 image_too_large,
 # output_too_large): rules between fields that JSON Schema cannot state; so is tile_stride ≤ tile_size
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "422", "429", "503"]
+
+[[operations]]
+include-operation-id = "createUpload"
+# a size over the schema's maximum (SUPIR_MAX_UPLOAD_BYTES) is 413 file_too_large, as a file over it is
+checks.negative_data_rejection.expected-statuses = [
+    "400", "401", "403", "404", "405", "406", "409", "410", "413", "415", "422", "428", "429", "5xx",
+]
 
 [[operations]]
 include-operation-id = "getUsage"

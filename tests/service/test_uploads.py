@@ -1,0 +1,185 @@
+"""Direct uploads (`POST /v1/uploads`) against the real service: local storage (a signed PUT on the API, streamed
+to the store) and S3 (moto's server: a presigned POST), forged uploads refused, unused uploads swept."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+import redis
+from moto.server import ThreadedMotoServer
+
+from jobs.retention import expire_due
+from jobs.storage import LocalStore
+from jobs.store import JobStore
+from tests.paths import DATA, REDIS_URL
+from tests.servers import FAST, free_port, running, wait_for_status
+
+PHOTO = (DATA / "chelsea_degraded.jpg").read_bytes()
+
+
+def new_upload(client: httpx.Client, size: int = len(PHOTO), content_type: str = "image/jpeg") -> dict:
+    answer = client.post("/v1/uploads", json={"content_type": content_type, "size": size})
+    assert answer.status_code == 201, answer.text
+    return answer.json()
+
+
+def put(target: dict, body: bytes | Iterator[bytes], **headers: str) -> httpx.Response:
+    return httpx.put(target["url"], content=body, headers={**target["headers"], **headers}, timeout=30)
+
+
+def code(response: httpx.Response) -> str:
+    return str(response.json()["error"]["code"])
+
+
+def with_query(url: str, **changes: str) -> str:
+    base, _, query = url.partition("?")
+    fields = dict(part.split("=", 1) for part in query.split("&"))
+    return base + "?" + "&".join(f"{k}={v}" for k, v in {**fields, **changes}.items())
+
+
+def test_local_upload_makes_a_job_and_forged_uploads_are_refused(tmp_path: Path, fixture_a: Path) -> None:
+    with (
+        running(tmp_path, fixture_a, {"alice": {}, "bob": {}}) as svc,
+        svc.client("alice") as alice,
+        svc.client("bob") as bob,
+    ):
+        target = new_upload(alice)
+        assert target["method"] == "PUT" and target["url"].startswith(f"{svc.url}/v1/uploads/{target['id']}?")
+        assert target["expires_at"].endswith("Z") and target["fields"] == {}
+
+        # forged: a longer body than signed (declared, then chunked with no length), another type, a bad signature
+        assert code(put(target, PHOTO + b"extra")) == "file_too_large"
+        chunked = put(target, iter([PHOTO, b"more than was signed"]))
+        assert chunked.status_code == 413 and code(chunked) == "file_too_large"
+        assert code(put(target, PHOTO[:-10])) == "upload_incomplete"
+        assert put(target, PHOTO, **{"Content-Type": "image/png"}).status_code == 415
+        tampered = {**target, "url": with_query(target["url"], signature="0" * 64)}
+        assert put(tampered, PHOTO).status_code == 403 and code(put(tampered, PHOTO)) == "invalid_signature"
+        later = {**target, "url": with_query(target["url"], expires=str(int(time.time()) + 86_400))}
+        assert code(put(later, PHOTO)) == "invalid_signature"  # the expiry is signed too
+        assert not list((tmp_path / "objects").rglob("uploads/*")), "a refused body left bytes behind"
+        # nothing received yet: a job naming it is refused before queueing
+        assert code(alice.post("/v1/jobs", json={"upload_id": target["id"]})) == "upload_incomplete"
+
+        received = put(target, PHOTO)
+        assert received.status_code == 200, received.text
+        assert received.json()["size"] == len(PHOTO)
+
+        # another key's upload is as absent as a missing one
+        assert bob.post("/v1/jobs", json={"upload_id": target["id"]}).status_code == 404
+        assert bob.post("/v1/jobs", json={"upload_id": "upl_" + "0" * 32}).status_code == 404
+        created = alice.post("/v1/jobs", json={"upload_id": target["id"], "params": FAST})
+        assert created.status_code == 202, created.text
+        job = wait_for_status(alice, created.json()["id"], {"succeeded", "failed"})
+        assert job["status"] == "succeeded", job["error"]
+        assert (job["input"]["width"], job["input"]["height"]) == (150, 113)
+        # used once: the job has its own copy (its retention and DELETE cover it), the upload is gone
+        assert not list((tmp_path / "objects").rglob("uploads/*"))
+        assert alice.post("/v1/jobs", json={"upload_id": target["id"]}).status_code == 404
+        assert alice.delete(f"/v1/jobs/{job['id']}").status_code == 204
+        assert not list((tmp_path / "objects").rglob(f"*{job['id']}*"))
+
+        # bytes that are no image: refused when the job is created, nothing queued
+        junk = b"not an image at all, just text " * 40
+        target = new_upload(alice, len(junk), "image/png")
+        assert put(target, junk).status_code == 200
+        before = alice.get("/v1/jobs").json()["jobs"]
+        refused = alice.post("/v1/jobs", json={"upload_id": target["id"]})
+        assert refused.status_code == 415 and code(refused) == "unsupported_media_type"
+        assert alice.get("/v1/jobs").json()["jobs"] == before
+
+        # the intake limits bound the upload itself
+        assert code(alice.post("/v1/uploads", json={"content_type": "text/plain", "size": 10})) == (
+            "unsupported_media_type"
+        )
+        assert code(alice.post("/v1/uploads", json={"content_type": "image/png", "size": 10**12})) == "file_too_large"
+        assert alice.post("/v1/uploads", json={"content_type": "image/png", "size": 0}).status_code == 400
+        assert httpx.post(f"{svc.url}/v1/uploads", json={"content_type": "image/png", "size": 10}).status_code == 401
+
+
+def test_expired_upload_urls_are_refused_and_unused_uploads_are_swept(tmp_path: Path, fixture_a: Path) -> None:
+    settings = {"upload_url_expires_s": 3, "upload_retention_s": 6}
+    with (
+        running(tmp_path, fixture_a, {"alice": {}}, with_workers=False, **settings) as svc,
+        svc.client("alice") as alice,
+    ):
+        kept = new_upload(alice)
+        assert put(kept, PHOTO).status_code == 200
+        late = new_upload(alice)
+        time.sleep(3.5)
+        expired = put(late, PHOTO)
+        assert expired.status_code == 403 and code(expired) == "upload_expired"
+        objects = LocalStore(tmp_path / "objects", svc.url, "unused")
+        assert objects.size(f"uploads/{kept['id']}") == len(PHOTO)
+
+        store = JobStore(redis.Redis.from_url(REDIS_URL), svc.prefix)
+        time.sleep(3)  # past the retention: the sweep (the beat's expire_due) erases the unused upload
+        assert expire_due(store, objects) == 2
+        assert not list((tmp_path / "objects").rglob("uploads/*"))
+        assert alice.post("/v1/jobs", json={"upload_id": kept["id"]}).status_code == 404
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
+    )
+    client.create_bucket(Bucket="supir-uploads")
+    yield endpoint, client
+    server.stop()
+
+
+def post_to_s3(target: dict, body: bytes, **changed: str) -> httpx.Response:
+    return httpx.post(target["url"], data={**target["fields"], **changed}, files={"file": ("photo", body)})
+
+
+def test_s3_presigned_post_makes_a_job_and_the_job_refuses_what_s3_let_through(
+    tmp_path: Path, fixture_a: Path, s3_endpoint
+) -> None:
+    endpoint, s3 = s3_endpoint
+    settings = {
+        "storage": "s3",
+        "s3_bucket": "supir-uploads",
+        "s3_endpoint_url": endpoint,
+        "s3_path_style": "true",
+        "s3_access_key_id": "test",
+        "s3_secret_access_key": "test",
+    }
+    with running(tmp_path, fixture_a, {"alice": {}}, **settings) as svc, svc.client("alice") as alice:
+        target = new_upload(alice)
+        assert target["method"] == "POST" and target["url"].startswith(f"{endpoint}/supir-uploads")
+        # the signed policy holds S3 to this exact size and type until expires_at
+        policy = json.loads(base64.b64decode(target["fields"]["policy"]))
+        assert ["content-length-range", len(PHOTO), len(PHOTO)] in policy["conditions"]
+        assert {"Content-Type": "image/jpeg"} in policy["conditions"]
+        assert policy["expiration"][:19] == target["expires_at"][:19]
+
+        assert post_to_s3(target, PHOTO).status_code == 204
+        created = alice.post("/v1/jobs", json={"upload_id": target["id"], "params": FAST})
+        assert created.status_code == 202, created.text
+        job = wait_for_status(alice, created.json()["id"], {"succeeded", "failed"})
+        assert job["status"] == "succeeded", job["error"]
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="supir-uploads").get("Contents", [])]
+        assert f"inputs/{job['id']}" in keys and f"uploads/{target['id']}" not in keys
+
+        # moto's server does not enforce POST policies (size, type, expiry, signature: it stores whatever is
+        # sent), so the job's own checks on the stored object are what refuse a forged one here
+        bigger = new_upload(alice)
+        assert post_to_s3(bigger, PHOTO + b"x" * 1000).status_code == 204
+        too_big = alice.post("/v1/jobs", json={"upload_id": bigger["id"]})
+        assert too_big.status_code == 413 and code(too_big) == "file_too_large"
+        png = (DATA / "coffee_rgba.png").read_bytes()
+        other_type = new_upload(alice, len(png))  # signed as a JPEG
+        assert post_to_s3(other_type, png).status_code == 204
+        assert code(alice.post("/v1/jobs", json={"upload_id": other_type["id"]})) == "unsupported_media_type"
