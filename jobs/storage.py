@@ -183,6 +183,7 @@ class S3Store:
         # A stalled S3 must fail a call within about max_attempts × (connect + read timeout), plus botocore's
         # jittered backoff (≤ 1 s, 2 s, ...): the API then answers 503, and the worker retries with its own backoff.
         config = Config(
+            signature_version="s3v4",  # presigned POSTs and URLs: SigV2 is refused by newer regions and most S3 peers
             s3={"addressing_style": "path" if settings.s3_path_style else "auto"},
             retries={"total_max_attempts": settings.s3_max_attempts, "mode": "standard"},
             connect_timeout=settings.s3_connect_timeout_s,
