@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
@@ -306,3 +307,22 @@ class RedisServer:
         else:
             subprocess.run(["redis-cli", "-p", str(self.port), "shutdown"], check=False, timeout=30)
         self.process.wait(30)
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str) -> Iterator[tuple[str, Any]]:
+    """A real S3 API (moto's server) on a free local port with `bucket` made: (endpoint, boto3 client)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server._port}"
+    try:
+        client = boto3.client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
+        )
+        client.create_bucket(Bucket=bucket)
+        yield endpoint, client
+    finally:
+        server.stop()

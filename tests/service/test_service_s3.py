@@ -6,30 +6,20 @@ import io
 import json
 from pathlib import Path
 
-import boto3
 import httpx
 import pytest
-from moto.server import ThreadedMotoServer
 from PIL import Image
 
 from tests.paths import DATA
-from tests.servers import free_port, running, serving, wait_for_status
+from tests.servers import moto_s3, running, serving, wait_for_status
 
 FAST = {"min_size": 64, "steps": 2, "seed": 4}
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
-    )
-    client.create_bucket(Bucket="supir-test")
-    yield endpoint, client
-    server.stop()
+    with moto_s3("supir-test") as endpoint_and_client:
+        yield endpoint_and_client
 
 
 def test_s3_storage_and_image_url(tmp_path: Path, fixture_a: Path, s3_endpoint) -> None:

@@ -9,17 +9,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import httpx
 import pytest
 import redis
-from moto.server import ThreadedMotoServer
 
 from jobs.retention import expire_due
 from jobs.storage import LocalStore
 from jobs.store import JobStore
 from tests.paths import DATA, REDIS_URL
-from tests.servers import FAST, free_port, running, wait_for_status
+from tests.servers import FAST, moto_s3, running, wait_for_status
 
 PHOTO = (DATA / "chelsea_degraded.jpg").read_bytes()
 
@@ -128,16 +126,8 @@ def test_expired_upload_urls_are_refused_and_unused_uploads_are_swept(tmp_path: 
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
-    )
-    client.create_bucket(Bucket="supir-uploads")
-    yield endpoint, client
-    server.stop()
+    with moto_s3("supir-uploads") as endpoint_and_client:
+        yield endpoint_and_client
 
 
 def post_to_s3(target: dict, body: bytes, **changed: str) -> httpx.Response:
