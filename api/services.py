@@ -60,7 +60,8 @@ class Services:
     def view(self, record: JobRecord) -> dict[str, Any]:
         """What a client sees of a job, as JSON (api.models.Job); blocking (Redis, signing)."""
         active = record.status not in TERMINAL
-        position = self.store.queue_position(record.id, record.variant or None) if record.status == "queued" else None
+        queued = record.status == "queued"
+        position = self.store.queue_position(record.id, record.variant or None, record.owner) if queued else None
         job = Job.from_record(
             record,
             queue_position=position,

@@ -27,6 +27,13 @@ class ApiKey(BaseModel):
     rate_limit_per_minute: int | None = Field(None, ge=1, description="overrides the service default")
     read_rate_limit_per_minute: int | None = Field(None, ge=1, description="overrides the service default")
     max_active_jobs: int | None = Field(None, ge=1, description="overrides the service default")
+    share_weight: float = Field(
+        1.0,
+        gt=0,
+        le=1000,
+        description="this key's share of the GPUs while keys wait (jobs.fairshare): a key of weight 2 starts two "
+        "jobs for each one of a key of weight 1",
+    )
 
 
 class Settings(BaseSettings):
