@@ -77,7 +77,7 @@ def test_an_idle_key_earns_no_credit(store: JobStore) -> None:
     assert take(store) == early or take(store) == early
     for _ in range(10):
         take(store)  # a alone for a while: b is out of the rotation
-    b_jobs = queue(store, "b", 6)
+    queue(store, "b", 6)
     order = [owner_of(store, job) for job in (take(store) for _ in range(8)) if job]
     # b rejoins at the current virtual time: it alternates with a instead of running its 6 first
     assert order[:6].count("b") == 3, order
