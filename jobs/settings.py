@@ -90,6 +90,19 @@ class Settings(BaseSettings):
     expiry_sweep_s: float = Field(
         60.0, gt=0, description="how often the light worker's beat erases the files of jobs past their expires_at"
     )
+    batch_sweep_s: float = Field(
+        15.0,
+        gt=0,
+        description="how often the light worker's beat sends due batch webhooks and ends a batch whose last job's "
+        "process died before ending it",
+    )
+    max_batch_items: int = Field(500, ge=1, le=10_000, description="photos one POST /v1/batches may hold")
+    max_batch_upload_bytes: int = Field(
+        100_000_000,
+        ge=1,
+        description="largest multipart POST /v1/batches (its photos together; each is also held to "
+        "SUPIR_MAX_UPLOAD_BYTES); larger batches name direct uploads instead",
+    )
     delete_after_delivery: bool = Field(
         False,
         description="zero retention: a restoration is erased (as DELETE does) once every sample has been downloaded "

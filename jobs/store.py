@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 import redis
 
+from .batches import BatchBook
 from .fairshare import FairQueue
 from .record import ACTIVE, JobError, JobProgress, JobRecord, Status
 
@@ -62,6 +63,7 @@ class JobStore:
         self.p = prefix
         self.retention_s = int(retention_s)
         self.fair = FairQueue(client, prefix)
+        self.batches = BatchBook(client, prefix, self.retention_s)
 
     # keys
     def _job(self, job_id: str) -> str:
@@ -77,6 +79,11 @@ class JobStore:
     def get(self, job_id: str) -> JobRecord | None:
         raw = self.r.get(self._job(job_id))
         return JobRecord.model_validate_json(raw) if raw else None
+
+    def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
+        """Records in one round trip, in order (None where a job is gone)."""
+        raws = self.r.mget([self._job(i) for i in job_ids]) if job_ids else []
+        return [JobRecord.model_validate_json(raw) if raw else None for raw in raws]
 
     def _queued(self, variant: str | None = None) -> str:
         return f"{self.p}:queued:{variant}" if variant else f"{self.p}:queued"
@@ -187,6 +194,8 @@ class JobStore:
             pipe.zadd(f"{self.p}:owner:{record.owner}", {record.id: record.created_at})
             self._expire_at(pipe, record)
             pipe.execute()
+        if record.batch_id:
+            self.batches.job_ended(record.batch_id, record.id)
         return record
 
     def _with_expiry(self, record: JobRecord) -> JobRecord:
@@ -231,9 +240,12 @@ class JobStore:
                     published = f'{{"version":{version},' + record.model_dump_json()[1:]
                     pipe.publish(self.channel(job_id), published)
                     pipe.execute()
-                    return record
                 except redis.WatchError:
                     continue
+            if record.batch_id and record.terminal:
+                # after the change (a crash between the two is caught by the batches' sweep)
+                self.batches.job_ended(record.batch_id, record.id)
+            return record
         raise RuntimeError(f"job {job_id}: too many concurrent updates")
 
     def _index(self, pipe: redis.client.Pipeline, record: JobRecord) -> None:
@@ -397,6 +409,22 @@ class JobStore:
             pipe.zrem(self._expiring, job_id)
             pipe.publish(self.channel(job_id), json.dumps({"deleted": reason}))
             pipe.execute()
+        if record.batch_id:
+            self.batches.job_ended(record.batch_id, job_id)
+
+    def end_finished_batches(self, older_than_s: float = 60.0) -> int:
+        """Batches whose jobs have all ended (or gone) but which were not ended: an ending whose process died
+        between the job's change and the batch's count. Returns how many this ended."""
+        ended = 0
+        for batch_id in self.batches.open_ids(older_than_s):
+            batch = self.batches.get(batch_id)
+            if batch is None:
+                continue
+            raws = self.r.mget([self._job(i) for i in batch.job_ids]) if batch.job_ids else []
+            for job_id, raw in zip(batch.job_ids, raws, strict=True):
+                if raw is None or JobRecord.model_validate_json(raw).terminal:
+                    ended += self.batches.job_ended(batch_id, job_id)
+        return ended
 
     def mark_delivered(self, job_id: str, index: int) -> int:
         """Sample `index` of the job was downloaded: how many of its samples have been."""

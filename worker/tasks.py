@@ -32,7 +32,15 @@ from celery.platforms import EX_FAILURE
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 from kombu import Queue
 
-from jobs.queue import RESTORE_TASK, WEBHOOK_EVENT_TASK, WEBHOOK_TASK, make_celery, variant_queue, webhook_queue
+from jobs.queue import (
+    BATCH_WEBHOOK_TASK,
+    RESTORE_TASK,
+    WEBHOOK_EVENT_TASK,
+    WEBHOOK_TASK,
+    make_celery,
+    variant_queue,
+    webhook_queue,
+)
 from jobs.reaper import Reaper
 from jobs.record import JobRecord
 from jobs.redis_conn import store_client
@@ -239,7 +247,7 @@ def _run_fairly(rt: Runtime, job_id: str, ran: list[str]) -> str:
             continue
         if outcome != "skipped":
             if picked != job_id:
-                log.info("job %s: ran in the turn of job %s (fair share)", picked, job_id)
+                log.debug("job %s: ran in the turn of job %s (fair share)", picked, job_id)
             return outcome
     return execute.run_job(rt, job_id)
 
@@ -251,3 +259,10 @@ def _enqueue_webhook(rt: Runtime, job_id: str) -> None:
     # canceled while queued was sent by the API already; this covers a send the broker lost.
     if hook is not None and hook.state == "pending" and hook.attempts == 0:
         _send_webhook(job_id)
+    if record is not None and record.batch_id and rt.store.batches.claim_due(record.batch_id):
+        # this job ended its batch: the batch's one webhook goes now (else the light worker's beat sends it)
+        try:
+            app.send_task(BATCH_WEBHOOK_TASK, args=[record.batch_id], queue=webhook_queue(settings))
+        except Exception:
+            rt.store.batches.mark_due(record.batch_id)
+            raise
