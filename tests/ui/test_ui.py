@@ -426,6 +426,13 @@ def test_progress_is_weighted_by_stage_and_never_goes_backwards(browser, service
     said = page.evaluate("""statusText({id: 'job_g', kind: 'restore', status: 'running', params: {faces: 'auto'},
                                         progress: {stage: 'faces', step: 1, steps: 2}})""")
     assert said == "Restoration running: restoring faces, step 1 of 2, 75% done.", said
+    # a batch: its ended jobs of all, those that did not succeed named; its ETA as a time of day and a duration
+    counts = {"queued": 26, "running": 2, "succeeded": 11, "failed": 1, "canceled": 0, "deleted": 0}
+    said = page.evaluate("c => batchWords({total: 40, counts: c})", counts)
+    assert said == "12 of 40 done, 1 failed", said
+    eta = page.evaluate("batchEta({status: 'running', eta: new Date(Date.now() + 185000).toISOString()})")
+    assert re.fullmatch(r"Expected to end around \d{1,2}:\d\d:\d\d( [AP]M)? \(in about 3 min\)\.", eta), eta
+    assert page.evaluate("batchEta({status: 'running', eta: null})") == ""
     page.context.close()
 
 
