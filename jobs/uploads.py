@@ -5,9 +5,8 @@ request, and a job names it by id. Torch-free: the API makes and uses uploads, t
                     upload's retention. `used_by` is set once, atomically, by the create that takes the upload.
 
 An upload is used once: the store copies it to the job's own input, never through the API (so the job's
-retention and DELETE cover
-them) and the upload's object is removed. An upload never used is erased by the expiry sweep: its id sits in
-`p:expiring` (jobs.retention) at its retention's end.
+retention and DELETE cover it), and the upload's object is removed. An upload never used is erased by the expiry
+sweep: its id sits in `p:expiring` (jobs.retention) at its retention's end.
 """
 
 from __future__ import annotations
