@@ -138,9 +138,10 @@ def check_stored_image(
     """check_image's checks that need only the header, on a stored object of `size` bytes that is never read
     whole: `head` is its first bytes (HEAD_BYTES, or all of a smaller object), `read_at(start, length)` reads any
     other range. What a header says is checked as check_image checks it (format, the pixel limits and
-    decompression bombs, TIFF strips and tiles, raw rows that end past the object, EXIF); Pillow's header parsers
-    read at most HEADER_READ_BYTES beyond `head`. Not checked without the pixel data: PNG rows (the scan) and the
-    one decode. A photo that fails those fails its job when the worker decodes it (invalid_input), not here.
+    decompression bombs, TIFF strips and tiles, raw rows that end past the object, EXIF in the header); Pillow's
+    header parsers read at most HEADER_READ_BYTES beyond `head`. Not checked without the pixel data: PNG rows (the
+    scan), a PNG's EXIF after its pixels, and the one decode. A photo that fails those fails its job when the
+    worker decodes it (invalid_input), not here.
     WebP: its header's canvas only (Pillow's WebP plugin reads the whole file to open it)."""
     fmt, content_type = _sniffed(head, size, settings, declared_type)
     if fmt == "WEBP":
@@ -160,7 +161,8 @@ def check_stored_image(
         problem = _short_raw_rows(img, size)
         if problem:
             raise ApiError("invalid_image", f"the {fmt} image is {problem}", field="image")
-        _check_orientation(img)
+        if img.format != "PNG" or "exif" in img.info:  # a PNG's getexif decodes it, for an eXIf after the pixels
+            _check_orientation(img)
     return ImageInfo(content_type, width, height)
 
 
