@@ -39,6 +39,7 @@ from .intake import HEAD_BYTES, ImageInfo, check_image, check_public_url, check_
 from .models import (
     MAX_DECLARED_SIDE,
     WEBHOOK_EVENTS,
+    EstimateFromUpload,
     EstimateRequest,
     JobFromUpload,
     JobFromUrl,
@@ -55,7 +56,7 @@ IDEMPOTENCY_WAIT_S = 30.0  # how long a repeat waits for the first create's job 
 IDEMPOTENCY_POLL_S = 0.1
 IDEMPOTENCY_STALE_S = 300.0  # a claim this old with no job: its API process died; the next request takes it
 SIZE_PARAMS = ("min_size", "upscale")  # fix the processing size: a run from a kept stage 1 must share them
-Body = TypeVar("Body", JobUpload, JobFromUrl, JobFromUpload, RestoreFromPreview, EstimateRequest)
+Body = TypeVar("Body", JobUpload, JobFromUrl, JobFromUpload, RestoreFromPreview, EstimateRequest, EstimateFromUpload)
 # A body with several faults is answered with one: unknown fields first, then wrong JSON types, then wrong
 # values, the fields in this order (the order the API has always checked them in)
 FIELD_ORDER = (
@@ -192,10 +193,20 @@ async def _from_preview_body(request: Request, content_type: str, settings: Sett
     return _validated(RestoreFromPreview, _json_object(body) if body.strip() else {}, settings)
 
 
-def read_estimate_request(body: bytes, settings: Settings) -> tuple[EstimateRequest, RestoreParams, str]:
+def read_estimate_request(
+    body: bytes, settings: Settings
+) -> tuple[EstimateRequest | EstimateFromUpload, RestoreParams, str]:
     """`POST /v1/estimates`' JSON body, checked as a create body is: (the body, its params over this deployment's
     defaults and the preset, the variant that would run it)."""
-    estimate = _validated(EstimateRequest, _json_object(body) if body.strip() else {}, settings)
+    fields = _json_object(body) if body.strip() else {}
+    estimate: EstimateRequest | EstimateFromUpload
+    if "upload_id" in fields:
+        if "width" in fields or "height" in fields:
+            message = "send either width and height or upload_id, not both"
+            raise ApiError("conflicting_image_sources", message, field="upload_id")
+        estimate = _validated(EstimateFromUpload, fields, settings)
+    else:
+        estimate = _validated(EstimateRequest, fields, settings)
     try:
         raw = with_defaults(estimate.params or {}, estimate.preset, settings.default_params)
         params = validate_params(raw, preset=estimate.preset)

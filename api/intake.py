@@ -50,8 +50,14 @@ HEADER_READ_BYTES = 8 << 20
 @dataclass(frozen=True)
 class ImageInfo:
     content_type: str
-    width: int
+    width: int  # as stored: before the worker turns the photo upright
     height: int
+    quarter_turn: bool = False  # its EXIF orientation turns it a quarter (the worker's exif_transpose)
+
+    @property
+    def upright(self) -> tuple[int, int]:
+        """(width, height) of the photo the worker restores."""
+        return (self.height, self.width) if self.quarter_turn else (self.width, self.height)
 
 
 def sniff(data: bytes) -> tuple[str, str] | None:
@@ -123,8 +129,8 @@ def check_image(data: bytes, settings: Settings, upscale: float, declared_type: 
             # 1/8 scale: libjpeg still reads every coded block, so truncation and corruption still fail
             img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
         img.load()
-        _check_orientation(img)
-    return ImageInfo(content_type, width, height)
+        quarter_turn = _check_orientation(img)
+    return ImageInfo(content_type, width, height, quarter_turn)
 
 
 def check_stored_image(
@@ -161,9 +167,9 @@ def check_stored_image(
         problem = _short_raw_rows(img, size)
         if problem:
             raise ApiError("invalid_image", f"the {fmt} image is {problem}", field="image")
-        if img.format != "PNG" or "exif" in img.info:  # a PNG's getexif decodes it, for an eXIf after the pixels
-            _check_orientation(img)
-    return ImageInfo(content_type, width, height)
+        # a PNG's getexif decodes it, for an eXIf after the pixels
+        quarter_turn = _check_orientation(img) if img.format != "PNG" or "exif" in img.info else False
+    return ImageInfo(content_type, width, height, quarter_turn)
 
 
 def _checked_header(img: Image.Image, fmt: str, size: int, settings: Settings, upscale: float) -> tuple[int, int]:
@@ -397,11 +403,14 @@ def _scan_png(passes: list[tuple[int, int]], offset: int, data: bytes) -> str | 
     return None
 
 
-def _check_orientation(img: Image.Image) -> None:
-    """What the worker does with EXIF when it turns the image upright (ImageOps.exif_transpose), without pixels."""
+def _check_orientation(img: Image.Image) -> bool:
+    """What the worker does with EXIF when it turns the image upright (ImageOps.exif_transpose), without pixels;
+    whether that turns it a quarter."""
     exif = img.getexif()
-    if exif.get(0x0112, 1) in range(2, 9) and ("exif" in img.info or "Raw profile type exif" in img.info):
+    orientation = exif.get(0x0112, 1)
+    if orientation in range(2, 9) and ("exif" in img.info or "Raw profile type exif" in img.info):
         exif.tobytes()
+    return orientation in (5, 6, 7, 8)
 
 
 def _pillow_detail(exc: BaseException) -> str:
