@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from jobs.batches import BatchRecord, BatchWebhook, new_batch_id, summarize
-from jobs.record import JobRecord, new_job_id
+from jobs.record import JobRecord, input_key, new_job_id
 from jobs.retention import erase, erase_objects
 from jobs.settings import Settings
 from jobs.storage import ObjectMissing
@@ -42,6 +42,7 @@ from .creation import (
     _photo,
     _record,
     _served,
+    _upload_as_input,
     _uploads,
     _validated,
     check_public_url,
@@ -243,32 +244,39 @@ async def create_batch(
 async def _store_item(
     services: Services, owner: str, job: JobRequest, batch: BatchRequest, index: int, batch_id: str
 ) -> _Stored:
+    """Item `index`'s photo stored as its job's input and checked: an upload is copied in the store and only its
+    header read (api.creation._upload_as_input), a file or a URL's download is checked whole and written."""
     job_id = new_job_id()
     upload = None
-    if batch.files:
-        image = await run_in_threadpool(_read_file, batch.files[index], services.settings.max_upload_bytes)
-        declared = job.declared_type
-    else:
+    try:
         if job.upload_id is not None:
             upload = await run_in_threadpool(_claimed_upload, services, owner, job.upload_id, job_id)
-        try:
-            job, image, declared = await _photo(services, owner, job, upload)
-        except BaseException:
-            if upload is not None:
-                await run_in_threadpool(_uploads(services).release, upload.id, job_id)
-            raise
-    try:
-        async with services.decodes:
-            info = await run_in_threadpool(check_image, image, services.settings, job.params.upscale, declared)
-        image_sha256 = await run_in_threadpool(lambda: hashlib.sha256(image).hexdigest())
+            info, image_sha256 = await run_in_threadpool(_upload_as_input, services, owner, job, job_id, upload)
+        else:
+            if batch.files:
+                image = await run_in_threadpool(_read_file, batch.files[index], services.settings.max_upload_bytes)
+                declared = job.declared_type
+            else:
+                job, image, declared = await _photo(services, owner, job)
+            async with services.decodes:
+                info = await run_in_threadpool(check_image, image, services.settings, job.params.upscale, declared)
+            image_sha256 = await run_in_threadpool(lambda: hashlib.sha256(image).hexdigest())
+            await run_in_threadpool(services.objects.put, input_key(job_id), image, info.content_type)
         record = _record(job, job_id, owner, info, "", image_sha256)
-        record = record.model_copy(update={"batch_id": batch_id, "expires_after": batch.expires_after})
-        await run_in_threadpool(services.objects.put, record.input_key, image, info.content_type)
+        return _Stored(record.model_copy(update={"batch_id": batch_id, "expires_after": batch.expires_after}), upload)
     except BaseException:
-        if upload is not None:
-            await run_in_threadpool(_uploads(services).release, upload.id, job_id)
+        with anyio.CancelScope(shield=True):
+            await run_in_threadpool(_forget_item, services, job_id, upload)
         raise
-    return _Stored(record, upload)
+
+
+def _forget_item(services: Services, job_id: str, upload: Any) -> None:
+    """An item that failed: its copy or written photo goes, its upload is free again."""
+    with contextlib.suppress(Exception):
+        erase_objects(services.objects, job_id)
+    if upload is not None:
+        with contextlib.suppress(Exception):
+            _uploads(services).release(upload.id, job_id)
 
 
 def _write(services: Services, batch: BatchRecord, stored: list[_Stored], share_weight: float) -> None:

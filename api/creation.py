@@ -21,11 +21,11 @@ from pydantic_core import ErrorDetails
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from jobs.cache import cacheable, record_key
+from jobs.cache import cacheable, keyed, record_key
 from jobs.record import JobRecord, JobResult, WebhookState, input_key, new_job_id, output_key
 from jobs.redis_memory import read_memory
 from jobs.settings import Settings
-from jobs.storage import ObjectMissing
+from jobs.storage import ObjectMissing, ObjectStore
 from jobs.store import JobStore
 from jobs.uploads import Upload, UploadBook
 from jobs.usage import UsageBook
@@ -35,10 +35,11 @@ from supir_core.params import MAX_SEED, PRESETS, RestoreParams, validate_params
 from . import metrics, shutdown
 from .deps import missing_job
 from .errors import QUEUE_FULL_MESSAGE, QUEUE_FULL_RETRY_S, STATUS, ApiError
-from .intake import check_image, check_public_url, fetch_image, sniff
+from .intake import HEAD_BYTES, ImageInfo, check_image, check_public_url, check_stored_image, fetch_image, sniff
 from .models import (
     MAX_DECLARED_SIDE,
     WEBHOOK_EVENTS,
+    EstimateFromUpload,
     EstimateRequest,
     JobFromUpload,
     JobFromUrl,
@@ -55,7 +56,7 @@ IDEMPOTENCY_WAIT_S = 30.0  # how long a repeat waits for the first create's job 
 IDEMPOTENCY_POLL_S = 0.1
 IDEMPOTENCY_STALE_S = 300.0  # a claim this old with no job: its API process died; the next request takes it
 SIZE_PARAMS = ("min_size", "upscale")  # fix the processing size: a run from a kept stage 1 must share them
-Body = TypeVar("Body", JobUpload, JobFromUrl, JobFromUpload, RestoreFromPreview, EstimateRequest)
+Body = TypeVar("Body", JobUpload, JobFromUrl, JobFromUpload, RestoreFromPreview, EstimateRequest, EstimateFromUpload)
 # A body with several faults is answered with one: unknown fields first, then wrong JSON types, then wrong
 # values, the fields in this order (the order the API has always checked them in)
 FIELD_ORDER = (
@@ -80,6 +81,7 @@ REFUSALS = {
     ),
     "expires_after": ("invalid_parameter", "expires_after must be a whole number of seconds, at least 1"),
 }
+HASH_CHUNK_BYTES = 1 << 20  # a direct upload's photo is hashed in pieces of this size, never held whole
 NO_UPLOAD = "send the photo as the multipart file field 'image' (or JSON image_url or upload_id)"
 
 
@@ -191,10 +193,20 @@ async def _from_preview_body(request: Request, content_type: str, settings: Sett
     return _validated(RestoreFromPreview, _json_object(body) if body.strip() else {}, settings)
 
 
-def read_estimate_request(body: bytes, settings: Settings) -> tuple[EstimateRequest, RestoreParams, str]:
+def read_estimate_request(
+    body: bytes, settings: Settings
+) -> tuple[EstimateRequest | EstimateFromUpload, RestoreParams, str]:
     """`POST /v1/estimates`' JSON body, checked as a create body is: (the body, its params over this deployment's
     defaults and the preset, the variant that would run it)."""
-    estimate = _validated(EstimateRequest, _json_object(body) if body.strip() else {}, settings)
+    fields = _json_object(body) if body.strip() else {}
+    estimate: EstimateRequest | EstimateFromUpload
+    if "upload_id" in fields:
+        if "width" in fields or "height" in fields:
+            message = "send either width and height or upload_id, not both"
+            raise ApiError("conflicting_image_sources", message, field="upload_id")
+        estimate = _validated(EstimateFromUpload, fields, settings)
+    else:
+        estimate = _validated(EstimateRequest, fields, settings)
     try:
         raw = with_defaults(estimate.params or {}, estimate.preset, settings.default_params)
         params = validate_params(raw, preset=estimate.preset)
@@ -418,6 +430,7 @@ async def _stored_record(
     """Claim a quota slot, get the photo, and store the job: (its record, whether it was born succeeded from the
     result cache, holding no slot)."""
     store, claimed, upload = services.store, False, None
+    written: str | None = None  # the job's input once stored, until its record holds it: removed on failure
     try:
         # one atomic check-and-claim: concurrent creates cannot all pass a separate count
         claimed = await run_in_threadpool(store.claim_slot, owner, job_id, quota)
@@ -427,10 +440,14 @@ async def _stored_record(
                 "SUPIR_MAX_ACTIVE_JOBS, or the key's max_active_jobs in SUPIR_API_KEYS)"
             )
             raise ApiError("quota_exceeded", message, headers={"Retry-After": "10"})
+        image: bytes | None = None
         if job.upload_id is not None:
             upload = await run_in_threadpool(_claimed_upload, services, owner, job.upload_id, job_id)
-        job, image, declared = await _photo(services, owner, job, upload)
-        image_sha256 = await run_in_threadpool(lambda: hashlib.sha256(image).hexdigest())
+            written = input_key(job_id)
+            info, image_sha256 = await run_in_threadpool(_upload_as_input, services, owner, job, job_id, upload)
+        else:
+            job, image, declared = await _photo(services, owner, job)
+            image_sha256 = await run_in_threadpool(lambda: hashlib.sha256(image).hexdigest())
         # the point of no return: from here a job gets stored (a cached one at once), so a shutdown lets this
         # request finish and answer it rather than refuse it with a 503 whose retry would make a second job
         await shutdown.commit()
@@ -439,14 +456,18 @@ async def _stored_record(
             await run_in_threadpool(store.release_slot, owner, job_id)  # it ended at birth: no slot held
             claimed = False
             if upload is not None:
-                await run_in_threadpool(_consume_upload, services, upload)
+                await run_in_threadpool(_consume_upload, services, upload, written)  # a cached job keeps no photo
             return hit, True
-        async with services.decodes:
-            info = await run_in_threadpool(check_image, image, services.settings, job.params.upscale, declared)
+        if image is not None:
+            async with services.decodes:
+                info = await run_in_threadpool(check_image, image, services.settings, job.params.upscale, declared)
         record = _record(job, job_id, owner, info, request_hash, image_sha256)
         # input first, record second, task last: a failure leaves no record pointing at a missing input
-        await run_in_threadpool(services.objects.put, record.input_key, image, info.content_type)
+        if image is not None:
+            written = record.input_key
+            await run_in_threadpool(services.objects.put, record.input_key, image, info.content_type)
         await run_in_threadpool(store.create, record, share_weight)  # the record keeps the claimed slot
+        written = None  # the job's now: its retention and DELETE erase it
         if upload is not None:
             await run_in_threadpool(_consume_upload, services, upload)
         return record, False
@@ -456,20 +477,19 @@ async def _stored_record(
             if upload is not None:
                 with contextlib.suppress(redis.RedisError):
                     await run_in_threadpool(_uploads(services).release, upload.id, job_id)
+            if written is not None:
+                with contextlib.suppress(Exception):  # best effort: the age sweep removes what is left
+                    await run_in_threadpool(services.objects.delete, written)
         if isinstance(exc, ApiError):
             metrics.REJECTED.labels(exc.code).inc()
         raise
 
 
-async def _photo(
-    services: Services, owner: str, job: JobRequest, upload: Upload | None = None
-) -> tuple[JobRequest, bytes, str | None]:
-    """The job's photo and its declared type: the preview's, the upload, a direct upload's object, or the
-    download of image_url."""
+async def _photo(services: Services, owner: str, job: JobRequest) -> tuple[JobRequest, bytes, str | None]:
+    """The job's photo and its declared type: the preview's, the upload, or the download of image_url (a direct
+    upload's is never held: _upload_as_input)."""
     if job.stage1_job is not None:
         return await _preview_photo(services, owner, job)
-    if upload is not None:
-        return job, await run_in_threadpool(_upload_bytes, services, upload), upload.content_type
     if job.image is not None:
         return job, job.image, job.declared_type
     assert job.image_url is not None  # read_job_request: one of the three
@@ -509,35 +529,93 @@ def _claimed_upload(services: Services, owner: str, upload_id: str, job_id: str)
     return upload
 
 
-def _upload_bytes(services: Services, upload: Upload) -> bytes:
-    """The upload's bytes, once its stored size is the signed one and its leading bytes are the signed type.
-    The size is asked first, so an object S3 took against its policy is never read whole."""
-    limit = services.settings.max_upload_bytes
+def _upload_as_input(
+    services: Services, owner: str, job: JobRequest, job_id: str, upload: Upload
+) -> tuple[ImageInfo, str]:
+    """The job's input made from the upload by a copy in the store (the API never holds the photo), then checked:
+    (its header's facts, its sha256 when the result cache keys the job, else "").
+
+    The copy is what is checked, so what was checked is what runs: the upload's URL may take new bytes until it
+    expires. The upload's size is asked first, so an object S3 took against its policy is never copied. The hash
+    is a streamed read of the whole object (HASH_CHUNK_BYTES at a time), made only for a job the cache keys: the
+    cache needs it, and a job it does not key would pay a read of the photo for nothing."""
+    objects, settings, key = services.objects, services.settings, input_key(job_id)
+    _check_upload_size(upload, _upload_size(objects, upload, upload.key), settings)
     try:
-        size = services.objects.size(upload.key)
+        objects.copy(upload.key, key)
     except ObjectMissing:
-        raise ApiError("upload_incomplete", f"upload {upload.id} has not been received", field="upload_id") from None
-    if size > min(upload.size, limit):
+        raise _not_received(upload) from None
+    size = _upload_size(objects, upload, key)
+    _check_upload_size(upload, size, settings)
+    info = _check_stored(services, upload, key, size, job.params.upscale)
+    if not keyed(settings, _probe(job, job_id, owner, "")):
+        return info, ""
+    digest = hashlib.sha256()
+    for piece in objects.chunks(key, HASH_CHUNK_BYTES):
+        digest.update(piece)
+    return info, digest.hexdigest()
+
+
+def stored_upload_info(services: Services, owner: str, upload_id: str, upscale: float) -> ImageInfo:
+    """What the owner's received upload's header says, checked as a job made from it would check it, without
+    using the upload (`POST /v1/estimates`)."""
+    upload = _uploads(services).get(upload_id)
+    if upload is None or upload.owner != owner:
+        raise ApiError("not_found", f"no upload {upload_id[:80]} for this key", field="upload_id")
+    if upload.used_by is not None:
+        raise ApiError("upload_used", f"upload {upload_id} was already used by a job", field="upload_id")
+    size = _upload_size(services.objects, upload, upload.key)
+    _check_upload_size(upload, size, services.settings)
+    return _check_stored(services, upload, upload.key, size, upscale)
+
+
+def _not_received(upload: Upload) -> ApiError:
+    return ApiError("upload_incomplete", f"upload {upload.id} has not been received", field="upload_id")
+
+
+def _upload_size(objects: ObjectStore, upload: Upload, key: str) -> int:
+    try:
+        return objects.size(key)
+    except ObjectMissing:
+        raise _not_received(upload) from None
+
+
+def _check_upload_size(upload: Upload, size: int, settings: Settings) -> None:
+    """The stored size must be the signed one."""
+    if size > min(upload.size, settings.max_upload_bytes):
         message = f"upload {upload.id} holds {size:,} bytes; {upload.size:,} were signed for"
         raise ApiError("file_too_large", message, field="upload_id")
     if size < upload.size:
         message = f"upload {upload.id} holds {size:,} of the {upload.size:,} bytes signed for"
         raise ApiError("upload_incomplete", message, field="upload_id")
+
+
+def _check_stored(services: Services, upload: Upload, key: str, size: int, upscale: float) -> ImageInfo:
+    """The stored object's magic bytes must be the signed type; then its header passes intake's checks (read in
+    ranges: api.intake.check_stored_image)."""
+    objects = services.objects
     try:
-        data = services.objects.get(upload.key)
+        head = objects.read_range(key, 0, HEAD_BYTES)
     except ObjectMissing:
-        raise ApiError("upload_incomplete", f"upload {upload.id} has not been received", field="upload_id") from None
-    found = sniff(data[:16])
+        raise _not_received(upload) from None
+    found = sniff(head[:16])
     if found is not None and found[1] != upload.content_type:
         message = f"upload {upload.id} is {found[1]}, not the {upload.content_type} it was signed for"
         raise ApiError("unsupported_media_type", message, field="upload_id")
-    return data
+
+    def read_at(start: int, length: int) -> bytes:
+        return objects.read_range(key, start, length)
+
+    return check_stored_image(head, read_at, size, services.settings, upscale, upload.content_type)
 
 
-def _consume_upload(services: Services, upload: Upload) -> None:
-    """The job holds its own copy now (its retention and DELETE cover it): the upload goes (best effort; the
-    expiry sweep removes an object left behind)."""
+def _consume_upload(services: Services, upload: Upload, copy: str | None = None) -> None:
+    """The job holds its own copy now (its retention and DELETE cover it): the upload goes, and `copy` too (a job
+    answered from the cache keeps no photo). Best effort: the expiry sweep removes an upload left behind, the age
+    sweep a copy."""
     with contextlib.suppress(Exception):
+        if copy is not None:
+            services.objects.delete(copy)
         services.objects.delete(upload.key)
         _uploads(services).forget(upload.id)
 
@@ -594,16 +672,7 @@ def _answer_from_cache(
 ) -> JobRecord | None:
     """A job born `succeeded` with copies of an earlier identical job's results (no GPU work), or None."""
     store = services.store
-    probe = JobRecord(
-        id=job_id,
-        owner=owner,
-        params=job.params.model_dump(),
-        input_sha256=image_sha256,
-        seed_given=job.params.seed is not None,
-        variant=job.variant or "",
-        kind="preview" if job.preview else "restore",
-        stage1_job=job.stage1_job,
-    )
+    probe = _probe(job, job_id, owner, image_sha256)
     found = _cached_results(services, probe)
     if found is None:
         return None
@@ -643,6 +712,20 @@ def _answer_from_cache(
         usage.record(owner, images=len(results), gpu_seconds=0.0, cached=True)
     metrics.RESULT_CACHE.labels("hit").inc()
     return record
+
+
+def _probe(job: JobRequest, job_id: str, owner: str, image_sha256: str) -> JobRecord:
+    """What the result cache reads of a request: a record of its job."""
+    return JobRecord(
+        id=job_id,
+        owner=owner,
+        params=job.params.model_dump(),
+        input_sha256=image_sha256,
+        seed_given=job.params.seed is not None,
+        variant=job.variant or "",
+        kind="preview" if job.preview else "restore",
+        stage1_job=job.stage1_job,
+    )
 
 
 def _cached_results(services: Services, probe: JobRecord) -> tuple[JobRecord, list[JobResult]] | None:

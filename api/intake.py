@@ -7,7 +7,9 @@ import io
 import re
 import time
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -23,6 +25,7 @@ from jobs.netguard import (
     system_resolver,
 )
 from jobs.settings import Settings
+from supir_core.errors import SupirError
 
 from .errors import ApiError
 
@@ -38,13 +41,23 @@ MAGIC: list[tuple[bytes, str, str]] = [
 ]
 MIN_SIDE = 8
 MAX_REDIRECTS = 3
+HEAD_BYTES = 1 << 16  # a stored object's first bytes, read at once: the whole header of most files
+# what Pillow's header parsers may read of a stored object beyond its head (JPEG APP segments, TIFF IFDs, PNG
+# chunks before the pixel data): a header that needs more is refused rather than read
+HEADER_READ_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
 class ImageInfo:
     content_type: str
-    width: int
+    width: int  # as stored: before the worker turns the photo upright
     height: int
+    quarter_turn: bool = False  # its EXIF orientation turns it a quarter (the worker's exif_transpose)
+
+    @property
+    def upright(self) -> tuple[int, int]:
+        """(width, height) of the photo the worker restores."""
+        return (self.height, self.width) if self.quarter_turn else (self.width, self.height)
 
 
 def sniff(data: bytes) -> tuple[str, str] | None:
@@ -102,50 +115,147 @@ def check_image(data: bytes, settings: Settings, upscale: float, declared_type: 
     the defaults (2, 16 M pixels: 64 MB an image) decodes hold at most 2 × 4 × 64 MB = 512 MB (two WebPs),
     128 MB for PNG, TIFF or BMP.
     """
-    fmt, content_type = _sniffed(data, settings, declared_type)
+    fmt, content_type = _sniffed(data, len(data), settings, declared_type)
     declared = _webp_canvas(data) if fmt == "WEBP" else None
     if declared:  # libwebp allocates its canvases as soon as Pillow opens the file
         _check_limits(*declared, len(data), settings, upscale)
+    # no warnings filter here: it is process-wide and this runs in many threads; the limits below are ours
+    with _refusals(fmt), Image.open(io.BytesIO(data)) as img:
+        width, height = _checked_header(img, fmt, len(data), settings, upscale)
+        problem = _scan_pixel_data(img, data)
+        if problem:
+            raise ApiError("invalid_image", f"the {fmt} image is {problem}", field="image")
+        if img.format in ("JPEG", "MPO"):
+            # 1/8 scale: libjpeg still reads every coded block, so truncation and corruption still fail
+            img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
+        img.load()
+        quarter_turn = _check_orientation(img)
+    return ImageInfo(content_type, width, height, quarter_turn)
+
+
+def check_stored_image(
+    head: bytes,
+    read_at: Callable[[int, int], bytes],
+    size: int,
+    settings: Settings,
+    upscale: float,
+    declared_type: str | None = None,
+) -> ImageInfo:
+    """check_image's checks that need only the header, on a stored object of `size` bytes that is never read
+    whole: `head` is its first bytes (HEAD_BYTES, or all of a smaller object), `read_at(start, length)` reads any
+    other range. What a header says is checked as check_image checks it (format, the pixel limits and
+    decompression bombs, TIFF strips and tiles, raw rows that end past the object, EXIF in the header); Pillow's
+    header parsers read at most HEADER_READ_BYTES beyond `head`. Not checked without the pixel data: PNG rows (the
+    scan), a PNG's EXIF after its pixels, and the one decode. A photo that fails those fails its job when the
+    worker decodes it (invalid_input), not here.
+    WebP: its header's canvas only (Pillow's WebP plugin reads the whole file to open it)."""
+    fmt, content_type = _sniffed(head, size, settings, declared_type)
+    if fmt == "WEBP":
+        declared = _webp_canvas(head)
+        if declared is None:
+            raise ApiError(
+                "invalid_image", "the file starts like a WEBP image but its header cannot be read", field="image"
+            )
+        _check_limits(*declared, size, settings, upscale)
+        return ImageInfo(content_type, *declared)
+    with (
+        io.BufferedReader(_StoredFile(head, read_at, size), HEAD_BYTES) as stored,
+        _refusals(fmt),
+        Image.open(stored) as img,
+    ):
+        width, height = _checked_header(img, fmt, size, settings, upscale)
+        problem = _short_raw_rows(img, size)
+        if problem:
+            raise ApiError("invalid_image", f"the {fmt} image is {problem}", field="image")
+        # a PNG's getexif decodes it, for an eXIf after the pixels
+        quarter_turn = _check_orientation(img) if img.format != "PNG" or "exif" in img.info else False
+    return ImageInfo(content_type, width, height, quarter_turn)
+
+
+def _checked_header(img: Image.Image, fmt: str, size: int, settings: Settings, upscale: float) -> tuple[int, int]:
+    """The first frame's (width, height), once its header passes the checks that need no pixel data."""
+    if img.format not in PILLOW_FORMATS[fmt]:
+        raise ApiError("invalid_image", f"the file starts like a {fmt} image but is not a readable one", field="image")
+    width, height = img.size
+    _check_limits(width, height, size, settings, upscale)
+    _check_parts(img, width, height)
+    return width, height
+
+
+@contextlib.contextmanager
+def _refusals(fmt: str) -> Iterator[None]:
+    """Whatever Pillow raises on this file as the file's problem (an ApiError): never a 500."""
     try:
-        # no warnings filter here: it is process-wide and this runs in many threads; the limits below are ours
-        with Image.open(io.BytesIO(data)) as img:
-            if img.format not in PILLOW_FORMATS[fmt]:
-                raise ApiError(
-                    "invalid_image", f"the file starts like a {fmt} image but is not a readable one", field="image"
-                )
-            width, height = img.size
-            _check_limits(width, height, len(data), settings, upscale)
-            _check_parts(img, width, height)
-            problem = _scan_pixel_data(img, data)
-            if problem:
-                raise ApiError("invalid_image", f"the {fmt} image is {problem}", field="image")
-            if img.format in ("JPEG", "MPO"):
-                # 1/8 scale: libjpeg still reads every coded block, so truncation and corruption still fail
-                img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
-            img.load()
-            _check_orientation(img)
-    except ApiError:
+        yield
+    except (ApiError, SupirError):  # ours, and a store's failure to read the object (a 503, not the file's fault)
         raise
+    except HeaderTooLong:
+        message = f"the {fmt} image's header is over {HEADER_READ_BYTES:,} bytes"
+        raise ApiError("invalid_image", message, field="image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning, if made an error
         raise ApiError(
             "decompression_bomb", f"the {fmt} image declares too many pixels ({_pillow_detail(exc)})", field="image"
         ) from None
     except MemoryError:
         raise  # the server's trouble, not the image's
-    except Exception as exc:  # whatever Pillow raises on this file is the file's problem: never a 500
+    except Exception as exc:
         raise ApiError("invalid_image", _unreadable(fmt, exc), field="image") from None
-    return ImageInfo(content_type, width, height)
 
 
-def _sniffed(data: bytes, settings: Settings, declared_type: str | None) -> tuple[str, str]:
-    """(format name, content type) of bytes of an accepted size and format, before Pillow sees them."""
-    if not data:
+class HeaderTooLong(Exception):
+    """Pillow's header parser read more than HEADER_READ_BYTES of a stored object."""
+
+
+class _StoredFile(io.RawIOBase):
+    """A stored object as a read-only, seekable file: reads within `head` come from it, others from the store
+    (read_at), at most HEADER_READ_BYTES of them in all; nothing read is kept."""
+
+    def __init__(self, head: bytes, read_at: Callable[[int, int], bytes], size: int) -> None:
+        super().__init__()
+        self.head, self.read_at, self.size = head, read_at, size
+        self.pos = self.fetched = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self.pos = base + offset
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        wanted = min(len(buffer), self.size - self.pos)
+        if wanted <= 0:
+            return 0
+        if self.pos + wanted <= len(self.head):
+            data = self.head[self.pos : self.pos + wanted]
+        else:
+            self.fetched += wanted
+            if self.fetched > HEADER_READ_BYTES:
+                raise HeaderTooLong
+            data = self.read_at(self.pos, wanted)
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def _sniffed(data: bytes, size: int, settings: Settings, declared_type: str | None) -> tuple[str, str]:
+    """(format name, content type) of an image of `size` bytes that starts with `data`, of an accepted size and
+    format, before Pillow sees it."""
+    if not size:
         raise ApiError("missing_image", "the image is empty", field="image")
-    if len(data) > settings.max_upload_bytes:
+    if size > settings.max_upload_bytes:
         raise ApiError(
             "file_too_large",
-            f"the image is {len(data):,} bytes; at most {settings.max_upload_bytes:,} are accepted "
-            "(SUPIR_MAX_UPLOAD_BYTES)",
+            f"the image is {size:,} bytes; at most {settings.max_upload_bytes:,} are accepted (SUPIR_MAX_UPLOAD_BYTES)",
             field="image",
         )
     found = sniff(data)
@@ -215,20 +325,28 @@ def _check_parts(img: Image.Image, width: int, height: int) -> None:
 
 def _scan_pixel_data(img: Image.Image, data: bytes) -> str | None:
     """What is wrong with the first frame's pixel data, found without decoding pixels; None if nothing is."""
+    problem = _short_raw_rows(img, len(data))
+    if problem:
+        return problem
     tiles = getattr(img, "tile", [])
-    for tile in tiles:
-        # raw rows (BMP, uncompressed TIFF): every row but the last is a full stride
-        args = tile.args
-        if tile.codec_name == "raw" and isinstance(args, tuple) and len(args) >= 2 and isinstance(args[1], int):
-            rows = tile.extents[3] - tile.extents[1] if tile.extents else img.height
-            if args[1] > 0 and tile.offset + args[1] * (rows - 1) + 1 > len(data):
-                return "truncated (the pixel rows end early)"
     if img.format == "PNG" and len(tiles) == 1 and tiles[0].codec_name == "zip" and tiles[0].extents:
         x0, y0, x1, y1 = tiles[0].extents
         bits = PNG_RAW_BITS.get(tiles[0].args if isinstance(tiles[0].args, str) else "")
         if bits is not None:
             rows = _png_rows(x1 - x0, y1 - y0, bits, bool(img.info.get("interlace")))
             return _scan_png(rows, tiles[0].offset, data)
+    return None
+
+
+def _short_raw_rows(img: Image.Image, size: int) -> str | None:
+    """Raw rows (BMP, uncompressed TIFF) that end past the file's `size` bytes: every row but the last is a full
+    stride, from the offsets the header declares."""
+    for tile in getattr(img, "tile", []):
+        args = tile.args
+        if tile.codec_name == "raw" and isinstance(args, tuple) and len(args) >= 2 and isinstance(args[1], int):
+            rows = tile.extents[3] - tile.extents[1] if tile.extents else img.height
+            if args[1] > 0 and tile.offset + args[1] * (rows - 1) + 1 > size:
+                return "truncated (the pixel rows end early)"
     return None
 
 
@@ -285,11 +403,14 @@ def _scan_png(passes: list[tuple[int, int]], offset: int, data: bytes) -> str | 
     return None
 
 
-def _check_orientation(img: Image.Image) -> None:
-    """What the worker does with EXIF when it turns the image upright (ImageOps.exif_transpose), without pixels."""
+def _check_orientation(img: Image.Image) -> bool:
+    """What the worker does with EXIF when it turns the image upright (ImageOps.exif_transpose), without pixels;
+    whether that turns it a quarter."""
     exif = img.getexif()
-    if exif.get(0x0112, 1) in range(2, 9) and ("exif" in img.info or "Raw profile type exif" in img.info):
+    orientation = exif.get(0x0112, 1)
+    if orientation in range(2, 9) and ("exif" in img.info or "Raw profile type exif" in img.info):
         exif.tobytes()
+    return orientation in (5, 6, 7, 8)
 
 
 def _pillow_detail(exc: BaseException) -> str:

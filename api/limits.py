@@ -70,15 +70,18 @@ class _Guarded:
         self.refused = False
 
     async def run(self) -> None:
-        if self.declared is not None and self.declared > self.limit:  # refuse before reading a byte
-            await self.refuse_too_large(drain=self.declared <= self.settings.drain_bytes)
-            return
         try:
-            await self.app(self.scope, self.receive, self.send)
-        except Exception:
-            if self.refused:  # the app was stopped by our refusal; it has nothing more to say
+            if self.declared is not None and self.declared > self.limit:  # refuse before reading a byte
+                await self.refuse_too_large(drain=self.declared <= self.settings.drain_bytes)
                 return
-            raise
+            try:
+                await self.app(self.scope, self.receive, self.send)
+            except Exception:
+                if self.refused:  # the app was stopped by our refusal; it has nothing more to say
+                    return
+                raise
+        finally:
+            metrics.REQUEST_BODY_BYTES.labels(self.scope["method"]).inc(self.received)
 
     async def receive(self) -> Message:
         if self.refused:

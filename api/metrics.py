@@ -31,6 +31,8 @@ REQUEST_SECONDS = Histogram(
     ["route", "method"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+# every body byte the API read, counted as it streams (api.limits): what clients sent through this process
+REQUEST_BODY_BYTES = Counter("supir_http_request_body_bytes_total", "HTTP request body bytes read", ["method"])
 JOBS_CREATED = Counter("supir_jobs_created_total", "jobs accepted into the queue")
 REJECTED = Counter("supir_requests_rejected_total", "requests refused, by error code", ["code"])
 RESULT_CACHE = Counter(
@@ -151,6 +153,7 @@ def render(store: JobStore, job_time_limit_s: float = 0.0, variants: tuple[str, 
         for collector in (
             REQUESTS,
             REQUEST_SECONDS,
+            REQUEST_BODY_BYTES,
             JOBS_CREATED,
             REJECTED,
             RESULT_CACHE,

@@ -40,8 +40,8 @@ from jobs.record import (
 from supir_core.params import PRESETS, RestoreParams
 
 __all__ = [
-    "Error", "ErrorBody", "Estimate", "EstimateRequest", "Job", "JobFromUrl", "JobList", "JobUpload",
-    "RestoreFromPreview", "RestoreParams", "body_schema",
+    "Error", "ErrorBody", "Estimate", "EstimateFromUpload", "EstimateRequest", "Job", "JobFromUrl", "JobList",
+    "JobUpload", "RestoreFromPreview", "RestoreParams", "body_schema",
 ]  # fmt: skip
 
 
@@ -379,20 +379,30 @@ MAX_DECLARED_SIDE = 65_535  # the largest side any format the intake reads can d
 Side = Annotated[int, BeforeValidator(_whole_number)]
 
 
-class EstimateRequest(BaseModel):
-    """`POST /v1/estimates`: what a job would be sent (params, preset, variant, preview), with the photo's size in
-    place of the photo. Strict, as the create bodies."""
+class _EstimateOptions(BaseModel):
+    """What an estimate takes of a job's body besides its photo. Strict, as the create bodies."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    width: Side = Field(ge=1, le=MAX_DECLARED_SIDE, description="the photo's width in pixels (upright: after EXIF)")
-    height: Side = Field(ge=1, le=MAX_DECLARED_SIDE, description="the photo's height in pixels")
-    # upload_id: the next way to name the photo (issue 27's direct uploads), its size read from the stored object;
-    # then exactly one of (width, height) and upload_id
     params: ParamsObject | SkipJsonSchema[None] = None
     preset: Preset | SkipJsonSchema[None] = None
     variant: Variant | SkipJsonSchema[None] = None
     preview: bool = Field(False, description="estimate a preview (stage 1 and its caption only)")
+
+
+class EstimateRequest(_EstimateOptions):
+    """`POST /v1/estimates`: what a job would be sent (params, preset, variant, preview), with the photo's size in
+    place of the photo."""
+
+    width: Side = Field(ge=1, le=MAX_DECLARED_SIDE, description="the photo's width in pixels (upright: after EXIF)")
+    height: Side = Field(ge=1, le=MAX_DECLARED_SIDE, description="the photo's height in pixels")
+
+
+class EstimateFromUpload(_EstimateOptions):
+    """`POST /v1/estimates`: what a job would be sent, the photo a received direct upload (its size read from the
+    stored photo's header; the upload is not used: a job can still be made from it)."""
+
+    upload_id: str = Field(pattern=UPLOAD_ID_PATTERN, description="the id `POST /v1/uploads` answered")
 
 
 class Size(BaseModel):

@@ -14,7 +14,16 @@ from fastapi.openapi.utils import get_openapi
 
 from supir_core.params import PRESETS
 
-from .models import Error, EstimateRequest, JobFromUpload, JobFromUrl, JobUpload, RestoreFromPreview, body_schema
+from .models import (
+    Error,
+    EstimateFromUpload,
+    EstimateRequest,
+    JobFromUpload,
+    JobFromUrl,
+    JobUpload,
+    RestoreFromPreview,
+    body_schema,
+)
 
 PUBLIC = ("/healthz", "/readyz", "/status", "/metrics", "/v1/service")  # no key needed
 REASONS = {
@@ -112,7 +121,12 @@ FROM_PREVIEW_DOCS: dict[str, Any] = {
 
 # read by hand too (api.creation.read_estimate_request: the create bodies' checks and codes)
 ESTIMATE_DOCS: dict[str, Any] = {
-    "requestBody": {"required": True, "content": {"application/json": {"schema": body_schema(EstimateRequest)}}},
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"oneOf": [body_schema(EstimateRequest), body_schema(EstimateFromUpload)]}}
+        },
+    },
 }
 
 

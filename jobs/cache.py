@@ -34,9 +34,16 @@ def cache_key(
     return hashlib.sha256(json.dumps(material, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def cacheable(settings: Settings, record: JobRecord) -> bool:
-    """Only full restorations whose request named the seed; never when the cache is off."""
+def keyed(settings: Settings, record: JobRecord) -> bool:
+    """Whether the cache keys a job like this: only full restorations whose request named the seed; never when the
+    cache is off."""
     return settings.result_cache != "off" and record.seed_given and record.kind == "restore" and not record.stage1_job
+
+
+def cacheable(settings: Settings, record: JobRecord) -> bool:
+    """Keyed, and its photo's sha256 known: the API hashes a direct upload's photo only for a keyed job (a
+    streamed read of the whole object), so a record without one is never looked up nor remembered."""
+    return keyed(settings, record) and bool(record.input_sha256)
 
 
 def scope(settings: Settings, owner: str) -> str | None:

@@ -6,7 +6,9 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import os
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +42,9 @@ log = logging.getLogger("supir.storage")
 class ObjectStore(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
     def get(self, key: str) -> bytes: ...
+    def read_range(self, key: str, start: int, length: int) -> bytes: ...
+    def chunks(self, key: str, chunk_bytes: int) -> Iterator[bytes]: ...
+    def copy(self, source: str, target: str) -> None: ...
     def delete(self, key: str) -> None: ...
     def size(self, key: str) -> int: ...
     def url(self, key: str, expires_s: int) -> str: ...
@@ -70,8 +75,8 @@ class LocalStore:
 
     def _failed(self, what: str, path: Path, exc: OSError) -> StorageError:
         log.warning("local storage %s of %s failed: %r", what, path, exc)
-        if isinstance(exc, FileNotFoundError) and what == "read":
-            return ObjectMissing("local storage read failed: object missing")
+        if isinstance(exc, FileNotFoundError) and what in ("read", "copy"):
+            return ObjectMissing(f"local storage {what} failed: object missing")
         reason = (exc.strerror or type(exc).__name__).lower()
         return StorageError(f"local storage {what} failed: {reason}")
 
@@ -118,6 +123,49 @@ class LocalStore:
             return path.read_bytes()
         except OSError as exc:
             raise self._failed("read", path, exc) from exc
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """At most `length` bytes from offset `start` (fewer at the end of the object)."""
+        path = self._path(key)
+        try:
+            with path.open("rb") as file:
+                file.seek(start)
+                return file.read(length)
+        except OSError as exc:
+            raise self._failed("read", path, exc) from exc
+
+    def chunks(self, key: str, chunk_bytes: int) -> Iterator[bytes]:
+        """The object in pieces of at most chunk_bytes, read as they are asked for."""
+        path = self._path(key)
+        try:
+            with path.open("rb") as file:
+                while piece := file.read(chunk_bytes):
+                    yield piece
+        except OSError as exc:
+            raise self._failed("read", path, exc) from exc
+
+    def copy(self, source: str, target: str) -> None:
+        """A second name for the object, at once and without reading it: a hard link (an object's file is never
+        written in place, put and writing replace it whole), else a copy made by the kernel."""
+        src, path = self._path(source), self._path(target)
+        tmp = path.with_name(path.name + ".part")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(src, tmp)
+                # the link shares the source's mtime: make it the copy's own, or the age sweep (delete_older_than)
+                # would count the new object's age from when its source was written
+                os.utime(tmp)
+            except FileNotFoundError:
+                raise
+            except OSError:  # a file system without hard links
+                shutil.copyfile(src, tmp)
+            tmp.replace(path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise self._failed("copy", src, exc) from exc
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -225,6 +273,30 @@ class S3Store:
 
     def get(self, key: str) -> bytes:
         return bytes(self._call("get", self.client.get_object, read_body=True, Key=key))
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """At most `length` bytes from offset `start` (fewer at the end of the object): one ranged GET."""
+        if length <= 0:
+            return b""
+        span = f"bytes={start}-{start + length - 1}"
+        return bytes(self._call("get", self.client.get_object, read_body=True, Key=key, Range=span))
+
+    def chunks(self, key: str, chunk_bytes: int) -> Iterator[bytes]:
+        """The object in pieces of at most chunk_bytes, from one GET read as they are asked for."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        body = self._call("get", self.client.get_object, Key=key)["Body"]
+        try:
+            yield from body.iter_chunks(chunk_bytes)
+        except (BotoCoreError, ClientError) as exc:
+            raise self._failed("get", key, exc) from exc
+        finally:
+            body.close()
+
+    def copy(self, source: str, target: str) -> None:
+        """A server-side copy (CopyObject, up to S3's 5 GB for one call): no byte passes through this process."""
+        origin = {"Bucket": self.bucket, "Key": source}
+        self._call("copy", self.client.copy_object, Key=target, CopySource=origin, MetadataDirective="COPY")
 
     def delete(self, key: str) -> None:
         self._call("delete", self.client.delete_object, Key=key)

@@ -4,9 +4,9 @@ request, and a job names it by id. Torch-free: the API makes and uses uploads, t
     p:upload:<id>   JSON {id, owner, size, content_type, key, created_at, expires_at, used_by}; its TTL is the
                     upload's retention. `used_by` is set once, atomically, by the create that takes the upload.
 
-An upload is used once: the job copies its bytes to its own input (so the job's retention and DELETE cover
-them) and the upload's object is removed. An upload never used is erased by the expiry sweep: its id sits in
-`p:expiring` (jobs.retention) at its retention's end.
+An upload is used once: the store copies it to the job's own input, never through the API (so the job's
+retention and DELETE cover it), and the upload's object is removed. An upload never used is erased by the expiry
+sweep: its id sits in `p:expiring` (jobs.retention) at its retention's end.
 """
 
 from __future__ import annotations

@@ -13,11 +13,11 @@ from jobs.settings import Settings
 from supir_core.params import RestoreParams
 from supir_core.plan import plan_sizes
 
-from ..creation import read_estimate_request
+from ..creation import read_estimate_request, stored_upload_info
 from ..deps import CallerDep, ServicesDep
 from ..errors import ApiError
 from ..intake import MIN_SIDE
-from ..models import Estimate, EstimateRequest
+from ..models import Estimate, EstimateFromUpload, EstimateRequest
 from ..openapi import ESTIMATE_DOCS, errors
 from ..services import Services
 
@@ -28,19 +28,26 @@ router = APIRouter(prefix="/v1/estimates", tags=["estimates"])
     "",
     operation_id="estimateJob",
     response_model=Estimate,
-    responses=errors(400, 401, 413, 415, 422, 429, 503),
+    responses=errors(400, 401, 404, 409, 413, 415, 422, 429, 503),
     openapi_extra=ESTIMATE_DOCS,
 )
 async def estimate_job(request: Request, caller: CallerDep, services: ServicesDep) -> dict[str, Any]:
     """A job's processing size, steps, tiling, predicted GPU-seconds and expected wait, from the body a job would
-    be sent with and the photo's size instead of the photo. Nothing is queued or stored."""
+    be sent with and, instead of the photo, its size or a received direct upload (whose header gives the size;
+    the upload stays unused). Nothing is queued or stored."""
     content_type = request.headers.get("content-type", "")
     body = await request.body()
     if body.strip() and not content_type.startswith("application/json"):
-        raise ApiError("unsupported_media_type", "send JSON: width, height, and params, preset, variant, preview")
+        message = "send JSON: width and height (or upload_id), and params, preset, variant, preview"
+        raise ApiError("unsupported_media_type", message)
     estimate, params, variant = read_estimate_request(body, services.settings)
-    _check_size(estimate, params, services.settings)
-    return await run_in_threadpool(_estimate, services, estimate, params, variant)
+    if isinstance(estimate, EstimateFromUpload):
+        info = await run_in_threadpool(stored_upload_info, services, caller.id, estimate.upload_id, params.upscale)
+        size = info.upright
+    else:
+        _check_size(estimate, params, services.settings)
+        size = (estimate.width, estimate.height)
+    return await run_in_threadpool(_estimate, services, size, estimate.preview, params, variant)
 
 
 def _check_size(estimate: EstimateRequest, params: RestoreParams, settings: Settings) -> None:
@@ -58,8 +65,11 @@ def _check_size(estimate: EstimateRequest, params: RestoreParams, settings: Sett
         raise ApiError("output_too_large", message + " (SUPIR_MAX_OUTPUT_PIXELS)", field="params.upscale")
 
 
-def _estimate(services: Services, estimate: EstimateRequest, params: RestoreParams, variant: str) -> dict[str, Any]:
-    sizes = plan_sizes((estimate.width, estimate.height), params.upscale, params.min_size)
+def _estimate(
+    services: Services, size: tuple[int, int], preview: bool, params: RestoreParams, variant: str
+) -> dict[str, Any]:
+    """size: the photo's upright (width, height)."""
+    sizes = plan_sizes(size, params.upscale, params.min_size)
     rates = services.rates.rates(variant)
     decision = tiling_of(params, sizes.process, services.rates.plan(variant))
     if decision is None:
@@ -69,14 +79,14 @@ def _estimate(services: Services, estimate: EstimateRequest, params: RestorePara
     else:
         tiling = {k: v for k, v in decision.metadata().items() if k in ("sampling", "vae", "reason")}
         tiled = {"sampling": decision.sampling, "vae": decision.vae}
-    predicted = predict(rates, params, sizes.process, preview=estimate.preview, tiling=tiled)
+    predicted = predict(rates, params, sizes.process, preview=preview, tiling=tiled)
     per_job, measured = job_seconds(rates)
     queued, running = services.store.queued_count(variant), services.store.running_count(variant)
     workers = ready_workers(services.store, variant)
     return Estimate.model_validate(
         {
             "variant": variant,
-            "kind": "preview" if estimate.preview else "restore",
+            "kind": "preview" if preview else "restore",
             "input": dict(zip(("width", "height"), sizes.input, strict=True)),
             "processing": dict(zip(("width", "height"), sizes.process, strict=True)),
             "output": dict(zip(("width", "height"), sizes.output, strict=True)),

@@ -17,8 +17,9 @@ import pytest
 from PIL import Image
 
 from api.errors import ApiError
-from api.intake import check_image
+from api.intake import HEAD_BYTES, HEADER_READ_BYTES, ImageInfo, check_image, check_stored_image
 from jobs.settings import Settings
+from jobs.storage import StorageError
 
 # the API process does not turn warnings into errors; Pillow warns about odd files it still reads
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -274,3 +275,92 @@ def test_pillow_text_loses_reprs_and_paths() -> None:
     exc = OSError("cannot read <_io.BytesIO object at 0x7f3a2c1b9e40> from /srv/app/tmp/upload.tif: bad strip")
     message = _unreadable("TIFF", exc)
     assert message == "the TIFF image is damaged or truncated (cannot read from …: bad strip)"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# check_stored_image: a direct upload's object, its header read in ranges (never the whole object)
+
+
+class Ranges:
+    """A stored object read as api.creation reads one: its first HEAD_BYTES at once, then ranges, each counted."""
+
+    def __init__(self, data: bytes, fail: Exception | None = None) -> None:
+        self.data, self.fail, self.fetched = data, fail, 0
+        self.head = data[:HEAD_BYTES]
+
+    def read_at(self, start: int, length: int) -> bytes:
+        if self.fail is not None:
+            raise self.fail
+        self.fetched += length
+        return self.data[start : start + length]
+
+    def check(self, settings: Settings = SETTINGS) -> ImageInfo:
+        return check_stored_image(self.head, self.read_at, len(self.data), settings, 1.0)
+
+
+def stored_refusal(data: bytes) -> ApiError:
+    with pytest.raises(ApiError) as caught:
+        Ranges(data).check()
+    return caught.value
+
+
+def with_chunk_before_pixels(png: bytes, kind: bytes, size: int) -> bytes:
+    at = png.index(b"IDAT") - 4
+    return png[:at] + chunk(kind, bytes(size)) + png[at:]
+
+
+def test_stored_header_checks_agree_with_check_image_on_each_format() -> None:
+    """Fault: none (the baseline): each accepted format, a JPEG with EXIF orientation and a PNG whose header
+    runs past the first HEAD_BYTES (a 300 kB private chunk before the pixel data). What the header says is
+    what check_image says, read with a few ranges at most."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = Image.new("RGB", (40, 24), "teal")
+    files = [encode(photo, format=fmt) for fmt in ("PNG", "BMP", "GIF", "TIFF", "WEBP")]
+    files += [encode(photo, format="JPEG", exif=exif.tobytes()), encode(photo, format="WEBP", lossless=True)]
+    files.append(with_chunk_before_pixels(encode(photo, format="PNG"), b"prVt", 300_000))
+    fetched = []
+    for data in files:
+        stored = Ranges(data)
+        assert stored.check() == check_image(data, SETTINGS, 1.0)
+        fetched.append(stored.fetched)
+    assert Ranges(files[5]).check().upright == (24, 40)  # the JPEG's EXIF turns it a quarter
+    # the small files lie within their head; the last one's header was read in ranges past it, and no further
+    assert fetched[:-1] == [0] * (len(files) - 1) and 300_000 - HEAD_BYTES < fetched[-1] < 400_000, fetched
+
+
+def test_stored_header_checks_read_a_few_kilobytes_of_a_40_mb_image() -> None:
+    """Fault: none: a 40 MB uncompressed BMP, TIFF and PNG (Pillow's getexif would decode a PNG to look for
+    EXIF after its pixels). The header check reads its head and little else."""
+    big = Image.new("RGB", (4000, 3400), "gray")
+    for fmt, options in (("BMP", {}), ("TIFF", {}), ("PNG", {"compress_level": 0})):
+        stored = Ranges(encode(big, format=fmt, **options))
+        assert stored.check().width == 4000 and len(stored.data) > 40_000_000
+        assert stored.fetched < 1_000_000, (fmt, stored.fetched)
+
+
+def test_stored_header_refusals_keep_their_codes() -> None:
+    """Fault: a decompression bomb's header, raw rows cut short, a WebP header with no readable canvas, and a
+    PNG whose header would need more than HEADER_READ_BYTES read (a 10 MB chunk before the pixel data)."""
+    bomb = png_bytes(8, 8, 8, 0, False)
+    at = bomb.index(b"IHDR")
+    bomb = bomb[: at - 4] + chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)) + bomb[at + 21 :]
+    assert stored_refusal(bomb).code == refusal(bomb).code == "decompression_bomb"
+    bmp = encode(Image.new("RGB", (64, 64)), format="BMP")
+    cut = stored_refusal(bmp[:-500])
+    assert cut.code == "invalid_image" and "truncated" in cut.message
+    assert stored_refusal(b"RIFF\0\0\0\0WEBPVP8 " + b"\x00" * 30).code == "invalid_image"
+    long_header = with_chunk_before_pixels(encode(Image.new("RGB", (16, 16)), format="PNG"), b"prVt", 10_000_000)
+    stored = Ranges(long_header)
+    with pytest.raises(ApiError) as caught:
+        stored.check()
+    assert caught.value.code == "invalid_image" and "header is over" in caught.value.message
+    assert stored.fetched <= HEADER_READ_BYTES + 1_000_000
+    assert stored_refusal(b"not an image at all").code == "unsupported_media_type"
+
+
+def test_a_store_failure_while_reading_the_header_is_no_fault_of_the_file() -> None:
+    """Fault: the store fails a ranged read (S3 down): its StorageError (a 503) comes through, not invalid_image."""
+    data = with_chunk_before_pixels(encode(Image.new("RGB", (16, 16)), format="PNG"), b"prVt", 300_000)
+    with pytest.raises(StorageError):
+        Ranges(data, fail=StorageError("S3 get failed: unreachable")).check()

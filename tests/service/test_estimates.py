@@ -1,14 +1,17 @@
 """Estimates through the real service: `POST /v1/estimates` before and after the tiny model's jobs of three sizes
-(the rates its worker measures), and the ETA of a queued job (the API alone: nothing runs it)."""
+(the rates its worker measures), the ETA of a queued job, and estimates of a direct upload (the API alone: nothing
+runs the jobs)."""
 
 from __future__ import annotations
 
+import io
 import statistics
 import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from PIL import Image
@@ -84,10 +87,21 @@ def test_estimates_come_within_25_percent_of_the_measured_gpu_seconds(service: S
     assert estimates[SIZES[-1]] > 2 * estimates[SIZES[0]], report
 
 
+def new_upload(client: httpx.Client, size: int, content_type: str = "image/jpeg") -> dict:
+    answer = client.post("/v1/uploads", json={"content_type": content_type, "size": size})
+    assert answer.status_code == 201, answer.text
+    return dict(answer.json())
+
+
+def put(target: dict, body: bytes) -> httpx.Response:
+    return httpx.put(target["url"], content=body, headers=target["headers"], timeout=30)
+
+
 @pytest.fixture(scope="module")
 def api_alone(tmp_path_factory: pytest.TempPathFactory, fixture_a: Path) -> Iterator[Service]:
     tmp = tmp_path_factory.mktemp("estimates-api")
-    with running(tmp, fixture_a, {"alice": {}}, with_workers=False, rate_limit_per_minute=100_000) as svc:
+    keys: dict[str, dict] = {"alice": {}, "bob": {}}
+    with running(tmp, fixture_a, keys, with_workers=False, rate_limit_per_minute=100_000) as svc:
         yield svc
 
 
@@ -144,3 +158,59 @@ def test_a_cold_start_says_so_and_queued_jobs_carry_an_eta(api_alone: Service) -
         assert bad_steps.status_code == 422 and bad_steps.json()["error"]["field"] == "params.steps"
         unserved = client.post("/v1/estimates", json={"width": 100, "height": 100, "variant": "v9"})
         assert unserved.status_code == 422 and unserved.json()["error"]["code"] == "variant_unavailable"
+
+
+def test_an_estimate_of_a_direct_upload_reads_its_size_and_leaves_it_for_the_job(api_alone: Service) -> None:
+    params = {"min_size": 256, "steps": 10}
+    with api_alone.client("alice") as alice, api_alone.client("bob") as bob:
+        photo = (DATA / PHOTO).read_bytes()
+        target = new_upload(alice, len(photo))
+        # not received yet: as a job would be refused
+        unreceived = alice.post("/v1/estimates", json={"upload_id": target["id"], "params": params})
+        assert unreceived.status_code == 409 and unreceived.json()["error"]["code"] == "upload_incomplete"
+        assert put(target, photo).status_code == 200
+
+        by_upload = alice.post("/v1/estimates", json={"upload_id": target["id"], "params": params})
+        assert by_upload.status_code == 200, by_upload.text
+        by_size = alice.post("/v1/estimates", json={**body(256), "params": params})
+        assert by_upload.json() == by_size.json()
+        assert by_upload.json()["input"] == {"width": 150, "height": 113}
+
+        # another key's upload is as absent as a missing one; both ways of naming the photo at once are refused
+        for client, upload_id in ((bob, target["id"]), (alice, "upl_" + "0" * 32)):
+            missing = client.post("/v1/estimates", json={"upload_id": upload_id})
+            assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+        both = alice.post("/v1/estimates", json={"upload_id": target["id"], "width": 150, "height": 113})
+        assert both.status_code == 400 and both.json()["error"]["code"] == "conflicting_image_sources"
+        malformed = alice.post("/v1/estimates", json={"upload_id": "upl_nope"})
+        assert malformed.status_code == 400 and malformed.json()["error"]["field"] == "upload_id"
+
+        # the estimate left the upload unused: the job takes it, and then it is gone
+        created = alice.post("/v1/jobs", json={"upload_id": target["id"], "params": params})
+        assert created.status_code == 202, created.text
+        assert (created.json()["input"]["width"], created.json()["input"]["height"]) == (150, 113)
+        gone = alice.post("/v1/estimates", json={"upload_id": target["id"]})
+        assert gone.status_code == 404
+
+        # the size is the upright one the worker restores (EXIF orientation 6: a quarter turn)
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        turned = io.BytesIO()
+        Image.new("RGB", (120, 80), "gray").save(turned, format="JPEG", exif=exif.tobytes())
+        target = new_upload(alice, len(turned.getvalue()))
+        assert put(target, turned.getvalue()).status_code == 200
+        upright = alice.post("/v1/estimates", json={"upload_id": target["id"]})
+        assert upright.status_code == 200 and upright.json()["input"] == {"width": 80, "height": 120}
+        # the stored photo's header is checked as a job's would be: its type the signed one, its pixels in limits
+        png = io.BytesIO()
+        Image.new("RGB", (64, 64)).save(png, format="PNG")
+        target = new_upload(alice, len(png.getvalue()))  # signed as a JPEG
+        assert put(target, png.getvalue()).status_code == 200
+        other = alice.post("/v1/estimates", json={"upload_id": target["id"]})
+        assert other.status_code == 415 and other.json()["error"]["code"] == "unsupported_media_type"
+        bomb = io.BytesIO()
+        Image.new("L", (5000, 4000)).save(bomb, format="PNG")  # 20 M pixels in 20 kB
+        target = new_upload(alice, len(bomb.getvalue()), "image/png")
+        assert put(target, bomb.getvalue()).status_code == 200
+        refused = alice.post("/v1/estimates", json={"upload_id": target["id"]})
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "decompression_bomb"

@@ -17,7 +17,7 @@ from jobs.retention import expire_due
 from jobs.storage import LocalStore
 from jobs.store import JobStore
 from tests.paths import DATA, REDIS_URL
-from tests.servers import FAST, moto_s3, running, wait_for_status
+from tests.servers import FAST, moto_s3, running, submit, wait_for_status
 
 PHOTO = (DATA / "chelsea_degraded.jpg").read_bytes()
 
@@ -84,7 +84,7 @@ def test_local_upload_makes_a_job_and_forged_uploads_are_refused(tmp_path: Path,
         assert alice.delete(f"/v1/jobs/{job['id']}").status_code == 204
         assert not list((tmp_path / "objects").rglob(f"*{job['id']}*"))
 
-        # bytes that are no image: refused when the job is created, nothing queued
+        # bytes that are no image: refused when the job is created, nothing queued, no copy left, the upload kept
         junk = b"not an image at all, just text " * 40
         target = new_upload(alice, len(junk), "image/png")
         assert put(target, junk).status_code == 200
@@ -92,6 +92,8 @@ def test_local_upload_makes_a_job_and_forged_uploads_are_refused(tmp_path: Path,
         refused = alice.post("/v1/jobs", json={"upload_id": target["id"]})
         assert refused.status_code == 415 and code(refused) == "unsupported_media_type"
         assert alice.get("/v1/jobs").json()["jobs"] == before
+        assert not list((tmp_path / "objects").rglob("inputs/*"))
+        assert (tmp_path / "objects" / "uploads" / target["id"]).exists()
 
         # the intake limits bound the upload itself
         assert code(alice.post("/v1/uploads", json={"content_type": "text/plain", "size": 10})) == (
@@ -173,3 +175,35 @@ def test_s3_presigned_post_makes_a_job_and_the_job_refuses_what_s3_let_through(
         other_type = new_upload(alice, len(png))  # signed as a JPEG
         assert post_to_s3(other_type, png).status_code == 204
         assert code(alice.post("/v1/jobs", json={"upload_id": other_type["id"]})) == "unsupported_media_type"
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="supir-uploads").get("Contents", [])]
+        assert not [k for k in keys if k.startswith("inputs/") and k != f"inputs/{job['id']}"]  # no copy left
+
+
+def test_an_upload_is_cached_as_a_sent_photo_and_its_pixels_are_the_workers_to_refuse(
+    tmp_path: Path, fixture_a: Path
+) -> None:
+    """The streamed sha256 of an upload keys the result cache as a sent photo's does (its job is answered from the
+    first one's results, and keeps no copy of the photo); a PNG whose pixel data is cut short passes the header
+    checks of a job from an upload and fails on the worker, where a sent one is refused at once."""
+    params = {**FAST, "seed": 5}
+    objects = tmp_path / "objects"
+    with running(tmp_path, fixture_a, {"alice": {}}, result_cache="owner") as svc, svc.client("alice") as alice:
+        first = wait_for_status(alice, submit(alice, params).json()["id"], {"succeeded", "failed"})
+        assert first["status"] == "succeeded" and not first["cached"], first["error"]
+        target = new_upload(alice)
+        assert put(target, PHOTO).status_code == 200
+        again = alice.post("/v1/jobs", json={"upload_id": target["id"], "params": params})
+        assert again.status_code == 200, again.text  # ended at birth
+        cached = again.json()
+        assert cached["cached"] and cached["cached_from"] == first["id"]
+        assert not (objects / "inputs" / cached["id"]).exists() and not list(objects.rglob("uploads/*"))
+
+        cut = (DATA / "coffee_rgba.png").read_bytes()[:-2000]
+        sent = alice.post("/v1/jobs", files={"image": ("cut.png", cut, "image/png")}, data={"params": '{"steps": 2}'})
+        assert sent.status_code == 422 and code(sent) == "invalid_image"
+        target = new_upload(alice, len(cut), "image/png")
+        assert put(target, cut).status_code == 200
+        created = alice.post("/v1/jobs", json={"upload_id": target["id"], "params": FAST})
+        assert created.status_code == 202, created.text
+        job = wait_for_status(alice, created.json()["id"], {"succeeded", "failed"})
+        assert job["status"] == "failed" and job["error"]["code"] == "invalid_image", job
