@@ -459,10 +459,11 @@ class Client:
         self._http.request("DELETE", f"/v1/batches/{batch_id}")
 
     def download_batch_zip(self, batch_id: str, dest: str | os.PathLike[str]) -> Path:
-        """Stream `results.zip` to `dest` (a file, or a directory: `<batch id>.zip` in it), never held in memory;
-        written beside it first and renamed, so a broken download leaves no partial zip."""
+        """Stream `results.zip` to `dest` (a path ending in `.zip`, or a directory, made if missing, to hold
+        `<batch id>.zip`), never held in memory; written beside it first and renamed, so a broken download leaves
+        no partial zip."""
         path = Path(dest)
-        if path.is_dir():
+        if path.suffix.lower() != ".zip" or path.is_dir():
             path = path / f"{batch_id}.zip"
         path.parent.mkdir(parents=True, exist_ok=True)
         for attempt in range(self._http.max_retries + 1):

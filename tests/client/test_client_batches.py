@@ -1,0 +1,121 @@
+"""supir_client's batches. AGAINST THE STAND-IN (tests/client/batch_standin.py) for the `/v1/batches` routes, which
+main does not serve yet; every other request (uploads, jobs, results) reaches the live service through it, so the
+photos are really uploaded and restored. When the routes land: use `client_service.url` instead of the stand-in's
+URL, drop the assertions on `standin.created_bodies` (or read the bodies with tests.client.conftest.Recording) and
+delete batch_standin.py."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from supir_client import Batch, Client, NotFound, WaitTimeout
+
+from tests.client.batch_standin import BatchStandIn, batch_standin
+from tests.paths import DATA
+from tests.servers import BIN, FAST, SLOW, Service
+
+PHOTOS = ("astronaut_small.jpg", "chelsea_degraded.jpg", "coffee_rgba.png")
+
+
+@pytest.fixture(scope="module")
+def standin(client_service: Service) -> Iterator[tuple[str, BatchStandIn]]:
+    with batch_standin(client_service.url) as running_standin:
+        yield running_standin
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in PHOTOS:
+        shutil.copy(DATA / name, photos / name)
+    (photos / "notes.txt").write_text("not a photo: left out")
+    return photos
+
+
+def test_a_folder_is_uploaded_restored_as_one_batch_and_saved(
+    standin: tuple[str, BatchStandIn], client_service: Service, folder: Path, tmp_path: Path
+) -> None:
+    url, state = standin
+    seen: list[Batch] = []
+    with Client(url, client_service.keys["alice"]) as client:
+        result = client.batch(folder, on_progress=seen.append, poll_interval=0.5, zip_to=tmp_path / "zips", **FAST)
+        batch = result.batch
+        assert batch.ended and batch.total == 3 and batch.counts.succeeded == 3 and batch.progress == 1.0
+        assert seen[-1] == batch and all(not view.ended for view in seen[:-1])
+        assert [view.counts.ended for view in seen] == sorted(view.counts.ended for view in seen)
+
+        # one batch of uploads, the shared parameters only as given
+        body = state.created_bodies[-1]
+        assert body["params"] == FAST and set(body) == {"items", "params"}
+        assert all(set(item) == {"upload_id"} and item["upload_id"].startswith("upl_") for item in body["items"])
+        assert {p.name for p in result.sources.values()} == set(PHOTOS)
+
+        saved = result.save(tmp_path / "out")
+        assert sorted(p.name for p in saved) == ["astronaut_small.png", "chelsea_degraded.png", "coffee_rgba.png"]
+        for job in result.jobs():
+            path = tmp_path / "out" / (result.sources[job.id].stem + ".png")
+            with Image.open(path) as image:
+                assert image.size == (job.results[0].width, job.results[0].height)
+        assert result.failed() == []
+
+        assert result.zip_path == tmp_path / "zips" / f"{batch.id}.zip"
+        with zipfile.ZipFile(result.zip_path) as archive:
+            assert len(archive.namelist()) == 3
+            for name in archive.namelist():
+                with Image.open(io.BytesIO(archive.read(name))) as image:
+                    image.verify()
+        assert not [p for p in (tmp_path / "zips").iterdir() if p.name.endswith(".part")]
+        named = client.download_batch_zip(batch.id, tmp_path / "named.zip")
+        assert named.read_bytes() == result.zip_path.read_bytes()
+
+
+def test_batch_calls_replay_page_cancel_and_delete(
+    standin: tuple[str, BatchStandIn], client_service: Service, tmp_path: Path
+) -> None:
+    url, _ = standin
+    with Client(url, client_service.keys["bob"]) as client:
+        uploads = [client.upload(DATA / name) for name in PHOTOS[:2]]
+        made = client.create_batch(uploads, params=SLOW, idempotency_key="batch-once")
+        assert made.id.startswith("bat_") and made.total == 2 and len(made.job_ids) == 2
+        again = client.create_batch(uploads, params=SLOW, idempotency_key="batch-once")
+        assert again.id == made.id  # the replay: the same batch
+
+        page = client.batch_jobs(made.id, limit=1)
+        assert [j.id for j in page.jobs] == [made.job_ids[0]] and page.next_cursor == 1
+        assert [j.id for j in client.iter_batch_jobs(made.id)] == list(made.job_ids)
+        with pytest.raises(WaitTimeout) as running_still:
+            client.wait_batch(made.id, timeout=0.5, poll_interval=0.2)
+        assert running_still.value.batch is not None and running_still.value.batch.id == made.id
+
+        client.cancel_batch(made.id)
+        ended = client.wait_batch(made.id, timeout=120, poll_interval=0.5)
+        assert ended.counts.canceled == 2 and ended.ended
+        assert client.batch_jobs(made.id, status="canceled").jobs[0].status == "canceled"
+
+        client.delete_batch(made.id)
+        with pytest.raises(NotFound):
+            client.get_batch(made.id)
+
+
+def test_the_cli_restores_a_folder_with_a_progress_line(
+    standin: tuple[str, BatchStandIn], client_service: Service, folder: Path, tmp_path: Path
+) -> None:
+    url, _ = standin
+    env = {**os.environ, "SUPIR_URL": url, "SUPIR_API_KEY": client_service.keys["carol"]}
+    params = [arg for name, value in FAST.items() for arg in ("--param", f"{name}={value}")]
+    done = subprocess.run(
+        [str(BIN / "supir-client"), "batch", str(folder), "-o", str(tmp_path / "out"), *params],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert sorted(Path(line).name for line in done.stdout.split()) == sorted(Path(p).stem + ".png" for p in PHOTOS)
+    assert "3/3 ended (3 succeeded, 0 failed, 0 canceled) 100%" in done.stderr
