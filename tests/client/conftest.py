@@ -23,6 +23,7 @@ def client_service(tmp_path_factory: pytest.TempPathFactory, fixture_a: Path) ->
         "webhook_secret": WEBHOOK_SECRET,
         "allow_private_webhooks": "true",
         "max_active_jobs": 20,
+        "default_params": '{"min_size": 64, "steps": 3}',  # the README's examples set neither: seconds, not minutes
     }
     with running(tmp_path_factory.mktemp("client-service"), fixture_a, keys, **settings) as svc:
         yield svc

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import subprocess
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,7 @@ from PIL import Image
 from supir_client import Batch, Client, NotFound, WaitTimeout
 
 from tests.client.batch_standin import BatchStandIn, batch_standin
-from tests.paths import DATA
+from tests.paths import DATA, REPO
 from tests.servers import BIN, FAST, SLOW, Service
 
 PHOTOS = ("astronaut_small.jpg", "chelsea_degraded.jpg", "coffee_rgba.png")
@@ -119,3 +121,21 @@ def test_the_cli_restores_a_folder_with_a_progress_line(
     assert done.returncode == 0, done.stderr
     assert sorted(Path(line).name for line in done.stdout.split()) == sorted(Path(p).stem + ".png" for p in PHOTOS)
     assert "3/3 ended (3 succeeded, 0 failed, 0 canceled) 100%" in done.stderr
+
+
+def test_the_readmes_folder_example_runs_as_written(
+    standin: tuple[str, BatchStandIn], client_service: Service, folder: Path, tmp_path: Path
+) -> None:
+    readme = (REPO / "clients" / "python" / "README.md").read_text()
+    example = re.findall(r"```python\n(.*?)```", readme, re.DOTALL)[1]
+    assert "client.batch(" in example
+    shutil.copytree(folder, tmp_path / "scans")
+    env = {**os.environ, "SUPIR_URL": standin[0], "SUPIR_API_KEY": client_service.keys["dave"]}
+    done = subprocess.run(
+        [sys.executable, "-c", "from supir_client import Client\n" + example],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "3/3 done, 100%" in done.stdout.splitlines()[-1]
+    assert sorted(p.name for p in (tmp_path / "restored").iterdir()) == sorted(Path(p).stem + ".png" for p in PHOTOS)
+    assert len(list((tmp_path / "out").glob("bat_*.zip"))) == 1

@@ -7,7 +7,10 @@ from __future__ import annotations
 import datetime as dt
 import io
 import os
+import re
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,7 +34,7 @@ from supir_client.webhooks import verify
 from jobs.webhooks import signed_headers
 from supir_core.params import PRESETS, RestoreParams
 from tests.client.conftest import Hooks, Recording
-from tests.paths import DATA
+from tests.paths import DATA, REPO
 from tests.servers import BIN, FAST, SLOW, WEBHOOK_SECRET, Service, wait_until
 
 PHOTO = DATA / "chelsea_degraded.jpg"
@@ -243,3 +246,17 @@ def test_the_cli_restores_a_photo(client_service: Service, tmp_path: Path) -> No
 
     refused = subprocess.run([*command, "--param", "steps=5000"], capture_output=True, text=True, env=env, timeout=300)
     assert refused.returncode == 1 and "invalid_parameter" in refused.stderr and "params.steps" in refused.stderr
+
+
+def test_the_readmes_first_example_runs_as_written(client_service: Service, tmp_path: Path) -> None:
+    readme = (REPO / "clients" / "python" / "README.md").read_text()
+    example = re.search(r"```python\n(.*?)```", readme, re.DOTALL)
+    assert example and "restore(" in example.group(1)
+    shutil.copy(PHOTO, tmp_path / "old_photo.jpg")
+    env = {**os.environ, "SUPIR_URL": client_service.url, "SUPIR_API_KEY": client_service.keys["erin"]}
+    done = subprocess.run(
+        [sys.executable, "-c", example.group(1)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    with Image.open(tmp_path / "restored" / "old_photo.png") as image:
+        assert image.size == (300, 226)  # upscale=2 of 150×113
