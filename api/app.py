@@ -21,7 +21,7 @@ from . import docs, errors, events, metrics, openapi
 from .admin import AdminPort
 from .limits import BodyLimits
 from .ratelimit import RateLimitHeaders
-from .routes import estimates, jobs, operations, pages, uploads, usage
+from .routes import batches, estimates, jobs, operations, pages, uploads, usage
 from .services import Services
 from .shutdown import DRAIN, SHUTTING_DOWN, ShutdownGuard
 
@@ -54,7 +54,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     openapi.install(
         app, tuple(settings.variant_files), settings.default_params, settings.retention_s, settings.max_upload_bytes
     )
-    for router in (jobs.router, estimates.router, uploads.router, usage.router, pages.router, operations.router):
+    routers = (jobs.router, batches.router, estimates.router, uploads.router, usage.router, pages.router)
+    for router in (*routers, operations.router):
         app.include_router(router)
 
     @app.middleware("http")

@@ -344,7 +344,12 @@ def with_defaults(raw: dict[str, Any], preset: str | None, defaults: dict[str, A
 
 
 async def create(
-    services: Services, owner: str, quota: int, job: JobRequest, idempotency_key: str | None
+    services: Services,
+    owner: str,
+    quota: int,
+    job: JobRequest,
+    idempotency_key: str | None,
+    share_weight: float = 1.0,
 ) -> tuple[JobRecord, bool]:
     """(the job, whether it is an Idempotency-Key replay of an earlier request's job).
 
@@ -375,7 +380,9 @@ async def create(
             raise
         if replay is not None:
             return replay, True
-    record, cached = await _stored_record(services, owner, quota, job, job_id, request_hash, idempotency_key)
+    record, cached = await _stored_record(
+        services, owner, quota, job, job_id, request_hash, idempotency_key, share_weight
+    )
     if idempotency_key:
         with contextlib.suppress(redis.RedisError):  # only informative: waiters look for the record itself
             await run_in_threadpool(store.confirm_idempotency_key, owner, idempotency_key, job_id, request_hash)
@@ -406,6 +413,7 @@ async def _stored_record(
     job_id: str,
     request_hash: str,
     idempotency_key: str | None,
+    share_weight: float = 1.0,
 ) -> tuple[JobRecord, bool]:
     """Claim a quota slot, get the photo, and store the job: (its record, whether it was born succeeded from the
     result cache, holding no slot)."""
@@ -438,7 +446,7 @@ async def _stored_record(
         record = _record(job, job_id, owner, info, request_hash, image_sha256)
         # input first, record second, task last: a failure leaves no record pointing at a missing input
         await run_in_threadpool(services.objects.put, record.input_key, image, info.content_type)
-        await run_in_threadpool(store.create, record)  # the record keeps the claimed slot
+        await run_in_threadpool(store.create, record, share_weight)  # the record keeps the claimed slot
         if upload is not None:
             await run_in_threadpool(_consume_upload, services, upload)
         return record, False

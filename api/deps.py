@@ -42,6 +42,7 @@ StreamsDep = Annotated[EventStreams, Depends(get_streams)]
 class Caller:
     id: str  # the API key's id: the owner of the jobs it creates
     max_active_jobs: int  # queued + running jobs it may hold
+    share_weight: float = 1.0  # its weight in the fair share of the workers (jobs.fairshare)
 
 
 def authorize(request: Request, services: ServicesDep) -> Caller:
@@ -70,7 +71,7 @@ def authorize(request: Request, services: ServicesDep) -> Caller:
         message = f"over {limit} {kind} requests a minute (the service's {setting}, or the key's {field} in "
         message += "SUPIR_API_KEYS)"
         raise ApiError("rate_limited", message, headers={"Retry-After": str(window.reset_s)})
-    return Caller(key.id, key.max_active_jobs or settings.max_active_jobs)
+    return Caller(key.id, key.max_active_jobs or settings.max_active_jobs, key.share_weight)
 
 
 CallerDep = Annotated[Caller, Depends(authorize)]

@@ -182,7 +182,9 @@ class EventStreams:
                     continue
                 if record.status == "queued" and current is not None and now - polled >= POSITION_POLL_S:
                     polled = now
-                    rank: Any = await client.zrank(f"{self.store.p}:queued", job_id)
+                    rank = await run_in_threadpool(
+                        self.store.queue_position, job_id, record.variant or None, record.owner
+                    )
                     if isinstance(rank, int) and rank != position:
                         position = current["queue_position"] = rank
                         yield frame(current, None)

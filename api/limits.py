@@ -38,6 +38,8 @@ class BodyLimits:
         upload = scope["method"] == "POST" and scope["path"] == "/v1/jobs"
         if upload and content_type.startswith("multipart/form-data"):
             return self.settings.max_upload_bytes + FORM_OVERHEAD_BYTES
+        if scope["method"] == "POST" and scope["path"] == "/v1/batches" and content_type.startswith("multipart/"):
+            return self.settings.max_batch_upload_bytes + FORM_OVERHEAD_BYTES
         if scope["method"] == "PUT" and scope["path"].startswith("/v1/uploads/"):  # a direct upload's bytes
             return self.settings.max_upload_bytes
         return self.settings.max_json_bytes
@@ -120,7 +122,12 @@ class _Guarded:
     async def refuse_too_large(self, drain: bool) -> None:
         size = f"{self.declared:,} bytes" if self.declared is not None else f"over {self.limit:,} bytes"
         upload = self.limit > self.settings.max_json_bytes and self.content_type.startswith("multipart/")
-        if upload:
+        if upload and self.scope["path"] == "/v1/batches":
+            message = (
+                f"the request is {size}; a multipart batch holds at most {self.settings.max_batch_upload_bytes:,} "
+                "bytes (SUPIR_MAX_BATCH_UPLOAD_BYTES): send larger batches as direct uploads (upload_id items)"
+            )
+        elif upload:
             message = (
                 f"the request is {size}; images of at most {self.settings.max_upload_bytes:,} bytes are accepted "
                 "(SUPIR_MAX_UPLOAD_BYTES)"

@@ -452,20 +452,125 @@ class Estimate(BaseModel):
     queue: EstimateQueue
 
 
+class BatchWebhookInfo(BaseModel):
+    url: str
+    state: Literal["pending", "delivered", "failed"]
+    attempts: int
+
+
+class BatchItem(BaseModel):
+    """One photo of a batch: a direct upload or a URL, and what it changes of the batch's shared settings."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, title="BatchItem")
+
+    upload_id: str | SkipJsonSchema[None] = Field(
+        None, pattern=UPLOAD_ID_PATTERN, description="the id `POST /v1/uploads` answered (or image_url)"
+    )
+    image_url: HttpUrl | SkipJsonSchema[None] = Field(None, description="an http(s) URL of the photo (or upload_id)")
+    params: ParamsObject | SkipJsonSchema[None] = Field(
+        None, description="over the batch's params, for this photo only"
+    )
+    preset: Preset | SkipJsonSchema[None] = None
+
+
+class BatchCreate(BaseModel):
+    """`POST /v1/batches` as JSON: the photos as `items` (direct uploads or URLs), with what they share. As
+    multipart: the files as repeated `images` parts, `params` a JSON object, `items` an optional JSON array of
+    per-photo `params`/`preset` in the files' order."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    items: list[BatchItem] = Field(min_length=1, description="the photos, in order (at most SUPIR_MAX_BATCH_ITEMS)")
+    params: ParamsObject | SkipJsonSchema[None] = None
+    preset: Preset | SkipJsonSchema[None] = None
+    variant: Variant | SkipJsonSchema[None] = None
+    webhook_url: HttpUrl | SkipJsonSchema[None] = Field(
+        None, description="POSTed once, signed, when the batch's last job ends (`batch.completed`)"
+    )
+    expires_after: (
+        Annotated[int, Field(ge=1, description=EXPIRES_AFTER), BeforeValidator(_whole_number)] | SkipJsonSchema[None]
+    ) = None
+
+
+class BatchCounts(BaseModel):
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    canceled: int
+    deleted: int = Field(description="erased (DELETE) or past their expiry")
+
+
+class Batch(BaseModel):
+    """A batch as its owner sees it: its jobs by status, progress and when it should end."""
+
+    model_config = SENT
+
+    id: str
+    status: Literal["running", "ended"] = Field(description="ended: every job has ended (or was erased)")
+    total: int = Field(description="jobs in the batch, one per photo")
+    counts: BatchCounts
+    progress: float = Field(description="0 to 1 over its jobs (a running job by its sampler steps)")
+    created_at: float = Field(description="Unix time")
+    ended_at: float | None = Field(description="Unix time its last job ended")
+    variant: str | None
+    expires_after: int = Field(description="seconds the batch and each of its jobs are kept after they end")
+    expires_at: str | None = Field(
+        json_schema_extra={"format": "date-time"}, description="when the batch's record is erased (RFC 3339, UTC)"
+    )
+    eta: datetime | None = Field(
+        description="running: when its last job is expected to end, from the queue and the measured job time"
+    )
+    webhook: BatchWebhookInfo | None
+    job_ids: list[str] = Field(description="its jobs, in the order of its items")
+    jobs_url: str
+    results_url: str = Field(description="a zip of every result, streamed (`GET /v1/batches/{id}/results.zip`)")
+
+
 def body_schema(model: type[BaseModel]) -> dict[str, Any]:
     """The model's JSON Schema as an inline request body (generated clients name the body after its title), in
     the document's spelling: refs into components, a nullable field as a type list, no per-field titles, no
     null defaults."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    # the Job response puts RestoreParams in the components already
-    assert set(schema.pop("$defs", {})) <= {"RestoreParams"}, "a new sub-model: make it a component"
+    # the Job response puts RestoreParams in the components already; another sub-model is written in place
+    defs = schema.pop("$defs", {})
+    for name, sub in defs.items():
+        if name != "RestoreParams":
+            _inline(schema, f"#/components/schemas/{name}", body_schema_of(sub))
     for field in schema["properties"].values():
-        field.pop("title", None)
-        if field.get("default", ...) is None:
-            field.pop("default")
-        options = field.pop("anyOf", None)
-        if options is not None:
-            nullable = [o for o in options if o != {"type": "null"}]
-            assert len(nullable) == 1 and isinstance(nullable[0].get("type"), str), options
-            field.update({**nullable[0], "type": [nullable[0]["type"], "null"]})
+        _spell(field)
     return schema
+
+
+def body_schema_of(schema: dict[str, Any]) -> dict[str, Any]:
+    """A sub-model's schema in the document's spelling (as body_schema's)."""
+    for field in schema.get("properties", {}).values():
+        _spell(field)
+    return schema
+
+
+def _spell(field: dict[str, Any]) -> None:
+    field.pop("title", None)
+    if field.get("default", ...) is None:
+        field.pop("default")
+    options = field.pop("anyOf", None)
+    if options is not None:
+        nullable = [o for o in options if o != {"type": "null"}]
+        assert len(nullable) == 1 and isinstance(nullable[0].get("type"), str), options
+        field.update({**nullable[0], "type": [nullable[0]["type"], "null"]})
+
+
+def _inline(node: Any, ref: str, replacement: dict[str, Any]) -> None:
+    """Replace every {"$ref": ref} under node with the schema itself."""
+    if isinstance(node, dict):
+        for key, value in list(node.items()):
+            if isinstance(value, dict) and value.get("$ref") == ref:
+                node[key] = dict(replacement)
+            else:
+                _inline(value, ref, replacement)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            if isinstance(value, dict) and value.get("$ref") == ref:
+                node[i] = dict(replacement)
+            else:
+                _inline(value, ref, replacement)

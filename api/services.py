@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jobs.estimates import RateBook, expected_start_s, job_seconds, ready_workers
-from jobs.queue import RESTORE_TASK, WEBHOOK_TASK, make_celery, variant_queue, webhook_queue
+from jobs.queue import BATCH_WEBHOOK_TASK, RESTORE_TASK, WEBHOOK_TASK, make_celery, variant_queue, webhook_queue
 from jobs.record import TERMINAL, JobRecord, JobResult
 from jobs.redis_conn import store_client
 from jobs.settings import Settings
@@ -30,6 +30,7 @@ class Services:
         objects: ObjectStore,
         enqueue: Callable[[str, str], None],
         notify: Callable[[str], None] = lambda job_id: None,
+        notify_batch: Callable[[str], None] = lambda batch_id: None,
     ):
         self.settings, self.store, self.objects, self.enqueue = settings, store, objects, enqueue
         self.api_keys = KeyRing(settings)  # SUPIR_API_KEYS, or SUPIR_API_KEYS_FILE re-read when it changes
@@ -37,6 +38,7 @@ class Services:
         # timeout (1 s by default) even when Redis hangs
         self.probe = store_client(settings, socket_timeout=0.5, connect_timeout=0.5)
         self.notify = notify  # sends a job's webhook (to the light worker), for jobs the API itself ends
+        self.notify_batch = notify_batch  # the same for a batch the API ends (a cancel)
         self.rates = RateBook(store)  # what workers measured, for estimates and queued jobs' ETA
         # image_url downloads and full decodes run in the threadpool; these bound how many threads they take,
         # so slow URLs or big images cannot starve the other routes of threads
@@ -55,16 +57,20 @@ class Services:
         def notify(job_id: str) -> None:
             celery.send_task(WEBHOOK_TASK, args=[job_id], queue=webhook_queue(settings))
 
-        return cls(settings, store, make_store(settings), enqueue, notify)
+        def notify_batch(batch_id: str) -> None:
+            celery.send_task(BATCH_WEBHOOK_TASK, args=[batch_id], queue=webhook_queue(settings))
+
+        return cls(settings, store, make_store(settings), enqueue, notify, notify_batch)
 
     def view(self, record: JobRecord) -> dict[str, Any]:
         """What a client sees of a job, as JSON (api.models.Job); blocking (Redis, signing)."""
         active = record.status not in TERMINAL
-        position = self.store.queue_position(record.id, record.variant or None) if record.status == "queued" else None
+        queued = record.status == "queued"
+        position = self.store.queue_position(record.id, record.variant or None, record.owner) if queued else None
         job = Job.from_record(
             record,
             queue_position=position,
-            expected_start_s=self._expected_start(record.variant, position) if position is not None else None,
+            expected_start_s=self.expected_start(record.variant, position) if position is not None else None,
             # the cancel was taken: a running job stops at its next step (one EXISTS, for active jobs only)
             cancel_requested=record.status == "canceled" or (active and self.store.cancel_requested(record.id)),
             results=[self._result(r) for r in results_of(record)] if record.status == "succeeded" else [],
@@ -73,7 +79,7 @@ class Services:
         # params as stored: an older record's partial params are not filled in with today's defaults here
         return {**job.model_dump(mode="json"), "params": record.params}
 
-    def _expected_start(self, variant: str, ahead: int) -> float | None:
+    def expected_start(self, variant: str, ahead: int) -> float | None:
         """A queued job's expected start (jobs.estimates.expected_start_s); a record without a variant is the
         default variant's."""
         variant = variant or self.settings.default_variant

@@ -12,6 +12,8 @@ WEBHOOK_TASK = "supir.webhook"  # the `completed` event, retried until delivered
 WEBHOOK_EVENT_TASK = "supir.webhook_event"  # `started` / `progress`: best effort
 SWEEP_TASK = "supir.sweep"
 EXPIRE_TASK = "supir.expire"  # the objects of jobs past their expires_at (jobs.retention)
+BATCH_WEBHOOK_TASK = "supir.batch_webhook"  # a batch's one `batch.completed` event, retried until delivered
+BATCHES_TASK = "supir.batches"  # ends batches a crash left open; sends their due webhooks (jobs.batches)
 
 
 def webhook_queue(settings: Settings) -> str:
@@ -49,11 +51,15 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         # whoever sends these (the API, a GPU worker, beat, a retry), they go to the light worker
-        task_routes={name: {"queue": light} for name in (WEBHOOK_TASK, WEBHOOK_EVENT_TASK, SWEEP_TASK, EXPIRE_TASK)},
+        task_routes={
+            name: {"queue": light}
+            for name in (WEBHOOK_TASK, WEBHOOK_EVENT_TASK, SWEEP_TASK, EXPIRE_TASK, BATCH_WEBHOOK_TASK, BATCHES_TASK)
+        },
         beat_schedule={
             "sweep": {"task": SWEEP_TASK, "schedule": 3600.0},
             # a job's files go within this of its expires_at (one ZRANGEBYSCORE when none is due)
             "expire": {"task": EXPIRE_TASK, "schedule": settings.expiry_sweep_s},
+            "batches": {"task": BATCHES_TASK, "schedule": settings.batch_sweep_s},
         },
     )
     return app

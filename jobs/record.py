@@ -177,6 +177,7 @@ class JobRecord(BaseModel):
     tiling: Tiling | None = None  # a restoration's; None for previews and records from before it was kept
     faces: Faces | None = None  # the face pass's; None when params.faces is off, for previews and older records
     expires_after: int | None = None  # seconds the job is kept after it ends (None: the deployment's retention)
+    batch_id: str | None = None  # the batch it was submitted in (jobs.batches)
     expires_at: float | None = None  # set when it ends (JobStore.update): then its record and files are erased
 
     @property

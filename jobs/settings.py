@@ -27,6 +27,13 @@ class ApiKey(BaseModel):
     rate_limit_per_minute: int | None = Field(None, ge=1, description="overrides the service default")
     read_rate_limit_per_minute: int | None = Field(None, ge=1, description="overrides the service default")
     max_active_jobs: int | None = Field(None, ge=1, description="overrides the service default")
+    share_weight: float = Field(
+        1.0,
+        gt=0,
+        le=1000,
+        description="this key's share of the GPUs while keys wait (jobs.fairshare): a key of weight 2 starts two "
+        "jobs for each one of a key of weight 1",
+    )
 
 
 class Settings(BaseSettings):
@@ -82,6 +89,19 @@ class Settings(BaseSettings):
     )
     expiry_sweep_s: float = Field(
         60.0, gt=0, description="how often the light worker's beat erases the files of jobs past their expires_at"
+    )
+    batch_sweep_s: float = Field(
+        15.0,
+        gt=0,
+        description="how often the light worker's beat sends due batch webhooks and ends a batch whose last job's "
+        "process died before ending it",
+    )
+    max_batch_items: int = Field(500, ge=1, le=10_000, description="photos one POST /v1/batches may hold")
+    max_batch_upload_bytes: int = Field(
+        100_000_000,
+        ge=1,
+        description="largest multipart POST /v1/batches (its photos together; each is also held to "
+        "SUPIR_MAX_UPLOAD_BYTES); larger batches name direct uploads instead",
     )
     delete_after_delivery: bool = Field(
         False,

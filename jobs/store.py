@@ -10,6 +10,7 @@ Keys (all under the settings' key_prefix, `p`):
     p:slots:<owner>        sorted set of the owner's queued + running job ids by claim time (quota)
     p:queued               sorted set of queued ids by creation time
     p:queued:<variant>     the same, per SUPIR variant (each has its own Celery queue: positions and depth)
+    p:fair…, p:fairq…      fair share across keys: per-owner queues of each variant (jobs.fairshare)
     p:running              set of running ids
     p:running:<variant>    the same, per variant
     p:cache:<key>          result cache: the id of the job whose stored result answers a repeated request
@@ -36,6 +37,8 @@ from typing import Any, NamedTuple
 
 import redis
 
+from .batches import BatchBook
+from .fairshare import FairQueue
 from .record import ACTIVE, JobError, JobProgress, JobRecord, Status
 
 WATCH_RETRIES = 20
@@ -59,6 +62,8 @@ class JobStore:
         self.r: Any = client  # redis-py's sync/async union return types only add noise here
         self.p = prefix
         self.retention_s = int(retention_s)
+        self.fair = FairQueue(client, prefix)
+        self.batches = BatchBook(client, prefix, self.retention_s)
 
     # keys
     def _job(self, job_id: str) -> str:
@@ -75,16 +80,30 @@ class JobStore:
         raw = self.r.get(self._job(job_id))
         return JobRecord.model_validate_json(raw) if raw else None
 
+    def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
+        """Records in one round trip, in order (None where a job is gone)."""
+        raws = self.r.mget([self._job(i) for i in job_ids]) if job_ids else []
+        return [JobRecord.model_validate_json(raw) if raw else None for raw in raws]
+
     def _queued(self, variant: str | None = None) -> str:
         return f"{self.p}:queued:{variant}" if variant else f"{self.p}:queued"
 
     def _running(self, variant: str | None = None) -> str:
         return f"{self.p}:running:{variant}" if variant else f"{self.p}:running"
 
-    def queue_position(self, job_id: str, variant: str | None = None) -> int | None:
-        """Jobs ahead of this one in its variant's queue (the only queue its workers read)."""
+    def queue_position(self, job_id: str, variant: str | None = None, owner: str | None = None) -> int | None:
+        """Jobs that start before this one in its variant's queue (the only queue its workers read): in the
+        fair-share order when the owner is known, else in order of creation."""
+        if variant and owner:
+            ahead = self.fair.position(variant, owner, job_id)
+            if ahead is not None:
+                return ahead
         rank = self.r.zrank(self._queued(variant), job_id)
         return None if rank is None else int(rank)
+
+    def next_fair(self, variant: str) -> str | None:
+        """The queued job of `variant` a free worker should start, round-robin across keys (jobs.fairshare)."""
+        return self.fair.pick(variant)
 
     def queued_count(self, variant: str | None = None) -> int:
         return int(self.r.zcard(self._queued(variant)))
@@ -155,7 +174,8 @@ class JobStore:
         ]
 
     # writing
-    def create(self, record: JobRecord) -> None:
+    def create(self, record: JobRecord, share_weight: float | None = None) -> None:
+        """Store a queued job. `share_weight`: its key's weight in the fair share (None: the key's last)."""
         with self.r.pipeline() as pipe:
             pipe.set(self._job(record.id), record.model_dump_json())
             pipe.zadd(f"{self.p}:owner:{record.owner}", {record.id: record.created_at})
@@ -163,6 +183,7 @@ class JobStore:
             pipe.zadd(f"{self.p}:queued", {record.id: record.created_at})
             if record.variant:
                 pipe.zadd(self._queued(record.variant), {record.id: record.created_at})
+                self.fair.enqueue(pipe, record.variant, record.owner, record.id, record.created_at, share_weight)
             pipe.execute()
 
     def create_finished(self, record: JobRecord) -> JobRecord:
@@ -173,6 +194,8 @@ class JobStore:
             pipe.zadd(f"{self.p}:owner:{record.owner}", {record.id: record.created_at})
             self._expire_at(pipe, record)
             pipe.execute()
+        if record.batch_id:
+            self.batches.job_ended(record.batch_id, record.id)
         return record
 
     def _with_expiry(self, record: JobRecord) -> JobRecord:
@@ -217,9 +240,12 @@ class JobStore:
                     published = f'{{"version":{version},' + record.model_dump_json()[1:]
                     pipe.publish(self.channel(job_id), published)
                     pipe.execute()
-                    return record
                 except redis.WatchError:
                     continue
+            if record.batch_id and record.terminal:
+                # after the change (a crash between the two is caught by the batches' sweep)
+                self.batches.job_ended(record.batch_id, record.id)
+            return record
         raise RuntimeError(f"job {job_id}: too many concurrent updates")
 
     def _index(self, pipe: redis.client.Pipeline, record: JobRecord) -> None:
@@ -232,6 +258,10 @@ class JobStore:
                 pipe.sadd(self._running(variant), record.id)
             else:
                 pipe.srem(self._running(variant), record.id)
+        if record.variant and record.status == "queued":
+            self.fair.enqueue(pipe, record.variant, record.owner, record.id, record.created_at, None)
+        elif record.variant:
+            self.fair.dequeue(pipe, record.variant, record.owner, record.id)
         if record.status not in ACTIVE:
             pipe.zrem(self._slots(record.owner), record.id)
             self._expire_at(pipe, record)
@@ -374,9 +404,27 @@ class JobStore:
             for variant in {None, record.variant or None}:
                 pipe.zrem(self._queued(variant), job_id)
                 pipe.srem(self._running(variant), job_id)
+            if record.variant:
+                self.fair.dequeue(pipe, record.variant, record.owner, job_id)
             pipe.zrem(self._expiring, job_id)
             pipe.publish(self.channel(job_id), json.dumps({"deleted": reason}))
             pipe.execute()
+        if record.batch_id:
+            self.batches.job_ended(record.batch_id, job_id)
+
+    def end_finished_batches(self, older_than_s: float = 60.0) -> int:
+        """Batches whose jobs have all ended (or gone) but which were not ended: an ending whose process died
+        between the job's change and the batch's count. Returns how many this ended."""
+        ended = 0
+        for batch_id in self.batches.open_ids(older_than_s):
+            batch = self.batches.get(batch_id)
+            if batch is None:
+                continue
+            raws = self.r.mget([self._job(i) for i in batch.job_ids]) if batch.job_ids else []
+            for job_id, raw in zip(batch.job_ids, raws, strict=True):
+                if raw is None or JobRecord.model_validate_json(raw).terminal:
+                    ended += self.batches.job_ended(batch_id, job_id)
+        return ended
 
     def mark_delivered(self, job_id: str, index: int) -> int:
         """Sample `index` of the job was downloaded: how many of its samples have been."""

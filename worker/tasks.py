@@ -32,7 +32,15 @@ from celery.platforms import EX_FAILURE
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 from kombu import Queue
 
-from jobs.queue import RESTORE_TASK, WEBHOOK_EVENT_TASK, WEBHOOK_TASK, make_celery, variant_queue, webhook_queue
+from jobs.queue import (
+    BATCH_WEBHOOK_TASK,
+    RESTORE_TASK,
+    WEBHOOK_EVENT_TASK,
+    WEBHOOK_TASK,
+    make_celery,
+    variant_queue,
+    webhook_queue,
+)
 from jobs.reaper import Reaper
 from jobs.record import JobRecord
 from jobs.redis_conn import store_client
@@ -54,6 +62,7 @@ _marks: podmarks.PodMarks | None = None  # this pod's busy/idle annotations, kep
 READY_PID = multiprocessing.sharedctypes.RawValue("i", 0)  # the pool process whose weights are loaded (0: none)
 LAST_BEAT = multiprocessing.sharedctypes.RawValue("d", 0.0)  # when a pool process's heartbeat thread last beat
 LOAD_FAILED = multiprocessing.sharedctypes.RawValue("i", 0)  # > 0: a pool process's failed tries; the worker exits
+FAIR_PICKS = 20  # picks passed over (taken by another worker, or ended) before the message's own job runs
 _node = ""  # this worker's Celery node name (celery@host, or -n), set in the main process before the fork
 
 
@@ -202,8 +211,9 @@ def restore(self: Task, job_id: str) -> str:
         raise Reject("the weights are not loaded in this worker", requeue=True)
     if _marks is not None:
         _marks.busy()  # before the run: scale-in and node drains now take an idle worker first
+    ran = [job_id]  # the jobs this turn ran or tried (their webhooks are looked at after)
     try:
-        return execute.run_job(rt, job_id)
+        return _run_fairly(rt, job_id, ran)
     except execute.Busy as exc:  # a duplicate delivery while another process runs the job: look again later
         raise self.retry(countdown=settings.worker_lost_after_s, max_retries=None) from exc
     except redis.RedisError:
@@ -212,10 +222,34 @@ def restore(self: Task, job_id: str) -> str:
         log.error("job %s: Redis unavailable; left to the reaper and the broker's redelivery", job_id)
         return "redis_unavailable"
     finally:
-        with contextlib.suppress(redis.RedisError):
-            _enqueue_webhook(rt, job_id)
+        for tried in dict.fromkeys(ran):
+            with contextlib.suppress(redis.RedisError):
+                _enqueue_webhook(rt, tried)
         if _marks is not None:
             _marks.idle()
+
+
+def _run_fairly(rt: Runtime, job_id: str, ran: list[str]) -> str:
+    """Run the job the fair share picks (jobs.fairshare): the message for job_id is the turn, not the choice.
+    A pick that another worker started meanwhile, or that ended, is passed over for the next. When no fair queue
+    holds a job (one queued before fair share, say), the message's own job runs as before; that also takes over
+    its job from a worker process that died while running it."""
+    record = rt.store.get(job_id)
+    variant = record.variant if record is not None and record.variant else settings.default_variant
+    for _ in range(FAIR_PICKS):
+        picked = rt.store.next_fair(variant)
+        if picked is None:
+            break
+        ran.append(picked)
+        try:
+            outcome = execute.run_job(rt, picked)
+        except execute.Busy:  # started by another worker between its pick and this one
+            continue
+        if outcome != "skipped":
+            if picked != job_id:
+                log.debug("job %s: ran in the turn of job %s (fair share)", picked, job_id)
+            return outcome
+    return execute.run_job(rt, job_id)
 
 
 def _enqueue_webhook(rt: Runtime, job_id: str) -> None:
@@ -225,3 +259,10 @@ def _enqueue_webhook(rt: Runtime, job_id: str) -> None:
     # canceled while queued was sent by the API already; this covers a send the broker lost.
     if hook is not None and hook.state == "pending" and hook.attempts == 0:
         _send_webhook(job_id)
+    if record is not None and record.batch_id and rt.store.batches.claim_due(record.batch_id):
+        # this job ended its batch: the batch's one webhook goes now (else the light worker's beat sends it)
+        try:
+            app.send_task(BATCH_WEBHOOK_TASK, args=[record.batch_id], queue=webhook_queue(settings))
+        except Exception:
+            rt.store.batches.mark_due(record.batch_id)
+            raise

@@ -20,8 +20,17 @@ import httpx
 from celery import Task
 from celery.signals import worker_init, worker_ready
 
+from jobs.batches import BatchWebhook, summarize
 from jobs.netguard import ForbiddenAddress, resolve_checked, send_pinned
-from jobs.queue import EXPIRE_TASK, SWEEP_TASK, WEBHOOK_EVENT_TASK, WEBHOOK_TASK, make_celery
+from jobs.queue import (
+    BATCH_WEBHOOK_TASK,
+    BATCHES_TASK,
+    EXPIRE_TASK,
+    SWEEP_TASK,
+    WEBHOOK_EVENT_TASK,
+    WEBHOOK_TASK,
+    make_celery,
+)
 from jobs.record import JobRecord, rfc3339
 from jobs.redis_conn import store_client
 from jobs.redis_memory import exit_if_evicting
@@ -129,6 +138,64 @@ def sweep() -> dict[str, int]:
     expired = expire_due(s.store, s.objects)
     objects = s.objects.delete_older_than(cutoff)
     return {"expired_jobs": expired, "objects": objects, "index_entries": s.store.sweep(s.store.owners())}
+
+
+@app.task(name=BATCH_WEBHOOK_TASK, bind=True, max_retries=MAX_RETRIES)
+def deliver_batch(self: Task, batch_id: str) -> str:
+    try:
+        return deliver_batch_webhook(stores(), batch_id, final_attempt=self.request.retries >= MAX_RETRIES)
+    except RetryLater as exc:
+        raise self.retry(countdown=_backoff(self.request.retries)) from exc
+
+
+@app.task(name=BATCHES_TASK)
+def batches() -> dict[str, int]:
+    """End the batches a crash left open (their jobs all ended) and send every due batch webhook once."""
+    s = stores()
+    ended = s.store.end_finished_batches()
+    sent = 0
+    for batch_id in s.store.batches.due_ids():
+        if s.store.batches.claim_due(batch_id):  # one sender per batch, whoever else looks
+            deliver_batch.delay(batch_id)
+            sent += 1
+    return {"ended": ended, "webhooks": sent}
+
+
+def batch_payload(deps: Deps, batch_id: str) -> tuple[str, bytes] | None:
+    """(the webhook's URL, its signed body: `batch.completed` with the batch's view), or None."""
+    book = deps.store.batches
+    batch = book.get(batch_id)
+    if batch is None or batch.webhook is None:
+        return None
+    records = [deps.store.get(job_id) for job_id in batch.job_ids]
+    view = summarize(batch, records, book.ended_at(batch_id), deps.settings.retention_s)
+    body = {"event": "batch.completed", "batch": view}
+    return batch.webhook.url, json.dumps(body, separators=(",", ":")).encode()
+
+
+def deliver_batch_webhook(deps: Deps, batch_id: str, final_attempt: bool) -> str:
+    """POST the batch's signed `batch.completed` event; returns 'delivered', 'failed', 'skipped' or raises
+    RetryLater."""
+    book = deps.store.batches
+    batch = book.get(batch_id)
+    if batch is None or batch.webhook is None or batch.webhook.state != "pending" or book.ended_at(batch_id) is None:
+        return "skipped"
+    payload = batch_payload(deps, batch_id)
+    if payload is None:
+        return "skipped"
+    status, error = _post(deps, *payload)
+    delivered = status is not None and 200 <= status < 300
+    state = "delivered" if delivered else ("failed" if final_attempt else "pending")
+    hook = BatchWebhook(
+        url=batch.webhook.url, state=state, attempts=batch.webhook.attempts + 1, last_status=status, last_error=error
+    )
+    book.set_webhook(batch_id, hook)
+    metrics.WEBHOOKS.labels(
+        "batch.completed", "delivered" if delivered else "failed" if final_attempt else "retry"
+    ).inc()
+    if not delivered and not final_attempt:
+        raise RetryLater(error or f"HTTP {status}")
+    return state
 
 
 def webhook_payload(record: JobRecord, deps: Deps, event: str | None = None) -> bytes:

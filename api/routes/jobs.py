@@ -84,7 +84,9 @@ async def _create(
 ) -> JSONResponse:
     idempotency_key = idempotency_key_of(request)
     job = await read_job_request(request, services.settings, stage1_job)
-    record, replayed = await create(services, caller.id, caller.max_active_jobs, job, idempotency_key)
+    record, replayed = await create(
+        services, caller.id, caller.max_active_jobs, job, idempotency_key, caller.share_weight
+    )
     headers = {"Location": f"/v1/jobs/{record.id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"

@@ -24,7 +24,7 @@ class Redis:
 class Store:
     r, p = Redis(), "test"
 
-    def queue_position(self, job_id: str, variant: str | None) -> int:
+    def queue_position(self, job_id: str, variant: str | None, owner: str | None = None) -> int:
         return 3
 
     def running_count(self, variant: str | None) -> int:
