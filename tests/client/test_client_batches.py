@@ -1,8 +1,6 @@
-"""supir_client's batches. AGAINST THE STAND-IN (tests/client/batch_standin.py) for the `/v1/batches` routes, which
-main does not serve yet; every other request (uploads, jobs, results) reaches the live service through it, so the
-photos are really uploaded and restored. When the routes land: use `client_service.url` instead of the stand-in's
-URL, drop the assertions on `standin.created_bodies` (or read the bodies with tests.client.conftest.Recording) and
-delete batch_standin.py."""
+"""supir_client's batches against the live service: a folder uploaded directly and restored as one batch (progress,
+results saved and zipped, the signed batch.completed webhook), the lower-level batch calls, the CLI and the
+README's example."""
 
 from __future__ import annotations
 
@@ -13,24 +11,18 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
-from supir_client import Batch, Client, NotFound, WaitTimeout
+from supir_client import Batch, BatchDeleted, Client, InvalidSignature, WaitTimeout
+from supir_client.webhooks import verify
 
-from tests.client.batch_standin import BatchStandIn, batch_standin
+from tests.client.conftest import Hooks, Recording
 from tests.paths import DATA, REPO
-from tests.servers import BIN, FAST, SLOW, Service
+from tests.servers import BIN, FAST, SLOW, WEBHOOK_SECRET, Service, wait_until
 
 PHOTOS = ("astronaut_small.jpg", "chelsea_degraded.jpg", "coffee_rgba.png")
-
-
-@pytest.fixture(scope="module")
-def standin(client_service: Service) -> Iterator[tuple[str, BatchStandIn]]:
-    with batch_standin(client_service.url) as running_standin:
-        yield running_standin
 
 
 @pytest.fixture
@@ -44,22 +36,24 @@ def folder(tmp_path: Path) -> Path:
 
 
 def test_a_folder_is_uploaded_restored_as_one_batch_and_saved(
-    standin: tuple[str, BatchStandIn], client_service: Service, folder: Path, tmp_path: Path
+    client_service: Service, folder: Path, tmp_path: Path, hooks: Hooks
 ) -> None:
-    url, state = standin
+    sent = Recording()
     seen: list[Batch] = []
-    with Client(url, client_service.keys["alice"]) as client:
-        result = client.batch(folder, on_progress=seen.append, poll_interval=0.5, zip_to=tmp_path / "zips", **FAST)
+    with Client(client_service.url, client_service.keys["alice"], transport=sent) as client:
+        result = client.batch(
+            folder, on_progress=seen.append, poll_interval=0.5, zip_to=tmp_path / "zips", webhook_url=hooks.url, **FAST
+        )
         batch = result.batch
         assert batch.ended and batch.total == 3 and batch.counts.succeeded == 3 and batch.progress == 1.0
         assert seen[-1] == batch and all(not view.ended for view in seen[:-1])
         assert [view.counts.ended for view in seen] == sorted(view.counts.ended for view in seen)
 
-        # one batch of uploads, the shared parameters only as given
-        body = state.created_bodies[-1]
-        assert body["params"] == FAST and set(body) == {"items", "params"}
+        # one batch of direct uploads, the shared parameters only as given
+        (body,) = sent.bodies("POST", "/v1/batches")
+        assert body["params"] == FAST and set(body) == {"items", "params", "webhook_url"}
         assert all(set(item) == {"upload_id"} and item["upload_id"].startswith("upl_") for item in body["items"])
-        assert {p.name for p in result.sources.values()} == set(PHOTOS)
+        assert [p.name for p in result.sources.values()] == sorted(PHOTOS)  # job_ids are in item order
 
         saved = result.save(tmp_path / "out")
         assert sorted(p.name for p in saved) == ["astronaut_small.png", "chelsea_degraded.png", "coffee_rgba.png"]
@@ -71,23 +65,30 @@ def test_a_folder_is_uploaded_restored_as_one_batch_and_saved(
 
         assert result.zip_path == tmp_path / "zips" / f"{batch.id}.zip"
         with zipfile.ZipFile(result.zip_path) as archive:
-            assert len(archive.namelist()) == 3
-            for name in archive.namelist():
+            images = [name for name in archive.namelist() if name != "manifest.json"]
+            assert len(images) == 3 and "manifest.json" in archive.namelist()
+            for name in images:
                 with Image.open(io.BytesIO(archive.read(name))) as image:
                     image.verify()
         assert not [p for p in (tmp_path / "zips").iterdir() if p.name.endswith(".part")]
         named = client.download_batch_zip(batch.id, tmp_path / "named.zip")
         assert named.read_bytes() == result.zip_path.read_bytes()
 
+    # one signed batch.completed webhook, the batch's view in it
+    headers, raw = wait_until(lambda: hooks.received and hooks.received[0], 60, 0.1, "the batch's webhook")
+    event = verify(raw, headers, WEBHOOK_SECRET)
+    assert event.name == "batch.completed" and event.batch is not None and event.job is None
+    assert event.batch.id == batch.id and event.batch.ended and event.batch.counts.succeeded == 3
+    assert event.batch.job_ids == batch.job_ids
+    with pytest.raises(InvalidSignature):
+        verify(raw.replace(b'"succeeded":3', b'"succeeded":2'), headers, WEBHOOK_SECRET)
 
-def test_batch_calls_replay_page_cancel_and_delete(
-    standin: tuple[str, BatchStandIn], client_service: Service, tmp_path: Path
-) -> None:
-    url, _ = standin
-    with Client(url, client_service.keys["bob"]) as client:
+
+def test_batch_calls_replay_page_cancel_and_delete(client_service: Service) -> None:
+    with Client(client_service.url, client_service.keys["bob"]) as client:
         uploads = [client.upload(DATA / name) for name in PHOTOS[:2]]
         made = client.create_batch(uploads, params=SLOW, idempotency_key="batch-once")
-        assert made.id.startswith("bat_") and made.total == 2 and len(made.job_ids) == 2
+        assert made.id.startswith("bat_") and made.total == 2 and len(made.job_ids) == 2 and not made.ended
         again = client.create_batch(uploads, params=SLOW, idempotency_key="batch-once")
         assert again.id == made.id  # the replay: the same batch
 
@@ -101,18 +102,17 @@ def test_batch_calls_replay_page_cancel_and_delete(
         client.cancel_batch(made.id)
         ended = client.wait_batch(made.id, timeout=120, poll_interval=0.5)
         assert ended.counts.canceled == 2 and ended.ended
-        assert client.batch_jobs(made.id, status="canceled").jobs[0].status == "canceled"
+        assert [j.status for j in client.iter_batch_jobs(made.id, status="canceled")] == ["canceled", "canceled"]
 
         client.delete_batch(made.id)
-        with pytest.raises(NotFound):
+        client.delete_batch(made.id)  # idempotent
+        with pytest.raises(BatchDeleted) as deleted:
             client.get_batch(made.id)
+        assert deleted.value.status == 410 and deleted.value.code == "batch_deleted"
 
 
-def test_the_cli_restores_a_folder_with_a_progress_line(
-    standin: tuple[str, BatchStandIn], client_service: Service, folder: Path, tmp_path: Path
-) -> None:
-    url, _ = standin
-    env = {**os.environ, "SUPIR_URL": url, "SUPIR_API_KEY": client_service.keys["carol"]}
+def test_the_cli_restores_a_folder_with_a_progress_line(client_service: Service, folder: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "SUPIR_URL": client_service.url, "SUPIR_API_KEY": client_service.keys["carol"]}
     params = [arg for name, value in FAST.items() for arg in ("--param", f"{name}={value}")]
     done = subprocess.run(
         [str(BIN / "supir-client"), "batch", str(folder), "-o", str(tmp_path / "out"), *params],
@@ -123,14 +123,12 @@ def test_the_cli_restores_a_folder_with_a_progress_line(
     assert "3/3 ended (3 succeeded, 0 failed, 0 canceled) 100%" in done.stderr
 
 
-def test_the_readmes_folder_example_runs_as_written(
-    standin: tuple[str, BatchStandIn], client_service: Service, folder: Path, tmp_path: Path
-) -> None:
+def test_the_readmes_folder_example_runs_as_written(client_service: Service, folder: Path, tmp_path: Path) -> None:
     readme = (REPO / "clients" / "python" / "README.md").read_text()
     example = re.findall(r"```python\n(.*?)```", readme, re.DOTALL)[1]
     assert "client.batch(" in example
     shutil.copytree(folder, tmp_path / "scans")
-    env = {**os.environ, "SUPIR_URL": standin[0], "SUPIR_API_KEY": client_service.keys["dave"]}
+    env = {**os.environ, "SUPIR_URL": client_service.url, "SUPIR_API_KEY": client_service.keys["dave"]}
     done = subprocess.run(
         [sys.executable, "-c", "from supir_client import Client\n" + example],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,

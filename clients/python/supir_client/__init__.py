@@ -12,8 +12,10 @@ from .client import (
 from .errors import (
     ApiError,
     BadRequest,
+    BatchDeleted,
     Conflict,
     Forbidden,
+    Gone,
     IdempotencyConflict,
     InvalidParameter,
     InvalidSignature,
@@ -38,10 +40,10 @@ from .errors import (
 from .models import Batch, BatchCounts, Estimate, Job, JobError, JobList, Progress, ResultImage, UploadTarget, Usage
 
 __all__ = [
-    "ApiError", "BadRequest", "Batch", "BatchCounts", "BatchResult", "BatchSample", "Client", "Conflict",
-    "Estimate", "Forbidden", "IdempotencyConflict", "InvalidParameter", "InvalidSignature", "Job", "JobCanceled",
-    "JobDeleted", "JobEnded", "JobError", "JobFailed", "JobList", "NotFound", "PayloadTooLarge", "Progress",
-    "QuotaExceeded", "RateLimited", "Restoration", "ResultImage", "ServerError", "ServiceUnavailable",
-    "StaleWebhook", "SupirError", "TransportError", "Unauthorized", "UnsupportedMediaType", "UploadTarget", "Usage",
-    "WaitTimeout", "WebhookError", "__version__", "image_files", "sniff_content_type",
+    "ApiError", "BadRequest", "Batch", "BatchCounts", "BatchDeleted", "BatchResult", "BatchSample", "Client",
+    "Conflict", "Estimate", "Forbidden", "Gone", "IdempotencyConflict", "InvalidParameter", "InvalidSignature",
+    "Job", "JobCanceled", "JobDeleted", "JobEnded", "JobError", "JobFailed", "JobList", "NotFound",
+    "PayloadTooLarge", "Progress", "QuotaExceeded", "RateLimited", "Restoration", "ResultImage", "ServerError",
+    "ServiceUnavailable", "StaleWebhook", "SupirError", "TransportError", "Unauthorized", "UnsupportedMediaType",
+    "UploadTarget", "Usage", "WaitTimeout", "WebhookError", "__version__", "image_files", "sniff_content_type",
 ]  # fmt: skip

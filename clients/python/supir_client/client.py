@@ -419,20 +419,19 @@ class Client:
         preset: str | None = None,
         variant: str | None = None,
         webhook_url: str | None = None,
-        webhook_events: Sequence[str] | None = None,
         expires_after: int | None = None,
         idempotency_key: str | None = None,
     ) -> Batch:
         """`POST /v1/batches`: one job per item. An item is an upload (its id or UploadTarget), an http(s) image
         URL, or a dict (`{"upload_id" | "image_url", "params"?, "preset"?}`); `params` and `preset` here are
-        shared by every item, an item's own winning."""
+        shared by every item, an item's own winning. `webhook_url` is POSTed one signed `batch.completed` event
+        when the last job ends (the batch's jobs send none of their own)."""
         body = _only_set(
             items=[_batch_item(item) for item in items],
             params=dict(params) if params else None,
             preset=preset,
             variant=variant,
             webhook_url=webhook_url,
-            webhook_events=list(webhook_events) if webhook_events is not None else None,
             expires_after=expires_after,
         )
         headers = {"Idempotency-Key": idempotency_key or f"supir-client-{uuid.uuid4().hex}"}
@@ -441,21 +440,23 @@ class Client:
     def get_batch(self, batch_id: str) -> Batch:
         return Batch.from_json(self._http.request("GET", f"/v1/batches/{batch_id}").json())
 
-    def batch_jobs(self, batch_id: str, *, offset: int = 0, limit: int = 100, status: str | None = None) -> JobList:
-        query = _only_set(offset=offset, limit=limit, status=status)
+    def batch_jobs(self, batch_id: str, *, status: str | None = None, limit: int = 100, cursor: int = 0) -> JobList:
+        """One page of the batch's jobs in item order (at most 100); pass `next_cursor` for the next."""
+        query = _only_set(status=status, limit=limit, cursor=cursor)
         return JobList.from_json(self._http.request("GET", f"/v1/batches/{batch_id}/jobs", params=query).json())
 
     def iter_batch_jobs(self, batch_id: str, *, status: str | None = None) -> Iterator[Job]:
-        offset: int | None = 0
-        while offset is not None:
-            page = self.batch_jobs(batch_id, offset=offset, status=status)
+        cursor: int | None = 0
+        while cursor is not None:
+            page = self.batch_jobs(batch_id, status=status, cursor=cursor)
             yield from page.jobs
-            offset = page.next_cursor if page.jobs else None
+            cursor = page.next_cursor
 
     def cancel_batch(self, batch_id: str) -> Batch:
         return Batch.from_json(self._http.request("POST", f"/v1/batches/{batch_id}/cancel").json())
 
     def delete_batch(self, batch_id: str) -> None:
+        """Erase every job of the batch, then the batch (idempotent); its reads then raise BatchDeleted."""
         self._http.request("DELETE", f"/v1/batches/{batch_id}")
 
     def download_batch_zip(self, batch_id: str, dest: str | os.PathLike[str]) -> Path:
@@ -492,7 +493,6 @@ class Client:
         preset: str | None = None,
         variant: str | None = None,
         webhook_url: str | None = None,
-        webhook_events: Sequence[str] | None = None,
         expires_after: int | None = None,
         idempotency_key: str | None = None,
         on_progress: Callable[[Batch], None] | None = None,
@@ -515,7 +515,6 @@ class Client:
             preset=preset,
             variant=variant,
             webhook_url=webhook_url,
-            webhook_events=webhook_events,
             expires_after=expires_after,
             idempotency_key=idempotency_key,
         )

@@ -15,7 +15,7 @@
         ├── Forbidden             403
         ├── NotFound              404
         ├── Conflict              409 (IdempotencyConflict for idempotency_conflict / _in_progress)
-        ├── JobDeleted            410 job_deleted
+        ├── Gone                  410 (JobDeleted: job_deleted; BatchDeleted: batch_deleted)
         ├── PayloadTooLarge       413
         ├── UnsupportedMediaType  415
         ├── InvalidParameter      422 (every 422 code: invalid_parameter, invalid_image, image_too_large, …)
@@ -115,7 +115,15 @@ class IdempotencyConflict(Conflict):
     pass
 
 
-class JobDeleted(ApiError):
+class Gone(ApiError):
+    pass
+
+
+class JobDeleted(Gone):
+    pass
+
+
+class BatchDeleted(Gone):
     pass
 
 
@@ -151,6 +159,7 @@ class ServiceUnavailable(ServerError):
 
 BY_CODE: dict[str, type[ApiError]] = {
     "job_deleted": JobDeleted,
+    "batch_deleted": BatchDeleted,
     "quota_exceeded": QuotaExceeded,
     "rate_limited": RateLimited,
     "idempotency_conflict": IdempotencyConflict,
@@ -162,7 +171,7 @@ BY_STATUS: dict[int, type[ApiError]] = {
     403: Forbidden,
     404: NotFound,
     409: Conflict,
-    410: JobDeleted,
+    410: Gone,
     413: PayloadTooLarge,
     415: UnsupportedMediaType,
     422: InvalidParameter,

@@ -228,10 +228,11 @@ class BatchCounts:
     succeeded: int = 0
     failed: int = 0
     canceled: int = 0
+    deleted: int = 0  # erased (DELETE) or past their expiry
 
     @property
     def ended(self) -> int:
-        return self.succeeded + self.failed + self.canceled
+        return self.succeeded + self.failed + self.canceled + self.deleted
 
 
 @dataclass(frozen=True)
@@ -243,11 +244,14 @@ class Batch:
     total: int
     counts: BatchCounts
     progress: float
-    eta: str | None
-    created_at: float | str | None
-    ended_at: float | str | None
+    eta: str | None  # running: when its last job is expected to end (RFC 3339)
+    created_at: float | None
+    ended_at: float | None
+    expires_after: int | None
     expires_at: str | None
+    variant: str | None
     job_ids: tuple[str, ...]
+    webhook: WebhookState | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -264,10 +268,13 @@ class Batch:
             counts=BatchCounts(**{k: int(counts.get(k, 0)) for k in BatchCounts.__dataclass_fields__}),
             progress=float(data.get("progress") or 0.0),
             eta=_opt_str(data.get("eta")),
-            created_at=data.get("created_at"),
-            ended_at=data.get("ended_at"),
+            created_at=_opt_float(data.get("created_at")),
+            ended_at=_opt_float(data.get("ended_at")),
+            expires_after=_opt_int(data.get("expires_after")),
             expires_at=_opt_str(data.get("expires_at")),
+            variant=_opt_str(data.get("variant")),
             job_ids=tuple(str(j) for j in data.get("job_ids") or ()),
+            webhook=WebhookState.from_json(data.get("webhook")),
             raw=data,
         )
 
