@@ -17,7 +17,8 @@ from tests.servers import WEBHOOK_SECRET, Service, running
 
 @pytest.fixture(scope="session")
 def client_service(tmp_path_factory: pytest.TempPathFactory, fixture_a: Path) -> Iterator[Service]:
-    keys = {name: {} for name in ("alice", "bob", "carol", "dave", "erin")}
+    # a key per test where a test counts its key's jobs: test_client_service's, then test_client_batches'
+    keys = {name: {} for name in ("alice", "bob", "carol", "dave", "erin", "fay", "gus", "hal", "ida")}
     settings = {
         "rate_limit_per_minute": 100_000,
         "webhook_secret": WEBHOOK_SECRET,

@@ -253,7 +253,7 @@ def test_the_readmes_first_example_runs_as_written(client_service: Service, tmp_
     example = re.search(r"```python\n(.*?)```", readme, re.DOTALL)
     assert example and "restore(" in example.group(1)
     shutil.copy(PHOTO, tmp_path / "old_photo.jpg")
-    env = {**os.environ, "SUPIR_URL": client_service.url, "SUPIR_API_KEY": client_service.keys["erin"]}
+    env = {**os.environ, "SUPIR_URL": client_service.url, "SUPIR_API_KEY": client_service.keys["dave"]}
     done = subprocess.run(
         [sys.executable, "-c", example.group(1)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
