@@ -52,7 +52,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     errors.install(app)
     docs.install(app)
     openapi.install(
-        app, tuple(settings.variant_files), settings.default_params, settings.retention_s, settings.max_upload_bytes
+        app,
+        tuple(settings.variant_files),
+        settings.default_params,
+        settings.retention_s,
+        settings.max_upload_bytes,
+        settings.max_batch_items,
     )
     routers = (jobs.router, batches.router, estimates.router, uploads.router, usage.router, pages.router)
     for router in (*routers, operations.router):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import time
 import zipfile
@@ -81,7 +82,7 @@ async def read_batch_request(request: Request, settings: Settings) -> tuple[Batc
     if content_type.startswith("multipart/form-data"):
         form = await request.form(max_files=settings.max_batch_items + 1, max_fields=8, max_part_size=FORM_FIELD_BYTES)
         try:
-            files = [f for f in form.getlist("images") if isinstance(f, UploadFile)]
+            files = [_as_file(f) for f in form.getlist("images")]
             if any(isinstance(v, UploadFile) and k != "images" for k, v in form.multi_items()):
                 raise ApiError("invalid_request", "send the photos as repeated file parts named 'images'")
             fields = {k: v for k, v in form.items() if not isinstance(v, UploadFile) and k != "images"}
@@ -91,7 +92,8 @@ async def read_batch_request(request: Request, settings: Settings) -> tuple[Batc
                 fields["expires_after"] = int(fields["expires_after"])
             overrides = _parse_json(fields.pop("items"), "the items field", field="items") if "items" in fields else []
             if not isinstance(overrides, list) or len(overrides) > len(files):
-                raise ApiError("invalid_request", "items must be a JSON array with at most one entry per file")
+                message = "items must be a JSON array with at most one entry per file in images"
+                raise ApiError("invalid_parameter", message, field="items")
             fields["items"] = [*overrides, *({} for _ in range(len(files) - len(overrides)))]
             batch = _batch_from_fields(fields, files, settings)
         except BaseException:
@@ -99,6 +101,18 @@ async def read_batch_request(request: Request, settings: Settings) -> tuple[Batc
             raise
         return batch, form
     raise ApiError("unsupported_media_type", "send JSON with items (upload_id or image_url), or multipart images")
+
+
+def _as_file(part: UploadFile | str) -> UploadFile:
+    """A file part sent without a filename reaches us as text (Starlette decodes it as UTF-8, else Latin-1; photos
+    are never valid UTF-8): its bytes again, as a file."""
+    if isinstance(part, UploadFile):
+        return part
+    try:
+        data = part.encode("latin-1")
+    except UnicodeEncodeError:
+        data = part.encode("utf-8")
+    return UploadFile(io.BytesIO(data))
 
 
 def _batch_from_fields(fields: dict[str, Any], files: list[UploadFile] | None, settings: Settings) -> BatchRequest:

@@ -116,6 +116,7 @@ class Job(BaseModel):
         "restore", description="preview: stage 1 and its caption only; `result` is the stage-1 image"
     )
     stage1_job: str | None = Field(None, description="the preview whose stage 1 this job sampled from")
+    batch_id: str | None = Field(None, description="the batch it was submitted in (`POST /v1/batches`), if any")
     variant: str | None = Field(None, description="the SUPIR variant (checkpoint) that runs the job")
     model_sha256: str | None = Field(None, description="sha256 of that variant's SUPIR file, once a worker ran it")
     gpu_seconds: float = Field(0.0, description="the worker's pipeline seconds (what usage counts); 0 when cached")
@@ -461,10 +462,16 @@ class BatchWebhookInfo(BaseModel):
 class BatchItem(BaseModel):
     """One photo of a batch: a direct upload or a URL, and what it changes of the batch's shared settings."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, title="BatchItem")
+    # exactly one of upload_id and image_url
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        title="BatchItem",
+        json_schema_extra={"oneOf": [{"required": ["upload_id"]}, {"required": ["image_url"]}]},
+    )
 
-    upload_id: str | SkipJsonSchema[None] = Field(
-        None, pattern=UPLOAD_ID_PATTERN, description="the id `POST /v1/uploads` answered (or image_url)"
+    upload_id: Annotated[str, Field(pattern=UPLOAD_ID_PATTERN)] | SkipJsonSchema[None] = Field(
+        None, description="the id `POST /v1/uploads` answered (or image_url)"
     )
     image_url: HttpUrl | SkipJsonSchema[None] = Field(None, description="an http(s) URL of the photo (or upload_id)")
     params: ParamsObject | SkipJsonSchema[None] = Field(
@@ -481,6 +488,34 @@ class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     items: list[BatchItem] = Field(min_length=1, description="the photos, in order (at most SUPIR_MAX_BATCH_ITEMS)")
+    params: ParamsObject | SkipJsonSchema[None] = None
+    preset: Preset | SkipJsonSchema[None] = None
+    variant: Variant | SkipJsonSchema[None] = None
+    webhook_url: HttpUrl | None = Field(  # JSON null: no webhook
+        None, description="POSTed once, signed, when the batch's last job ends (`batch.completed`)"
+    )
+    expires_after: (
+        Annotated[int, Field(ge=1, description=EXPIRES_AFTER), BeforeValidator(_whole_number)] | SkipJsonSchema[None]
+    ) = None
+
+
+class BatchOverride(BaseModel):
+    """What one photo of a multipart batch changes of the shared settings (in the files' order)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, title="BatchOverride")
+
+    params: ParamsObject | SkipJsonSchema[None] = None
+    preset: Preset | SkipJsonSchema[None] = None
+
+
+class BatchUpload(BaseModel):
+    """`POST /v1/batches` as multipart/form-data: the photos as repeated file parts `images`; `params` a JSON
+    object, `items` a JSON array of per-photo overrides in the files' order (at most one per file)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    images: list[bytes] = Field(min_length=1, description="the photos: PNG, JPEG, WebP, TIFF, BMP, GIF")
+    items: list[BatchOverride] | SkipJsonSchema[None] = None
     params: ParamsObject | SkipJsonSchema[None] = None
     preset: Preset | SkipJsonSchema[None] = None
     variant: Variant | SkipJsonSchema[None] = None

@@ -127,6 +127,7 @@ def install(
     default_params: dict[str, Any] | None = None,
     max_expires_after: int | None = None,
     max_upload_bytes: int | None = None,
+    max_batch_items: int | None = None,
 ) -> None:
     def build() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -142,6 +143,8 @@ def install(
                 _retention(schema, max_expires_after)
             if max_upload_bytes is not None:
                 _upload_limit(schema, max_upload_bytes)
+            if max_batch_items is not None:
+                _batch_limit(schema, max_batch_items)
             _request_params(schema)
             app.openapi_schema = schema
         return app.openapi_schema
@@ -209,6 +212,16 @@ def _upload_limit(schema: dict[str, Any], largest: int) -> None:
     size = body.get("content", {}).get("application/json", {}).get("schema", {}).get("properties", {}).get("size")
     if size is not None:
         size["maximum"] = largest
+
+
+def _batch_limit(schema: dict[str, Any], most: int) -> None:
+    """A batch's photos (JSON `items`, multipart `images` and `items`) are bounded by SUPIR_MAX_BATCH_ITEMS."""
+    body = schema.get("paths", {}).get("/v1/batches", {}).get("post", {}).get("requestBody", {})
+    for media in body.get("content", {}).values():
+        for name in ("items", "images"):
+            field = media.get("schema", {}).get("properties", {}).get(name)
+            if field is not None:
+                field["maxItems"] = most
 
 
 def _deployment_defaults(schema: dict[str, Any], defaults: dict[str, Any]) -> None:

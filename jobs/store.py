@@ -179,7 +179,8 @@ class JobStore:
         with self.r.pipeline() as pipe:
             pipe.set(self._job(record.id), record.model_dump_json())
             pipe.zadd(f"{self.p}:owner:{record.owner}", {record.id: record.created_at})
-            pipe.zadd(self._slots(record.owner), {record.id: record.created_at})
+            if not record.batch_id:  # a batch's jobs hold no active-job slots (the batch limit bounds them)
+                pipe.zadd(self._slots(record.owner), {record.id: record.created_at})
             pipe.zadd(f"{self.p}:queued", {record.id: record.created_at})
             if record.variant:
                 pipe.zadd(self._queued(record.variant), {record.id: record.created_at})

@@ -49,11 +49,22 @@ schemathesis.openapi.format("uri", st.just(os.environ["PHOTO_URL"]))
 @schemathesis.hook
 def filter_body(ctx: schemathesis.HookContext, body: object) -> bool:
     """RestoreParams' rule tile_stride ≤ tile_size has no JSON Schema spelling: bodies breaking it are not
-    schema-valid requests the API must accept (422 invalid_parameter), so they are not sent."""
+    schema-valid requests the API must accept (422 invalid_parameter), so they are not sent. A batch's items
+    apply their params over the shared ones: each item's params as they will run are checked."""
     fields = getattr(body, "body", body)  # a multipart body with per-part media types wraps its fields
-    params = fields.get("params") if isinstance(fields, dict) else None
-    if not isinstance(params, dict):
+    if not isinstance(fields, dict):
         return True
+    shared = fields.get("params") if isinstance(fields.get("params"), dict) else {}
+    items = fields.get("items") if isinstance(fields.get("items"), list) else []
+    runs = [shared] + [
+        {**shared, **item["params"]}
+        for item in items
+        if isinstance(item, dict) and isinstance(item.get("params"), dict)
+    ]
+    return all(_strides_fit(params) for params in runs)
+
+
+def _strides_fit(params: dict) -> bool:
     size, stride = params.get("tile_size", 128), params.get("tile_stride", 64)
     numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (size, stride))  # 128.0 too
     return not numbers or stride <= size

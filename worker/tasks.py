@@ -235,8 +235,10 @@ def _run_fairly(rt: Runtime, job_id: str, ran: list[str]) -> str:
     holds a job (one queued before fair share, say), the message's own job runs as before; that also takes over
     its job from a worker process that died while running it."""
     record = rt.store.get(job_id)
-    variant = record.variant if record is not None and record.variant else settings.default_variant
-    for _ in range(FAIR_PICKS):
+    # the message's own variant: its queue is one this worker consumes (a job gone or from before variants
+    # picks nothing: its own run is skipped or runs as it always did)
+    variant = record.variant if record is not None else ""
+    for _ in range(FAIR_PICKS if variant else 0):
         picked = rt.store.next_fair(variant)
         if picked is None:
             break

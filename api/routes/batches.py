@@ -12,29 +12,24 @@ from .. import batches
 from ..creation import idempotency_key_of
 from ..deps import CallerDep, ServicesDep
 from ..errors import ApiError
-from ..models import Batch, BatchCreate, JobList, body_schema
-from ..openapi import errors
+from ..models import Batch, BatchCreate, BatchUpload, JobList, body_schema
+from ..openapi import IMAGE_MEDIA_TYPES, binary_content, errors
+from .jobs import labelled
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
-MULTIPART_BATCH = {
-    "type": "object",
-    "required": ["images"],
-    "properties": {
-        "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "description": "the photos"},
-        "params": {"type": "string", "description": "a JSON object of params every photo shares"},
-        "items": {"type": "string", "description": "a JSON array of per-photo {params, preset}, in file order"},
-        "preset": {"type": "string"},
-        "variant": {"type": "string"},
-        "webhook_url": {"type": "string", "format": "uri"},
-        "expires_after": {"type": "integer", "minimum": 1},
-    },
-}
 CREATE_BATCH_DOCS: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
             "application/json": {"schema": body_schema(BatchCreate)},
-            "multipart/form-data": {"schema": MULTIPART_BATCH},
+            "multipart/form-data": {
+                "schema": body_schema(BatchUpload),
+                "encoding": {
+                    "images": {"contentType": IMAGE_MEDIA_TYPES},
+                    "params": {"contentType": "application/json"},
+                    "items": {"contentType": "application/json"},
+                },
+            },
         },
     }
 }
@@ -149,15 +144,16 @@ def delete_batch(batch_id: str, caller: CallerDep, services: ServicesDep) -> Res
         200: {
             "description": "every succeeded job's results (`0007-job_….png`: the item's index, the job, the "
             "sample) and manifest.json (every job's status and error), streamed as it is made",
-            "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+            "content": binary_content("application/zip"),
         },
         **errors(401, 404, 410, 429, 503),
     },
 )
-def batch_results(batch_id: str, caller: CallerDep, services: ServicesDep) -> StreamingResponse:
+def batch_results(batch_id: str, request: Request, caller: CallerDep, services: ServicesDep) -> StreamingResponse:
     """The zip holds what has succeeded so far; ask again after the batch ends for all of it."""
     batch = batches.owned_batch(services, caller.id, batch_id)
     disposition = f'attachment; filename="{batch.id}.zip"'
+    media_type = labelled(request, "application/zip")  # application/octet-stream to a client that asks for bytes
     return StreamingResponse(
-        batches.zip_stream(services, batch), media_type="application/zip", headers={"Content-Disposition": disposition}
+        batches.zip_stream(services, batch), media_type=media_type, headers={"Content-Disposition": disposition}
     )

@@ -208,7 +208,7 @@ def job_result(job: OwnedJobDep, services: ServicesDep, request: Request, index:
     delivered = _delivered(services, job, index) if services.settings.delete_after_delivery else None
     if isinstance(services.objects, LocalStore) or delivered is not None:
         data = _read(services, job, result.key)
-        return Response(data, media_type=_labelled(request, result.content_type), background=delivered)
+        return Response(data, media_type=labelled(request, result.content_type), background=delivered)
     return RedirectResponse(services.objects.url(result.key, RESULT_URL_TTL_S), status_code=307)
 
 
@@ -276,7 +276,7 @@ async def job_thumbnail(
             data = await run_in_threadpool(_thumbnail, result, size)
         await run_in_threadpool(_keep, services, job, key, data)
     headers = {"Cache-Control": "private, max-age=3600", "Vary": "Accept"}
-    return Response(data, media_type=_labelled(request, "image/jpeg"), headers=headers)
+    return Response(data, media_type=labelled(request, "image/jpeg"), headers=headers)
 
 
 def _keep(services: ServicesDep, job: JobRecord, key: str, data: bytes) -> None:
@@ -288,7 +288,7 @@ def _keep(services: ServicesDep, job: JobRecord, key: str, data: bytes) -> None:
         raise missing_job(services.store, job.id, job.owner)
 
 
-def _labelled(request: Request, media_type: str) -> str:
+def labelled(request: Request, media_type: str) -> str:
     """The image's own media type, or application/octet-stream where Accept asks for bytes and for no image."""
     accepted = {part.split(";")[0].strip().lower() for part in request.headers.get("accept", "").split(",")}
     wants_image = bool(accepted & {media_type, "image/*", "*/*"})

@@ -150,7 +150,7 @@ def test_a_batch_is_checked_whole_before_anything_is_queued(tmp_path: Path, fixt
         assert bad.status_code == 415 and code(bad) == "unsupported_media_type", bad.text
         assert bad.json()["error"]["field"].startswith("items[2]")
         too_many = a.post("/v1/batches", files=multipart(photos(5)))
-        assert too_many.status_code == 413 and code(too_many) == "too_many_items"
+        assert too_many.status_code == 422 and code(too_many) == "too_many_items"
         item_params = a.post(
             "/v1/batches", data={"items": json.dumps([{}, {"params": {"steps": 0}}])}, files=multipart(good[:2])
         )
@@ -168,7 +168,7 @@ def test_a_batch_is_checked_whole_before_anything_is_queued(tmp_path: Path, fixt
 
 def test_uploads_batch_replay_list_cancel_and_delete(tmp_path: Path, fixture_a: Path) -> None:
     with (
-        running(tmp_path, fixture_a, {"a": {}, "b": {}}, with_workers=False) as svc,
+        running(tmp_path, fixture_a, {"a": {"max_active_jobs": 1}, "b": {}}, with_workers=False) as svc,
         svc.client("a") as a,
         svc.client("b") as b,
     ):
@@ -193,12 +193,16 @@ def test_uploads_batch_replay_list_cancel_and_delete(tmp_path: Path, fixture_a: 
         assert replay.status_code == 200 and replay.json()["id"] == batch["id"]
         assert replay.headers["idempotent-replayed"] == "true"
         assert batch["counts"]["queued"] == 3 and batch["expires_after"] == 600 and batch["eta"] is None
+        # the batch's jobs hold none of the key's active-job slots (1 here): a job of its own still goes in
+        single = a.post("/v1/jobs", files={"image": ("one.jpg", photos(1, 5)[0], "image/jpeg")})
+        assert single.status_code == 202, single.text
 
         jobs = a.get(f"/v1/batches/{batch['id']}/jobs", params={"limit": 2}).json()
         assert [j["id"] for j in jobs["jobs"]] == batch["job_ids"][:2] and jobs["next_cursor"] == 2
         rest = a.get(f"/v1/batches/{batch['id']}/jobs", params={"cursor": 2}).json()
         assert [j["params"]["steps"] for j in rest["jobs"]] == [2] and rest["next_cursor"] is None
         assert [j["params"]["seed"] for j in jobs["jobs"]] == [5, 5]
+        assert {j["batch_id"] for j in jobs["jobs"]} == {batch["id"]}
         assert b.get(f"/v1/batches/{batch['id']}").status_code == 404  # another key's batch does not exist
 
         canceled = a.post(f"/v1/batches/{batch['id']}/cancel").json()
@@ -210,4 +214,5 @@ def test_uploads_batch_replay_list_cancel_and_delete(tmp_path: Path, fixture_a: 
         assert gone.status_code == 410 and code(gone) == "batch_deleted"
         assert code(a.get(f"/v1/jobs/{batch['job_ids'][0]}")) == "job_deleted"
         assert a.delete(f"/v1/batches/{batch['id']}").status_code == 204  # idempotent
-        assert not list((tmp_path / "objects").rglob("inputs/*"))
+        kept = {p.name for p in (tmp_path / "objects").rglob("inputs/*")}
+        assert kept == {single.json()["id"]}  # the batch's photos are gone; the key's own job keeps its

@@ -1,14 +1,16 @@
 """The web page in a real headless Chromium against the running service (tiny weights): the whole flow by keyboard,
 the two-stage flow (preview, edit the caption, restore), several samples side by side, the output format, the model
-(SUPIR variant) choice, no horizontal scrolling on a phone or a desktop, an axe-core scan, errors as sentences, and the
-screenshots in docs/."""
+(SUPIR variant) choice, a folder as one batch (its progress, cancel and zip), no horizontal scrolling on a phone or a
+desktop, an axe-core scan, errors as sentences, and the screenshots in docs/."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -17,6 +19,7 @@ import redis
 from PIL import Image
 from playwright.sync_api import Page, expect
 
+from api.limits import FORM_OVERHEAD_BYTES
 from tests.paths import DATA, DOCS
 from tests.servers import Service, running, wait_until
 
@@ -29,15 +32,19 @@ JOB_DONE = 180_000  # ms: a slow CPU, a shared worker
 PNG = b"\x89PNG\r\n\x1a\n"
 JPEG = b"\xff\xd8\xff"
 
-# every text the live region announces and every value the progress bar takes, in order (test instrumentation only)
+# every text the live regions announce and every value the progress bars take, in order (test instrumentation only)
 RECORDER = """
-window.__statuses = []; window.__bar = [];
+window.__statuses = []; window.__bar = []; window.__batch = []; window.__batchBar = [];
 document.addEventListener('DOMContentLoaded', () => {
-  const status = document.getElementById('status'), bar = document.getElementById('bar');
-  new MutationObserver(() => window.__statuses.push(status.textContent))
-    .observe(status, {childList: true, characterData: true, subtree: true});
-  new MutationObserver(() => window.__bar.push(Number(bar.getAttribute('value'))))
-    .observe(bar, {attributes: true, attributeFilter: ['value']});
+  const record = (id, texts, values) => {
+    const status = document.getElementById(id + 'status'), bar = document.getElementById(id + 'bar');
+    new MutationObserver(() => texts.push(status.textContent))
+      .observe(status, {childList: true, characterData: true, subtree: true});
+    new MutationObserver(() => bar.hasAttribute('value') && values.push(Number(bar.getAttribute('value'))))
+      .observe(bar, {attributes: true, attributeFilter: ['value']});
+  };
+  record('', window.__statuses, window.__bar);
+  record('batch-', window.__batch, window.__batchBar);
 });
 """
 
@@ -419,6 +426,13 @@ def test_progress_is_weighted_by_stage_and_never_goes_backwards(browser, service
     said = page.evaluate("""statusText({id: 'job_g', kind: 'restore', status: 'running', params: {faces: 'auto'},
                                         progress: {stage: 'faces', step: 1, steps: 2}})""")
     assert said == "Restoration running: restoring faces, step 1 of 2, 75% done.", said
+    # a batch: its ended jobs of all, those that did not succeed named; its ETA as a time of day and a duration
+    counts = {"queued": 26, "running": 2, "succeeded": 11, "failed": 1, "canceled": 0, "deleted": 0}
+    said = page.evaluate("c => batchWords({total: 40, counts: c})", counts)
+    assert said == "12 of 40 done, 1 failed", said
+    eta = page.evaluate("batchEta({status: 'running', eta: new Date(Date.now() + 185000).toISOString()})")
+    assert re.fullmatch(r"Expected to end around \d{1,2}:\d\d:\d\d( [AP]M)? \(in about 3 min\)\.", eta), eta
+    assert page.evaluate("batchEta({status: 'running', eta: null})") == ""
     page.context.close()
 
 
@@ -503,3 +517,194 @@ def test_api_docs_render_offline(browser, service: Service, tmp_path: Path) -> N
     # ReDoc's bundle asks for its vendor's logo (its "API docs by" footer); refused, nothing else is missing
     assert all(url.endswith("/logo-mini.svg") for url in outside), outside
     assert shot.stat().st_size > 10_000
+
+
+def write_photos(folder: Path, sizes: list[tuple[int, int]], noise: bool = False) -> list[Path]:
+    """Small real photos, each different: PNG and JPEG in turn (noise: large for their size, as PNG barely packs it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, size in enumerate(sizes):
+        path = folder / f"photo-{i + 1}.{'jpg' if i % 2 else 'png'}"
+        if noise:
+            image = Image.frombytes("RGB", size, random.Random(i).randbytes(size[0] * size[1] * 3))
+        else:
+            ramp = Image.linear_gradient("L").resize(size)
+            image = Image.merge(
+                "RGB", [ramp, ramp.transpose(Image.Transpose.FLIP_TOP_BOTTOM), Image.new("L", size, 70 * i)]
+            )
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def test_a_folder_is_one_batch_followed_to_the_end_and_its_results_saved_as_a_zip(
+    browser, service: Service, tmp_path: Path
+) -> None:
+    folder = tmp_path / "holiday"
+    photos = write_photos(folder, [(64, 48), (72, 56), (56, 64)])
+    (folder / "notes.txt").write_text("scanned in March")
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(64))  # macOS leaves one in every folder
+    page = open_page(browser, service, DESKTOP)
+    sent: list[str] = []
+    page.on("request", lambda r: sent.append(f"{r.method} {r.url.split('?')[0]} {r.headers.get('content-type', '')}"))
+    for field, value in (("#p-min_size", "64"), ("#p-steps", "2"), ("#p-seed", "11")):
+        tab_to(page, field)
+        page.keyboard.type(value)
+    page.set_input_files("#folder", str(folder))  # the OS folder dialog cannot be driven; all else is keys
+    chosen = page.locator("#filename")
+    expect(chosen).to_contain_text("Chosen: 3 photos, restored as one batch")
+    expect(chosen).to_contain_text("2 files skipped, not a photo the service reads")
+    assert ".DS_Store" in chosen.inner_text() and "notes.txt" in chosen.inner_text()
+    expect(page.locator("#submit")).to_have_text("Restore 3 photos")
+    expect(page.locator("#preview")).to_be_hidden()  # a preview is of one photo
+    tab_to(page, "#submit")
+    page.keyboard.press("Enter")
+
+    expect(page.locator("#batch-id")).to_contain_text("bat_", timeout=60_000)
+    batch_id = page.inner_text("#batch-id").removeprefix(" · ")
+    assert serious_violations(page) == []  # while it runs
+    status = page.locator("#batch-status")
+    expect(status).to_have_text("Batch ended: 3 of 3 done.", timeout=3 * JOB_DONE)
+    said = page.evaluate("window.__batch")
+    assert said[0] == "Sending 3 photos…" and "Uploading the photos: 3 of 3 sent." in said, said
+    assert any(re.fullmatch(r"[0-2] of 3 done\.", s) for s in said), said  # announced as it went
+    bar = page.evaluate("window.__batchBar")
+    assert bar == sorted(bar) and bar[-1] == 100, bar  # never backwards
+    assert page.get_attribute("#batch-bar", "aria-valuetext") == "100%: 3 of 3 done"
+    assert page.get_attribute("#batch-status", "aria-live") == "polite"
+    expect(page.locator("#batch-cancel")).to_be_hidden()
+    # direct uploads: three signed PUTs, then one JSON create naming them
+    puts = [s for s in sent if s.startswith("PUT ") and "/v1/uploads/upl_" in s]
+    creates = [s for s in sent if s.startswith("POST ") and s.split()[1].endswith("/v1/batches")]
+    assert len(puts) == 3 and len(creates) == 1 and creates[0].endswith("application/json"), sent
+
+    with api(service) as client:
+        view = client.get(f"/v1/batches/{batch_id}").json()
+        jobs = [client.get(f"/v1/jobs/{job_id}").json() for job_id in view["job_ids"]]
+    assert view["status"] == "ended" and view["counts"]["succeeded"] == 3, view
+    for job, path in zip(jobs, photos, strict=True):  # in the folder's order, with the form's parameters
+        with Image.open(path) as image:
+            assert (job["input"]["width"], job["input"]["height"]) == image.size, job["input"]
+        assert (job["params"]["min_size"], job["params"]["steps"], job["params"]["seed"]) == (64, 2, 11)
+
+    tab_to(page, "#batch-zip")
+    expect(page.locator("#batch-zip")).to_have_text("Download all (zip)")
+    with page.expect_download(timeout=60_000) as download:
+        page.keyboard.press("Enter")
+    saved = tmp_path / download.value.suggested_filename
+    download.value.save_as(saved)
+    assert saved.name == f"{batch_id}.zip"
+    with zipfile.ZipFile(saved) as archive:
+        names = archive.namelist()
+        results = [n for n in names if n != "manifest.json"]
+        assert results == [f"{i:04d}-{job['id']}.png" for i, job in enumerate(jobs)], names
+        for name, job in zip(results, jobs, strict=True):
+            data = archive.read(name)
+            assert data[:8] == PNG
+            with Image.open(archive.open(name)) as image:
+                assert image.size == (job["result"]["width"], job["result"]["height"])
+        manifest = json.loads(archive.read("manifest.json"))
+    assert [j["status"] for j in manifest["jobs"]] == ["succeeded"] * 3, manifest
+
+    no_horizontal_overflow(page)
+    assert serious_violations(page) == []  # ended, with its zip button
+    page.set_viewport_size(PHONE)
+    no_horizontal_overflow(page)
+    assert serious_violations(page) == []
+    page.context.close()
+
+
+def test_without_direct_uploads_a_batch_is_one_request_its_limit_and_item_errors_said_then_canceled(
+    browser, fixture_a: Path, tmp_path: Path
+) -> None:
+    """The API alone (no worker: the batch's jobs stay queued, so a cancel ends them all at once), with a small
+    multipart batch limit, and a page that finds no /v1/uploads in the service's API document."""
+    settings = {"max_batch_upload_bytes": 100_000, "max_upload_bytes": 500_000}
+    with running(tmp_path, fixture_a, {"alice": {}}, with_workers=False, **settings) as alone:
+        page = open_page(browser, alone, PHONE)
+        page.fill("#p-min_size", "64")
+        big = write_photos(tmp_path / "big", [(620, 620), (64, 48)], noise=True)
+        assert big[0].stat().st_size > 500_000 and sum(p.stat().st_size for p in big) > 100_000 + FORM_OVERHEAD_BYTES
+
+        # direct uploads: a photo over the service's limit is refused before its bytes are sent, and named
+        page.set_input_files("#file", [str(p) for p in big])
+        page.click("#submit")
+        error = page.locator("#error")
+        expect(error).to_contain_text("Photo “photo-1.png” (items[0]): Size 1,", timeout=30_000)
+        expect(error).to_contain_text("at most 500,000 bytes are accepted (SUPIR_MAX_UPLOAD_BYTES)")
+        expect(page.locator("#file")).to_have_attribute("aria-invalid", "true")
+        expect(page.locator("#batch-status")).to_have_text("Not accepted: nothing was queued.")
+
+        # a service without direct uploads: what follows goes as one multipart request
+        def without_uploads(route) -> None:  # type: ignore[no-untyped-def]
+            response = route.fetch()
+            spec = response.json()
+            del spec["paths"]["/v1/uploads"]
+            route.fulfill(response=response, json=spec)
+
+        page.route("**/openapi.json", without_uploads)
+        page.reload()
+        expect(page.locator("#p-min_size")).to_be_visible(timeout=30_000)
+        sent: list[str] = []
+        page.on(
+            "request", lambda r: sent.append(f"{r.method} {r.url.split('?')[0]} {r.headers.get('content-type', '')}")
+        )
+        page.fill("#p-min_size", "64")
+        page.fill("#p-steps", "2")
+
+        # several files dropped at once (with a note among them): a batch of the photos
+        dropped = page.evaluate("""() => {
+            const files = new DataTransfer();
+            files.items.add(new File(["a"], "one.png", {type: "image/png"}));
+            files.items.add(new File(["b"], "two.jpg", {type: "image/jpeg"}));
+            files.items.add(new File(["c"], "list.txt", {type: "text/plain"}));
+            document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: files, bubbles: true}));
+            return document.getElementById("filename").textContent;
+        }""")
+        assert dropped.startswith("Chosen: 2 photos") and "1 file skipped" in dropped and "list.txt" in dropped
+
+        # too large for one request: the service's 413, said, and what to do
+        page.set_input_files("#file", [str(p) for p in big])
+        page.click("#submit")
+        expect(page.locator("#error")).to_contain_text("SUPIR_MAX_BATCH_UPLOAD_BYTES", timeout=30_000)
+        assert page.inner_text("#error").endswith("Send fewer photos at a time.")
+        expect(page.locator("#file")).to_have_attribute("aria-invalid", "true")
+        expect(page.locator("#batch-status")).to_have_text("Not accepted: nothing was queued.")
+
+        # a file named .png that is not one: the whole batch refused, the photo named with its item
+        odd = tmp_path / "odd"
+        write_photos(odd, [(64, 48)])
+        (odd / "scan.png").write_text("not a picture at all")
+        page.set_input_files("#folder", str(odd))
+        expect(page.locator("#error")).to_be_empty()  # the next action clears the last error
+        page.click("#submit")
+        expect(error).to_contain_text("Photo “odd/scan.png” (items[1]): Not a PNG, JPEG", timeout=30_000)
+        expect(page.locator("#folder")).to_have_attribute("aria-invalid", "true")
+        assert serious_violations(page) == []
+
+        # small photos: one multipart request, queued; then canceled by keyboard
+        small = write_photos(tmp_path / "small", [(64, 48), (48, 64)])
+        page.set_input_files("#file", [str(p) for p in small])
+        sent.clear()
+        tab_to(page, "#submit")
+        page.keyboard.press("Enter")
+        expect(page.locator("#batch-status")).to_have_text("0 of 2 done.", timeout=30_000)
+        assert not [s for s in sent if "/v1/uploads" in s], sent
+        assert [s for s in sent if s.startswith("POST ") and "/v1/batches" in s and "multipart/form-data" in s], sent
+        batch_id = page.inner_text("#batch-id").removeprefix(" · ")
+        assert serious_violations(page) == []
+        tab_to(page, "#batch-cancel")
+        page.keyboard.press("Enter")
+        expect(page.locator("#batch-status")).to_have_text("Batch ended: 2 of 2 done, 2 canceled.", timeout=30_000)
+        assert "Canceling…" in page.evaluate("window.__batch")
+        expect(page.locator("#batch-zip")).to_be_hidden()
+        expect(page.locator("#batch-eta")).to_have_text("Nothing to download: no photo was restored.")
+        assert page.evaluate("document.activeElement.id") == "batch-title"  # not lost with the button
+        with alone.client("alice") as client:
+            view = client.get(f"/v1/batches/{batch_id}").json()
+            assert view["counts"]["canceled"] == 2 and view["status"] == "ended", view
+            job = client.get(f"/v1/jobs/{view['job_ids'][0]}").json()
+            assert (job["params"]["min_size"], job["params"]["steps"]) == (64, 2)
+        no_horizontal_overflow(page)
+        assert serious_violations(page) == []
+        page.context.close()
