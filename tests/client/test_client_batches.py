@@ -58,6 +58,7 @@ def test_a_folder_is_uploaded_restored_as_one_batch_and_saved(
         saved = result.save(tmp_path / "out")
         assert sorted(p.name for p in saved) == ["astronaut_small.png", "chelsea_degraded.png", "coffee_rgba.png"]
         for job in result.jobs():
+            assert job.batch_id == batch.id
             path = tmp_path / "out" / (result.sources[job.id].stem + ".png")
             with Image.open(path) as image:
                 assert image.size == (job.results[0].width, job.results[0].height)

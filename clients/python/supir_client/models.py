@@ -126,6 +126,7 @@ class Job:
     webhook: WebhookState | None = None
     cancel_requested: bool = False
     kind: str = "restore"
+    batch_id: str | None = None  # the batch that made it, if one did
     variant: str | None = None
     model_sha256: str | None = None
     gpu_seconds: float = 0.0
@@ -170,6 +171,7 @@ class Job:
             webhook=WebhookState.from_json(data.get("webhook")),
             cancel_requested=bool(data.get("cancel_requested", False)),
             kind=str(data.get("kind", "restore")),
+            batch_id=_opt_str(data.get("batch_id")),
             variant=_opt_str(data.get("variant")),
             model_sha256=_opt_str(data.get("model_sha256")),
             gpu_seconds=float(data.get("gpu_seconds") or 0.0),
