@@ -11,10 +11,11 @@ export TOKENIZERS_PARALLELISM := false
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints/cpu.txt
+$(STAMP): pyproject.toml constraints/cpu.txt clients/python/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints/cpu.txt torch==2.13.0
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints/cpu.txt -e '.[dev,model,api,worker]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints/cpu.txt -e clients/python  # tests/client
 	@touch $(STAMP)
 
 redis:
@@ -35,9 +36,9 @@ TEST_WORKERS ?= 4
 test: export OMP_NUM_THREADS := 1
 
 lint: install
-	$(VENV)/bin/ruff check supir_core api jobs worker tests bench
-	$(VENV)/bin/ruff format --check supir_core api jobs worker tests bench
-	$(VENV)/bin/mypy supir_core api jobs worker
+	$(VENV)/bin/ruff check supir_core api jobs worker tests bench clients
+	$(VENV)/bin/ruff format --check supir_core api jobs worker tests bench clients
+	$(VENV)/bin/mypy supir_core api jobs worker clients/python/supir_client
 
 conformance: install
 	$(PY) -c 'from supir_core.conformance import write_ckpt_twin; write_ckpt_twin("tests/data/conformance/A")'
