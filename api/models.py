@@ -350,6 +350,19 @@ class UploadRequest(BaseModel):
     size: Annotated[int, BeforeValidator(_whole_number)] = Field(
         ge=1, description="the photo's exact size in bytes (at most the service's upload limit)"
     )
+    expires_after: (
+        Annotated[
+            int,
+            Field(
+                ge=1,
+                description="seconds to keep the upload while no job uses it, from now (at most, and by default, "
+                "the service's SUPIR_UPLOAD_RETENTION_S; a longer one is 422 invalid_parameter); the URL takes the "
+                "bytes for at most this long too",
+            ),
+            BeforeValidator(_whole_number),
+        ]
+        | SkipJsonSchema[None]
+    ) = None
 
 
 class UploadTarget(BaseModel):
@@ -364,6 +377,10 @@ class UploadTarget(BaseModel):
     content_type: str
     size: int
     expires_at: str = Field(description="the URL refuses the bytes after this time (RFC 3339, UTC)")
+    kept_until: str = Field(
+        description="an upload no job has used is erased at this time (RFC 3339, UTC): `expires_after` from its "
+        "request; a job makes its own copy, kept by the job's retention"
+    )
 
 
 class RestoreFromPreview(_JobOptions):

@@ -61,8 +61,15 @@ def _upload_request(fields: dict[str, Any], services: Services) -> UploadRequest
         if name == "content_type" and error["type"] == "literal_error":
             message = f"content_type must be one of {', '.join(UPLOAD_TYPES)}"
             raise ApiError("unsupported_media_type", message, field=name) from None
+        if name == "expires_after":
+            message = "expires_after must be a whole number of seconds, at least 1"
+            raise ApiError("invalid_parameter", message, field=name) from None
         message = "size must be a whole number of bytes, at least 1" if name == "size" else f"{name}: {error['msg']}"
         raise ApiError("invalid_request", message, field=name or None) from None
+    longest = services.settings.upload_retention_s
+    if wanted.expires_after is not None and wanted.expires_after > longest:
+        message = f"expires_after={wanted.expires_after}: at most {longest} seconds (SUPIR_UPLOAD_RETENTION_S)"
+        raise ApiError("invalid_parameter", message, field="expires_after")
     limit = services.settings.max_upload_bytes
     if wanted.size > limit:
         message = f"size {wanted.size:,}: at most {limit:,} bytes are accepted (SUPIR_MAX_UPLOAD_BYTES)"
@@ -72,12 +79,19 @@ def _upload_request(fields: dict[str, Any], services: Services) -> UploadRequest
 
 def _target(services: Services, owner: str, wanted: UploadRequest) -> dict[str, Any]:
     settings, objects = services.settings, services.objects
-    expires_s = settings.upload_url_expires_s
+    keep_s = wanted.expires_after or settings.upload_retention_s
+    expires_s = min(settings.upload_url_expires_s, keep_s)  # no bytes taken after the upload is to be erased
     upload = UploadBook(services.store.r, services.store.p).create(
-        owner, wanted.size, wanted.content_type, expires_s, settings.upload_retention_s
+        owner, wanted.size, wanted.content_type, expires_s, keep_s
     )
     expires = int(upload.expires_at)
-    view = {"id": upload.id, "content_type": upload.content_type, "size": upload.size, "expires_at": rfc3339(expires)}
+    view = {
+        "id": upload.id,
+        "content_type": upload.content_type,
+        "size": upload.size,
+        "expires_at": rfc3339(expires),
+        "kept_until": rfc3339(upload.created_at + keep_s),
+    }
     if isinstance(objects, S3Store):  # S3 itself refuses another size, another type or a late upload
         post = objects.presigned_post(upload.key, upload.content_type, upload.size, expires_s)
         return {**view, "method": "POST", "url": post["url"], "fields": post["fields"], "headers": {}}

@@ -126,6 +126,31 @@ def test_expired_upload_urls_are_refused_and_unused_uploads_are_swept(tmp_path: 
         assert alice.post("/v1/jobs", json={"upload_id": kept["id"]}).status_code == 404
 
 
+def test_an_upload_is_erased_after_its_own_expires_after(tmp_path: Path, fixture_a: Path) -> None:
+    with (
+        running(tmp_path, fixture_a, {"alice": {}}, with_workers=False, upload_retention_s=600) as svc,
+        svc.client("alice") as alice,
+    ):
+        too_long = alice.post("/v1/uploads", json={"content_type": "image/jpeg", "size": 10, "expires_after": 601})
+        assert too_long.status_code == 422 and too_long.json()["error"]["field"] == "expires_after"
+        short = alice.post("/v1/uploads", json={"content_type": "image/jpeg", "size": len(PHOTO), "expires_after": 2})
+        assert short.status_code == 201, short.text
+        target = short.json()
+        # the URL takes bytes no longer than the upload is kept, and the view says when that is
+        assert target["kept_until"] == target["expires_at"]
+        assert put(target, PHOTO).status_code == 200
+        kept = new_upload(alice)  # the service's retention (600 s)
+        assert put(kept, PHOTO).status_code == 200
+        objects = LocalStore(tmp_path / "objects", svc.url, "unused")
+        store = JobStore(redis.Redis.from_url(REDIS_URL), svc.prefix)
+        time.sleep(3)
+        assert expire_due(store, objects) == 1  # only the short one is due
+        assert not (tmp_path / "objects" / "uploads" / target["id"]).exists()
+        assert objects.size(f"uploads/{kept['id']}") == len(PHOTO)
+        gone = alice.post("/v1/jobs", json={"upload_id": target["id"]})
+        assert gone.status_code == 404
+
+
 @pytest.fixture(scope="module")
 def s3_endpoint():
     with moto_s3("supir-uploads") as endpoint_and_client:
