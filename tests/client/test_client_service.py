@@ -146,6 +146,9 @@ def test_the_lower_level_calls(client_service: Service) -> None:
         quality = client.estimate(150, 113, preset="quality", steps=3)
         assert quality.processing.width >= 64
 
+        short = client.create_upload("image/jpeg", 10, expires_after=30)
+        assert short.kept_until is not None and short.kept_until <= short.expires_at  # kept no longer than asked
+
         usage = client.usage()
         today = dt.datetime.now(dt.UTC).date()
         assert usage.key == "carol" and usage.last == today and usage.total.jobs >= 1

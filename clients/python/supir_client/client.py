@@ -243,8 +243,11 @@ class Client:
 
     # --- jobs ------------------------------------------------------------------------------------------------
 
-    def create_upload(self, content_type: str, size: int) -> UploadTarget:
-        response = self._http.request("POST", "/v1/uploads", json={"content_type": content_type, "size": size})
+    def create_upload(self, content_type: str, size: int, expires_after: int | None = None) -> UploadTarget:
+        """Where to send a photo of this type and size; `expires_after`: seconds the upload is kept while no job
+        uses it (at most, and by default, the service's upload retention)."""
+        body = _only_set(content_type=content_type, size=size, expires_after=expires_after)
+        response = self._http.request("POST", "/v1/uploads", json=body)
         return UploadTarget.from_json(response.json())
 
     def send_upload(self, target: UploadTarget, data: bytes) -> None:

@@ -207,7 +207,8 @@ class UploadTarget:
     headers: dict[str, str]
     content_type: str
     size: int
-    expires_at: str
+    expires_at: str  # the URL takes the bytes until then
+    kept_until: str | None = None  # an upload no job used is erased then
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> UploadTarget:
@@ -220,6 +221,7 @@ class UploadTarget:
             str(data["content_type"]),
             int(data["size"]),
             str(data["expires_at"]),
+            data.get("kept_until"),
         )
 
 
