@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         settings.retention_s,
         settings.max_upload_bytes,
         settings.max_batch_items,
+        settings.upload_retention_s,
     )
     routers = (jobs.router, batches.router, estimates.router, uploads.router, usage.router, pages.router)
     for router in (*routers, operations.router):

@@ -361,7 +361,7 @@ class UploadRequest(BaseModel):
             ),
             BeforeValidator(_whole_number),
         ]
-        | SkipJsonSchema[None]
+        | None  # JSON null: the service's retention
     ) = None
 
 

@@ -142,6 +142,7 @@ def install(
     max_expires_after: int | None = None,
     max_upload_bytes: int | None = None,
     max_batch_items: int | None = None,
+    upload_retention_s: int | None = None,
 ) -> None:
     def build() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -156,7 +157,7 @@ def install(
             if max_expires_after is not None:
                 _retention(schema, max_expires_after)
             if max_upload_bytes is not None:
-                _upload_limit(schema, max_upload_bytes)
+                _upload_limit(schema, max_upload_bytes, upload_retention_s)
             if max_batch_items is not None:
                 _batch_limit(schema, max_batch_items)
             _request_params(schema)
@@ -220,12 +221,15 @@ def _retention(schema: dict[str, Any], longest_s: int) -> None:
             field["maximum"] = longest_s
 
 
-def _upload_limit(schema: dict[str, Any], largest: int) -> None:
-    """A direct upload's `size` is bounded by this deployment's SUPIR_MAX_UPLOAD_BYTES: its maximum."""
+def _upload_limit(schema: dict[str, Any], largest: int, longest_s: int | None) -> None:
+    """A direct upload's `size` is bounded by this deployment's SUPIR_MAX_UPLOAD_BYTES, its `expires_after` by
+    SUPIR_UPLOAD_RETENTION_S (not the jobs' retention): their maximums."""
     body = schema.get("paths", {}).get("/v1/uploads", {}).get("post", {}).get("requestBody", {})
-    size = body.get("content", {}).get("application/json", {}).get("schema", {}).get("properties", {}).get("size")
-    if size is not None:
-        size["maximum"] = largest
+    properties = body.get("content", {}).get("application/json", {}).get("schema", {}).get("properties", {})
+    if "size" in properties:
+        properties["size"]["maximum"] = largest
+    if "expires_after" in properties and longest_s is not None:
+        properties["expires_after"]["maximum"] = longest_s
 
 
 def _batch_limit(schema: dict[str, Any], most: int) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import random
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -278,7 +279,9 @@ class RateBook:
     def record(self, variant: str, record: JobRecord) -> bool:
         """Fold a succeeded job into its variant's rates (optimistic WATCH: workers of a variant share them)."""
         key = self._rates(variant)
-        for _ in range(WATCH_RETRIES):
+        for attempt in range(WATCH_RETRIES):
+            if attempt:  # workers that collided retry at spread times, or they may collide again and again
+                time.sleep(random.uniform(0, 0.002 * attempt))
             with self.r.pipeline() as pipe:
                 try:
                     pipe.watch(key)

@@ -40,7 +40,7 @@ def upload_signature(secret: str, upload: Upload, expires: int) -> str:
     status_code=201,
     operation_id="createUpload",
     response_model=UploadTarget,
-    responses=errors(400, 401, 413, 415, 429, 503),
+    responses=errors(400, 401, 413, 415, 422, 429, 503),
     openapi_extra=CREATE_UPLOAD_DOCS,
 )
 async def create_upload(request: Request, caller: CallerDep, services: ServicesDep) -> dict[str, Any]:

@@ -327,11 +327,11 @@ def test_stalled_s3_answers_503_in_bounded_time(service: Service, s3: MotoS3, cl
     assert responses["healthz"].status_code == 200 and timings["healthz"] < 5, timings
     assert created.status_code == 503, created.text
     assert created.json()["error"]["code"] == "storage_error" and "Retry-After" in created.headers
-    assert timings["create"] < 60, timings
+    assert timings["create"] < 90, timings  # ~35 s expected; a busy 2-core machine has taken 63
     assert status.status_code == 200, status.text
     assert status.json()["storage"] != "ok"
     assert_clean(json.dumps(status.json()), str(s3.port))
-    assert timings["status"] < 60, timings
+    assert timings["status"] < 90, timings
     s3.start()
     assert job_ids(client) == before
 
