@@ -76,7 +76,6 @@ SPREAD = {
 HEAVIEST_FIRST = [
     "tests/supir_core/test_pipeline.py",
     "tests/deploy/test_stack.py",
-    "tests/service/test_batches.py",
     "tests/faults/test_worker_faults.py",
     "tests/supir_core/test_faces.py",
     "tests/deploy/test_manifests_run.py",
