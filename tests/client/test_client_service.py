@@ -149,9 +149,10 @@ def test_the_lower_level_calls(client_service: Service) -> None:
         short = client.create_upload("image/jpeg", 10, expires_after=30)
         assert short.kept_until is not None and short.kept_until <= short.expires_at  # kept no longer than asked
 
-        usage = client.usage()
         today = dt.datetime.now(dt.UTC).date()
-        assert usage.key == "carol" and usage.last == today and usage.total.jobs >= 1
+        # the worker counts a job just after its ending is recorded: a read in that instant may not see it yet
+        usage = wait_until(lambda: (u := client.usage()).total.jobs >= 1 and u, 30, 0.1, "the job in usage")
+        assert usage.key == "carol" and usage.last == today and usage.total.jobs == 1
         assert client.usage(today - dt.timedelta(days=2)).days[-1].date == today
 
         client.delete(done.id)
