@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -234,6 +235,11 @@ class Settings(BaseSettings):
         gt=0,
         description="activation memory a job may use before tiling=auto tiles it; default: the device's total "
         "memory less the loaded models and 10%",
+    )
+    plan_cache_dir: Path | None = Field(
+        Path(tempfile.gettempdir()) / "supir-memory-plans",
+        description="the memory plan of tiling=auto, traced once per model and code version and kept here: a "
+        "restarted worker process reads it instead of tracing again",
     )
     warmup_size: int = Field(
         0, ge=0, le=4096, description="restore a size² image before taking jobs (compiles graphs); 0: no warm-up"

@@ -12,7 +12,12 @@ kernels), so bytes per pixel at the reference size scale to any size. The trace 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import gc
+import hashlib
+import json
+import logging
 import os
 import traceback
 import weakref
@@ -29,6 +34,7 @@ from .plan import GB, Budget, StageBytes
 from .plan import TilingDecision as TilingDecision  # the plan's arithmetic is torch-free (the API estimates with it)
 from .plan import decide_tiling as decide_tiling
 
+log = logging.getLogger(__name__)
 REFERENCE_SIDE = 512  # image pixels: a 64² latent, big enough that fixed-size tensors (text, embeddings) are noise
 
 
@@ -79,19 +85,70 @@ def peak_bytes(run: Callable[[], Any]) -> int:
 _traced: weakref.WeakKeyDictionary[SupirModel, dict[tuple[Any, ...], StageBytes]] = weakref.WeakKeyDictionary()
 
 
-def trace_stage_bytes(model: SupirModel, side: int = REFERENCE_SIDE) -> StageBytes:
+def trace_stage_bytes(model: SupirModel, side: int = REFERENCE_SIDE, cache_dir: Path | None = None) -> StageBytes:
     """Each stage's activations at side² on fake tensors of the model's dtype and device, per pixel.
 
     Compiled graphs run eagerly here (their memory is the eager one's or less); the trace allocates nothing.
-    Kept per model, dtype, device and side: pipelines sharing a model trace it once.
+    Kept per model, dtype, device and side: pipelines sharing a model trace it once. With `cache_dir`, also kept
+    on disk under the model's fingerprint (`plan_fingerprint`): the trace takes seconds to a minute of CPU (tens of
+    thousands of fake-tensor ops), and a restarted worker process of the same model and code reads it back instead.
     """
     dtype = next(model.unet.parameters()).dtype
     device = next(model.unet.parameters()).device
     key = (dtype, device, side)
     known = _traced.setdefault(model, {})
     if key not in known:
-        known[key] = _trace(model, side, dtype, device)
+        path = cache_dir / f"memory-plan-{plan_fingerprint(model, side)}.json" if cache_dir is not None else None
+        cached = _read_plan(path) if path is not None else None
+        known[key] = cached or _trace(model, side, dtype, device)
+        if path is not None and cached is None:
+            _write_plan(path, known[key])
     return known[key]
+
+
+def plan_fingerprint(model: SupirModel, side: int) -> str:
+    """What a trace depends on: the networks' structure (every module's class and attention processor, every
+    parameter's name, shape and dtype), the device type, the reference side, torch's version and supir_core's own
+    source. Weights' values do not matter, so two checkpoints of one architecture share a plan."""
+    digest = hashlib.sha256(f"{torch.__version__}|{side}|{next(model.unet.parameters()).device.type}".encode())
+    for name, module in model.named_modules():
+        processor = getattr(module, "processor", None)
+        digest.update(f"{name}:{type(module).__qualname__}:{type(processor).__qualname__}\n".encode())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\n".encode())
+    digest.update(_source_digest().encode())
+    return digest.hexdigest()[:32]
+
+
+@functools.cache
+def _source_digest() -> str:
+    """sha256 of supir_core's Python files: a code change (a network, the tiled VAE, this trace) traces again."""
+    digest = hashlib.sha256()
+    package = Path(__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _read_plan(path: Path) -> StageBytes | None:
+    """A plan written by an earlier trace, or None (absent, unreadable, or not one)."""
+    try:
+        fields = json.loads(path.read_text())
+        return StageBytes(**{name: float(fields[name]) for name in ("stage1", "sampling", "decode", "vae_maps")})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_plan(path: Path, stage_bytes: StageBytes) -> None:
+    """Written whole (a temporary file renamed), so concurrent workers never read half a plan; a cache that cannot
+    be written (a read-only or full disk) only costs the next process a trace."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        temporary.write_text(json.dumps(dataclasses.asdict(stage_bytes)))
+        temporary.replace(path)
+    except OSError as exc:
+        log.warning("memory plan not cached in %s (%s): the next worker process traces it again", path.parent, exc)
 
 
 def _trace(model: SupirModel, side: int, dtype: torch.dtype, device: torch.device) -> StageBytes:

@@ -235,6 +235,7 @@ class RestorationPipeline:
         speed = speed or SpeedSettings()
         self.prompts = PromptEmbeddings(model.text, self.device, size=speed.prompt_cache, offload=speed.offload_text)
         self.memory_budget_gb = speed.memory_budget_gb
+        self.plan_cache_dir = speed.plan_cache_dir
         # the networks' dtype: the first parameter wider than a byte (fp8 weights are the speed setting's part)
         dtype = next(p.dtype for p in model.unet.parameters() if p.dtype.itemsize > 1)
         self.numerics = numerics_identity(self.device.type, str(dtype).removeprefix("torch."), speed.fp8)
@@ -571,7 +572,8 @@ class RestorationPipeline:
         full speed. Seconds."""
         start = time.perf_counter()
         if self._stage_bytes is None:
-            self._stage_bytes = trace_stage_bytes(self.model)  # the memory plan of tiling=auto, ready for jobs
+            # the memory plan of tiling=auto, ready for jobs
+            self._stage_bytes = trace_stage_bytes(self.model, cache_dir=self.plan_cache_dir)
         noise = Image.effect_noise((size, size), 48).convert("RGB")
         self(noise, validate_params({"min_size": size, "steps": steps, "seed": 0, "caption": "none"}))
         return time.perf_counter() - start
@@ -677,7 +679,7 @@ class RestorationPipeline:
         """The traced bytes per pixel of each stage and the budget tiling=auto holds them to (the worker publishes
         them, so the API can tell before a job runs which of its parts would tile)."""
         if self._stage_bytes is None:
-            self._stage_bytes = trace_stage_bytes(self.model)
+            self._stage_bytes = trace_stage_bytes(self.model, cache_dir=self.plan_cache_dir)
         pools = graph_pool_bytes(self.device) if self.model.cuda_graphs else 0
         return self._stage_bytes, memory_budget(self.device, self.resident_bytes(), self.memory_budget_gb, pools)
 

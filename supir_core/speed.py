@@ -62,6 +62,7 @@ class SpeedSettings:
     offload_text: bool = False
     prompt_cache: int = 64  # prompt embeddings kept (the negative prompt and default prompts repeat every job)
     memory_budget_gb: float | None = None  # activations a run may use (tiling=auto); None: measured on the device
+    plan_cache_dir: Path | None = None  # traced memory plans kept across processes (supir_core.memory)
 
     @classmethod
     def from_attributes(cls, source: Any) -> SpeedSettings:

@@ -38,6 +38,43 @@ def test_traced_bytes_are_what_a_real_run_allocates(tiny_model) -> None:
     assert planned["decode"] == pytest.approx(8 * real.peak, rel=0.01)  # bytes grow with pixels × batch
 
 
+def test_a_traced_plan_is_kept_on_disk_and_read_back_by_the_next_process(
+    fixture_a, tmp_path, monkeypatch, caplog
+) -> None:
+    """With a cache directory the first trace writes the plan under the model's fingerprint; a fresh load of the
+    same model (a restarted worker process) reads it instead of tracing. Another dtype or side is another file; a
+    damaged file is traced again and replaced; an unwritable directory costs a trace, not the job."""
+    from supir_core import memory
+    from supir_core.conformance import Fixture
+
+    side, cache = 128, tmp_path / "plans"
+    first = Fixture.open(fixture_a).load_model()
+    traced = trace_stage_bytes(first, side, cache_dir=cache)
+    [written] = cache.iterdir()
+    assert written.name == f"memory-plan-{memory.plan_fingerprint(first, side)}.json"
+
+    def no_trace(*args: object) -> None:
+        raise AssertionError("traced although the plan was on disk")
+
+    monkeypatch.setattr(memory, "_trace", no_trace)
+    second = Fixture.open(fixture_a).load_model()  # what a restarted worker process loads
+    assert trace_stage_bytes(second, side, cache_dir=cache) == traced
+    fingerprint = memory.plan_fingerprint(second, side)
+    assert memory.plan_fingerprint(second, 2 * side) != fingerprint
+    assert memory.plan_fingerprint(Fixture.open(fixture_a).load_model().double(), side) != fingerprint
+
+    retraced = memory.StageBytes(1.0, 2.0, 3.0, 4.0)
+    monkeypatch.setattr(memory, "_trace", lambda *args: retraced)
+    written.write_text('{"stage1": 1.0')  # cut short
+    assert trace_stage_bytes(Fixture.open(fixture_a).load_model(), side, cache_dir=cache) == retraced
+    assert trace_stage_bytes(Fixture.open(fixture_a).load_model(), side, cache_dir=cache) == retraced  # replaced
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    assert trace_stage_bytes(Fixture.open(fixture_a).load_model(), side, cache_dir=blocked / "plans") == retraced
+    assert "memory plan not cached" in caplog.text
+
+
 def test_a_tiled_vae_passs_maps_are_traced_and_grow_with_the_pixels(tiny_model) -> None:
     """The maps' bytes per pixel traced on fake tensors are what real tiled decodes allocate: two sizes decoded in
     chunks of one size differ only by their maps."""
