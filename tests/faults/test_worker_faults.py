@@ -198,10 +198,15 @@ def test_a_whole_worker_killed_mid_job_is_requeued_by_the_reaper_within_a_minute
         worker = next(w for w in svc.workers if w.pid == parent_of(child))
         killed_at = time.monotonic()
         svc.kill_worker(worker)
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"  # nothing ends it but the reaper
         job = wait_for_status(client, job_id, {"succeeded", "failed"}, timeout=120)
         assert job["status"] == "succeeded" and job["attempts"] == 2, job
         assert time.monotonic() - killed_at < 120
         assert events.terminal() == ["succeeded"]
+        results = [p.name for p in (svc.tmp / "objects" / "results").iterdir() if p.name.startswith(job_id)]
+        assert results == [f"{job_id}.png"]  # the second run wrote the result the first would have: one file
+        time.sleep(1)
+        assert client.get(f"/v1/jobs/{job_id}").json()["finished_at"] == job["finished_at"]  # ended once
     port = svc.health_ports.pop(worker.pid)  # type: ignore[attr-defined]
     replacement = svc.start_worker(worker_env(svc, port))
     svc.health_ports[replacement.pid] = port  # type: ignore[attr-defined]
