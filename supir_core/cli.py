@@ -462,6 +462,18 @@ def _add_speed_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="activation memory a run may use before --tiling auto tiles it (default: free device memory less 10%%)",
     )
+    speed.add_argument(
+        "--plan-cache-dir",
+        type=Path,
+        default=_user_cache() / "supir" / "memory-plans",
+        help="where the traced memory plan of --tiling auto is kept, so later runs of the same model skip the trace "
+        "(default: %(default)s)",
+    )
+
+
+def _user_cache() -> Path:
+    """The user's cache folder (XDG_CACHE_HOME, else ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 
 
 def _add_weights_commands(commands: Commands) -> None:

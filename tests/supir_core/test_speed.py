@@ -203,7 +203,7 @@ def test_every_speed_setting_reaches_the_worker_and_the_cli(monkeypatch: pytest.
     names = {f.name for f in fields(SpeedSettings)} - {"compile_backend"}
     env = {"FP8": "compute", "COMPILE": "full", "CUDA_GRAPHS": "1", "OFFLOAD_TEXT": "1", "PROMPT_CACHE": "3",
            "CHANNELS_LAST": "1", "FUSE_QKV": "1", "COMPILE_DYNAMIC": "1",
-           "COMPILE_CACHE_DIR": "/tmp/cache", "MEMORY_BUDGET_GB": "7.5"}  # fmt: skip
+           "COMPILE_CACHE_DIR": "/tmp/cache", "MEMORY_BUDGET_GB": "7.5", "PLAN_CACHE_DIR": "/tmp/plans"}  # fmt: skip
     assert {n.upper() for n in names} == set(env)
     for name, value in env.items():
         monkeypatch.setenv(f"SUPIR_{name}", value)
@@ -211,11 +211,16 @@ def test_every_speed_setting_reaches_the_worker_and_the_cli(monkeypatch: pytest.
     assert worker == SpeedSettings(
         channels_last=True, fuse_qkv=True, compile="full", cuda_graphs=True, compile_cache_dir=Path("/tmp/cache"),
         compile_dynamic=True, fp8="compute", offload_text=True, prompt_cache=3, memory_budget_gb=7.5,
+        plan_cache_dir=Path("/tmp/plans"),
     )  # fmt: skip
+    monkeypatch.setenv("XDG_CACHE_HOME", "/home/someone/.cache")
     args = build_parser().parse_args(
         ["restore", "x.png", "-o", "out", "--fp8", "compute", "--offload-text", "--memory-budget-gb", "3"]
     )
-    assert SpeedSettings.from_attributes(args) == SpeedSettings(fp8="compute", offload_text=True, memory_budget_gb=3.0)
+    plans = Path("/home/someone/.cache/supir/memory-plans")  # the user's cache: later runs skip the trace
+    assert SpeedSettings.from_attributes(args) == SpeedSettings(
+        fp8="compute", offload_text=True, memory_budget_gb=3.0, plan_cache_dir=plans
+    )
 
 
 def test_fp8_weights_carry_their_row_scales_without_a_bias_in_bf16() -> None:
