@@ -12,18 +12,29 @@ from supir_core.denoiser import Conditioning
 from supir_core.errors import Canceled
 from supir_core.guidance import linear_cfg, tiled_cfg
 from supir_core.params import validate_params
-from supir_core.pipeline import PipelineNoise, Progress, RestorationPipeline
+from supir_core.pipeline import PipelineNoise, Progress, RestorationPipeline, RestorationResult, Stage1
 from supir_core.sampling import noise_from, restore_edm, restore_edm_tiled
 from supir_core.schedules import dpmpp_sigmas, sampling_sigmas
 from tests.paths import DATA
 from tests.supir_core.official import official_dpmpp
 
 FAST = {"min_size": 64, "steps": 3, "seed": 11}
+# the smallest sampler tiling with windows in two directions: a 64×48 latent in 6 tiles (2 rows, 3 columns)
+TILED = {**FAST, "min_size": 384, "tile_size": 32, "tile_stride": 16, "steps": 2, "tiling": "always"}
 
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_model) -> RestorationPipeline:
     return RestorationPipeline(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def tiled(tiny_model) -> tuple[RestorationPipeline, RestorationResult, list[int]]:
+    """A TILED run on a pipeline of its own, as the memory plan batches its tiles, and the tiles of each network
+    call (one run that several tests compare against: it cost 3 s of CPU a test)."""
+    reference = RestorationPipeline(tiny_model)
+    calls = _counting_network(reference, None, None)
+    return reference, reference(DATA / "chelsea_degraded.jpg", validate_params(TILED)), calls
 
 
 def pixels(img: Image.Image) -> np.ndarray:
@@ -116,21 +127,19 @@ def test_the_caption_image_is_the_stage1_image_at_a_512_px_short_side(pipeline: 
     assert image.size == (680, 512) and image.tobytes() == want.tobytes()
 
 
-def test_large_images_sample_in_tiles_and_batching_tiles_changes_nothing(pipeline: RestorationPipeline) -> None:
-    params = {**FAST, "min_size": 512, "tile_size": 32, "tile_stride": 16, "steps": 2, "tiling": "always"}
-    one = pipeline(DATA / "chelsea_degraded.jpg", validate_params(params))
-    four = pipeline(DATA / "chelsea_degraded.jpg", validate_params({**params, "tiles_per_batch": 4}))
+def test_large_images_sample_in_tiles_and_batching_tiles_changes_nothing(pipeline: RestorationPipeline, tiled) -> None:
+    _, one, calls = tiled
+    assert calls == [6, 6]  # all 6 tiles of a step in one network call
+    four = pipeline(DATA / "chelsea_degraded.jpg", validate_params({**TILED, "tiles_per_batch": 4}))  # 4, then 2
     assert one.tiling.sampling and one.image.size == (150, 113)
     assert np.abs(pixels(one.image) - pixels(four.image)).max() <= 1
 
 
-def test_per_tile_prompts_reach_their_tiles(pipeline: RestorationPipeline) -> None:
-    params = validate_params(
-        {**FAST, "min_size": 512, "tile_size": 32, "tile_stride": 16, "steps": 2, "tiling": "always"}
-    )
+def test_per_tile_prompts_reach_their_tiles(pipeline: RestorationPipeline, tiled) -> None:
+    params = validate_params(TILED)
     windows = pipeline.windows((150, 113), params)
     assert len(windows) > 1
-    plain = pipeline(DATA / "chelsea_degraded.jpg", params)
+    plain = tiled[1]
     captioned = pipeline(
         DATA / "chelsea_degraded.jpg", params, tile_captions={w: f"tile {i}. " for i, w in enumerate(windows)}
     )
@@ -222,35 +231,42 @@ def test_an_ordinary_photo_runs_untiled_as_the_official_code_does(pipeline: Rest
     """800×600 is processed at 1344×1024 (latent 168×128, over one 128² tile): untiled on this CPU, and why;
     tiling=always still tiles it, as the tiled recipe run by hand does. (One step instead of 50, for the test's
     time.)"""
+    from supir_core.imageio import plan_sizes, to_model_input
+
     with Image.open(DATA / "chelsea_degraded.jpg") as img:
         photo = img.convert("RGB").resize((800, 600), Image.Resampling.BICUBIC)
-    result = pipeline(photo, validate_params({"steps": 1, "seed": 3}))
-    tiling = result.tiling
-    assert result.sizes.process == (1344, 1024) and result.image.size == (800, 600)
-    assert (tiling.policy, tiling.sampling, tiling.vae) == ("auto", False, False)
-    assert "fits in" in tiling.reason and tiling.planned_gb is not None and tiling.planned_gb["sampling"] > 0
-    assert result.tile_captions == {}
-    # (that an untiled decision runs the untiled recipe exactly is checked at small sizes, where a run is cheap:
-    # test_every_sampler_option_reaches_the_sampler; a second 1344×1024 run here cost a minute of CPU)
+    defaults = validate_params({})
+    sizes = plan_sizes(photo.size, defaults.upscale, defaults.min_size)
+    assert sizes.process == (1344, 1024) and sizes.output == (800, 600)
+    assert pipeline.windows(photo.size, defaults) == []  # the photo's sampler tiles, as planned: none
 
-    from supir_core.imageio import to_model_input
-
-    lq = to_model_input(photo, (1344, 1024))
+    # the recipe on the photo's model input with fixed draws and prompts, so that both runs share them
+    lq = to_model_input(photo, sizes.process)
     _, c, uc, _ = _recipe_inputs(pipeline.model, 1, 1)
     draws = torch.Generator().manual_seed(9)
     noise = [torch.randn(1, 4, 128, 168, generator=draws) for _ in range(2)] + [torch.randn(1, 1, 4, 128, 168)]
 
-    def run(tiling: str, steps: int = 1):
-        params = validate_params({"steps": steps, "tiling": tiling})
+    def run(tiling: str, stage1: Stage1 | None = None):
+        params = validate_params({"steps": 1, "tiling": tiling})
         with torch.inference_mode():
             return pipeline.restore_tensor(
-                lq, params, noise=PipelineNoise.recorded(*noise), encode_prompts=lambda x, t: (c, uc)
+                lq, params, noise=PipelineNoise.recorded(*noise), encode_prompts=lambda x, t: (c, uc), stage1=stage1
             )
 
-    forced = run("always")
+    untiled = run("auto")
+    tiling = untiled.tiling
+    assert (tiling.policy, tiling.sampling, tiling.vae) == ("auto", False, False)
+    assert "fits in" in tiling.reason and tiling.planned_gb is not None and tiling.planned_gb["sampling"] > 0
+    assert untiled.tile_captions == {}
+    # (that an untiled decision runs the untiled recipe exactly is checked at small sizes, where a run is cheap:
+    # test_every_sampler_option_reaches_the_sampler)
+
+    # tiling=always from the untiled run's stage 1 (a tiled stage 1 cost 20 s more of CPU; that the tiled VAE gives
+    # the untiled image is test_the_tiled_vae_gives_the_untiled_image's): the encode, sampler and decode tile
+    forced = run("always", Stage1(untiled.lq_latent, untiled.x_stage1))
     assert forced.tiling.sampling and forced.tiling.vae and forced.tiling.reason == "tiling=always"
-    # the tiled recipe by hand from the forced run's stage 1 and anchor: the sampler on 128² tiles at stride 64 (the
-    # defaults; windows at columns 0 and 40) with the default options under their own names, then the wavelet fix
+    # the tiled recipe by hand from the forced run's anchor: the sampler on 128² tiles at stride 64 (the defaults;
+    # windows at columns 0 and 40) with the default options under their own names, then the wavelet fix
     cond, uncond = Conditioning(*c, forced.lq_latent), Conditioning(*uc, forced.lq_latent)
     with torch.inference_mode():
         by_hand = restore_edm_tiled(
@@ -266,30 +282,22 @@ def test_an_ordinary_photo_runs_untiled_as_the_official_code_does(pipeline: Rest
             x_center=forced.x_center,
             step_noise=noise_from(noise[2]),
         )
-        whole = restore_edm(  # the same draws on the whole latent: what the tiles changed
-            linear_cfg(pipeline.denoiser, cond, uncond, cfg_scale_start=1.0, cfg_scale=4.0),
-            noise[1],
-            sampling_sigmas(1),
-            sigma_max=pipeline.denoiser.sigma_max,
-            s_churn=5.0,
-            s_noise=1.01,
-            x_center=forced.x_center,
-            step_noise=noise_from(noise[2]),
-        )
     assert torch.equal(forced.sampled_latent, by_hand)
-    assert not torch.allclose(forced.sampled_latent, whole, atol=1e-2)  # the tiles did matter
+    # the tiles did matter: the untiled run sampled from the same stage 1, draws and prompts (its anchor, encoded
+    # untiled, is within float error of the forced run's)
+    assert not torch.allclose(forced.sampled_latent, untiled.sampled_latent, atol=1e-2)
     assert torch.equal(forced.restored, wavelet_color_fix(forced.decoded, forced.x_stage1))
 
 
 def test_a_small_memory_budget_tiles_and_says_why(tiny_model) -> None:
     from supir_core.speed import SpeedSettings
 
-    lean = RestorationPipeline(tiny_model, speed=SpeedSettings(memory_budget_gb=0.03))  # untiled: 0.046 GB
-    params = validate_params({**FAST, "min_size": 512, "tile_size": 32, "tile_stride": 16, "steps": 1})
+    lean = RestorationPipeline(tiny_model, speed=SpeedSettings(memory_budget_gb=0.01))  # untiled: 0.026 GB
+    params = validate_params({**TILED, "steps": 1, "tiling": "auto"})
     tiling = lean(DATA / "chelsea_degraded.jpg", params).tiling
     assert tiling.sampling and tiling.metadata()["sampling"] == "tiled"
-    assert tiling.budget_gb == 0.03 and "exceeds 0.03 GB (the memory_budget_gb setting)" in tiling.reason
-    assert not tiling.vae  # 512-px images are within one VAE tile
+    assert tiling.budget_gb == 0.01 and "exceeds 0.01 GB (the memory_budget_gb setting)" in tiling.reason
+    assert not tiling.vae  # 512×384 images are within one VAE tile
     roomy = RestorationPipeline(tiny_model, speed=SpeedSettings(memory_budget_gb=100.0))
     assert not roomy(DATA / "chelsea_degraded.jpg", params).tiling.sampling
 
@@ -331,9 +339,7 @@ def test_offloaded_text_encoders_visit_the_device_once_for_every_tile_prompt(tin
 
     moves = _count_text_moves(tiny_model, monkeypatch)
     pipeline = RestorationPipeline(tiny_model, speed=SpeedSettings(offload_text=True))
-    params = validate_params(
-        {**FAST, "min_size": 512, "tile_size": 32, "tile_stride": 16, "steps": 1, "tiling": "always"}
-    )
+    params = validate_params({**TILED, "steps": 1, "tiles_per_batch": 6})  # (set: no memory plan to trace)
     windows = pipeline.windows((150, 113), params)
     captions = {w: f"tile {i}. " for i, w in enumerate(windows)}
     pipeline(DATA / "chelsea_degraded.jpg", params, tile_captions=captions)
@@ -415,9 +421,6 @@ def test_quantize_round_is_truncate_plus_at_most_one_level(pipeline: Restoration
     assert 0.3 < difference.mean() < 0.7  # about half a level brighter on average
 
 
-TILED = {**FAST, "min_size": 384, "tile_size": 32, "tile_stride": 16, "steps": 2, "tiling": "always"}  # 6 tiles
-
-
 def _counting_network(pipeline: RestorationPipeline, fail_above: int | None, error: Exception | None) -> list[int]:
     """Wrap the pipeline's network: raise `error` above `fail_above` tiles in a call, as a device out of memory
     would; the tiles of each call that ran (CFG: 2 rows a tile, one sample)."""
@@ -443,12 +446,10 @@ def _counting_network(pipeline: RestorationPipeline, fail_above: int | None, err
     ids=["OutOfMemoryError", "cublas_alloc"],
 )
 def test_tiles_that_run_out_of_memory_are_split_and_the_next_job_starts_at_what_fitted(
-    tiny_model, error: Exception
+    tiny_model, tiled, error: Exception
 ) -> None:
     params = validate_params(TILED)
-    reference = RestorationPipeline(tiny_model)
-    fine = _counting_network(reference, None, None)
-    expected = reference(DATA / "chelsea_degraded.jpg", params)
+    reference, expected, fine = tiled
     windows = len(reference.windows((150, 113), params))
     assert fine == [windows] * 2  # memory to spare (this CPU): all tiles of a step in one call
 
