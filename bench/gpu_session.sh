@@ -51,16 +51,19 @@ if [ -z "${SKIP_WHEELS:-}" ]; then  # SKIP_WHEELS=1: a machine that has the pack
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache  # configurations share kernels of equal blocks
+# one python for the versions and the torch check (each start imports torch: seconds): diffusers' and transformers'
+# versions from their installed metadata (the same copies an import would find first), not from importing them
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  python3 -c "import torch, diffusers, transformers; print(torch.__version__, torch.version.cuda, torch.__file__,
-              diffusers.__version__, transformers.__version__)"
-  date -u; } > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
-python3 -c "
+  python3 -c "
 import sys, torch
+from importlib.metadata import version
+print(torch.__version__, torch.version.cuda, torch.__file__, version('diffusers'), version('transformers'))
 major, minor = (int(v) for v in torch.__version__.split('+')[0].split('.')[:2])
 sys.exit(None if (major, minor) >= (2, 11) else f'torch {torch.__version__}: the bench needs torch 2.11 or later')
-" || exit 1
+"; ok=$?
+  date -u; } > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+[ "$ok" -eq 0 ] || exit 1
 part=${1:-main}
 shift || true
 case "$part" in

@@ -51,13 +51,15 @@ def test_random_weights_for_the_full_size_run_give_a_working_model(fixture_a: Pa
     assert result.image.size == (96, 96)
 
 
-TINY_RESTORE = ["--tiny", "--size", "128", "--tiled-size", "384", "--tile-size", "32", "--steps", "2",
+# the smallest tiled run with more than one tile in each direction: a 320² photo is a 40² latent, 2 × 2 tiles of 32²
+TILED = 320
+TINY_RESTORE = ["--tiny", "--size", "128", "--tiled-size", str(TILED), "--tile-size", "32", "--steps", "2",
                 "--repeats", "1", "--warmup-steps", "1"]  # fmt: skip
 TINY_FACES = ["--tiny", "--faces", "1", "--steps", "1", "--min-size", "128", "--face-size", "256"]
-# gpu_session.sh part → the configurations it runs, each with its run sizes (384: the tiled one)
+# gpu_session.sh part → the configurations it runs, each with its run sizes (TILED: the tiled one)
 SESSION_PARTS = {
     "main": {"baseline": [128], "tuned": [128]},
-    "tiled": {"tuned": [384]},
+    "tiled": {"tuned": [TILED]},
     "fp8": {"lean": [128]},
     "fp8compute": {"fp8compute": [128]},
     "ablate": {key: [128] for key in ("bf16", "channels_last", "fuse_qkv", "fp8weights", "regional")},
@@ -86,7 +88,7 @@ def test_gpu_session_part_runs_end_to_end_on_the_tiny_model(part: str, tmp_path:
         assert "error" not in entry and "skipped" not in entry and entry["load_s"] > 0
         for r in entry["runs"]:
             assert r["steps_per_s"] > 0 and r["warmup_s"] > 0
-            assert r["tiled_sampling"] is (r["size"] == 384)
+            assert r["tiled_sampling"] is (r["size"] == TILED)
             assert r["tflops_per_s"] > 0 if not r["tiled_sampling"] else "tflops_per_s" not in r
     if part == "main":
         assert configs["tuned"]["speed"]["fuse_qkv"] == "True" and configs["baseline"]["runs"][0]["repeats"] == 1
@@ -153,7 +155,7 @@ def test_gpu_restore_killed_half_way_leaves_the_finished_runs(tmp_path: Path) ->
     assert report is not None
     left = json.loads(path.read_text())
     tuned = left["configs"]["tuned"]
-    # the 128² run is there; the tiled 384² one (seconds on the CPU) was under way and never reached the file
+    # the 128² run is there; the tiled one (seconds on the CPU) was under way and never reached the file
     assert left["finished"] is False and list(left["configs"]) == ["tuned"] and tuned["load_s"] > 0
     assert [r["size"] for r in tuned["runs"]] == [128] and tuned["runs"][0]["total_s"] > 0
 
