@@ -23,6 +23,7 @@ after every load and every run, replaced whole, so a run killed at its limit kee
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import sys
@@ -37,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from stages import FIXTURE_A, MANIFEST, PHOTO, randomize, save_json  # noqa: E402
+from stages import FIXTURE_A, MANIFEST, PHOTO, PLAN_CACHE, randomize, save_json  # noqa: E402
 
 from supir_core.checkpoints import TensorSource, build_empty, load_supir, spec_from_checkpoint  # noqa: E402
 from supir_core.params import validate_params  # noqa: E402
@@ -64,7 +65,8 @@ def build(
     optimize(model, speed)
     if device == "cuda":
         torch.cuda.synchronize()
-    return RestorationPipeline(model, speed=speed), round(time.perf_counter() - start, 2)
+    pipeline = RestorationPipeline(model, speed=dataclasses.replace(speed, plan_cache_dir=PLAN_CACHE))
+    return pipeline, round(time.perf_counter() - start, 2)
 
 
 def network_flops(pipeline: RestorationPipeline, latent: int) -> float:
