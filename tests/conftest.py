@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,13 @@ def fixture_a() -> Path:
 def tiny_model(fixture_a: Path):
     """The SUPIR model of fixture set A, loaded once through the production loader."""
     from supir_core.conformance import Fixture
+    from supir_core.memory import trace_stage_bytes
 
-    return Fixture.open(fixture_a).load_model()
+    model = Fixture.open(fixture_a).load_model()
+    # its memory plan from the workers' default plan cache: the suite's processes trace the tiny model once between
+    # them (10 s of CPU each), not once each; test_memory traces for real
+    trace_stage_bytes(model, cache_dir=Path(tempfile.gettempdir()) / "supir-memory-plans")
+    return model
 
 
 @pytest.fixture(scope="session")
