@@ -217,13 +217,13 @@ def test_a_job_replays_to_the_same_bytes_while_other_memory_is_in_use(tiny_model
     """tiling=auto decides from the budget; with memory taken by someone else the job takes the same path and
     gives the same bytes (the old budget, available RAM, moved with the ballast and was recorded so)."""
     pipeline = RestorationPipeline(tiny_model)
-    params = validate_params({"min_size": 512, "tile_size": 32, "tile_stride": 16, "steps": 2, "seed": 7})
+    params = validate_params({"min_size": 256, "tile_size": 32, "tile_stride": 16, "steps": 2, "seed": 7})
     photo = DATA / "chelsea_degraded.jpg"
     first = pipeline(photo, params)
     assert first.tiling.policy == "auto" and first.tiling.budget_inputs is not None  # planned, not a single tile
 
     available = _meminfo("MemAvailable")
-    size = min(available // 2, 6 * GB)
+    size = min(available // 4, 2 * GB)  # a sizeable share of the machine, without crowding the suite's processes
     ballast = torch.ones(int(size) // 4)
     assert _meminfo("MemAvailable") < available - size / 2
     second = pipeline(photo, params)
