@@ -38,9 +38,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from stages import FIXTURE_A, MANIFEST, PHOTO, PLAN_CACHE, randomize, save_json  # noqa: E402
+from stages import FIXTURE_A, MANIFEST, PHOTO, randomize, save_json  # noqa: E402
 
 from supir_core.checkpoints import TensorSource, build_empty, load_supir, spec_from_checkpoint  # noqa: E402
+from supir_core.cli import default_plan_cache_dir  # noqa: E402
 from supir_core.params import validate_params  # noqa: E402
 from supir_core.pipeline import RestorationPipeline  # noqa: E402
 from supir_core.speed import SpeedSettings, optimize  # noqa: E402
@@ -65,7 +66,7 @@ def build(
     optimize(model, speed)
     if device == "cuda":
         torch.cuda.synchronize()
-    pipeline = RestorationPipeline(model, speed=dataclasses.replace(speed, plan_cache_dir=PLAN_CACHE))
+    pipeline = RestorationPipeline(model, speed=dataclasses.replace(speed, plan_cache_dir=default_plan_cache_dir()))
     return pipeline, round(time.perf_counter() - start, 2)
 
 

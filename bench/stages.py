@@ -39,15 +39,12 @@ def save_json(name: str, report: dict) -> None:
     os.replace(partial, path)
 
 
-# the traced memory plans, kept as the CLI keeps them: each part of a GPU session and each run traces a model once
-PLAN_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "supir" / "memory-plans"
-
-
 def cached_plans():
-    """SpeedSettings with nothing on but the plan cache."""
+    """SpeedSettings with nothing on but the CLI's plan cache: each part of a GPU session traces a model once."""
+    from supir_core.cli import default_plan_cache_dir
     from supir_core.speed import SpeedSettings
 
-    return SpeedSettings(plan_cache_dir=PLAN_CACHE)
+    return SpeedSettings(plan_cache_dir=default_plan_cache_dir())
 
 
 def tiny_pipeline(device: str):

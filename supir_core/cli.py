@@ -465,15 +465,16 @@ def _add_speed_flags(parser: argparse.ArgumentParser) -> None:
     speed.add_argument(
         "--plan-cache-dir",
         type=Path,
-        default=_user_cache() / "supir" / "memory-plans",
+        default=default_plan_cache_dir(),
         help="where the traced memory plan of --tiling auto is kept, so later runs of the same model skip the trace "
         "(default: %(default)s)",
     )
 
 
-def _user_cache() -> Path:
-    """The user's cache folder (XDG_CACHE_HOME, else ~/.cache)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+def default_plan_cache_dir() -> Path:
+    """Where runs outside the service keep traced memory plans: the user's cache folder (XDG_CACHE_HOME, else
+    ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "supir" / "memory-plans"
 
 
 def _add_weights_commands(commands: Commands) -> None:
