@@ -93,6 +93,10 @@ HEAVIEST_FIRST = [
     "tests/supir_core/test_weights_tool.py",
     "tests/supir_core/test_cli_restore.py",
     "tests/faults/test_pillow_corpus.py",
+    # mostly waiting (a Retry-After of up to a minute, a stalled S3's timeouts): started early, they overlap the
+    # CPU-heavy files instead of ending the run on a worker that waits
+    "tests/client/test_client_rate_limit.py",
+    "tests/faults/test_storage.py",
 ]
 
 
