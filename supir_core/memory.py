@@ -134,7 +134,7 @@ def _read_plan(path: Path) -> StageBytes | None:
     """A plan written by an earlier trace, or None (absent, unreadable, or not one)."""
     try:
         fields = json.loads(path.read_text())
-        return StageBytes(**{name: float(fields[name]) for name in ("stage1", "sampling", "decode", "vae_maps")})
+        return StageBytes(**{f.name: float(fields[f.name]) for f in dataclasses.fields(StageBytes)})
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
